@@ -1,0 +1,331 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Config is what the agent needs of preemptd's configuration.
+type Config struct {
+	// FatalWithin turns an advisory notice fatal when its deadline is this close.
+	FatalWithin time.Duration
+	// RunDir holds notice.json and the socket.
+	RunDir string
+	// Signal is sent to the trainer on a fatal notice.
+	Signal string
+	// RebalanceSignal, if set, is sent on an advisory notice.
+	RebalanceSignal string
+	// KillAfter escalates to SIGKILL this long after Signal (0: never), never
+	// later than the deadline.
+	KillAfter time.Duration
+	// Hooks are shell commands run on every notice.
+	Hooks []string
+	// MinBudget is the least time the emergency path gets when a notice
+	// arrives with its deadline already (nearly) past.
+	MinBudget time.Duration
+}
+
+// Deps are the parts the agent drives; nil ones are skipped.
+type Deps struct {
+	Watchers []Watcher
+	Trainer  Trainer
+	Acker    Acker
+	Steps    []Step
+	Logger   *slog.Logger
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+	// Provider names the notice source for status.
+	Provider string
+	Version  string
+}
+
+// Agent is the state machine: watch → notify → signal trainer → steps →
+// wait for trainer → ack → done.
+type Agent struct {
+	cfg  Config
+	deps Deps
+	log  *slog.Logger
+	now  func() time.Time
+
+	inject   chan Notice
+	escalate chan string
+
+	mu        sync.Mutex
+	started   time.Time
+	active    map[string]*tracked
+	order     []string // keys of active, oldest first
+	last      *Notice
+	changed   chan struct{} // closed and replaced when notices change
+	emergency *EmergencyReport
+	emDone    chan struct{}
+	lastSig   *SignalReport
+	watchErrs map[string]string
+}
+
+type tracked struct {
+	n     Notice
+	class Class
+	timer *time.Timer
+}
+
+// New builds an agent; call Run to start it.
+func New(cfg Config, deps Deps) *Agent {
+	if deps.Logger == nil {
+		deps.Logger = slog.New(slog.DiscardHandler)
+	}
+	if deps.Now == nil {
+		deps.Now = time.Now
+	}
+	if cfg.MinBudget <= 0 {
+		cfg.MinBudget = 10 * time.Second
+	}
+	return &Agent{
+		cfg:       cfg,
+		deps:      deps,
+		log:       deps.Logger,
+		now:       deps.Now,
+		inject:    make(chan Notice, 8),
+		escalate:  make(chan string, 8),
+		active:    map[string]*tracked{},
+		changed:   make(chan struct{}),
+		emDone:    make(chan struct{}),
+		watchErrs: map[string]string{},
+	}
+}
+
+// Inject hands the agent a notice from outside its watchers: a simulation
+// through the local API, or the shutdown notice made from systemd's SIGTERM.
+func (a *Agent) Inject(n Notice) {
+	if n.NoticedAt.IsZero() {
+		n.NoticedAt = a.now()
+	}
+	a.inject <- n
+}
+
+// EmergencyDone is closed when an emergency path has finished.
+func (a *Agent) EmergencyDone() <-chan struct{} { return a.emDone }
+
+// EmergencyStarted reports whether an emergency path has begun.
+func (a *Agent) EmergencyStarted() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.emergency != nil
+}
+
+// Run watches until ctx ends. An emergency path it started goes on after
+// ctx ends, under its own deadline; wait for it with EmergencyDone.
+func (a *Agent) Run(ctx context.Context) error {
+	a.mu.Lock()
+	a.started = a.now()
+	a.mu.Unlock()
+
+	notices := make(chan Notice, 32)
+	var wg sync.WaitGroup
+	for i, w := range a.deps.Watchers {
+		wg.Go(func() {
+			if err := w.Watch(ctx, notices); err != nil && !errors.Is(err, context.Canceled) {
+				a.log.Error("watcher stopped", "watcher", i, "err", err)
+				a.mu.Lock()
+				a.watchErrs[fmt.Sprint(i)] = err.Error()
+				a.mu.Unlock()
+			}
+		})
+	}
+	defer wg.Wait()
+
+	for {
+		select {
+		case <-ctx.Done():
+			a.stopTimers()
+			return nil
+		case n := <-notices:
+			a.handle(ctx, n)
+		case n := <-a.inject:
+			a.handle(ctx, n)
+		case key := <-a.escalate:
+			a.reclassify(ctx, key)
+		}
+	}
+}
+
+func (a *Agent) stopTimers() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, t := range a.active {
+		if t.timer != nil {
+			t.timer.Stop()
+		}
+	}
+}
+
+func (a *Agent) handle(ctx context.Context, n Notice) {
+	key := n.Key()
+	a.mu.Lock()
+	t, seen := a.active[key]
+	if n.Withdrawn {
+		if !seen {
+			a.mu.Unlock()
+			return
+		}
+		if t.timer != nil {
+			t.timer.Stop()
+		}
+		delete(a.active, key)
+		a.order = slices.DeleteFunc(a.order, func(k string) bool { return k == key })
+		t.n.Withdrawn = true
+		a.last = &t.n
+		a.notifyChangeLocked()
+		emergency := a.emergency != nil
+		a.mu.Unlock()
+		a.log.Info("notice withdrawn", "provider", n.Provider, "kind", n.Kind, "id", n.ID)
+		if !emergency {
+			a.publishFile()
+		}
+		return
+	}
+	if seen {
+		// The same notice again: only an earlier deadline matters.
+		if n.Deadline.IsZero() || (!t.n.Deadline.IsZero() && !n.Deadline.Before(t.n.Deadline)) {
+			a.mu.Unlock()
+			return
+		}
+		a.log.Info("notice deadline moved earlier", "provider", n.Provider, "id", n.ID,
+			"from", t.n.Deadline, "to", n.Deadline)
+		t.n.Deadline = n.Deadline
+		a.mu.Unlock()
+		a.reclassify(ctx, key)
+		return
+	}
+	class := Classify(n.Kind, n.Deadline, a.now(), a.cfg.FatalWithin)
+	t = &tracked{n: n, class: class}
+	a.active[key] = t
+	a.order = append(a.order, key)
+	a.last = &t.n
+	a.notifyChangeLocked()
+	a.mu.Unlock()
+
+	a.log.Info("notice", "provider", n.Provider, "kind", n.Kind, "id", n.ID, "action", n.Action,
+		"class", class, "deadline", n.Deadline, "seconds_left", n.SecondsLeft(a.now()))
+	a.act(ctx, t)
+}
+
+// act carries out what a notice's class calls for.
+func (a *Agent) act(ctx context.Context, t *tracked) {
+	switch t.class {
+	case ClassFatal:
+		a.startEmergency(t.n)
+	case ClassAdvisory:
+		a.publishFile()
+		go a.runHooks(context.WithoutCancel(ctx), t.n, a.hookDeadline(t.n))
+		if a.cfg.RebalanceSignal != "" && a.deps.Trainer != nil {
+			rep, err := a.deps.Trainer.Signal(ctx, a.cfg.RebalanceSignal)
+			a.recordSignal(rep, err)
+		}
+		if !t.n.Deadline.IsZero() {
+			key := t.n.Key()
+			wait := t.n.Deadline.Sub(a.now()) - a.cfg.FatalWithin
+			a.mu.Lock()
+			t.timer = time.AfterFunc(wait, func() {
+				select {
+				case a.escalate <- key:
+				case <-ctx.Done():
+				}
+			})
+			a.mu.Unlock()
+		}
+	case ClassInfo:
+		a.mu.Lock()
+		publish := a.emergency == nil
+		a.mu.Unlock()
+		if publish {
+			a.publishFile()
+		}
+	}
+}
+
+// reclassify looks at an active notice again (its timer fired or its
+// deadline moved) and escalates it when it has turned fatal.
+func (a *Agent) reclassify(ctx context.Context, key string) {
+	a.mu.Lock()
+	t, ok := a.active[key]
+	if !ok {
+		a.mu.Unlock()
+		return
+	}
+	class := Classify(t.n.Kind, t.n.Deadline, a.now(), a.cfg.FatalWithin)
+	if class == t.class {
+		a.mu.Unlock()
+		return
+	}
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
+	t.class = class
+	a.notifyChangeLocked()
+	a.mu.Unlock()
+	a.log.Info("notice escalated", "provider", t.n.Provider, "kind", t.n.Kind, "id", t.n.ID, "class", class)
+	a.act(ctx, t)
+}
+
+func (a *Agent) recordSignal(rep SignalReport, err error) {
+	if err != nil {
+		rep.Problems = append(rep.Problems, err.Error())
+	}
+	if len(rep.PIDs) == 0 {
+		a.log.Warn("no trainer process found to signal", "signal", rep.Signal, "problems", rep.Problems)
+	} else {
+		a.log.Info("trainer signalled", "signal", rep.Signal, "pids", rep.PIDs, "groups", rep.Groups,
+			"sources", rep.Sources)
+	}
+	a.mu.Lock()
+	a.lastSig = &rep
+	a.mu.Unlock()
+}
+
+func (a *Agent) notifyChangeLocked() {
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// hookDeadline bounds the hooks of a notice: its deadline, or a minute for a
+// notice that has none.
+func (a *Agent) hookDeadline(n Notice) time.Time {
+	if n.Deadline.IsZero() {
+		return a.now().Add(time.Minute)
+	}
+	return n.Deadline
+}
+
+// current returns the notice notice.json should describe: the emergency's if
+// one runs, else the newest active one.
+func (a *Agent) current() (Notice, Class, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.emergency != nil {
+		return a.emergency.Notice, ClassFatal, true
+	}
+	if len(a.order) == 0 {
+		return Notice{}, "", false
+	}
+	t := a.active[a.order[len(a.order)-1]]
+	return t.n, t.class, true
+}
+
+func (a *Agent) publishFile() {
+	n, class, ok := a.current()
+	if !ok {
+		if err := removeNoticeFile(a.cfg.RunDir); err != nil {
+			a.log.Error("remove notice file", "err", err)
+		}
+		return
+	}
+	if err := writeNoticeFile(a.cfg.RunDir, n, class, a.now()); err != nil {
+		a.log.Error("write notice file", "err", err)
+	}
+}

@@ -1,0 +1,254 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// SocketName is the local API's unix socket in run_dir.
+const SocketName = "preemptd.sock"
+
+// SimulateRequest is the body of POST /v1/simulate.
+type SimulateRequest struct {
+	Kind string `json:"kind"`
+	// In is the time to the deadline, a Go duration ("2m").
+	In string `json:"in"`
+	ID string `json:"id,omitempty"`
+}
+
+const maxNoticeWait = 10 * time.Minute
+
+// Handler serves the local API:
+//
+//	GET  /v1/status              the agent's Status
+//	GET  /v1/notice?wait=30s     the current notice (NoticeFile); with wait,
+//	                             a long-poll until one exists (204 on timeout)
+//	POST /v1/simulate            inject a simulated notice (SimulateRequest)
+func (a *Agent) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("GET /v1/notice", a.serveNotice)
+	mux.HandleFunc("POST /v1/simulate", a.serveSimulate)
+	return mux
+}
+
+func (a *Agent) serveNotice(w http.ResponseWriter, r *http.Request) {
+	var wait time.Duration
+	if v := r.URL.Query().Get("wait"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("wait: %q is not a duration like 30s", v)})
+			return
+		}
+		wait = min(d, maxNoticeWait)
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		n, class, ok, changed := a.waitChange()
+		if ok {
+			writeJSON(w, http.StatusOK, NewNoticeFile(n, class, a.now()))
+			return
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			w.WriteHeader(http.StatusNoContent)
+			return
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+func (a *Agent) serveSimulate(w http.ResponseWriter, r *http.Request) {
+	var req SimulateRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body: " + err.Error()})
+		return
+	}
+	n, err := SimulatedNotice(req, a.now())
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		return
+	}
+	a.Inject(n)
+	writeJSON(w, http.StatusAccepted, n)
+}
+
+// SimulatedNotice turns a simulate request into a notice; the defaults are a
+// terminate notice two minutes out, as AWS gives.
+func SimulatedNotice(req SimulateRequest, now time.Time) (Notice, error) {
+	kind := KindTerminate
+	if req.Kind != "" {
+		k, err := ParseKind(req.Kind)
+		if err != nil {
+			return Notice{}, err
+		}
+		kind = k
+	}
+	in := 2 * time.Minute
+	if req.In != "" {
+		d, err := time.ParseDuration(req.In)
+		if err != nil || d < 0 {
+			return Notice{}, fmt.Errorf("in: %q is not a duration like 30s", req.In)
+		}
+		in = d
+	}
+	id := req.ID
+	if id == "" {
+		id = fmt.Sprintf("sim-%d", now.UnixNano())
+	}
+	return Notice{Provider: "simulate", Kind: kind, ID: id, Action: string(kind), NoticedAt: now, Deadline: now.Add(in)}, nil
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+// ListenSocket listens on the unix socket at path with mode 0600. The socket
+// is made under a temporary name, restricted, then renamed into place, so it
+// is never reachable with looser permissions.
+func ListenSocket(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("socket dir: %w", err)
+	}
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	_ = os.Remove(tmp)
+	l, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", tmp, err)
+	}
+	ul := l.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("socket mode: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return &socketListener{Listener: l, path: path}, nil
+}
+
+type socketListener struct {
+	net.Listener
+	path string
+}
+
+func (l *socketListener) Close() error {
+	err := l.Listener.Close()
+	os.Remove(l.path)
+	return err
+}
+
+// Serve runs the local API on l until ctx ends.
+func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
+	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("local api: %w", err)
+	}
+	return nil
+}
+
+// Client talks to a running daemon's local API.
+type Client struct {
+	http *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &Client{http: &http.Client{Transport: tr}}
+}
+
+// ErrNotRunning is returned when no daemon answers on the socket.
+var ErrNotRunning = errors.New("preemptd is not running (no answer on its socket)")
+
+func (c *Client) do(ctx context.Context, method, path string, body io.Reader, out any) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, method, "http://preemptd"+path, body)
+	if err != nil {
+		return 0, err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) {
+			return 0, fmt.Errorf("%w: %v", ErrNotRunning, err)
+		}
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return resp.StatusCode, err
+	}
+	if resp.StatusCode >= 400 {
+		var e struct{ Error string }
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return resp.StatusCode, errors.New(e.Error)
+		}
+		return resp.StatusCode, fmt.Errorf("local api: %s", resp.Status)
+	}
+	if out != nil && resp.StatusCode != http.StatusNoContent {
+		if err := json.Unmarshal(b, out); err != nil {
+			return resp.StatusCode, fmt.Errorf("local api: decode: %w", err)
+		}
+	}
+	return resp.StatusCode, nil
+}
+
+// Status fetches the daemon's status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	_, err := c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
+	return s, err
+}
+
+// Simulate asks the daemon to act on a simulated notice.
+func (c *Client) Simulate(ctx context.Context, req SimulateRequest) (Notice, error) {
+	b, _ := json.Marshal(req)
+	var n Notice
+	_, err := c.do(ctx, http.MethodPost, "/v1/simulate", bytes.NewReader(b), &n)
+	return n, err
+}
+
+// Notice long-polls for the current notice; ok is false when none came
+// within wait.
+func (c *Client) Notice(ctx context.Context, wait time.Duration) (NoticeFile, bool, error) {
+	var f NoticeFile
+	code, err := c.do(ctx, http.MethodGet, "/v1/notice?wait="+wait.String(), nil, &f)
+	return f, code == http.StatusOK, err
+}

@@ -1,0 +1,388 @@
+// Package config holds preemptd's one configuration struct, its embedded
+// defaults, and loading in increasing precedence: YAML file, then PREEMPTD_*
+// environment variables, then flags (applied by the caller); Validate checks
+// it once and names the key and the fix in every error.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/preemptd/preemptd/agent/trainer"
+)
+
+// DefaultPath is read when no --config or PREEMPTD_CONFIG names a file and it exists.
+const DefaultPath = "/etc/preemptd/preemptd.yaml"
+
+// EnvPrefix starts every environment override.
+const EnvPrefix = "PREEMPTD_"
+
+// Config is all of preemptd's configuration.
+type Config struct {
+	// Provider is auto, aws, gcp, azure or local.
+	Provider     string   `yaml:"provider"`
+	PollInterval Duration `yaml:"poll_interval"`
+	FatalWithin  Duration `yaml:"fatal_within"`
+	RunDir       string   `yaml:"run_dir"`
+	StateDir     string   `yaml:"state_dir"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `yaml:"log_level"`
+	// OnSIGTERM says what a SIGTERM to preemptd means: auto (a shutdown
+	// notice when the machine is shutting down, else a clean exit),
+	// shutdown (always a notice) or exit (always a clean exit).
+	OnSIGTERM string `yaml:"on_sigterm"`
+	// ShutdownGrace is the deadline of the shutdown notice a SIGTERM makes.
+	ShutdownGrace Duration `yaml:"shutdown_grace"`
+
+	AWS     AWS     `yaml:"aws"`
+	GCP     GCP     `yaml:"gcp"`
+	Azure   Azure   `yaml:"azure"`
+	Local   Local   `yaml:"local"`
+	Trainer Trainer `yaml:"trainer"`
+	Hooks   Hooks   `yaml:"hooks"`
+}
+
+// AWS configures the EC2 instance metadata provider.
+type AWS struct {
+	// Endpoint overrides AWS_EC2_METADATA_SERVICE_ENDPOINT and the default
+	// http://169.254.169.254.
+	Endpoint string `yaml:"endpoint"`
+	// IMDSv1Fallback allows tokenless requests when IMDSv2 fails; off by default.
+	IMDSv1Fallback bool `yaml:"imdsv1_fallback"`
+	// LifecycleWindow is the deadline given to an Auto Scaling "Terminated"
+	// lifecycle state, which carries no time of its own.
+	LifecycleWindow Duration `yaml:"lifecycle_window"`
+}
+
+// GCP configures the Compute Engine metadata provider.
+type GCP struct {
+	// Endpoint (host[:port] or URL) overrides GCE_METADATA_HOST.
+	Endpoint string `yaml:"endpoint"`
+	// PreemptWindow is the deadline after `preempted` turns TRUE.
+	PreemptWindow Duration `yaml:"preempt_window"`
+	// MaintenanceWindow is the deadline after TERMINATE_ON_HOST_MAINTENANCE.
+	MaintenanceWindow Duration `yaml:"maintenance_window"`
+}
+
+// Azure configures the Scheduled Events provider.
+type Azure struct {
+	Endpoint string `yaml:"endpoint"`
+	// Ack posts StartRequests once the emergency path is over.
+	Ack bool `yaml:"ack"`
+}
+
+// Local configures the file-triggered provider.
+type Local struct {
+	// TriggerFile is watched for notices; default <run_dir>/trigger.
+	TriggerFile string `yaml:"trigger_file"`
+}
+
+// Trainer says which process(es) to signal and how.
+type Trainer struct {
+	PIDFile string `yaml:"pid_file"`
+	Match   string `yaml:"match"`
+	Unit    string `yaml:"unit"`
+	// Group signals each target's whole process group.
+	Group           bool     `yaml:"group"`
+	Signal          string   `yaml:"signal"`
+	RebalanceSignal string   `yaml:"rebalance_signal"`
+	KillAfter       Duration `yaml:"kill_after"`
+}
+
+// Hooks are commands run on every notice.
+type Hooks struct {
+	OnNotice []string `yaml:"on_notice"`
+}
+
+// Default returns the embedded defaults.
+func Default() Config {
+	return Config{
+		Provider:      "auto",
+		PollInterval:  Duration(time.Second),
+		FatalWithin:   Duration(2 * time.Minute),
+		RunDir:        "/run/preemptd",
+		StateDir:      "/var/lib/preemptd",
+		LogLevel:      "info",
+		OnSIGTERM:     "auto",
+		ShutdownGrace: Duration(25 * time.Second),
+		AWS:           AWS{LifecycleWindow: Duration(2 * time.Minute)},
+		GCP:           GCP{PreemptWindow: Duration(30 * time.Second), MaintenanceWindow: Duration(time.Hour)},
+		Azure:         Azure{Endpoint: "http://169.254.169.254", Ack: true},
+		Trainer:       Trainer{Signal: "SIGTERM"},
+	}
+}
+
+// Duration is a time.Duration written as "1s", "2m".
+type Duration time.Duration
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// UnmarshalYAML reads "1s"-style durations; a bare 0 is allowed.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("want a duration like 30s")
+	}
+	v, err := ParseDuration(n.Value)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration as "1s".
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+// ParseDuration accepts Go durations and a bare 0.
+func ParseDuration(s string) (time.Duration, error) {
+	s = strings.TrimSpace(s)
+	if s == "0" {
+		return 0, nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a duration like 30s, 2m or 1h30m", s)
+	}
+	return v, nil
+}
+
+// ErrNoFile is wrapped when an explicitly named config file does not exist.
+var ErrNoFile = errors.New("config file not found")
+
+// Load reads the defaults, then path (DefaultPath when path is empty and it
+// exists), then the environment through getenv.
+func Load(path string, getenv func(string) string) (Config, error) {
+	cfg := Default()
+	explicit := path != ""
+	if !explicit {
+		path = DefaultPath
+	}
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if err := decodeYAML(b, &cfg); err != nil {
+			return cfg, fmt.Errorf("config %s: %w", path, err)
+		}
+	case errors.Is(err, fs.ErrNotExist) && !explicit:
+	case errors.Is(err, fs.ErrNotExist):
+		return cfg, fmt.Errorf("%w: %s (check --config / PREEMPTD_CONFIG)", ErrNoFile, path)
+	default:
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	if err := applyEnv(&cfg, getenv); err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+func decodeYAML(b []byte, cfg *Config) error {
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%w (keys are listed in the README's configuration reference)", err)
+	}
+	return nil
+}
+
+// EnvVars lists every PREEMPTD_* variable Load understands, with its key.
+func EnvVars() map[string]string {
+	out := map[string]string{}
+	walk(reflect.ValueOf(new(Config)).Elem(), "", func(key string, _ reflect.Value) error {
+		out[envName(key)] = key
+		return nil
+	})
+	return out
+}
+
+func envName(key string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+}
+
+func applyEnv(cfg *Config, getenv func(string) string) error {
+	if getenv == nil {
+		return nil
+	}
+	return walk(reflect.ValueOf(cfg).Elem(), "", func(key string, v reflect.Value) error {
+		name := envName(key)
+		s := getenv(name)
+		if s == "" {
+			return nil
+		}
+		if err := setFromString(v, s); err != nil {
+			return fmt.Errorf("%s (key %s): %w", name, key, err)
+		}
+		return nil
+	})
+}
+
+// walk calls f for every leaf key of the struct v, named like "trainer.signal".
+func walk(v reflect.Value, prefix string, f func(key string, v reflect.Value) error) error {
+	t := v.Type()
+	for i := range t.NumField() {
+		tag := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]
+		if tag == "" || tag == "-" {
+			continue
+		}
+		key := tag
+		if prefix != "" {
+			key = prefix + "." + tag
+		}
+		fv := v.Field(i)
+		if fv.Kind() == reflect.Struct {
+			if err := walk(fv, key, f); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := f(key, fv); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setFromString sets a leaf from an environment value: strings as they are,
+// lists as a YAML flow list ("[a, b]") or one item, the rest as YAML.
+func setFromString(v reflect.Value, s string) error {
+	switch {
+	case v.Kind() == reflect.String:
+		v.SetString(s)
+		return nil
+	case v.Kind() == reflect.Slice && !strings.HasPrefix(strings.TrimSpace(s), "["):
+		v.Set(reflect.Append(reflect.MakeSlice(v.Type(), 0, 1), reflect.ValueOf(s)))
+		return nil
+	}
+	if err := yaml.Unmarshal([]byte(s), v.Addr().Interface()); err != nil {
+		return fmt.Errorf("cannot use %q: %w", s, err)
+	}
+	return nil
+}
+
+var providers = []string{"auto", "aws", "gcp", "azure", "local"}
+
+// Validate checks the whole configuration, makes run_dir and state_dir
+// absolute, and returns every problem at once.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
+	}
+	if !slices.Contains(providers, c.Provider) {
+		bad("provider", "%q is not one of %s", c.Provider, strings.Join(providers, ", "))
+	}
+	if d := c.PollInterval.D(); d < 100*time.Millisecond || d > time.Minute {
+		bad("poll_interval", "%s is out of range; use 100ms to 1m (1s is the default)", d)
+	}
+	if c.FatalWithin < 0 {
+		bad("fatal_within", "must not be negative (default 2m)")
+	}
+	for key, dir := range map[string]*string{"run_dir": &c.RunDir, "state_dir": &c.StateDir} {
+		if *dir == "" {
+			bad(key, "must be set to a directory")
+			continue
+		}
+		abs, err := filepath.Abs(*dir)
+		if err != nil {
+			bad(key, "%v", err)
+			continue
+		}
+		*dir = abs
+	}
+	if len(filepath.Join(c.RunDir, "preemptd.sock")) > 100 {
+		bad("run_dir", "%q is too long for a unix socket path; choose a shorter directory", c.RunDir)
+	}
+	if !slices.Contains([]string{"debug", "info", "warn", "error"}, c.LogLevel) {
+		bad("log_level", "%q is not one of debug, info, warn, error", c.LogLevel)
+	}
+	if !slices.Contains([]string{"auto", "shutdown", "exit"}, c.OnSIGTERM) {
+		bad("on_sigterm", "%q is not one of auto, shutdown, exit", c.OnSIGTERM)
+	}
+	if c.ShutdownGrace <= 0 {
+		bad("shutdown_grace", "must be positive (default 25s)")
+	}
+	checkURL := func(key, s string, hostOnly bool) {
+		if s == "" {
+			return
+		}
+		if hostOnly && !strings.Contains(s, "://") {
+			s = "http://" + s
+		}
+		u, err := url.Parse(s)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad(key, "%q is not an http(s) URL like http://169.254.169.254", s)
+		}
+	}
+	checkURL("aws.endpoint", c.AWS.Endpoint, false)
+	checkURL("gcp.endpoint", c.GCP.Endpoint, true)
+	checkURL("azure.endpoint", c.Azure.Endpoint, false)
+	if c.Azure.Endpoint == "" {
+		bad("azure.endpoint", "must be set (default http://169.254.169.254)")
+	}
+	for key, d := range map[string]Duration{"aws.lifecycle_window": c.AWS.LifecycleWindow,
+		"gcp.preempt_window": c.GCP.PreemptWindow, "gcp.maintenance_window": c.GCP.MaintenanceWindow} {
+		if d <= 0 {
+			bad(key, "must be positive")
+		}
+	}
+	if _, err := trainer.ParseSignal(c.Trainer.Signal); err != nil {
+		bad("trainer.signal", "%v", err)
+	}
+	if c.Trainer.RebalanceSignal != "" {
+		if _, err := trainer.ParseSignal(c.Trainer.RebalanceSignal); err != nil {
+			bad("trainer.rebalance_signal", "%v", err)
+		}
+	}
+	if c.Trainer.Match != "" {
+		if _, err := regexp.Compile(c.Trainer.Match); err != nil {
+			bad("trainer.match", "not a valid regular expression: %v", err)
+		}
+	}
+	if c.Trainer.KillAfter < 0 {
+		bad("trainer.kill_after", "must not be negative (0 never escalates)")
+	}
+	for i, h := range c.Hooks.OnNotice {
+		if strings.TrimSpace(h) == "" {
+			bad(fmt.Sprintf("hooks.on_notice[%d]", i), "is empty; remove it or give a command")
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("invalid configuration:\n  %w", joinLines(errs))
+	}
+	return nil
+}
+
+func joinLines(errs []error) error {
+	msgs := make([]string, len(errs))
+	for i, e := range errs {
+		msgs[i] = e.Error()
+	}
+	slices.Sort(msgs)
+	return errors.New(strings.Join(msgs, "\n  "))
+}
+
+// TriggerFile is the local provider's trigger file.
+func (c *Config) TriggerFile() string {
+	if c.Local.TriggerFile != "" {
+		return c.Local.TriggerFile
+	}
+	return filepath.Join(c.RunDir, "trigger")
+}
+
+// Socket is the local API's socket path.
+func (c *Config) Socket() string { return filepath.Join(c.RunDir, "preemptd.sock") }

@@ -1,0 +1,151 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+)
+
+// EmergencyReport records one run of the emergency path.
+type EmergencyReport struct {
+	Notice    Notice        `json:"notice"`
+	StartedAt time.Time     `json:"started_at"`
+	Deadline  time.Time     `json:"deadline"`
+	Signal    *SignalReport `json:"signal,omitempty"`
+	Steps     []StepReport  `json:"steps"`
+	Trainer   *ExitReport   `json:"trainer,omitempty"`
+	Hooks     []HookReport  `json:"hooks,omitempty"`
+	Acked     bool          `json:"acked,omitempty"`
+	AckError  string        `json:"ack_error,omitempty"`
+	// FinishedAt is zero while the path runs.
+	FinishedAt time.Time `json:"finished_at,omitzero"`
+	// Outcome is "running", "completed", or "deadline" when the deadline cut it.
+	Outcome string `json:"outcome"`
+}
+
+// StepReport is one step's result.
+type StepReport struct {
+	Name      string        `json:"name"`
+	StartedAt time.Time     `json:"started_at"`
+	Duration  time.Duration `json:"duration_ns"`
+	Error     string        `json:"error,omitempty"`
+}
+
+// startEmergency runs the emergency path once per daemon life. It is
+// detached from the root context: a SIGTERM at machine shutdown must not cut
+// the upload in half; its deadline comes from the notice.
+func (a *Agent) startEmergency(n Notice) {
+	now := a.now()
+	deadline := n.Deadline
+	if deadline.IsZero() || deadline.Sub(now) < a.cfg.MinBudget {
+		deadline = now.Add(a.cfg.MinBudget)
+	}
+	a.mu.Lock()
+	if a.emergency != nil {
+		a.mu.Unlock()
+		a.log.Info("fatal notice during emergency path; already handling",
+			"provider", n.Provider, "kind", n.Kind, "id", n.ID)
+		return
+	}
+	rep := &EmergencyReport{Notice: n, StartedAt: now, Deadline: deadline, Outcome: "running"}
+	a.emergency = rep
+	a.notifyChangeLocked()
+	a.mu.Unlock()
+
+	a.log.Warn("emergency path started", "provider", n.Provider, "kind", n.Kind, "id", n.ID,
+		"deadline", deadline, "budget", deadline.Sub(now).Round(time.Millisecond).String())
+	go a.emergencyPath(n, deadline)
+}
+
+func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
+	defer close(a.emDone)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+
+	// 1. Tell the trainer, and everyone reading notice.json, first.
+	a.publishFile()
+	var sig SignalReport
+	if a.deps.Trainer != nil {
+		var err error
+		sig, err = a.deps.Trainer.Signal(ctx, a.cfg.Signal)
+		a.recordSignal(sig, err)
+		a.update(func(r *EmergencyReport) { s := sig; r.Signal = &s })
+	}
+
+	// 2. Hooks and the trainer's exit run alongside the steps.
+	var side sync.WaitGroup
+	side.Go(func() {
+		hooks := a.runHooks(ctx, n, deadline)
+		a.update(func(r *EmergencyReport) { r.Hooks = hooks })
+	})
+	if a.deps.Trainer != nil && len(sig.PIDs) > 0 {
+		killAt := time.Time{}
+		if a.cfg.KillAfter > 0 {
+			killAt = sig.At.Add(a.cfg.KillAfter)
+			if killAt.After(deadline) {
+				killAt = deadline
+			}
+		}
+		side.Go(func() {
+			ex, err := a.deps.Trainer.WaitExit(ctx, sig, killAt)
+			if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+				a.log.Error("waiting for trainer", "err", err)
+			}
+			a.log.Info("trainer wait over", "exited", ex.Exited, "killed", ex.Killed, "running", ex.Running)
+			a.update(func(r *EmergencyReport) { e := ex; r.Trainer = &e })
+		})
+	}
+
+	// 3. The steps later parts add: checkpoint, upload, log flush.
+	for _, s := range a.deps.Steps {
+		start := a.now()
+		err := s.Run(ctx, n)
+		sr := StepReport{Name: s.Name(), StartedAt: start, Duration: a.now().Sub(start)}
+		if err != nil {
+			sr.Error = err.Error()
+			a.log.Error("emergency step failed", "step", s.Name(), "err", err)
+		} else {
+			a.log.Info("emergency step done", "step", s.Name(), "took", sr.Duration.Round(time.Millisecond).String())
+		}
+		a.update(func(r *EmergencyReport) { r.Steps = append(r.Steps, sr) })
+	}
+	side.Wait()
+
+	outcome := "completed"
+	if ctx.Err() != nil {
+		outcome = "deadline"
+	}
+
+	// 4. Acknowledge: the platform may proceed now.
+	if a.deps.Acker != nil {
+		ackCtx, ackCancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := a.deps.Acker.Ack(ackCtx, n)
+		ackCancel()
+		a.update(func(r *EmergencyReport) {
+			r.Acked = err == nil
+			if err != nil {
+				r.AckError = err.Error()
+			}
+		})
+		if err != nil {
+			a.log.Error("acknowledge notice", "err", err)
+		} else {
+			a.log.Info("notice acknowledged", "provider", n.Provider, "id", n.ID)
+		}
+	}
+	finished := a.now()
+	a.update(func(r *EmergencyReport) {
+		r.FinishedAt = finished
+		r.Outcome = outcome
+	})
+	a.log.Warn("emergency path finished", "outcome", outcome,
+		"took", finished.Sub(n.NoticedAt).Round(time.Millisecond), "left", deadline.Sub(finished).Round(time.Millisecond).String())
+}
+
+func (a *Agent) update(f func(r *EmergencyReport)) {
+	a.mu.Lock()
+	f(a.emergency)
+	a.notifyChangeLocked()
+	a.mu.Unlock()
+}

@@ -1,0 +1,120 @@
+// Package agent is the core of preemptd: the Notice every provider produces,
+// the interfaces the agent consumes, the state machine that turns a notice into
+// action (notice file, hooks, trainer signal, emergency steps, acknowledgement),
+// and the local API. It imports no cloud SDK, no NVML and no object store.
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Kind says what a notice announces.
+type Kind string
+
+// The kinds of notice. Terminate, stop, hibernate, preempt and shutdown are
+// always fatal; rebalance and maintenance are advisory until their deadline
+// comes within fatal_within; freeze and migrate only inform.
+const (
+	KindTerminate   Kind = "terminate"
+	KindStop        Kind = "stop"
+	KindHibernate   Kind = "hibernate"
+	KindPreempt     Kind = "preempt"
+	KindShutdown    Kind = "shutdown"
+	KindRebalance   Kind = "rebalance"
+	KindMaintenance Kind = "maintenance"
+	KindFreeze      Kind = "freeze"
+	KindMigrate     Kind = "migrate"
+)
+
+var allKinds = []Kind{KindTerminate, KindStop, KindHibernate, KindPreempt, KindShutdown,
+	KindRebalance, KindMaintenance, KindFreeze, KindMigrate}
+
+// ParseKind returns the Kind named by s (case-insensitive).
+func ParseKind(s string) (Kind, error) {
+	for _, k := range allKinds {
+		if strings.EqualFold(s, string(k)) {
+			return k, nil
+		}
+	}
+	names := make([]string, len(allKinds))
+	for i, k := range allKinds {
+		names[i] = string(k)
+	}
+	return "", fmt.Errorf("unknown notice kind %q (want one of %s)", s, strings.Join(names, ", "))
+}
+
+// Class is how the agent reacts to a notice.
+type Class string
+
+// The classes of notice.
+const (
+	// ClassFatal starts the emergency path at once.
+	ClassFatal Class = "fatal"
+	// ClassAdvisory writes notice.json, runs hooks and sends rebalance_signal;
+	// it turns fatal when its deadline comes within fatal_within.
+	ClassAdvisory Class = "advisory"
+	// ClassInfo is recorded and published, nothing more.
+	ClassInfo Class = "info"
+)
+
+// Classify says how a notice of kind k with the given deadline is handled at
+// time now, given the fatal_within window.
+func Classify(k Kind, deadline, now time.Time, fatalWithin time.Duration) Class {
+	switch k {
+	case KindTerminate, KindStop, KindHibernate, KindPreempt, KindShutdown:
+		return ClassFatal
+	case KindRebalance, KindMaintenance:
+		if !deadline.IsZero() && deadline.Sub(now) <= fatalWithin {
+			return ClassFatal
+		}
+		return ClassAdvisory
+	default:
+		return ClassInfo
+	}
+}
+
+// Notice is one termination, maintenance or rebalance notice as a provider saw it.
+type Notice struct {
+	// Provider is the source: aws, gcp, azure, local, simulate or signal.
+	Provider string `json:"provider"`
+	Kind     Kind   `json:"kind"`
+	// ID identifies the notice at its provider; the agent dedupes on
+	// (Provider, ID).
+	ID string `json:"id"`
+	// Action is the provider's own word for it (e.g. "terminate",
+	// "TERMINATE_ON_HOST_MAINTENANCE", "Reboot", "system-reboot").
+	Action    string    `json:"action,omitempty"`
+	NoticedAt time.Time `json:"noticed_at"`
+	// Deadline is when the machine goes; zero when the provider gives none
+	// (an AWS rebalance recommendation).
+	Deadline time.Time `json:"deadline,omitzero"`
+	// Withdrawn marks a notice the provider took back.
+	Withdrawn bool `json:"withdrawn,omitempty"`
+	// Raw is the provider's document, for the record.
+	Raw json.RawMessage `json:"raw,omitempty"`
+}
+
+// Key is the identity the agent dedupes on.
+func (n Notice) Key() string { return n.Provider + "/" + n.ID }
+
+// SecondsLeft is the time to the deadline at now, never negative; -1 when the
+// notice has no deadline.
+func (n Notice) SecondsLeft(now time.Time) float64 {
+	if n.Deadline.IsZero() {
+		return -1
+	}
+	s := n.Deadline.Sub(now).Seconds()
+	if s < 0 {
+		return 0
+	}
+	return s
+}
+
+// RawString wraps a non-JSON provider document so that it can travel in Raw.
+func RawString(s string) json.RawMessage {
+	b, _ := json.Marshal(s)
+	return b
+}

@@ -1,0 +1,81 @@
+package agent
+
+import "time"
+
+// Status is what `preemptd status` and GET /v1/status show.
+type Status struct {
+	Version   string    `json:"version"`
+	Provider  string    `json:"provider"`
+	StartedAt time.Time `json:"started_at"`
+	// State is watching, advisory (an advisory notice is active), emergency
+	// (the emergency path runs) or done (it has finished).
+	State     string           `json:"state"`
+	Notices   []NoticeStatus   `json:"notices"`
+	Last      *Notice          `json:"last_change,omitempty"`
+	Emergency *EmergencyReport `json:"emergency,omitempty"`
+	// LastSignal is the last signal sent to the trainer, advisory or fatal.
+	LastSignal    *SignalReport     `json:"last_signal,omitempty"`
+	WatcherErrors map[string]string `json:"watcher_errors,omitempty"`
+}
+
+// NoticeStatus is an active notice and how it is handled.
+type NoticeStatus struct {
+	Notice
+	Class       Class   `json:"class"`
+	SecondsLeft float64 `json:"seconds_left"`
+}
+
+// Status returns a snapshot of the agent's state.
+func (a *Agent) Status() Status {
+	now := a.now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := Status{
+		Version:   a.deps.Version,
+		Provider:  a.deps.Provider,
+		StartedAt: a.started,
+		State:     "watching",
+		Notices:   []NoticeStatus{},
+	}
+	for _, k := range a.order {
+		t := a.active[k]
+		s.Notices = append(s.Notices, NoticeStatus{Notice: t.n, Class: t.class, SecondsLeft: t.n.SecondsLeft(now)})
+		if t.class == ClassAdvisory {
+			s.State = "advisory"
+		}
+	}
+	if a.last != nil {
+		l := *a.last
+		s.Last = &l
+	}
+	if a.emergency != nil {
+		e := *a.emergency
+		e.Steps = append([]StepReport(nil), e.Steps...)
+		s.Emergency = &e
+		s.State = "emergency"
+		if !e.FinishedAt.IsZero() {
+			s.State = "done"
+		}
+	}
+	if a.lastSig != nil {
+		sig := *a.lastSig
+		s.LastSignal = &sig
+	}
+	if len(a.watchErrs) > 0 {
+		s.WatcherErrors = map[string]string{}
+		for k, v := range a.watchErrs {
+			s.WatcherErrors[k] = v
+		}
+	}
+	return s
+}
+
+// waitChange returns the current notice (if any) and a channel closed at the
+// next change.
+func (a *Agent) waitChange() (Notice, Class, bool, <-chan struct{}) {
+	n, c, ok := a.current()
+	a.mu.Lock()
+	ch := a.changed
+	a.mu.Unlock()
+	return n, c, ok, ch
+}

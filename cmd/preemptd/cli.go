@@ -1,0 +1,356 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"runtime/debug"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/providers"
+)
+
+// Exit codes.
+const (
+	exitOK         = 0
+	exitFailure    = 1 // the command failed at run time
+	exitUsage      = 2 // bad flags, arguments or configuration
+	exitNotRunning = 3 // status/simulate found no daemon on the socket
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func buildVersion() string {
+	if version != "dev" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return version
+}
+
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return exitOK
+	}
+	fmt.Fprintln(stderr, "preemptd:", err)
+	var ue usageError
+	switch {
+	case errors.As(err, &ue):
+		return exitUsage
+	case errors.Is(err, agent.ErrNotRunning):
+		return exitNotRunning
+	}
+	return exitFailure
+}
+
+const topUsage = `preemptd keeps GPU work alive on spot and preemptible machines.
+
+Usage:
+  preemptd <command> [flags]
+
+Commands:
+  run        run the daemon (watch notices, signal the trainer, emergency path)
+  status     show the running daemon's state
+  simulate   make the running daemon act on a simulated notice
+  detect     say which cloud this machine is on, and why
+  version    print the version
+
+Every command takes --config FILE (default $PREEMPTD_CONFIG, then
+/etc/preemptd/preemptd.yaml if it exists) and --help.
+
+Exit codes: 0 ok; 1 failure; 2 bad usage or configuration;
+3 no daemon answering on the socket (status, simulate).
+`
+
+// run is the whole program; main maps its error to an exit code.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, topUsage)
+		return usagef("no command given")
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "run":
+		return cmdRun(ctx, rest, getenv, stdout, stderr)
+	case "status":
+		return cmdStatus(ctx, rest, getenv, stdout, stderr)
+	case "simulate":
+		return cmdSimulate(ctx, rest, getenv, stdout, stderr)
+	case "detect":
+		return cmdDetect(ctx, rest, getenv, stdout, stderr)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "preemptd", buildVersion())
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, topUsage)
+		return nil
+	}
+	fmt.Fprint(stderr, topUsage)
+	return usagef("unknown command %q", cmd)
+}
+
+// common are the flags every command takes; the daemon ones override the
+// configuration's keys.
+type common struct {
+	fs           *flag.FlagSet
+	configPath   string
+	provider     string
+	pollInterval string
+	runDir       string
+	stateDir     string
+	logLevel     string
+	pidFile      string
+	match        string
+	unit         string
+	signal       string
+	killAfter    string
+}
+
+func newFlags(name, synopsis string, stderr io.Writer, daemon bool) *common {
+	c := &common{fs: flag.NewFlagSet(name, flag.ContinueOnError)}
+	c.fs.SetOutput(stderr)
+	c.fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: preemptd %s\n\nFlags:\n", synopsis)
+		c.fs.PrintDefaults()
+	}
+	c.fs.StringVar(&c.configPath, "config", "", "configuration file (default $PREEMPTD_CONFIG, then "+config.DefaultPath+")")
+	c.fs.StringVar(&c.runDir, "run-dir", "", "run_dir: socket and notice.json")
+	if daemon {
+		c.fs.StringVar(&c.provider, "provider", "", "provider: auto, aws, gcp, azure or local")
+		c.fs.StringVar(&c.pollInterval, "poll-interval", "", "poll_interval, e.g. 1s")
+		c.fs.StringVar(&c.stateDir, "state-dir", "", "state_dir")
+		c.fs.StringVar(&c.logLevel, "log-level", "", "log_level: debug, info, warn, error")
+		c.fs.StringVar(&c.pidFile, "trainer-pid-file", "", "trainer.pid_file")
+		c.fs.StringVar(&c.match, "trainer-match", "", "trainer.match: regexp on the command line")
+		c.fs.StringVar(&c.unit, "trainer-unit", "", "trainer.unit: systemd unit of the trainer")
+		c.fs.StringVar(&c.signal, "trainer-signal", "", "trainer.signal, e.g. SIGTERM")
+		c.fs.StringVar(&c.killAfter, "trainer-kill-after", "", "trainer.kill_after, e.g. 90s (0: never)")
+	}
+	return c
+}
+
+func (c *common) parse(args []string) error {
+	if err := c.fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	return nil
+}
+
+// load reads the configuration: file, environment, then the flags set.
+func (c *common) load(getenv func(string) string) (config.Config, error) {
+	path := c.configPath
+	if path == "" {
+		path = getenv("PREEMPTD_CONFIG")
+	}
+	cfg, err := config.Load(path, getenv)
+	if err != nil {
+		return cfg, usageError{err}
+	}
+	var errs []error
+	c.fs.Visit(func(f *flag.Flag) {
+		v := f.Value.String()
+		switch f.Name {
+		case "provider":
+			cfg.Provider = v
+		case "poll-interval":
+			d, err := config.ParseDuration(v)
+			errs = append(errs, err)
+			cfg.PollInterval = config.Duration(d)
+		case "run-dir":
+			cfg.RunDir = v
+		case "state-dir":
+			cfg.StateDir = v
+		case "log-level":
+			cfg.LogLevel = v
+		case "trainer-pid-file":
+			cfg.Trainer.PIDFile = v
+		case "trainer-match":
+			cfg.Trainer.Match = v
+		case "trainer-unit":
+			cfg.Trainer.Unit = v
+		case "trainer-signal":
+			cfg.Trainer.Signal = v
+		case "trainer-kill-after":
+			d, err := config.ParseDuration(v)
+			errs = append(errs, err)
+			cfg.Trainer.KillAfter = config.Duration(d)
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		return cfg, usageError{err}
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, usageError{err}
+	}
+	return cfg, nil
+}
+
+func cmdStatus(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("status", "status [--json] [--config FILE]", stderr, false)
+	asJSON := c.fs.Bool("json", false, "print the status as JSON")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	st, err := agent.NewClient(cfg.Socket()).Status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	printStatus(stdout, st, time.Now())
+	return nil
+}
+
+func printStatus(w io.Writer, st agent.Status, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "state:\t%s\n", st.State)
+	fmt.Fprintf(tw, "provider:\t%s\n", st.Provider)
+	fmt.Fprintf(tw, "version:\t%s\n", st.Version)
+	fmt.Fprintf(tw, "up since:\t%s\n", st.StartedAt.Format(time.RFC3339))
+	if len(st.Notices) == 0 {
+		fmt.Fprintf(tw, "notices:\tnone\n")
+	}
+	for _, n := range st.Notices {
+		left := "no deadline"
+		if !n.Deadline.IsZero() {
+			left = fmt.Sprintf("%s left (deadline %s)", n.Deadline.Sub(now).Round(time.Second), n.Deadline.Format(time.RFC3339))
+		}
+		fmt.Fprintf(tw, "notice:\t%s %s %s [%s], %s\n", n.Provider, n.Kind, n.ID, n.Class, left)
+	}
+	if s := st.LastSignal; s != nil {
+		if len(s.PIDs) == 0 {
+			fmt.Fprintf(tw, "last signal:\t%s reached no process %s\n", s.Signal, strings.Join(s.Problems, "; "))
+		} else {
+			fmt.Fprintf(tw, "last signal:\t%s to %v at %s\n", s.Signal, s.PIDs, s.At.Format(time.RFC3339Nano))
+		}
+	}
+	if e := st.Emergency; e != nil {
+		fmt.Fprintf(tw, "emergency:\t%s (%s %s, deadline %s)\n", e.Outcome, e.Notice.Provider, e.Notice.Kind, e.Deadline.Format(time.RFC3339))
+		for _, s := range e.Steps {
+			res := "ok"
+			if s.Error != "" {
+				res = s.Error
+			}
+			fmt.Fprintf(tw, "  step %s:\t%s in %s\n", s.Name, res, s.Duration.Round(time.Millisecond))
+		}
+		if e.Trainer != nil {
+			fmt.Fprintf(tw, "  trainer:\texited %v, killed %v, running %v\n", e.Trainer.Exited, e.Trainer.Killed, e.Trainer.Running)
+		}
+	}
+	tw.Flush()
+}
+
+func cmdSimulate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("simulate", "simulate [--kind KIND] [--in DUR] [--wait] [--config FILE]", stderr, false)
+	kind := c.fs.String("kind", "terminate", "notice kind: terminate, stop, hibernate, preempt, shutdown, rebalance, maintenance, freeze, migrate")
+	in := c.fs.String("in", "2m", "time from now to the deadline")
+	wait := c.fs.Bool("wait", false, "wait for the emergency path to finish and print its outcome")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if _, err := agent.ParseKind(*kind); err != nil {
+		return usageError{fmt.Errorf("--kind: %w", err)}
+	}
+	d, err := config.ParseDuration(*in)
+	if err != nil {
+		return usageError{fmt.Errorf("--in: %w", err)}
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	cl := agent.NewClient(cfg.Socket())
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	n, err := cl.Simulate(rctx, agent.SimulateRequest{Kind: *kind, In: d.String()})
+	cancel()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "simulated %s notice %s, deadline %s\n", n.Kind, n.ID, n.Deadline.Format(time.RFC3339))
+	if !*wait {
+		return nil
+	}
+	wctx, cancel := context.WithDeadline(ctx, n.Deadline.Add(10*time.Second))
+	defer cancel()
+	for {
+		st, err := cl.Status(wctx)
+		if err != nil {
+			return err
+		}
+		if e := st.Emergency; e != nil && !e.FinishedAt.IsZero() {
+			printStatus(stdout, st, time.Now())
+			return nil
+		}
+		if agent.Classify(n.Kind, n.Deadline, time.Now(), cfg.FatalWithin.D()) != agent.ClassFatal {
+			printStatus(stdout, st, time.Now())
+			return nil
+		}
+		select {
+		case <-wctx.Done():
+			return fmt.Errorf("emergency path did not finish by the deadline")
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func cmdDetect(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("detect", "detect [--json] [--config FILE]", stderr, false)
+	asJSON := c.fs.Bool("json", false, "print as JSON")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	d := detect(ctx, &cfg, getenv)
+	if *asJSON {
+		return json.NewEncoder(stdout).Encode(d)
+	}
+	fmt.Fprintln(stdout, d.Provider)
+	for _, r := range d.Reasons {
+		fmt.Fprintln(stdout, "  -", r)
+	}
+	return nil
+}
+
+func detect(ctx context.Context, cfg *config.Config, getenv func(string) string) providers.Detection {
+	if cfg.Provider != "auto" {
+		return providers.Detection{Provider: cfg.Provider, Reasons: []string{"provider is set to " + cfg.Provider + " in the configuration"}}
+	}
+	return providers.Detect(ctx, providers.DetectConfig{
+		DMIRoot:       getenv("PREEMPTD_DMI_ROOT"),
+		AWSEndpoint:   cfg.AWS.Endpoint,
+		GCPEndpoint:   cfg.GCP.Endpoint,
+		AzureEndpoint: cfg.Azure.Endpoint,
+	})
+}

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/agent/trainer"
+	"github.com/preemptd/preemptd/providers"
+	"github.com/preemptd/preemptd/systemd"
+)
+
+func newLogger(w io.Writer, level string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(level))
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}))
+}
+
+// cmdRun is the daemon: wiring only.
+func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("run", "run [flags]", stderr, true)
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, cfg.LogLevel)
+	for _, dir := range []string{cfg.RunDir, cfg.StateDir} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+
+	det := detect(ctx, &cfg, getenv)
+	log.Info("provider chosen", "provider", det.Provider, "reasons", det.Reasons)
+	watcher, acker, err := providers.Build(det.Provider, &cfg, log)
+	if err != nil {
+		return usageError{err}
+	}
+
+	tr, err := trainer.New(trainer.Config{
+		PIDFile: cfg.Trainer.PIDFile, Match: cfg.Trainer.Match, Unit: cfg.Trainer.Unit, Group: cfg.Trainer.Group,
+	}, nil, log.With("part", "trainer"))
+	if err != nil {
+		return usageError{err}
+	}
+	if !tr.Configured() {
+		log.Warn("no trainer target configured: notices will be published (notice.json, hooks, API) but no process signalled; set trainer.pid_file, trainer.match or trainer.unit")
+	}
+
+	a := agent.New(agent.Config{
+		FatalWithin:     cfg.FatalWithin.D(),
+		RunDir:          cfg.RunDir,
+		Signal:          cfg.Trainer.Signal,
+		RebalanceSignal: cfg.Trainer.RebalanceSignal,
+		KillAfter:       cfg.Trainer.KillAfter.D(),
+		Hooks:           cfg.Hooks.OnNotice,
+	}, agent.Deps{
+		Watchers: []agent.Watcher{watcher},
+		Trainer:  tr,
+		Acker:    acker,
+		Logger:   log,
+		Provider: det.Provider,
+		Version:  buildVersion(),
+	})
+
+	l, err := agent.ListenSocket(cfg.Socket())
+	if err != nil {
+		return err
+	}
+	// The API outlives the watch: it answers while the emergency path runs.
+	apiCtx, apiCancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer apiCancel()
+	apiDone := make(chan error, 1)
+	go func() { apiDone <- a.Serve(apiCtx, l) }()
+
+	watchCtx, watchCancel := context.WithCancel(ctx)
+	defer watchCancel()
+	agentDone := make(chan error, 1)
+	go func() { agentDone <- a.Run(watchCtx) }()
+
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	defer signal.Stop(term)
+	log.Info("preemptd running", "version", buildVersion(), "run_dir", cfg.RunDir, "socket", cfg.Socket())
+
+	var runErr error
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("interrupted; stopping")
+			break loop
+		case err := <-agentDone:
+			runErr = err
+			agentDone = nil
+			break loop
+		case err := <-apiDone:
+			runErr = err
+			break loop
+		case <-term:
+			if !sigtermIsShutdown(ctx, cfg.OnSIGTERM) {
+				log.Info("SIGTERM: the machine is not shutting down; stopping cleanly")
+				break loop
+			}
+			if a.EmergencyStarted() {
+				log.Info("SIGTERM during the emergency path; finishing it first")
+				break loop
+			}
+			now := time.Now()
+			log.Warn("SIGTERM at machine shutdown: treating it as a shutdown notice", "grace", cfg.ShutdownGrace.String())
+			a.Inject(agent.Notice{Provider: "systemd", Kind: agent.KindShutdown, ID: "sigterm", Action: "SIGTERM",
+				NoticedAt: now, Deadline: now.Add(cfg.ShutdownGrace.D())})
+			// The emergency path starts on the agent's loop; wait for it, then exit.
+			for wait := time.Now().Add(2 * time.Second); !a.EmergencyStarted() && time.Now().Before(wait); {
+				time.Sleep(10 * time.Millisecond)
+			}
+			break loop
+		}
+	}
+	if a.EmergencyStarted() {
+		log.Info("waiting for the emergency path to finish before exit")
+		<-a.EmergencyDone()
+	}
+	watchCancel()
+	if agentDone != nil {
+		<-agentDone
+	}
+	apiCancel()
+	log.Info("preemptd stopped")
+	return runErr
+}
+
+func sigtermIsShutdown(ctx context.Context, mode string) bool {
+	switch mode {
+	case "shutdown":
+		return true
+	case "exit":
+		return false
+	}
+	return systemd.ShuttingDown(ctx)
+}

@@ -1,0 +1,233 @@
+// Package aws watches the EC2 instance metadata service (IMDSv2, through
+// aws-sdk-go-v2's imds client) for spot interruption notices, rebalance
+// recommendations, scheduled maintenance and the Auto Scaling lifecycle
+// state, and turns them into agent notices.
+package aws
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	awssdk "github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/outage"
+)
+
+// Config configures the provider.
+type Config struct {
+	// Endpoint overrides the SDK's own choice (AWS_EC2_METADATA_SERVICE_ENDPOINT,
+	// then http://169.254.169.254).
+	Endpoint        string
+	PollInterval    time.Duration
+	LifecycleWindow time.Duration
+	// IMDSv1Fallback lets requests go without a token when IMDSv2 fails.
+	IMDSv1Fallback bool
+	Logger         *slog.Logger
+	Now            func() time.Time
+}
+
+// Provider polls IMDS.
+type Provider struct {
+	cfg    Config
+	client *imds.Client
+	log    *slog.Logger
+	out    *outage.Tracker
+	now    func() time.Time
+	// active holds the IDs currently announced, by source path.
+	active map[string]map[string]agent.Notice
+}
+
+// New builds the provider and its IMDS client.
+func New(cfg Config) *Provider {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = time.Second
+	}
+	log := cfg.Logger.With("provider", "aws")
+	return &Provider{
+		cfg:    cfg,
+		client: NewClient(cfg.Endpoint, cfg.IMDSv1Fallback),
+		log:    log,
+		out:    outage.New(log, time.Minute),
+		now:    cfg.Now,
+		active: map[string]map[string]agent.Notice{},
+	}
+}
+
+// NewClient returns an IMDS client: IMDSv2 only unless fallback, one retry
+// (enough for the SDK's refresh of an expired token on 401), short backoff.
+func NewClient(endpoint string, fallback bool) *imds.Client {
+	return imds.New(imds.Options{
+		Endpoint:       endpoint,
+		EnableFallback: awssdk.BoolTernary(fallback),
+		Retryer: retry.NewStandard(func(o *retry.StandardOptions) {
+			o.MaxAttempts = 2
+			o.MaxBackoff = 200 * time.Millisecond
+		}),
+	})
+}
+
+// Paths polled, in order of urgency.
+const (
+	PathInstanceAction = "spot/instance-action"
+	PathRebalance      = "events/recommendations/rebalance"
+	PathScheduled      = "events/maintenance/scheduled"
+	PathLifecycle      = "autoscaling/target-lifecycle-state"
+)
+
+// errNotFound is a 404: the document does not exist, i.e. no notice.
+var errNotFound = errors.New("not found")
+
+// get fetches a metadata path; errNotFound for 404.
+func (p *Provider) get(ctx context.Context, path string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout(p.cfg.PollInterval))
+	defer cancel()
+	out, err := p.client.GetMetadata(ctx, &imds.GetMetadataInput{Path: path})
+	if err != nil {
+		var se interface{ HTTPStatusCode() int }
+		if errors.As(err, &se) && se.HTTPStatusCode() == http.StatusNotFound {
+			return nil, errNotFound
+		}
+		return nil, err
+	}
+	defer out.Content.Close()
+	b, err := io.ReadAll(io.LimitReader(out.Content, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return b, nil
+}
+
+func requestTimeout(poll time.Duration) time.Duration {
+	return min(max(2*poll, 2*time.Second), 5*time.Second)
+}
+
+// Watch implements agent.Watcher.
+func (p *Provider) Watch(ctx context.Context, out chan<- agent.Notice) error {
+	p.log.Info("watching instance metadata", "endpoint", p.endpointForLog(), "poll_interval", p.cfg.PollInterval.String())
+	t := time.NewTicker(p.cfg.PollInterval)
+	defer t.Stop()
+	for {
+		p.Poll(ctx, out)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func (p *Provider) endpointForLog() string {
+	if p.cfg.Endpoint != "" {
+		return p.cfg.Endpoint
+	}
+	return "sdk default"
+}
+
+// Poll reads every path once and sends what changed.
+func (p *Provider) Poll(ctx context.Context, out chan<- agent.Notice) {
+	failed := false
+	for _, path := range []string{PathInstanceAction, PathRebalance, PathScheduled, PathLifecycle} {
+		if ctx.Err() != nil {
+			return
+		}
+		notices, err := p.read(ctx, path)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			failed = true
+			p.out.Fail(path, err)
+			continue // an outage never changes what is announced
+		}
+		p.reconcile(ctx, path, notices, out)
+	}
+	if !failed {
+		p.out.OK()
+	}
+}
+
+// read returns the notices a path holds now (nil when it holds none).
+func (p *Provider) read(ctx context.Context, path string) ([]agent.Notice, error) {
+	b, err := p.get(ctx, path)
+	if errors.Is(err, errNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	now := p.now()
+	switch path {
+	case PathInstanceAction:
+		n, err := ParseInstanceAction(b, now)
+		return []agent.Notice{n}, err
+	case PathRebalance:
+		n, err := ParseRebalance(b, now)
+		return []agent.Notice{n}, err
+	case PathScheduled:
+		return ParseScheduled(b, now)
+	case PathLifecycle:
+		term, err := ParseLifecycle(b)
+		if err != nil || !term {
+			return nil, err
+		}
+		return []agent.Notice{{Provider: "aws", Kind: agent.KindTerminate, ID: IDLifecycle,
+			Action: "Terminated", NoticedAt: now, Deadline: now.Add(p.cfg.LifecycleWindow),
+			Raw: agent.RawString(strings.TrimSpace(string(b)))}}, nil
+	}
+	return nil, fmt.Errorf("unknown path %s", path)
+}
+
+// reconcile sends new notices and withdraws those that vanished from path.
+func (p *Provider) reconcile(ctx context.Context, path string, now []agent.Notice, out chan<- agent.Notice) {
+	prev := p.active[path]
+	next := map[string]agent.Notice{}
+	for _, n := range now {
+		if n.Withdrawn {
+			continue
+		}
+		next[n.ID] = n
+		if _, seen := prev[n.ID]; !seen || p.earlier(prev[n.ID], n) {
+			send(ctx, out, n)
+		}
+	}
+	for id, n := range prev {
+		if _, still := next[id]; !still {
+			n.Withdrawn = true
+			n.NoticedAt = p.now()
+			send(ctx, out, n)
+		}
+	}
+	// Keep the first-seen version: its deadline is the one announced.
+	for id, n := range next {
+		if old, ok := prev[id]; ok && !p.earlier(old, n) {
+			next[id] = old
+		}
+	}
+	p.active[path] = next
+}
+
+func (p *Provider) earlier(old, n agent.Notice) bool {
+	return !n.Deadline.IsZero() && (old.Deadline.IsZero() || n.Deadline.Before(old.Deadline))
+}
+
+func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
+	select {
+	case out <- n:
+	case <-ctx.Done():
+	}
+}

@@ -1,0 +1,238 @@
+// Package azure watches Azure Scheduled Events on the instance metadata
+// service, keeps only the events addressed to this VM, and acknowledges them
+// (StartRequests) once the emergency path is over.
+package azure
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/outage"
+)
+
+// APIVersion of Scheduled Events used.
+const APIVersion = "2020-07-01"
+
+// Paths on the metadata service.
+const (
+	PathEvents = "/metadata/scheduledevents?api-version=" + APIVersion
+	PathVMName = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
+)
+
+// Config configures the provider.
+type Config struct {
+	Endpoint     string
+	PollInterval time.Duration
+	// Ack posts StartRequests after the emergency path.
+	Ack    bool
+	Logger *slog.Logger
+	Now    func() time.Time
+	// HTTPClient defaults to one with short timeouts.
+	HTTPClient *http.Client
+}
+
+// Provider polls Scheduled Events.
+type Provider struct {
+	cfg    Config
+	hc     *http.Client
+	log    *slog.Logger
+	now    func() time.Time
+	out    *outage.Tracker
+	vm     string
+	active map[string]agent.Notice
+	incarn int
+
+	mu    sync.Mutex
+	acked map[string]bool
+}
+
+// New builds the provider.
+func New(cfg Config) *Provider {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = time.Second
+	}
+	if cfg.HTTPClient == nil {
+		cfg.HTTPClient = &http.Client{Timeout: min(max(2*cfg.PollInterval, 2*time.Second), 5*time.Second)}
+	}
+	cfg.Endpoint = strings.TrimSuffix(cfg.Endpoint, "/")
+	log := cfg.Logger.With("provider", "azure")
+	return &Provider{cfg: cfg, hc: cfg.HTTPClient, log: log, now: cfg.Now, out: outage.New(log, time.Minute),
+		active: map[string]agent.Notice{}, acked: map[string]bool{}, incarn: -1}
+}
+
+func (p *Provider) do(ctx context.Context, method, path string, body []byte) ([]byte, error) {
+	var r io.Reader
+	if body != nil {
+		r = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, p.cfg.Endpoint+path, r)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Metadata", "true")
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode/100 != 2 {
+		return nil, fmt.Errorf("%s %s: HTTP %d %s", method, path, resp.StatusCode, truncate(strings.TrimSpace(string(b)), 80))
+	}
+	return b, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
+
+// VMName asks the metadata service for this VM's name.
+func (p *Provider) VMName(ctx context.Context) (string, error) {
+	b, err := p.do(ctx, http.MethodGet, PathVMName, nil)
+	if err != nil {
+		return "", err
+	}
+	name := strings.TrimSpace(string(b))
+	if name == "" || strings.ContainsAny(name, "{}<>\n ") {
+		return "", fmt.Errorf("compute/name: unexpected %q", truncate(name, 40))
+	}
+	return name, nil
+}
+
+// Watch implements agent.Watcher. The first request enables the service,
+// which Azure says can take up to two minutes; failures until then are
+// outages like any other.
+func (p *Provider) Watch(ctx context.Context, out chan<- agent.Notice) error {
+	p.log.Info("watching scheduled events", "endpoint", p.cfg.Endpoint, "poll_interval", p.cfg.PollInterval.String())
+	t := time.NewTicker(p.cfg.PollInterval)
+	defer t.Stop()
+	for {
+		p.Poll(ctx, out)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// Poll reads the events once and sends what changed.
+func (p *Provider) Poll(ctx context.Context, out chan<- agent.Notice) {
+	if p.vm == "" {
+		name, err := p.VMName(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				p.out.Fail("compute/name", err)
+			}
+			return
+		}
+		p.vm = name
+		p.log.Info("vm name", "name", name)
+	}
+	b, err := p.do(ctx, http.MethodGet, PathEvents, nil)
+	if err == nil {
+		var doc Document
+		doc, err = ParseDocument(b)
+		if err == nil {
+			err = p.reconcile(ctx, doc, out)
+		}
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			p.out.Fail("scheduledevents", err)
+		}
+		return
+	}
+	p.out.OK()
+}
+
+func (p *Provider) reconcile(ctx context.Context, doc Document, out chan<- agent.Notice) error {
+	if doc.DocumentIncarnation == p.incarn {
+		return nil // nothing changed
+	}
+	now := p.now()
+	notices, err := ForVM(doc, p.vm, now)
+	if err != nil {
+		return err
+	}
+	p.incarn = doc.DocumentIncarnation
+	seen := map[string]bool{}
+	for _, n := range notices {
+		seen[n.ID] = true
+		if _, ok := p.active[n.ID]; ok {
+			continue
+		}
+		p.active[n.ID] = n
+		send(ctx, out, n)
+	}
+	for id, n := range p.active {
+		if !seen[id] {
+			delete(p.active, id)
+			n.Withdrawn, n.NoticedAt = true, now
+			send(ctx, out, n)
+		}
+	}
+	return nil
+}
+
+// Ack implements agent.Acker: POST StartRequests for the event, once.
+func (p *Provider) Ack(ctx context.Context, n agent.Notice) error {
+	if !p.cfg.Ack || n.Provider != "azure" {
+		return nil
+	}
+	p.mu.Lock()
+	done := p.acked[n.ID]
+	p.mu.Unlock()
+	if done {
+		return nil
+	}
+	var err error
+	for attempt := range 3 {
+		if _, err = p.do(ctx, http.MethodPost, PathEvents, StartRequests(n.ID)); err == nil {
+			p.mu.Lock()
+			p.acked[n.ID] = true
+			p.mu.Unlock()
+			return nil
+		}
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("ack %s: %w", n.ID, err)
+		case <-time.After(time.Duration(attempt+1) * 200 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("ack %s: %w", n.ID, err)
+}
+
+func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
+	select {
+	case out <- n:
+	case <-ctx.Done():
+	}
+}

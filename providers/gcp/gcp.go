@@ -1,0 +1,271 @@
+// Package gcp watches the Compute Engine metadata server, through
+// cloud.google.com/go/compute/metadata's hanging GETs (wait_for_change with
+// ETags, on a client with no timeout), for preemption and host maintenance.
+package gcp
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"cloud.google.com/go/compute/metadata"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/outage"
+)
+
+// Metadata paths watched.
+const (
+	PathPreempted   = "instance/preempted"
+	PathMaintenance = "instance/maintenance-event"
+)
+
+// Maintenance event values.
+const (
+	MaintenanceNone      = "NONE"
+	MaintenanceMigrate   = "MIGRATE_ON_HOST_MAINTENANCE"
+	MaintenanceTerminate = "TERMINATE_ON_HOST_MAINTENANCE"
+)
+
+// Config configures the provider.
+type Config struct {
+	// Endpoint (host[:port] or URL) overrides GCE_METADATA_HOST.
+	Endpoint          string
+	PreemptWindow     time.Duration
+	MaintenanceWindow time.Duration
+	Logger            *slog.Logger
+	Now               func() time.Time
+}
+
+// Provider subscribes to the metadata server.
+type Provider struct {
+	cfg    Config
+	client *metadata.Client
+	log    *slog.Logger
+	now    func() time.Time
+	out    *outage.Tracker
+}
+
+// New builds the provider.
+func New(cfg Config) *Provider {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.PreemptWindow <= 0 {
+		cfg.PreemptWindow = 30 * time.Second
+	}
+	if cfg.MaintenanceWindow <= 0 {
+		cfg.MaintenanceWindow = time.Hour
+	}
+	log := cfg.Logger.With("provider", "gcp")
+	p := &Provider{cfg: cfg, log: log, now: cfg.Now, out: outage.New(log, time.Minute)}
+	p.client = NewClient(cfg.Endpoint, p.out)
+	return p
+}
+
+// NewClient returns a metadata client whose HTTP client has no overall
+// timeout (the long-poll needs none; each call carries its own context) and
+// that sends to endpoint when it is set. track, if not nil, sees every
+// response's outcome.
+func NewClient(endpoint string, track *outage.Tracker) *metadata.Client {
+	base := http.DefaultTransport.(*http.Transport).Clone()
+	base.ResponseHeaderTimeout = 0
+	var rt http.RoundTripper = base
+	if endpoint != "" {
+		rt = &rewrite{next: rt, host: hostOf(endpoint)}
+	}
+	if track != nil {
+		rt = &observe{next: rt, track: track}
+	}
+	return metadata.NewWithOptions(&metadata.Options{Client: &http.Client{Transport: rt}})
+}
+
+func hostOf(endpoint string) string {
+	if strings.Contains(endpoint, "://") {
+		if u, err := url.Parse(endpoint); err == nil {
+			return u.Host
+		}
+	}
+	return strings.TrimSuffix(endpoint, "/")
+}
+
+// rewrite sends every request to the configured host.
+type rewrite struct {
+	next http.RoundTripper
+	host string
+}
+
+func (r *rewrite) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.URL.Host = r.host
+	req.Host = r.host
+	return r.next.RoundTrip(req)
+}
+
+// observe reports failures (errors and 5xx) to the outage tracker, since the
+// metadata client retries them silently.
+type observe struct {
+	next  http.RoundTripper
+	track *outage.Tracker
+}
+
+func (o *observe) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := o.next.RoundTrip(req)
+	switch {
+	case err != nil:
+		if req.Context().Err() == nil {
+			o.track.Fail(req.URL.Path, err)
+		}
+	case resp.StatusCode >= 500:
+		o.track.Fail(req.URL.Path, fmt.Errorf("HTTP %d", resp.StatusCode))
+	case resp.StatusCode == http.StatusOK && resp.Header.Get("Metadata-Flavor") != "Google":
+		o.track.Fail(req.URL.Path, fmt.Errorf("response without Metadata-Flavor: Google"))
+	case resp.StatusCode == http.StatusOK:
+		o.track.OK()
+	}
+	return resp, err
+}
+
+// ParsePreempted reads instance/preempted: TRUE or FALSE.
+func ParsePreempted(v string) (bool, error) {
+	switch strings.TrimSpace(v) {
+	case "TRUE":
+		return true, nil
+	case "FALSE":
+		return false, nil
+	}
+	return false, fmt.Errorf("preempted: unexpected value %q", truncate(v, 40))
+}
+
+// ParseMaintenance reads instance/maintenance-event.
+func ParseMaintenance(v string) (string, error) {
+	s := strings.TrimSpace(v)
+	switch s {
+	case MaintenanceNone, MaintenanceMigrate, MaintenanceTerminate:
+		return s, nil
+	}
+	return "", fmt.Errorf("maintenance-event: unexpected value %q", truncate(v, 40))
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
+
+// Watch implements agent.Watcher: one hanging GET per path.
+func (p *Provider) Watch(ctx context.Context, out chan<- agent.Notice) error {
+	p.log.Info("watching metadata server", "endpoint", p.cfg.Endpoint)
+	var wg sync.WaitGroup
+	wg.Go(func() { p.subscribe(ctx, PathPreempted, p.preempted(ctx, out)) })
+	wg.Go(func() { p.subscribe(ctx, PathMaintenance, p.maintenance(ctx, out)) })
+	wg.Wait()
+	return ctx.Err()
+}
+
+// subscribe keeps a subscription alive: the metadata client returns when its
+// first GET fails or the value is deleted; start again with backoff.
+func (p *Provider) subscribe(ctx context.Context, path string, fn func(v string, ok bool)) {
+	backoff := 500 * time.Millisecond
+	for {
+		err := p.client.SubscribeWithContext(ctx, path, func(_ context.Context, v string, ok bool) error {
+			backoff = 500 * time.Millisecond
+			fn(v, ok)
+			return nil
+		})
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			p.out.Fail(path, err)
+		}
+		wait := backoff/2 + rand.N(backoff/2)
+		backoff = min(backoff*2, 5*time.Second)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (p *Provider) preempted(ctx context.Context, out chan<- agent.Notice) func(string, bool) {
+	var active *agent.Notice
+	return func(v string, ok bool) {
+		pre, err := ParsePreempted(v)
+		if !ok {
+			pre, err = false, nil
+		}
+		if err != nil {
+			p.out.Fail(PathPreempted, err)
+			return
+		}
+		now := p.now()
+		switch {
+		case pre && active == nil:
+			n := agent.Notice{Provider: "gcp", Kind: agent.KindPreempt, ID: "preempted", Action: "preempted",
+				NoticedAt: now, Deadline: now.Add(p.cfg.PreemptWindow), Raw: agent.RawString(strings.TrimSpace(v))}
+			active = &n
+			send(ctx, out, n)
+		case !pre && active != nil:
+			n := *active
+			n.Withdrawn, n.NoticedAt = true, now
+			active = nil
+			send(ctx, out, n)
+		}
+	}
+}
+
+func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) func(string, bool) {
+	var active *agent.Notice
+	return func(v string, ok bool) {
+		ev, err := ParseMaintenance(v)
+		if !ok {
+			ev, err = MaintenanceNone, nil
+		}
+		if err != nil {
+			p.out.Fail(PathMaintenance, err)
+			return
+		}
+		if active != nil && active.Action == ev {
+			return
+		}
+		now := p.now()
+		if active != nil {
+			n := *active
+			n.Withdrawn, n.NoticedAt = true, now
+			active = nil
+			send(ctx, out, n)
+		}
+		var n agent.Notice
+		switch ev {
+		case MaintenanceNone:
+			return
+		case MaintenanceTerminate:
+			n = agent.Notice{Kind: agent.KindMaintenance, Deadline: now.Add(p.cfg.MaintenanceWindow)}
+		case MaintenanceMigrate:
+			n = agent.Notice{Kind: agent.KindMigrate}
+		}
+		n.Provider, n.ID, n.Action, n.NoticedAt = "gcp", "maintenance-event/"+ev, ev, now
+		n.Raw = agent.RawString(ev)
+		active = &n
+		send(ctx, out, n)
+	}
+}
+
+func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
+	select {
+	case out <- n:
+	case <-ctx.Done():
+	}
+}
