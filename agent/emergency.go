@@ -140,7 +140,7 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 		r.Outcome = outcome
 	})
 	a.log.Warn("emergency path finished", "outcome", outcome,
-		"took", finished.Sub(n.NoticedAt).Round(time.Millisecond), "left", deadline.Sub(finished).Round(time.Millisecond).String())
+		"took", finished.Sub(n.NoticedAt).Round(time.Millisecond).String(), "left", deadline.Sub(finished).Round(time.Millisecond).String())
 }
 
 func (a *Agent) update(f func(r *EmergencyReport)) {

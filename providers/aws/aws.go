@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	awssdk "github.com/aws/aws-sdk-go-v2/aws"
@@ -74,6 +75,8 @@ func NewClient(endpoint string, fallback bool) *imds.Client {
 	return imds.New(imds.Options{
 		Endpoint:       endpoint,
 		EnableFallback: awssdk.BoolTernary(fallback),
+		// Our own short backoff, not the SDK's one-second cap.
+		DisableDefaultMaxBackoff: true,
 		Retryer: retry.NewStandard(func(o *retry.StandardOptions) {
 			o.MaxAttempts = 2
 			o.MaxBackoff = 200 * time.Millisecond
@@ -138,23 +141,28 @@ func (p *Provider) endpointForLog() string {
 	return "sdk default"
 }
 
-// Poll reads every path once and sends what changed.
+// Poll reads every path once, all at once so that one slow path does not
+// delay the others, and sends what changed.
 func (p *Provider) Poll(ctx context.Context, out chan<- agent.Notice) {
+	paths := []string{PathInstanceAction, PathRebalance, PathScheduled, PathLifecycle}
+	results := make([][]agent.Notice, len(paths))
+	errs := make([]error, len(paths))
+	var wg sync.WaitGroup
+	for i, path := range paths {
+		wg.Go(func() { results[i], errs[i] = p.read(ctx, path) })
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return
+	}
 	failed := false
-	for _, path := range []string{PathInstanceAction, PathRebalance, PathScheduled, PathLifecycle} {
-		if ctx.Err() != nil {
-			return
-		}
-		notices, err := p.read(ctx, path)
-		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
+	for i, path := range paths {
+		if errs[i] != nil {
 			failed = true
-			p.out.Fail(path, err)
+			p.out.Fail(path, errs[i])
 			continue // an outage never changes what is announced
 		}
-		p.reconcile(ctx, path, notices, out)
+		p.reconcile(ctx, path, results[i], out)
 	}
 	if !failed {
 		p.out.OK()

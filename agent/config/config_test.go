@@ -1,0 +1,174 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func envOf(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func writeFile(t *testing.T, s string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "preemptd.yaml")
+	if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaultsValidate(t *testing.T) {
+	c := Default()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("defaults do not validate: %v", err)
+	}
+	if c.Provider != "auto" || c.PollInterval.D() != time.Second || c.FatalWithin.D() != 2*time.Minute ||
+		c.RunDir != "/run/preemptd" || !c.Azure.Ack || c.Trainer.Signal != "SIGTERM" {
+		t.Fatalf("defaults = %+v", c)
+	}
+}
+
+func TestPrecedence(t *testing.T) {
+	path := writeFile(t, `
+provider: aws
+poll_interval: 2s
+aws: {endpoint: "http://127.0.0.1:1338"}
+trainer: {signal: SIGUSR1, match: "train\\.py", kill_after: 90s}
+hooks: {on_notice: ["echo one", "echo two"]}
+`)
+	c, err := Load(path, envOf(map[string]string{
+		"PREEMPTD_POLL_INTERVAL":    "500ms",
+		"PREEMPTD_TRAINER_SIGNAL":   "SIGUSR2",
+		"PREEMPTD_AZURE_ACK":        "false",
+		"PREEMPTD_HOOKS_ON_NOTICE":  "[\"a\", \"b, c\"]",
+		"PREEMPTD_TRAINER_PID_FILE": "/run/train.pid",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	checks := []struct {
+		name      string
+		got, want any
+	}{
+		{"provider from file", c.Provider, "aws"},
+		{"poll_interval env over file", c.PollInterval.D(), 500 * time.Millisecond},
+		{"trainer.signal env over file", c.Trainer.Signal, "SIGUSR2"},
+		{"trainer.match from file", c.Trainer.Match, `train\.py`},
+		{"trainer.kill_after from file", c.Trainer.KillAfter.D(), 90 * time.Second},
+		{"azure.ack from env", c.Azure.Ack, false},
+		{"azure.endpoint default kept", c.Azure.Endpoint, "http://169.254.169.254"},
+		{"hooks list from env", strings.Join(c.Hooks.OnNotice, "|"), "a|b, c"},
+		{"pid_file from env", c.Trainer.PIDFile, "/run/train.pid"},
+		{"fatal_within default", c.FatalWithin.D(), 2 * time.Minute},
+	}
+	for _, ch := range checks {
+		if ch.got != ch.want {
+			t.Errorf("%s: got %v, want %v", ch.name, ch.got, ch.want)
+		}
+	}
+}
+
+func TestSingleHookFromEnv(t *testing.T) {
+	c, err := Load(writeFile(t, ""), envOf(map[string]string{"PREEMPTD_HOOKS_ON_NOTICE": "curl -X POST x, y"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Hooks.OnNotice) != 1 || c.Hooks.OnNotice[0] != "curl -X POST x, y" {
+		t.Fatalf("hooks = %q", c.Hooks.OnNotice)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	tests := []struct {
+		name, file string
+		env        map[string]string
+		want       string
+	}{
+		{"unknown key", "provider: aws\npoll_intervall: 1s\n", nil, "poll_intervall"},
+		{"bad duration", "poll_interval: often\n", nil, "duration"},
+		{"bad env duration", "", map[string]string{"PREEMPTD_FATAL_WITHIN": "soon"}, "PREEMPTD_FATAL_WITHIN (key fatal_within)"},
+		{"bad env bool", "", map[string]string{"PREEMPTD_AZURE_ACK": "perhaps"}, "PREEMPTD_AZURE_ACK"},
+		{"not yaml", "provider: [aws\n", nil, "config"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Load(writeFile(t, tt.file), envOf(tt.env))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Load = %v, want an error mentioning %q", err, tt.want)
+			}
+		})
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml"), nil); err == nil || !strings.Contains(err.Error(), "--config") {
+		t.Fatalf("missing explicit file: %v", err)
+	}
+}
+
+func TestValidateNamesKeyAndFix(t *testing.T) {
+	tests := []struct {
+		name   string
+		mutate func(*Config)
+		want   string
+	}{
+		{"provider", func(c *Config) { c.Provider = "oracle" }, "provider: \"oracle\" is not one of auto, aws, gcp, azure, local"},
+		{"poll too fast", func(c *Config) { c.PollInterval = Duration(time.Millisecond) }, "poll_interval: 1ms is out of range; use 100ms to 1m"},
+		{"signal", func(c *Config) { c.Trainer.Signal = "SIGFOO" }, "trainer.signal: unknown signal \"SIGFOO\""},
+		{"rebalance signal", func(c *Config) { c.Trainer.RebalanceSignal = "99" }, "trainer.rebalance_signal"},
+		{"match", func(c *Config) { c.Trainer.Match = "train(" }, "trainer.match: not a valid regular expression"},
+		{"endpoint", func(c *Config) { c.AWS.Endpoint = "169.254.169.254" }, "aws.endpoint: \"169.254.169.254\" is not an http(s) URL"},
+		{"kill_after", func(c *Config) { c.Trainer.KillAfter = Duration(-time.Second) }, "trainer.kill_after: must not be negative"},
+		{"empty hook", func(c *Config) { c.Hooks.OnNotice = []string{" "} }, "hooks.on_notice[0]: is empty"},
+		{"on_sigterm", func(c *Config) { c.OnSIGTERM = "maybe" }, "on_sigterm"},
+		{"long run_dir", func(c *Config) { c.RunDir = "/" + strings.Repeat("x", 120) }, "too long for a unix socket"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := Default()
+			tt.mutate(&c)
+			err := c.Validate()
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Validate = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestGCPEndpointHostOnly(t *testing.T) {
+	c := Default()
+	c.GCP.Endpoint = "127.0.0.1:8080"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("host:port gcp.endpoint rejected: %v", err)
+	}
+}
+
+func TestEnvVarsCoverContract(t *testing.T) {
+	vars := EnvVars()
+	for _, name := range []string{"PREEMPTD_PROVIDER", "PREEMPTD_POLL_INTERVAL", "PREEMPTD_FATAL_WITHIN", "PREEMPTD_RUN_DIR",
+		"PREEMPTD_STATE_DIR", "PREEMPTD_AWS_ENDPOINT", "PREEMPTD_GCP_ENDPOINT", "PREEMPTD_AZURE_ENDPOINT", "PREEMPTD_AZURE_ACK",
+		"PREEMPTD_TRAINER_PID_FILE", "PREEMPTD_TRAINER_MATCH", "PREEMPTD_TRAINER_UNIT", "PREEMPTD_TRAINER_SIGNAL",
+		"PREEMPTD_TRAINER_REBALANCE_SIGNAL", "PREEMPTD_TRAINER_KILL_AFTER", "PREEMPTD_HOOKS_ON_NOTICE"} {
+		if _, ok := vars[name]; !ok {
+			t.Errorf("no environment override %s", name)
+		}
+	}
+}
+
+func FuzzLoad(f *testing.F) {
+	f.Add("provider: aws\npoll_interval: 1s\n")
+	f.Add("trainer: {signal: SIGUSR1, kill_after: 0}\n")
+	f.Add("hooks: {on_notice: [a, b]}\n")
+	f.Fuzz(func(t *testing.T, s string) {
+		p := filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		c, err := Load(p, nil)
+		if err == nil {
+			_ = c.Validate()
+		}
+	})
+}
