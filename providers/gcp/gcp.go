@@ -5,7 +5,9 @@ package gcp
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -112,7 +114,9 @@ func (r *rewrite) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // observe reports failures (errors and 5xx) to the outage tracker, since the
-// metadata client retries them silently.
+// metadata client retries them silently, and turns an answer that lacks
+// "Metadata-Flavor: Google" (not the metadata server: a proxy, a captive
+// portal) into a 502, so that its body is never read as a value.
 type observe struct {
 	next  http.RoundTripper
 	track *outage.Tracker
@@ -127,13 +131,18 @@ func (o *observe) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	case resp.StatusCode >= 500:
 		o.track.Fail(req.URL.Path, fmt.Errorf("HTTP %d", resp.StatusCode))
-	case resp.StatusCode == http.StatusOK && resp.Header.Get("Metadata-Flavor") != "Google":
-		o.track.Fail(req.URL.Path, fmt.Errorf("response without Metadata-Flavor: Google"))
+	case resp.Header.Get("Metadata-Flavor") != "Google":
+		o.track.Fail(req.URL.Path, errNotMetadata)
+		resp.Body.Close()
+		resp = &http.Response{StatusCode: http.StatusBadGateway, Status: "502 Bad Gateway", Header: http.Header{},
+			Body: io.NopCloser(strings.NewReader(errNotMetadata.Error())), Request: req, ProtoMajor: 1, ProtoMinor: 1}
 	case resp.StatusCode == http.StatusOK:
 		o.track.OK()
 	}
 	return resp, err
 }
+
+var errNotMetadata = errors.New("answer without Metadata-Flavor: Google; not the metadata server")
 
 // ParsePreempted reads instance/preempted: TRUE or FALSE.
 func ParsePreempted(v string) (bool, error) {

@@ -1,0 +1,249 @@
+package azure
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+)
+
+var now = time.Date(2026, 1, 21, 9, 0, 0, 0, time.UTC)
+
+func TestForVM(t *testing.T) {
+	doc := `{"DocumentIncarnation": 3, "Events": [
+	 {"EventId":"A","EventType":"Preempt","ResourceType":"VirtualMachine","Resources":["vm-mine"],"EventStatus":"Scheduled","NotBefore":"Wed, 21 Jan 2026 09:00:30 GMT","Description":"spot eviction","EventSource":"Platform","DurationInSeconds":-1},
+	 {"EventId":"B","EventType":"Preempt","ResourceType":"VirtualMachine","Resources":["vm-other"],"EventStatus":"Scheduled","NotBefore":"Wed, 21 Jan 2026 09:00:30 GMT"},
+	 {"EventId":"C","EventType":"Reboot","ResourceType":"VirtualMachine","Resources":["vm-other","VM-MINE"],"EventStatus":"Scheduled","NotBefore":"Wed, 21 Jan 2026 09:15:00 GMT"},
+	 {"EventId":"D","EventType":"Freeze","ResourceType":"VirtualMachine","Resources":["vm-mine"],"EventStatus":"Started","NotBefore":""}]}`
+	d, err := ParseDocument([]byte(doc))
+	if err != nil || d.DocumentIncarnation != 3 {
+		t.Fatal(err)
+	}
+	ns, err := ForVM(d, "vm-mine", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]agent.Notice{}
+	for _, n := range ns {
+		got[n.ID] = n
+	}
+	if len(ns) != 3 || got["B"].ID != "" {
+		t.Fatalf("notices %+v; want A, C, D and not the other VM's B", ns)
+	}
+	if a := got["A"]; a.Kind != agent.KindPreempt || !a.Deadline.Equal(now.Add(30*time.Second)) {
+		t.Fatalf("A = %+v", a)
+	}
+	if c := got["C"]; c.Kind != agent.KindMaintenance || c.Action != "Reboot" {
+		t.Fatalf("C = %+v", c)
+	}
+	if d := got["D"]; d.Kind != agent.KindFreeze || !d.Deadline.Equal(now) {
+		t.Fatalf("D (started, no NotBefore) = %+v", d)
+	}
+	for _, bad := range []string{`{"Events":[{"EventId":"x","EventType":"Explode","Resources":["vm-mine"]}]}`,
+		`{"Events":[{"EventId":"x","EventType":"Preempt","Resources":["vm-mine"],"NotBefore":"soon"}]}`} {
+		d, err := ParseDocument([]byte(bad))
+		if err == nil {
+			_, err = ForVM(d, "vm-mine", now)
+		}
+		if err == nil {
+			t.Errorf("accepted %s", bad)
+		}
+	}
+	if _, err := ParseDocument([]byte(`<html>`)); err == nil {
+		t.Error("garbage accepted")
+	}
+}
+
+func TestStartRequests(t *testing.T) {
+	if got := string(StartRequests("e-1")); got != `{"StartRequests":[{"EventId":"e-1"}]}` {
+		t.Fatalf("StartRequests = %s", got)
+	}
+}
+
+// imds replays Scheduled Events: Metadata: true required, the document
+// with its incarnation, StartRequests POSTs recorded.
+type imds struct {
+	mu     sync.Mutex
+	doc    Document
+	acks   []string
+	fault  func(w http.ResponseWriter, r *http.Request) bool
+	vmName string
+}
+
+func (s *imds) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fault != nil && s.fault(w, r) {
+		return
+	}
+	if r.Header.Get("Metadata") != "true" {
+		http.Error(w, `{"error":"Bad request. Required metadata header not specified"}`, http.StatusBadRequest)
+		return
+	}
+	switch {
+	case r.URL.Path == "/metadata/instance/compute/name" && r.URL.Query().Get("format") == "text":
+		fmt.Fprint(w, s.vmName)
+	case r.URL.Path == "/metadata/scheduledevents" && r.URL.Query().Get("api-version") == APIVersion:
+		if r.Method == http.MethodPost {
+			b, _ := io.ReadAll(r.Body)
+			var body struct{ StartRequests []struct{ EventId string } }
+			if err := json.Unmarshal(b, &body); err != nil || len(body.StartRequests) == 0 {
+				http.Error(w, "bad StartRequests", http.StatusBadRequest)
+				return
+			}
+			for _, sr := range body.StartRequests {
+				s.acks = append(s.acks, sr.EventId)
+			}
+			return
+		}
+		json.NewEncoder(w).Encode(s.doc)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (s *imds) setEvents(evs ...Event) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.doc.DocumentIncarnation++
+	s.doc.Events = evs
+}
+
+func poll(p *Provider, t *testing.T) []agent.Notice {
+	out := make(chan agent.Notice, 16)
+	p.Poll(t.Context(), out)
+	close(out)
+	var ns []agent.Notice
+	for n := range out {
+		ns = append(ns, n)
+	}
+	return ns
+}
+
+func TestPollAckAndWithdraw(t *testing.T) {
+	s := &imds{vmName: "vm-mine"}
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	p := New(Config{Endpoint: srv.URL, Ack: true, PollInterval: 100 * time.Millisecond})
+	nb := time.Now().Add(30 * time.Second).UTC().Format(time.RFC1123)
+
+	if ns := poll(p, t); len(ns) != 0 {
+		t.Fatalf("empty document: %+v", ns)
+	}
+	s.setEvents(Event{EventID: "other", EventType: "Preempt", Resources: []string{"vm-x"}, NotBefore: nb})
+	if ns := poll(p, t); len(ns) != 0 {
+		t.Fatalf("another VM's event reached us: %+v", ns)
+	}
+	mine := Event{EventID: "mine", EventType: "Preempt", Resources: []string{"vm-mine"}, EventStatus: "Scheduled", NotBefore: nb}
+	s.setEvents(mine)
+	ns := poll(p, t)
+	if len(ns) != 1 || ns[0].ID != "mine" || ns[0].Kind != agent.KindPreempt {
+		t.Fatalf("own event: %+v", ns)
+	}
+	first := ns[0]
+	if ns := poll(p, t); len(ns) != 0 {
+		t.Fatalf("same incarnation re-sent: %+v", ns)
+	}
+	s.setEvents(mine) // new incarnation, same event: deduped by EventId
+	if ns := poll(p, t); len(ns) != 0 {
+		t.Fatalf("same EventId re-sent: %+v", ns)
+	}
+	if err := p.Ack(t.Context(), first); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Ack(t.Context(), first); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	acks := append([]string(nil), s.acks...)
+	s.mu.Unlock()
+	if len(acks) != 1 || acks[0] != "mine" {
+		t.Fatalf("acks = %v, want one StartRequest for mine", acks)
+	}
+	s.setEvents()
+	if ns := poll(p, t); len(ns) != 1 || !ns[0].Withdrawn || ns[0].ID != "mine" {
+		t.Fatalf("vanished event not withdrawn: %+v", ns)
+	}
+}
+
+func TestAckDisabled(t *testing.T) {
+	s := &imds{vmName: "vm"}
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	p := New(Config{Endpoint: srv.URL, Ack: false})
+	if err := p.Ack(t.Context(), agent.Notice{Provider: "azure", ID: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.acks) != 0 {
+		t.Fatalf("acked with azure.ack false: %v", s.acks)
+	}
+}
+
+func TestOutagesNoNotice(t *testing.T) {
+	s := &imds{vmName: "vm-mine"}
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	p := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond,
+		HTTPClient: &http.Client{Timeout: 300 * time.Millisecond}})
+	nb := time.Now().Add(time.Minute).UTC().Format(time.RFC1123)
+	s.setEvents(Event{EventID: "e", EventType: "Preempt", Resources: []string{"vm-mine"}, NotBefore: nb})
+	if ns := poll(p, t); len(ns) != 1 {
+		t.Fatalf("setup: %+v", ns)
+	}
+	faults := map[string]func(w http.ResponseWriter, r *http.Request) bool{
+		"503":     func(w http.ResponseWriter, r *http.Request) bool { http.Error(w, "", 503); return true },
+		"garbage": func(w http.ResponseWriter, r *http.Request) bool { fmt.Fprint(w, "{\"Events\": [tru"); return true },
+		"slow": func(w http.ResponseWriter, r *http.Request) bool {
+			time.Sleep(500 * time.Millisecond)
+			return true
+		},
+		"empty 200": func(w http.ResponseWriter, r *http.Request) bool { return true },
+	}
+	for name, f := range faults {
+		s.mu.Lock()
+		s.fault = f
+		s.mu.Unlock()
+		if ns := poll(p, t); len(ns) != 0 {
+			t.Fatalf("%s: %+v (an outage must not withdraw or announce)", name, ns)
+		}
+		if !p.out.Failing() {
+			t.Fatalf("%s not recorded as an outage", name)
+		}
+	}
+}
+
+func TestVMNameUnavailable(t *testing.T) {
+	s := &imds{vmName: ""}
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	p := New(Config{Endpoint: srv.URL})
+	s.setEvents(Event{EventID: "e", EventType: "Preempt", Resources: []string{""}, NotBefore: now.Format(time.RFC1123)})
+	if ns := poll(p, t); len(ns) != 0 || p.vm != "" {
+		t.Fatalf("without a VM name: %+v", ns)
+	}
+	if !p.out.Failing() {
+		t.Fatal("missing VM name not recorded")
+	}
+}
+
+func FuzzParseDocument(f *testing.F) {
+	f.Add([]byte(`{"DocumentIncarnation":1,"Events":[{"EventId":"A","EventType":"Preempt","Resources":["vm"],"NotBefore":"Wed, 21 Jan 2026 09:00:30 GMT"}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d, err := ParseDocument(b)
+		if err != nil {
+			return
+		}
+		ns, err := ForVM(d, "vm", now)
+		for _, n := range ns {
+			if err == nil && (n.ID == "" || n.Kind == "") {
+				t.Fatalf("bad notice accepted: %+v", n)
+			}
+		}
+	})
+}

@@ -1,0 +1,119 @@
+package providers
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/agent/config"
+)
+
+func dmi(t *testing.T, files map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for k, v := range files {
+		os.WriteFile(filepath.Join(dir, k), []byte(v+"\n"), 0o444)
+	}
+	return dir
+}
+
+func closedURL(t *testing.T) string {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	srv.Close()
+	return srv.URL
+}
+
+func TestDetectDMI(t *testing.T) {
+	tests := []struct {
+		name  string
+		files map[string]string
+		want  string
+	}{
+		{"aws nitro", map[string]string{"sys_vendor": "Amazon EC2", "product_name": "p5.48xlarge"}, "aws"},
+		{"aws xen", map[string]string{"sys_vendor": "Xen", "bios_version": "4.11.amazon"}, "aws"},
+		{"gcp", map[string]string{"sys_vendor": "Google", "product_name": "Google Compute Engine"}, "gcp"},
+		{"azure", map[string]string{"sys_vendor": "Microsoft Corporation", "chassis_asset_tag": azureAssetTag}, "azure"},
+		{"hyper-v is not azure", map[string]string{"sys_vendor": "Microsoft Corporation", "chassis_asset_tag": "none"}, "local"},
+		{"laptop", map[string]string{"sys_vendor": "LENOVO"}, "local"},
+	}
+	dead := closedURL(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := Detect(t.Context(), DetectConfig{DMIRoot: dmi(t, tt.files), AWSEndpoint: dead, GCPEndpoint: dead,
+				AzureEndpoint: dead, Timeout: 200 * time.Millisecond})
+			if d.Provider != tt.want || len(d.Reasons) == 0 {
+				t.Fatalf("Detect = %+v, want %s", d, tt.want)
+			}
+		})
+	}
+}
+
+// TestDetectProbes: with no DMI, each cloud is recognised by its own
+// protocol, and a server that answers like another cloud is not mistaken.
+func TestDetectProbes(t *testing.T) {
+	aws := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut && r.URL.Path == "/latest/api/token" {
+			fmt.Fprint(w, "tok")
+			return
+		}
+		http.NotFound(w, r)
+	}))
+	defer aws.Close()
+	gcp := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Metadata-Flavor") == "Google" {
+			w.Header().Set("Metadata-Flavor", "Google")
+			fmt.Fprint(w, "123")
+			return
+		}
+		http.Error(w, "", 403)
+	}))
+	defer gcp.Close()
+	azure := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Metadata") == "true" && strings.HasPrefix(r.URL.Path, "/metadata/instance/compute/name") {
+			fmt.Fprint(w, "vm-1")
+			return
+		}
+		http.Error(w, "", 400)
+	}))
+	defer azure.Close()
+	dead := closedURL(t)
+	none := t.TempDir()
+	for _, tc := range []struct {
+		name               string
+		awsEP, gcpEP, azEP string
+		want               string
+	}{
+		{"aws", aws.URL, dead, dead, "aws"},
+		{"gcp", dead, strings.TrimPrefix(gcp.URL, "http://"), dead, "gcp"},
+		{"azure", dead, dead, azure.URL, "azure"},
+		{"gcp server is not aws or azure", gcp.URL, gcp.URL, gcp.URL, "gcp"},
+		{"nothing", dead, dead, dead, "local"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := Detect(t.Context(), DetectConfig{DMIRoot: none, AWSEndpoint: tc.awsEP, GCPEndpoint: tc.gcpEP,
+				AzureEndpoint: tc.azEP, Timeout: 500 * time.Millisecond})
+			if d.Provider != tc.want {
+				t.Fatalf("Detect = %+v, want %s", d, tc.want)
+			}
+		})
+	}
+}
+
+func TestBuild(t *testing.T) {
+	cfg := config.Default()
+	cfg.RunDir = t.TempDir()
+	for _, name := range []string{"aws", "gcp", "azure", "local"} {
+		w, ack, err := Build(name, &cfg, nil)
+		if err != nil || w == nil || (name == "azure") != (ack != nil) {
+			t.Errorf("Build(%s) = %T, %T, %v", name, w, ack, err)
+		}
+	}
+	if _, _, err := Build("oracle", &cfg, nil); err == nil {
+		t.Error("Build(oracle) succeeded")
+	}
+}
