@@ -162,16 +162,25 @@ func (l *socketListener) Close() error {
 	return err
 }
 
-// Serve runs the local API on l until ctx ends.
+// Serve runs the local API on l until ctx ends; when it returns the socket
+// is closed and removed.
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	stopped := make(chan struct{})
 	go func() {
+		defer close(stopped)
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
-	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	err := srv.Serve(l)
+	if errors.Is(err, http.ErrServerClosed) {
+		<-stopped
+		err = nil
+	}
+	l.Close()
+	if err != nil {
 		return fmt.Errorf("local api: %w", err)
 	}
 	return nil

@@ -368,9 +368,18 @@ func sendSignal(tg target, sig unix.Signal) error {
 
 func alive(tg target) bool {
 	if tg.fd >= 0 {
+		// A pidfd turns readable when its process exits.
 		fds := []unix.PollFd{{Fd: int32(tg.fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(fds, 0)
-		return err == nil && n == 0
+		for {
+			n, err := unix.Poll(fds, 0)
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			if err == nil {
+				return n == 0
+			}
+			break // fall back to kill(0)
+		}
 	}
 	return unix.Kill(tg.pid, 0) == nil
 }

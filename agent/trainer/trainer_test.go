@@ -65,14 +65,21 @@ func startHelper(t *testing.T, ignoreTerm, setpgid bool, args ...string) *proc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	return watchProc(t, cmd, log)
+}
+
+// watchProc reaps cmd in the background (so an exit is seen at once) and
+// kills it at cleanup.
+func watchProc(t *testing.T, cmd *exec.Cmd, log string) *proc {
+	t.Helper()
 	p := &proc{cmd: cmd, log: log}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		<-done
 	})
 	waitFor(t, func() bool { return len(p.lines()) > 0 })
-	// Reap in the background so that an exit is seen by pidfd and kill(0).
-	go cmd.Wait()
 	return p
 }
 
@@ -230,10 +237,7 @@ func startHelperInGroup(t *testing.T, pgid int) *proc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, log: log}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	waitFor(t, func() bool { return len(p.lines()) > 0 })
-	return p
+	return watchProc(t, cmd, log)
 }
 
 func TestNoTargetIsReportedNotFatal(t *testing.T) {

@@ -105,6 +105,7 @@ loop:
 			break loop
 		case err := <-apiDone:
 			runErr = err
+			apiDone = nil
 			break loop
 		case <-term:
 			if !sigtermIsShutdown(ctx, cfg.OnSIGTERM) {
@@ -135,6 +136,11 @@ loop:
 		<-agentDone
 	}
 	apiCancel()
+	if apiDone != nil {
+		if err := <-apiDone; err != nil && runErr == nil {
+			runErr = err
+		}
+	}
 	log.Info("preemptd stopped")
 	return runErr
 }

@@ -1,16 +1,14 @@
 package azure
 
 import (
-	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/test/fakes"
 )
 
 var now = time.Date(2026, 1, 21, 9, 0, 0, 0, time.UTC)
@@ -66,55 +64,6 @@ func TestStartRequests(t *testing.T) {
 	}
 }
 
-// imds replays Scheduled Events: Metadata: true required, the document
-// with its incarnation, StartRequests POSTs recorded.
-type imds struct {
-	mu     sync.Mutex
-	doc    Document
-	acks   []string
-	fault  func(w http.ResponseWriter, r *http.Request) bool
-	vmName string
-}
-
-func (s *imds) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.fault != nil && s.fault(w, r) {
-		return
-	}
-	if r.Header.Get("Metadata") != "true" {
-		http.Error(w, `{"error":"Bad request. Required metadata header not specified"}`, http.StatusBadRequest)
-		return
-	}
-	switch {
-	case r.URL.Path == "/metadata/instance/compute/name" && r.URL.Query().Get("format") == "text":
-		fmt.Fprint(w, s.vmName)
-	case r.URL.Path == "/metadata/scheduledevents" && r.URL.Query().Get("api-version") == APIVersion:
-		if r.Method == http.MethodPost {
-			b, _ := io.ReadAll(r.Body)
-			var body struct{ StartRequests []struct{ EventId string } }
-			if err := json.Unmarshal(b, &body); err != nil || len(body.StartRequests) == 0 {
-				http.Error(w, "bad StartRequests", http.StatusBadRequest)
-				return
-			}
-			for _, sr := range body.StartRequests {
-				s.acks = append(s.acks, sr.EventId)
-			}
-			return
-		}
-		json.NewEncoder(w).Encode(s.doc)
-	default:
-		http.NotFound(w, r)
-	}
-}
-
-func (s *imds) setEvents(evs ...Event) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.doc.DocumentIncarnation++
-	s.doc.Events = evs
-}
-
 func poll(p *Provider, t *testing.T) []agent.Notice {
 	out := make(chan agent.Notice, 16)
 	p.Poll(t.Context(), out)
@@ -127,7 +76,7 @@ func poll(p *Provider, t *testing.T) []agent.Notice {
 }
 
 func TestPollAckAndWithdraw(t *testing.T) {
-	s := &imds{vmName: "vm-mine"}
+	s := fakes.NewAzure("vm-mine")
 	srv := httptest.NewServer(s)
 	defer srv.Close()
 	p := New(Config{Endpoint: srv.URL, Ack: true, PollInterval: 100 * time.Millisecond})
@@ -136,12 +85,12 @@ func TestPollAckAndWithdraw(t *testing.T) {
 	if ns := poll(p, t); len(ns) != 0 {
 		t.Fatalf("empty document: %+v", ns)
 	}
-	s.setEvents(Event{EventID: "other", EventType: "Preempt", Resources: []string{"vm-x"}, NotBefore: nb})
+	s.SetEvents(fakes.AzureEvent{EventId: "other", EventType: "Preempt", Resources: []string{"vm-x"}, NotBefore: nb})
 	if ns := poll(p, t); len(ns) != 0 {
 		t.Fatalf("another VM's event reached us: %+v", ns)
 	}
-	mine := Event{EventID: "mine", EventType: "Preempt", Resources: []string{"vm-mine"}, EventStatus: "Scheduled", NotBefore: nb}
-	s.setEvents(mine)
+	mine := fakes.AzureEvent{EventId: "mine", EventType: "Preempt", Resources: []string{"vm-mine"}, EventStatus: "Scheduled", NotBefore: nb}
+	s.SetEvents(mine)
 	ns := poll(p, t)
 	if len(ns) != 1 || ns[0].ID != "mine" || ns[0].Kind != agent.KindPreempt {
 		t.Fatalf("own event: %+v", ns)
@@ -150,7 +99,7 @@ func TestPollAckAndWithdraw(t *testing.T) {
 	if ns := poll(p, t); len(ns) != 0 {
 		t.Fatalf("same incarnation re-sent: %+v", ns)
 	}
-	s.setEvents(mine) // new incarnation, same event: deduped by EventId
+	s.SetEvents(mine) // new incarnation, same event: deduped by EventId
 	if ns := poll(p, t); len(ns) != 0 {
 		t.Fatalf("same EventId re-sent: %+v", ns)
 	}
@@ -160,43 +109,40 @@ func TestPollAckAndWithdraw(t *testing.T) {
 	if err := p.Ack(t.Context(), first); err != nil {
 		t.Fatal(err)
 	}
-	s.mu.Lock()
-	acks := append([]string(nil), s.acks...)
-	s.mu.Unlock()
-	if len(acks) != 1 || acks[0] != "mine" {
+	if acks := s.Acks(); len(acks) != 1 || acks[0] != "mine" {
 		t.Fatalf("acks = %v, want one StartRequest for mine", acks)
 	}
-	s.setEvents()
+	// The platform starts the acknowledged event: it vanishes, and is withdrawn.
 	if ns := poll(p, t); len(ns) != 1 || !ns[0].Withdrawn || ns[0].ID != "mine" {
 		t.Fatalf("vanished event not withdrawn: %+v", ns)
 	}
 }
 
 func TestAckDisabled(t *testing.T) {
-	s := &imds{vmName: "vm"}
+	s := fakes.NewAzure("vm")
 	srv := httptest.NewServer(s)
 	defer srv.Close()
 	p := New(Config{Endpoint: srv.URL, Ack: false})
 	if err := p.Ack(t.Context(), agent.Notice{Provider: "azure", ID: "x"}); err != nil {
 		t.Fatal(err)
 	}
-	if len(s.acks) != 0 {
-		t.Fatalf("acked with azure.ack false: %v", s.acks)
+	if acks := s.Acks(); len(acks) != 0 {
+		t.Fatalf("acked with azure.ack false: %v", acks)
 	}
 }
 
 func TestOutagesNoNotice(t *testing.T) {
-	s := &imds{vmName: "vm-mine"}
+	s := fakes.NewAzure("vm-mine")
 	srv := httptest.NewServer(s)
 	defer srv.Close()
 	p := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond,
 		HTTPClient: &http.Client{Timeout: 300 * time.Millisecond}})
 	nb := time.Now().Add(time.Minute).UTC().Format(time.RFC1123)
-	s.setEvents(Event{EventID: "e", EventType: "Preempt", Resources: []string{"vm-mine"}, NotBefore: nb})
+	s.SetEvents(fakes.AzureEvent{EventId: "e", EventType: "Preempt", Resources: []string{"vm-mine"}, NotBefore: nb})
 	if ns := poll(p, t); len(ns) != 1 {
 		t.Fatalf("setup: %+v", ns)
 	}
-	faults := map[string]func(w http.ResponseWriter, r *http.Request) bool{
+	faults := map[string]fakes.Fault{
 		"503":     func(w http.ResponseWriter, r *http.Request) bool { http.Error(w, "", 503); return true },
 		"garbage": func(w http.ResponseWriter, r *http.Request) bool { fmt.Fprint(w, "{\"Events\": [tru"); return true },
 		"slow": func(w http.ResponseWriter, r *http.Request) bool {
@@ -206,9 +152,7 @@ func TestOutagesNoNotice(t *testing.T) {
 		"empty 200": func(w http.ResponseWriter, r *http.Request) bool { return true },
 	}
 	for name, f := range faults {
-		s.mu.Lock()
-		s.fault = f
-		s.mu.Unlock()
+		s.SetFault(f)
 		if ns := poll(p, t); len(ns) != 0 {
 			t.Fatalf("%s: %+v (an outage must not withdraw or announce)", name, ns)
 		}
@@ -219,11 +163,11 @@ func TestOutagesNoNotice(t *testing.T) {
 }
 
 func TestVMNameUnavailable(t *testing.T) {
-	s := &imds{vmName: ""}
+	s := fakes.NewAzure("")
 	srv := httptest.NewServer(s)
 	defer srv.Close()
 	p := New(Config{Endpoint: srv.URL})
-	s.setEvents(Event{EventID: "e", EventType: "Preempt", Resources: []string{""}, NotBefore: now.Format(time.RFC1123)})
+	s.SetEvents(fakes.AzureEvent{EventId: "e", EventType: "Preempt", Resources: []string{""}, NotBefore: now.Format(time.RFC1123)})
 	if ns := poll(p, t); len(ns) != 0 || p.vm != "" {
 		t.Fatalf("without a VM name: %+v", ns)
 	}

@@ -114,7 +114,8 @@ func (r *rewrite) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // observe reports failures (errors and 5xx) to the outage tracker, since the
-// metadata client retries them silently, and turns an answer that lacks
+// metadata client retries them silently (success is reported once a value
+// parses), and turns an answer that lacks
 // "Metadata-Flavor: Google" (not the metadata server: a proxy, a captive
 // portal) into a 502, so that its body is never read as a value.
 type observe struct {
@@ -136,8 +137,6 @@ func (o *observe) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp.Body.Close()
 		resp = &http.Response{StatusCode: http.StatusBadGateway, Status: "502 Bad Gateway", Header: http.Header{},
 			Body: io.NopCloser(strings.NewReader(errNotMetadata.Error())), Request: req, ProtoMajor: 1, ProtoMinor: 1}
-	case resp.StatusCode == http.StatusOK:
-		o.track.OK()
 	}
 	return resp, err
 }
@@ -182,14 +181,20 @@ func (p *Provider) Watch(ctx context.Context, out chan<- agent.Notice) error {
 	return ctx.Err()
 }
 
-// subscribe keeps a subscription alive: the metadata client returns when its
-// first GET fails or the value is deleted; start again with backoff.
-func (p *Provider) subscribe(ctx context.Context, path string, fn func(v string, ok bool)) {
-	backoff := 500 * time.Millisecond
+// subscribe keeps a subscription alive. The metadata client returns when its
+// first GET fails or the value is deleted, and fn ends it on a value that
+// does not parse (a garbage answer would otherwise be re-fetched at once, in
+// a loop); start again with backoff.
+func (p *Provider) subscribe(ctx context.Context, path string, fn func(v string, ok bool) error) {
+	const first = 500 * time.Millisecond
+	backoff := first
 	for {
 		err := p.client.SubscribeWithContext(ctx, path, func(_ context.Context, v string, ok bool) error {
-			backoff = 500 * time.Millisecond
-			fn(v, ok)
+			if err := fn(v, ok); err != nil {
+				return err
+			}
+			p.out.OK()
+			backoff = first
 			return nil
 		})
 		if ctx.Err() != nil {
@@ -208,16 +213,15 @@ func (p *Provider) subscribe(ctx context.Context, path string, fn func(v string,
 	}
 }
 
-func (p *Provider) preempted(ctx context.Context, out chan<- agent.Notice) func(string, bool) {
+func (p *Provider) preempted(ctx context.Context, out chan<- agent.Notice) func(string, bool) error {
 	var active *agent.Notice
-	return func(v string, ok bool) {
+	return func(v string, ok bool) error {
 		pre, err := ParsePreempted(v)
 		if !ok {
 			pre, err = false, nil
 		}
 		if err != nil {
-			p.out.Fail(PathPreempted, err)
-			return
+			return err
 		}
 		now := p.now()
 		switch {
@@ -232,22 +236,22 @@ func (p *Provider) preempted(ctx context.Context, out chan<- agent.Notice) func(
 			active = nil
 			send(ctx, out, n)
 		}
+		return nil
 	}
 }
 
-func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) func(string, bool) {
+func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) func(string, bool) error {
 	var active *agent.Notice
-	return func(v string, ok bool) {
+	return func(v string, ok bool) error {
 		ev, err := ParseMaintenance(v)
 		if !ok {
 			ev, err = MaintenanceNone, nil
 		}
 		if err != nil {
-			p.out.Fail(PathMaintenance, err)
-			return
+			return err
 		}
 		if active != nil && active.Action == ev {
-			return
+			return nil
 		}
 		now := p.now()
 		if active != nil {
@@ -259,7 +263,7 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 		var n agent.Notice
 		switch ev {
 		case MaintenanceNone:
-			return
+			return nil
 		case MaintenanceTerminate:
 			n = agent.Notice{Kind: agent.KindMaintenance, Deadline: now.Add(p.cfg.MaintenanceWindow)}
 		case MaintenanceMigrate:
@@ -269,6 +273,7 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 		n.Raw = agent.RawString(ev)
 		active = &n
 		send(ctx, out, n)
+		return nil
 	}
 }
 

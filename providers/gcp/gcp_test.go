@@ -5,13 +5,13 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/test/fakes"
 )
 
 func TestParsePreempted(t *testing.T) {
@@ -37,74 +37,11 @@ func TestParseMaintenance(t *testing.T) {
 	}
 }
 
-// metadataServer replays the GCE metadata server: Metadata-Flavor required
-// and echoed, ETags, and wait_for_change=true hanging until the value
-// differs from last_etag.
-type metadataServer struct {
-	mu      sync.Mutex
-	values  map[string]string
-	version map[string]int
-	changed chan struct{}
-	fault   func(w http.ResponseWriter, r *http.Request) bool
-	waits   int
-}
-
-func newMetadata(t *testing.T) (*metadataServer, *httptest.Server) {
-	s := &metadataServer{values: map[string]string{PathPreempted: "FALSE", PathMaintenance: MaintenanceNone},
-		version: map[string]int{}, changed: make(chan struct{})}
+func newMetadata(t *testing.T) (*fakes.GCP, *httptest.Server) {
+	s := fakes.NewGCP()
 	srv := httptest.NewServer(s)
 	t.Cleanup(srv.Close)
 	return s, srv
-}
-
-func (s *metadataServer) set(path, v string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.values[path] = v
-	s.version[path]++
-	close(s.changed)
-	s.changed = make(chan struct{})
-}
-
-func (s *metadataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.mu.Lock()
-	fault := s.fault
-	s.mu.Unlock()
-	if fault != nil && fault(w, r) {
-		return
-	}
-	if r.Header.Get("Metadata-Flavor") != "Google" {
-		http.Error(w, "Missing Metadata-Flavor:Google header.", http.StatusForbidden)
-		return
-	}
-	path := strings.TrimPrefix(r.URL.Path, "/computeMetadata/v1/")
-	wait := r.URL.Query().Get("wait_for_change") == "true"
-	last := r.URL.Query().Get("last_etag")
-	for {
-		s.mu.Lock()
-		v, ok := s.values[path]
-		etag := strconv.Itoa(s.version[path])
-		ch := s.changed
-		if wait {
-			s.waits++
-		}
-		s.mu.Unlock()
-		if !ok {
-			http.NotFound(w, r)
-			return
-		}
-		if !wait || etag != last {
-			w.Header().Set("Metadata-Flavor", "Google")
-			w.Header().Set("ETag", etag)
-			fmt.Fprint(w, v)
-			return
-		}
-		select {
-		case <-ch:
-		case <-r.Context().Done():
-			return
-		}
-	}
 }
 
 func watch(t *testing.T, endpoint string) (chan agent.Notice, context.CancelFunc) {
@@ -138,12 +75,10 @@ func quiet(t *testing.T, ch chan agent.Notice, d time.Duration) {
 	}
 }
 
-func waitHanging(t *testing.T, s *metadataServer, n int) {
+func waitHanging(t *testing.T, s *fakes.GCP, n int) {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); ; {
-		s.mu.Lock()
-		w := s.waits
-		s.mu.Unlock()
+		w := s.Waits()
 		if w >= n {
 			return
 		}
@@ -162,17 +97,14 @@ func TestPreemptedLongPoll(t *testing.T) {
 	waitHanging(t, s, 2)
 	quiet(t, out, 100*time.Millisecond)
 	flipped := time.Now()
-	s.set(PathPreempted, "TRUE")
+	s.Set(PathPreempted, "TRUE")
 	n := next(t, out)
 	latency := time.Since(flipped)
 	if n.Kind != agent.KindPreempt || n.Provider != "gcp" || n.Deadline.Sub(n.NoticedAt) != 30*time.Second {
 		t.Fatalf("notice = %+v", n)
 	}
 	t.Logf("preempted TRUE → notice in %v", latency)
-	s.mu.Lock()
-	waits := s.waits
-	s.mu.Unlock()
-	if waits > 10 {
+	if waits := s.Waits(); waits > 10 {
 		t.Fatalf("%d wait_for_change requests for one change: polling, not long-polling", waits)
 	}
 }
@@ -181,19 +113,19 @@ func TestMaintenanceEvents(t *testing.T) {
 	s, srv := newMetadata(t)
 	out, _ := watch(t, srv.URL) // a URL works as well as host:port
 	waitHanging(t, s, 2)
-	s.set(PathMaintenance, MaintenanceTerminate)
+	s.Set(PathMaintenance, MaintenanceTerminate)
 	n := next(t, out)
 	if n.Kind != agent.KindMaintenance || n.Deadline.Sub(n.NoticedAt) != time.Hour || n.Action != MaintenanceTerminate {
 		t.Fatalf("terminate maintenance = %+v", n)
 	}
-	s.set(PathMaintenance, MaintenanceMigrate)
+	s.Set(PathMaintenance, MaintenanceMigrate)
 	if w := next(t, out); !w.Withdrawn || w.ID != n.ID {
 		t.Fatalf("previous event not withdrawn: %+v", w)
 	}
 	if m := next(t, out); m.Kind != agent.KindMigrate {
 		t.Fatalf("migrate = %+v", m)
 	}
-	s.set(PathMaintenance, MaintenanceNone)
+	s.Set(PathMaintenance, MaintenanceNone)
 	if w := next(t, out); !w.Withdrawn || w.Kind != agent.KindMigrate {
 		t.Fatalf("NONE did not withdraw: %+v", w)
 	}
@@ -203,13 +135,9 @@ func TestMaintenanceEvents(t *testing.T) {
 // produce no notice; the real flip afterwards still does.
 func TestFaultsNoFalseAlarm(t *testing.T) {
 	s, srv := newMetadata(t)
-	var count int
-	s.fault = func(w http.ResponseWriter, r *http.Request) bool {
-		s.mu.Lock()
-		count++
-		c := count
-		s.mu.Unlock()
-		switch {
+	var count atomic.Int32
+	s.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		switch c := count.Add(1); {
 		case c <= 3:
 			http.Error(w, "", http.StatusServiceUnavailable)
 			return true
@@ -218,11 +146,11 @@ func TestFaultsNoFalseAlarm(t *testing.T) {
 			return true
 		}
 		return false
-	}
+	})
 	out, _ := watch(t, srv.URL)
-	s.set(PathPreempted, "maybe")
+	s.Set(PathPreempted, "maybe")
 	quiet(t, out, 1500*time.Millisecond)
-	s.set(PathPreempted, "TRUE")
+	s.Set(PathPreempted, "TRUE")
 	if n := next(t, out); n.Kind != agent.KindPreempt {
 		t.Fatalf("after faults: %+v", n)
 	}
@@ -238,4 +166,23 @@ func FuzzParsePreempted(f *testing.F) {
 		}
 		_ = err
 	})
+}
+
+// TestGarbageBacksOff: a metadata server that answers every GET at once with
+// a value that does not parse (and no ETag) must not be re-asked in a loop.
+func TestGarbageBacksOff(t *testing.T) {
+	s, srv := newMetadata(t)
+	var requests atomic.Int32
+	s.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		requests.Add(1)
+		w.Header().Set("Metadata-Flavor", "Google")
+		fmt.Fprint(w, "")
+		return true
+	})
+	out, cancel := watch(t, srv.URL)
+	quiet(t, out, 2*time.Second)
+	cancel()
+	if n := requests.Load(); n > 20 {
+		t.Fatalf("%d requests in 2s of garbage answers: no backoff", n)
+	}
 }

@@ -1,0 +1,239 @@
+// Package fakes holds metadata servers written from GCP's and Azure's
+// documented behaviour, for tests and benchmarks of preemptd (AWS has a real
+// simulator, amazon-ec2-metadata-mock, and needs none). Each can be told to
+// misbehave through Fault.
+package fakes
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Fault, when it returns true, has answered the request itself.
+type Fault func(w http.ResponseWriter, r *http.Request) bool
+
+// GCP is the Compute Engine metadata server: "Metadata-Flavor: Google"
+// required and echoed, ETags, and wait_for_change=true hanging until the
+// value's ETag differs from last_etag.
+type GCP struct {
+	mu      sync.Mutex
+	values  map[string]string
+	version map[string]int
+	changed chan struct{}
+	fault   Fault
+	waits   int
+	// HangLimit ends a hanging GET with the unchanged value after this long,
+	// as the real server does after its timeout; zero waits for a change.
+	HangLimit time.Duration
+}
+
+// NewGCP returns a server with instance/preempted FALSE and
+// instance/maintenance-event NONE.
+func NewGCP() *GCP {
+	return &GCP{values: map[string]string{"instance/preempted": "FALSE", "instance/maintenance-event": "NONE",
+		"instance/id": "1234567890", "instance/name": "trainer-1"},
+		version: map[string]int{}, changed: make(chan struct{})}
+}
+
+// Set changes a value (path below /computeMetadata/v1/) and wakes waiters.
+func (s *GCP) Set(path, v string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.values[path] = v
+	s.version[path]++
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// SetFault installs f (nil removes it).
+func (s *GCP) SetFault(f Fault) {
+	s.mu.Lock()
+	s.fault = f
+	s.mu.Unlock()
+}
+
+// Waits counts the wait_for_change requests served.
+func (s *GCP) Waits() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.waits
+}
+
+func (s *GCP) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	fault := s.fault
+	s.mu.Unlock()
+	if fault != nil && fault(w, r) {
+		return
+	}
+	if r.Header.Get("Metadata-Flavor") != "Google" {
+		http.Error(w, "Missing Metadata-Flavor:Google header.", http.StatusForbidden)
+		return
+	}
+	path := strings.TrimPrefix(r.URL.Path, "/computeMetadata/v1/")
+	wait := r.URL.Query().Get("wait_for_change") == "true"
+	last := r.URL.Query().Get("last_etag")
+	for {
+		s.mu.Lock()
+		v, ok := s.values[path]
+		etag := strconv.Itoa(s.version[path])
+		ch := s.changed
+		if wait {
+			s.waits++
+		}
+		s.mu.Unlock()
+		w.Header().Set("Metadata-Flavor", "Google")
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		if !wait || etag != last {
+			w.Header().Set("ETag", etag)
+			fmt.Fprint(w, v)
+			return
+		}
+		var limit <-chan time.Time
+		if s.HangLimit > 0 {
+			limit = time.After(s.HangLimit)
+		}
+		select {
+		case <-ch:
+		case <-limit:
+			w.Header().Set("ETag", etag)
+			fmt.Fprint(w, v)
+			return
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// AzureEvent is one scheduled event as the service writes it.
+type AzureEvent struct {
+	EventId           string   `json:"EventId"`
+	EventType         string   `json:"EventType"`
+	ResourceType      string   `json:"ResourceType"`
+	Resources         []string `json:"Resources"`
+	EventStatus       string   `json:"EventStatus"`
+	NotBefore         string   `json:"NotBefore"`
+	Description       string   `json:"Description"`
+	EventSource       string   `json:"EventSource"`
+	DurationInSeconds int      `json:"DurationInSeconds"`
+}
+
+// Azure is the Scheduled Events service (api-version 2020-07-01) with the
+// instance name endpoint: "Metadata: true" required, DocumentIncarnation
+// bumped on every change, StartRequests POSTs recorded and the acknowledged
+// events started (removed, as the platform does once it proceeds).
+type Azure struct {
+	mu     sync.Mutex
+	VMName string
+	incarn int
+	events []AzureEvent
+	acks   []string
+	fault  Fault
+	onAck  func(id string)
+}
+
+// NewAzure returns a service for the VM named vm, with no events.
+func NewAzure(vm string) *Azure { return &Azure{VMName: vm, incarn: 1} }
+
+// SetEvents replaces the event list.
+func (s *Azure) SetEvents(evs ...AzureEvent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.incarn++
+	s.events = evs
+}
+
+// SetFault installs f (nil removes it).
+func (s *Azure) SetFault(f Fault) {
+	s.mu.Lock()
+	s.fault = f
+	s.mu.Unlock()
+}
+
+// OnAck is called with each acknowledged EventId.
+func (s *Azure) OnAck(f func(id string)) {
+	s.mu.Lock()
+	s.onAck = f
+	s.mu.Unlock()
+}
+
+// Acks returns the acknowledged EventIds in order.
+func (s *Azure) Acks() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.acks...)
+}
+
+func (s *Azure) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	fault := s.fault
+	s.mu.Unlock()
+	if fault != nil && fault(w, r) {
+		return
+	}
+	if r.Header.Get("Metadata") != "true" {
+		http.Error(w, `{"error":"Bad request. Required metadata header not specified"}`, http.StatusBadRequest)
+		return
+	}
+	switch {
+	case r.URL.Path == "/metadata/instance/compute/name":
+		s.mu.Lock()
+		name := s.VMName
+		s.mu.Unlock()
+		fmt.Fprint(w, name)
+	case r.URL.Path == "/metadata/scheduledevents" && r.URL.Query().Get("api-version") != "":
+		if r.Method == http.MethodPost {
+			s.start(w, r)
+			return
+		}
+		s.mu.Lock()
+		doc := struct {
+			DocumentIncarnation int
+			Events              []AzureEvent
+		}{s.incarn, append([]AzureEvent{}, s.events...)}
+		s.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(doc)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (s *Azure) start(w http.ResponseWriter, r *http.Request) {
+	b, _ := io.ReadAll(io.LimitReader(r.Body, 1<<16))
+	var body struct {
+		StartRequests []struct{ EventId string }
+	}
+	if err := json.Unmarshal(b, &body); err != nil || len(body.StartRequests) == 0 {
+		http.Error(w, "bad StartRequests", http.StatusBadRequest)
+		return
+	}
+	s.mu.Lock()
+	onAck := s.onAck
+	for _, sr := range body.StartRequests {
+		s.acks = append(s.acks, sr.EventId)
+		kept := s.events[:0]
+		for _, e := range s.events {
+			if e.EventId != sr.EventId {
+				kept = append(kept, e)
+			}
+		}
+		s.events = kept
+		s.incarn++
+	}
+	s.mu.Unlock()
+	if onAck != nil {
+		for _, sr := range body.StartRequests {
+			onAck(sr.EventId)
+		}
+	}
+}
