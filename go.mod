@@ -11,4 +11,8 @@ require (
 	golang.org/x/sys v0.46.0
 )
 
-require github.com/aws/smithy-go v1.28.9 // indirect
+require (
+	github.com/NVIDIA/go-nvml v0.13.4-1 // indirect
+	github.com/aws/smithy-go v1.28.9 // indirect
+	github.com/google/uuid v1.6.0 // indirect
+)

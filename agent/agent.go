@@ -36,7 +36,10 @@ type Deps struct {
 	Trainer  Trainer
 	Acker    Acker
 	Steps    []Step
-	Logger   *slog.Logger
+	// GPUs, if set, is snapshotted into the notice and status, and watched
+	// for critical XID events.
+	GPUs   GPUs
+	Logger *slog.Logger
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 	// Provider names the notice source for status.
@@ -65,7 +68,11 @@ type Agent struct {
 	emDone    chan struct{}
 	lastSig   *SignalReport
 	watchErrs map[string]string
+	xids      []XIDEvent
 }
+
+// maxXIDs is how many recent XID events status keeps.
+const maxXIDs = 16
 
 type tracked struct {
 	n     Notice
@@ -135,6 +142,15 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.mu.Unlock()
 			}
 		})
+	}
+	if a.deps.GPUs != nil {
+		xids := make(chan XIDEvent, 8)
+		wg.Go(func() {
+			if err := a.deps.GPUs.WatchXID(ctx, xids); err != nil && !errors.Is(err, context.Canceled) {
+				a.log.Warn("GPU event watch stopped", "err", err)
+			}
+		})
+		wg.Go(func() { a.recordXIDs(ctx, xids) })
 	}
 	defer wg.Wait()
 
@@ -325,7 +341,34 @@ func (a *Agent) publishFile() {
 		}
 		return
 	}
-	if err := writeNoticeFile(a.cfg.RunDir, n, class, a.now()); err != nil {
+	a.mu.Lock()
+	var gpus *GPUSnapshot
+	if a.emergency != nil {
+		gpus = a.emergency.GPUs
+	}
+	a.mu.Unlock()
+	if err := writeNoticeFile(a.cfg.RunDir, n, class, gpus, a.now()); err != nil {
 		a.log.Error("write notice file", "err", err)
+	}
+}
+
+func (a *Agent) recordXIDs(ctx context.Context, xids <-chan XIDEvent) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case x := <-xids:
+			level := slog.LevelWarn
+			if x.Hardware {
+				level = slog.LevelError
+			}
+			a.log.Log(ctx, level, "GPU XID event", "device", x.Device, "uuid", x.UUID, "xid", x.XID, "hardware", x.Hardware)
+			a.mu.Lock()
+			a.xids = append(a.xids, x)
+			if len(a.xids) > maxXIDs {
+				a.xids = a.xids[len(a.xids)-maxXIDs:]
+			}
+			a.mu.Unlock()
+		}
 	}
 }

@@ -325,3 +325,37 @@ func TestHookBoundedByDeadline(t *testing.T) {
 		t.Fatalf("reports = %+v, want the first hook cut by the deadline and the second not run", reps)
 	}
 }
+
+// fakeGPUs reports one GPU held by PID 77 and emits one XID event.
+type fakeGPUs struct{}
+
+func (fakeGPUs) Snapshot(context.Context) GPUSnapshot {
+	return GPUSnapshot{Available: true, Driver: "550", Devices: []GPUDevice{{Index: 0, Name: "H100",
+		Processes: []GPUProcess{{PID: 77}}}}, TakenAt: time.Now()}
+}
+
+func (fakeGPUs) WatchXID(ctx context.Context, out chan<- XIDEvent) error {
+	out <- XIDEvent{Device: 0, XID: 79, Hardware: true, At: time.Now()}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestGPUSnapshotInNoticeAndStatus: the snapshot taken after the signal is
+// in notice.json and the emergency report; XID events reach the status.
+func TestGPUSnapshotInNoticeAndStatus(t *testing.T) {
+	dir := t.TempDir()
+	a := New(Config{RunDir: dir, Signal: "SIGTERM"}, Deps{Trainer: &fakeTrainer{}, GPUs: fakeGPUs{}})
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go a.Run(ctx)
+	a.Inject(Notice{Provider: "local", Kind: KindTerminate, ID: "g", Deadline: time.Now().Add(time.Minute)})
+	<-a.EmergencyDone()
+	f, ok := readNotice(t, dir)
+	if !ok || f.GPUs == nil || len(f.GPUs.Devices) != 1 || f.GPUs.GPUPIDs()[0] != 77 {
+		t.Fatalf("notice.json gpus = %+v", f.GPUs)
+	}
+	st := a.Status()
+	if st.Emergency.GPUs == nil || len(st.XIDs) != 1 || st.XIDs[0].XID != 79 {
+		t.Fatalf("status: gpus %+v, xids %+v", st.Emergency.GPUs, st.XIDs)
+	}
+}

@@ -36,7 +36,12 @@ const maxNoticeWait = 10 * time.Minute
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, a.Status())
+		st := a.Status()
+		if a.deps.GPUs != nil {
+			snap := a.deps.GPUs.Snapshot(r.Context())
+			st.GPUs = &snap
+		}
+		writeJSON(w, http.StatusOK, st)
 	})
 	mux.HandleFunc("GET /v1/notice", a.serveNotice)
 	mux.HandleFunc("POST /v1/simulate", a.serveSimulate)

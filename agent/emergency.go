@@ -16,8 +16,10 @@ type EmergencyReport struct {
 	Steps     []StepReport  `json:"steps"`
 	Trainer   *ExitReport   `json:"trainer,omitempty"`
 	Hooks     []HookReport  `json:"hooks,omitempty"`
-	Acked     bool          `json:"acked,omitempty"`
-	AckError  string        `json:"ack_error,omitempty"`
+	// GPUs is the snapshot taken right after the trainer was signalled.
+	GPUs     *GPUSnapshot `json:"gpus,omitempty"`
+	Acked    bool         `json:"acked,omitempty"`
+	AckError string       `json:"ack_error,omitempty"`
 	// FinishedAt is zero while the path runs.
 	FinishedAt time.Time `json:"finished_at,omitzero"`
 	// Outcome is "running", "completed", or "deadline" when the deadline cut it.
@@ -71,6 +73,11 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 		sig, err = a.deps.Trainer.Signal(ctx, a.cfg.Signal)
 		a.recordSignal(sig, err)
 		a.update(func(r *EmergencyReport) { s := sig; r.Signal = &s })
+	}
+	if a.deps.GPUs != nil {
+		snap := a.deps.GPUs.Snapshot(ctx)
+		a.update(func(r *EmergencyReport) { r.GPUs = &snap })
+		a.publishFile()
 	}
 
 	// 2. Hooks and the trainer's exit run alongside the steps.

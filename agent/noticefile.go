@@ -26,6 +26,8 @@ type NoticeFile struct {
 	// SecondsLeft is measured when the file was written; -1 without a deadline.
 	SecondsLeft float64   `json:"seconds_left"`
 	WrittenAt   time.Time `json:"written_at"`
+	// GPUs is the snapshot taken when the trainer was signalled.
+	GPUs *GPUSnapshot `json:"gpus,omitempty"`
 }
 
 func noticePath(runDir string) string { return filepath.Join(runDir, NoticeFileName) }
@@ -45,8 +47,10 @@ func NewNoticeFile(n Notice, class Class, now time.Time) NoticeFile {
 
 // writeNoticeFile writes notice.json atomically: a temporary file in the same
 // folder, synced, then renamed over the old one, so a reader never sees half.
-func writeNoticeFile(runDir string, n Notice, class Class, now time.Time) error {
-	b, err := json.MarshalIndent(NewNoticeFile(n, class, now), "", "  ")
+func writeNoticeFile(runDir string, n Notice, class Class, gpus *GPUSnapshot, now time.Time) error {
+	f := NewNoticeFile(n, class, now)
+	f.GPUs = gpus
+	b, err := json.MarshalIndent(f, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode notice: %w", err)
 	}

@@ -16,6 +16,10 @@ type Status struct {
 	// LastSignal is the last signal sent to the trainer, advisory or fatal.
 	LastSignal    *SignalReport     `json:"last_signal,omitempty"`
 	WatcherErrors map[string]string `json:"watcher_errors,omitempty"`
+	// GPUs is read when the status is asked for; XIDs are the recent
+	// critical GPU events.
+	GPUs *GPUSnapshot `json:"gpus,omitempty"`
+	XIDs []XIDEvent   `json:"xid_events,omitempty"`
 }
 
 // NoticeStatus is an active notice and how it is handled.
@@ -61,6 +65,7 @@ func (a *Agent) Status() Status {
 		sig := *a.lastSig
 		s.LastSignal = &sig
 	}
+	s.XIDs = append([]XIDEvent(nil), a.xids...)
 	if len(a.watchErrs) > 0 {
 		s.WatcherErrors = map[string]string{}
 		for k, v := range a.watchErrs {

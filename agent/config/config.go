@@ -96,7 +96,13 @@ type Trainer struct {
 	Match   string `yaml:"match"`
 	Unit    string `yaml:"unit"`
 	// Group signals each target's whole process group.
-	Group           bool     `yaml:"group"`
+	Group bool `yaml:"group"`
+	// GPUProcesses makes the processes NVML reports on the GPUs targets
+	// (torchrun's workers, directly).
+	GPUProcesses bool `yaml:"gpu_processes"`
+	// WaitGPURelease makes the emergency path wait until the processes that
+	// held the GPUs when the trainer was signalled have let go.
+	WaitGPURelease  bool     `yaml:"wait_gpu_release"`
 	Signal          string   `yaml:"signal"`
 	RebalanceSignal string   `yaml:"rebalance_signal"`
 	KillAfter       Duration `yaml:"kill_after"`

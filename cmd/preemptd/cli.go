@@ -70,6 +70,7 @@ Commands:
   status     show the running daemon's state
   simulate   make the running daemon act on a simulated notice
   detect     say which cloud this machine is on, and why
+  gpu        show the GPUs, their health and the processes on them (NVML)
   version    print the version
 
 Every command takes --config FILE (default $PREEMPTD_CONFIG, then
@@ -95,6 +96,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return cmdSimulate(ctx, rest, getenv, stdout, stderr)
 	case "detect":
 		return cmdDetect(ctx, rest, getenv, stdout, stderr)
+	case "gpu":
+		return cmdGPU(ctx, rest, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "preemptd", buildVersion())
 		return nil
@@ -252,6 +255,16 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 		} else {
 			fmt.Fprintf(tw, "last signal:\t%s to %v at %s\n", s.Signal, s.PIDs, s.At.Format(time.RFC3339Nano))
 		}
+	}
+	if g := st.GPUs; g != nil {
+		if g.Available {
+			fmt.Fprintf(tw, "gpus:\t%d, %d process(es) on them\n", len(g.Devices), len(g.GPUPIDs()))
+		} else {
+			fmt.Fprintf(tw, "gpus:\tnone (%s)\n", g.Reason)
+		}
+	}
+	for _, x := range st.XIDs {
+		fmt.Fprintf(tw, "xid:\t%d on GPU %d at %s (hardware %v)\n", x.XID, x.Device, x.At.Format(time.RFC3339), x.Hardware)
 	}
 	if e := st.Emergency; e != nil {
 		fmt.Fprintf(tw, "emergency:\t%s (%s %s, deadline %s)\n", e.Outcome, e.Notice.Provider, e.Notice.Kind, e.Deadline.Format(time.RFC3339))

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/agent/gpu"
 	"github.com/preemptd/preemptd/agent/trainer"
 	"github.com/preemptd/preemptd/providers"
 	"github.com/preemptd/preemptd/systemd"
@@ -46,9 +47,19 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		return usageError{err}
 	}
 
+	gpus := gpu.Open(log)
+	defer gpus.Close()
+	var extra trainer.Extra
+	if cfg.Trainer.GPUProcesses {
+		extra = gpus
+	}
+	var steps []agent.Step
+	if cfg.Trainer.WaitGPURelease {
+		steps = append(steps, gpu.ReleaseStep{R: gpus})
+	}
 	tr, err := trainer.New(trainer.Config{
 		PIDFile: cfg.Trainer.PIDFile, Match: cfg.Trainer.Match, Unit: cfg.Trainer.Unit, Group: cfg.Trainer.Group,
-	}, nil, log.With("part", "trainer"))
+	}, extra, log.With("part", "trainer"))
 	if err != nil {
 		return usageError{err}
 	}
@@ -67,6 +78,8 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		Watchers: []agent.Watcher{watcher},
 		Trainer:  tr,
 		Acker:    acker,
+		Steps:    steps,
+		GPUs:     gpus,
 		Logger:   log,
 		Provider: det.Provider,
 		Version:  buildVersion(),

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -166,5 +167,28 @@ hooks: {on_notice: ["env | grep ^PREEMPTD_ > %s"]}
 	b, err := os.ReadFile(hookOut)
 	if err != nil || !strings.Contains(string(b), "PREEMPTD_KIND=terminate") || !strings.Contains(string(b), "PREEMPTD_SECONDS_LEFT=") {
 		t.Fatalf("hook output: %v\n%s", err, b)
+	}
+}
+
+// TestGPUCommand: `preemptd gpu --json` on a machine without an NVIDIA
+// driver says so and exits 0.
+func TestGPUCommand(t *testing.T) {
+	out, code := runCLI(t, "gpu", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	var s agent.GPUSnapshot
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	if s.Available {
+		t.Skipf("this machine has %d GPUs; the no-driver statement cannot be checked here", len(s.Devices))
+	}
+	if !strings.Contains(s.Reason, "no NVIDIA driver") {
+		t.Fatalf("reason = %q", s.Reason)
+	}
+	out, code = runCLI(t, "gpu")
+	if code != 0 || !strings.HasPrefix(out, "no GPU information: no NVIDIA driver") {
+		t.Fatalf("exit %d\n%s", code, out)
 	}
 }
