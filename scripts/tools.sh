@@ -5,6 +5,7 @@
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
 
@@ -23,4 +24,5 @@ install() {
 }
 
 install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
+install minio "$MINIO_VERSION" github.com/minio/minio  # about 3 minutes to build the first time
 echo "$cache"

@@ -1,0 +1,412 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// ErrChanged is returned when a checkpoint's files changed while it was
+// being uploaded: it is not committed.
+var ErrChanged = errors.New("checkpoint changed during upload")
+
+// Latest is the run's pointer to its newest committed checkpoint.
+type Latest struct {
+	Name        string    `json:"name"`
+	Step        int64     `json:"step"`
+	CommittedAt time.Time `json:"committed_at"`
+}
+
+// Store keys of a run.
+func runKey(run, name string) string { return run + "/" + name }
+func latestKey(run string) string    { return run + "/latest" }
+
+// Committer uploads checkpoints of one run with the commit protocol.
+type Committer struct {
+	Store    storage.Store
+	Run      string
+	Instance string
+	// Keep is how many committed checkpoints to keep (0: all).
+	Keep int
+	Log  *slog.Logger
+	// Parallel is how many files upload at once (each itself in parallel parts).
+	Parallel int
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+
+	mu sync.Mutex // one commit at a time
+	// throughput is the last measured upload rate, bytes per second.
+	throughput float64
+}
+
+// Result says what a commit did.
+type Result struct {
+	Manifest Manifest
+	Took     time.Duration
+}
+
+func (c *Committer) now() time.Time {
+	if c.Now != nil {
+		return c.Now()
+	}
+	return time.Now()
+}
+
+func (c *Committer) log() *slog.Logger {
+	if c.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return c.Log
+}
+
+// Throughput is the last measured upload rate in bytes per second (0 before
+// any upload).
+func (c *Committer) Throughput() float64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.throughput
+}
+
+// Commit makes ck durable: it hashes every file, reuses by server-side copy
+// what an earlier committed checkpoint of the run already holds unchanged,
+// uploads the data, then the markers, checks that nothing changed on disk,
+// writes the manifest and last moves the run's latest pointer.
+func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	start := c.now()
+	if err := safeName(ck.Name); err != nil {
+		return Result{}, err
+	}
+	m := Manifest{Version: ManifestVersion, Run: c.Run, Name: ck.Name, Layout: ck.Layout, Step: ck.Step,
+		Markers: ck.Markers, Instance: c.Instance, WrittenAt: ck.ModTime.UTC()}
+	for _, f := range ck.Files {
+		sum, n, err := hashFile(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+		if err != nil {
+			return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
+		}
+		if n != f.Size {
+			return Result{}, fmt.Errorf("checkpoint %s: %s: %w", ck.Name, f.Path, ErrChanged)
+		}
+		m.Files = append(m.Files, ManifestFile{Path: f.Path, Size: n, SHA256: sum})
+		m.Bytes += n
+	}
+	reuse := c.reusable(ctx, ck.Name)
+
+	// Data first, in parallel; markers after every data file is there.
+	var data, markers []int
+	for i, f := range m.Files {
+		if slices.Contains(ck.Markers, f.Path) {
+			markers = append(markers, i)
+		} else {
+			data = append(data, i)
+		}
+	}
+	var sent int64
+	var sentMu sync.Mutex
+	put := func(ctx context.Context, i int) error {
+		f := &m.Files[i]
+		key := runKey(c.Run, ck.Name) + "/" + f.Path
+		if src, ok := reuse[f.SHA256+"/"+fmt.Sprint(f.Size)]; ok {
+			if err := c.Store.Copy(ctx, key, src); err == nil {
+				f.Reused = true
+				return nil
+			}
+		}
+		if err := c.Store.PutFile(ctx, key, filepath.Join(ck.Root, filepath.FromSlash(f.Path))); err != nil {
+			return err
+		}
+		sentMu.Lock()
+		sent += f.Size
+		sentMu.Unlock()
+		return nil
+	}
+	if err := c.each(ctx, data, put); err != nil {
+		return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
+	}
+	if err := c.each(ctx, markers, put); err != nil {
+		return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
+	}
+	if err := unchanged(ck); err != nil {
+		return Result{}, err
+	}
+	m.SentBytes = sent
+	m.CommittedAt = c.now().UTC()
+	b, _ := json.MarshalIndent(m, "", "  ")
+	if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+ManifestName, b); err != nil {
+		return Result{}, fmt.Errorf("checkpoint %s: manifest: %w", ck.Name, err)
+	}
+	lb, _ := json.Marshal(Latest{Name: ck.Name, Step: ck.Step, CommittedAt: m.CommittedAt})
+	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
+		return Result{}, fmt.Errorf("checkpoint %s: latest: %w", ck.Name, err)
+	}
+	took := c.now().Sub(start)
+	if sent > 0 && took > 0 {
+		c.throughput = float64(sent) / took.Seconds()
+	}
+	c.log().Info("checkpoint committed", "name", ck.Name, "step", ck.Step, "bytes", m.Bytes, "sent", sent,
+		"took", took.Round(time.Millisecond).String(), "store", c.Store.String())
+	if c.Keep > 0 {
+		if err := c.prune(ctx, ck.Name); err != nil {
+			c.log().Warn("pruning old checkpoints", "err", err)
+		}
+	}
+	return Result{Manifest: m, Took: took}, nil
+}
+
+// each runs f over idx with at most Parallel at once; the first error
+// cancels the rest.
+func (c *Committer) each(ctx context.Context, idx []int, f func(context.Context, int) error) error {
+	n := c.Parallel
+	if n <= 0 {
+		n = 4
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sem := make(chan struct{}, n)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	for _, i := range idx {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := f(ctx, i); err != nil {
+				once.Do(func() { first = err; cancel() })
+			}
+		})
+	}
+	wg.Wait()
+	if first == nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return first
+}
+
+// unchanged re-reads the files' sizes and times: a checkpoint rewritten
+// while it was uploading is not committed.
+func unchanged(ck Checkpoint) error {
+	for _, f := range ck.Files {
+		st, err := os.Stat(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+		if err != nil || st.Size() != f.Size || !st.ModTime().Equal(f.ModTime) {
+			return fmt.Errorf("checkpoint %s: %s: %w", ck.Name, f.Path, ErrChanged)
+		}
+	}
+	return nil
+}
+
+// reusable maps "sha256/size" to the key of a file in the newest committed
+// checkpoint of the run, for server-side copies.
+func (c *Committer) reusable(ctx context.Context, name string) map[string]string {
+	out := map[string]string{}
+	l, err := c.latest(ctx)
+	if err != nil || l.Name == name {
+		return out
+	}
+	m, err := c.manifest(ctx, l.Name)
+	if err != nil {
+		return out
+	}
+	for _, f := range m.Files {
+		out[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + f.Path
+	}
+	return out
+}
+
+func (c *Committer) latest(ctx context.Context) (Latest, error) {
+	var buf bytes.Buffer
+	if err := c.Store.Get(ctx, latestKey(c.Run), &buf); err != nil {
+		return Latest{}, err
+	}
+	var l Latest
+	if err := json.Unmarshal(buf.Bytes(), &l); err != nil {
+		return Latest{}, fmt.Errorf("latest pointer: %w", err)
+	}
+	if err := safeName(l.Name); err != nil {
+		return Latest{}, fmt.Errorf("latest pointer: %w", err)
+	}
+	return l, nil
+}
+
+func (c *Committer) manifest(ctx context.Context, name string) (Manifest, error) {
+	if err := safeName(name); err != nil {
+		return Manifest{}, err
+	}
+	var buf bytes.Buffer
+	if err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+ManifestName, &buf); err != nil {
+		return Manifest{}, err
+	}
+	return ParseManifest(buf.Bytes())
+}
+
+// List returns the run's committed checkpoints (valid manifests), oldest
+// commit first, and the latest pointer's name.
+func (c *Committer) List(ctx context.Context) ([]Manifest, string, error) {
+	objs, err := c.Store.List(ctx, c.Run)
+	if err != nil {
+		return nil, "", err
+	}
+	var out []Manifest
+	for _, o := range objs {
+		rest := strings.TrimPrefix(o.Key, c.Run+"/")
+		name, file, ok := strings.Cut(rest, "/")
+		if !ok || file != ManifestName {
+			continue
+		}
+		m, err := c.manifest(ctx, name)
+		if err != nil {
+			c.log().Warn("ignoring checkpoint with a bad manifest", "name", name, "err", err)
+			continue
+		}
+		out = append(out, m)
+	}
+	slices.SortFunc(out, func(a, b Manifest) int { return a.CommittedAt.Compare(b.CommittedAt) })
+	l, err := c.latest(ctx)
+	if err != nil && !errors.Is(err, storage.ErrNotFound) {
+		return out, "", err
+	}
+	return out, l.Name, nil
+}
+
+// prune deletes committed checkpoints beyond Keep, oldest first, never the
+// latest; the manifest goes first so that a half-pruned one no longer exists.
+func (c *Committer) prune(ctx context.Context, latest string) error {
+	ms, _, err := c.List(ctx)
+	if err != nil {
+		return err
+	}
+	excess := len(ms) - c.Keep
+	for _, m := range ms {
+		if excess <= 0 {
+			break
+		}
+		if m.Name == latest {
+			continue
+		}
+		prefix := runKey(c.Run, m.Name)
+		if err := c.Store.Delete(ctx, prefix+"/"+ManifestName); err != nil {
+			return err
+		}
+		objs, err := c.Store.List(ctx, prefix)
+		if err != nil {
+			return err
+		}
+		keys := make([]string, 0, len(objs))
+		for _, o := range objs {
+			keys = append(keys, o.Key)
+		}
+		if err := c.Store.Delete(ctx, keys...); err != nil {
+			return err
+		}
+		c.log().Info("pruned checkpoint", "name", m.Name)
+		excess--
+	}
+	return nil
+}
+
+// Restore downloads the latest committed checkpoint (or the one named) into
+// dir: every file is written under a temporary folder beside dir and checked
+// against its SHA-256, then moved into place. It returns the manifest and
+// the restored checkpoint's path.
+func (c *Committer) Restore(ctx context.Context, dir, name string) (Manifest, string, error) {
+	if name == "" {
+		l, err := c.latest(ctx)
+		if errors.Is(err, storage.ErrNotFound) {
+			return Manifest{}, "", fmt.Errorf("run %q has no committed checkpoint", c.Run)
+		}
+		if err != nil {
+			return Manifest{}, "", err
+		}
+		name = l.Name
+	}
+	m, err := c.manifest(ctx, name)
+	if errors.Is(err, storage.ErrNotFound) {
+		return m, "", fmt.Errorf("checkpoint %q of run %q is not committed (no manifest)", name, c.Run)
+	}
+	if err != nil {
+		return m, "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return m, "", err
+	}
+	tmp, err := os.MkdirTemp(dir, ".preemptd-restore-")
+	if err != nil {
+		return m, "", err
+	}
+	defer os.RemoveAll(tmp)
+	for _, f := range m.Files {
+		if err := c.fetch(ctx, m, f, tmp); err != nil {
+			return m, "", err
+		}
+	}
+	// Move each top-level entry into place; refuse to overwrite.
+	tops := map[string]bool{}
+	for _, f := range m.Files {
+		top, _, _ := strings.Cut(f.Path, "/")
+		tops[top] = true
+	}
+	for top := range tops {
+		if _, err := os.Lstat(filepath.Join(dir, top)); err == nil {
+			if top == "latest" || top == "latest_checkpointed_iteration.txt" {
+				continue // a framework's pointer: replaced below
+			}
+			return m, "", fmt.Errorf("restore: %s already exists; restore into an empty folder", filepath.Join(dir, top))
+		}
+	}
+	for top := range tops {
+		if err := os.Rename(filepath.Join(tmp, top), filepath.Join(dir, top)); err != nil {
+			return m, "", fmt.Errorf("restore: %w", err)
+		}
+	}
+	return m, filepath.Join(dir, m.Name), nil
+}
+
+func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp string) error {
+	if err := SafePath(f.Path); err != nil {
+		return err
+	}
+	dst := filepath.Join(tmp, filepath.FromSlash(f.Path))
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	h := newHashWriter(out)
+	err = c.Store.Get(ctx, runKey(c.Run, m.Name)+"/"+f.Path, h)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("restore %s: %w", f.Path, err)
+	}
+	if h.n != f.Size || h.sum() != f.SHA256 {
+		return fmt.Errorf("restore %s: checksum mismatch (got %d bytes sha256 %s, manifest says %d bytes %s)",
+			f.Path, h.n, h.sum(), f.Size, f.SHA256)
+	}
+	return nil
+}
+
+// Cleanup aborts the run's interrupted uploads (a crash mid-upload).
+func (c *Committer) Cleanup(ctx context.Context) (int, error) {
+	return c.Store.AbortIncomplete(ctx, c.Run)
+}
+

@@ -1,0 +1,233 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/test/peers"
+)
+
+// stores runs f against a directory store and a real MinIO.
+func stores(t *testing.T, f func(t *testing.T, st storage.Store)) {
+	t.Run("dir", func(t *testing.T) {
+		st, err := storage.NewDir(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(t, st)
+	})
+	t.Run("minio", func(t *testing.T) {
+		s3 := peers.StartMinIO(t)
+		s3.SetEnv(t)
+		st, err := storage.Open("s3://"+s3.Bucket+"/runs", storage.Options{Endpoint: s3.Endpoint, Region: "us-east-1",
+			PartSize: 5 << 20, Threads: 4})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(t, st)
+	})
+}
+
+func randomFile(t *testing.T, p string, n int) {
+	t.Helper()
+	b := make([]byte, n)
+	rand.Read(b)
+	os.MkdirAll(filepath.Dir(p), 0o755)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func scanOne(t *testing.T, root, name string) Checkpoint {
+	t.Helper()
+	cks, err := Scan(root, LayoutDCP, 0, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cks {
+		if c.Name == name {
+			return c
+		}
+	}
+	t.Fatalf("%s not complete in %s", name, root)
+	return Checkpoint{}
+}
+
+// dcp writes a DCP-layout checkpoint: shards, then .metadata last.
+func dcp(t *testing.T, root, name string, shards map[string]int) {
+	t.Helper()
+	for shard, size := range shards {
+		randomFile(t, filepath.Join(root, name, shard), size)
+	}
+	randomFile(t, filepath.Join(root, name, ".metadata"), 512)
+}
+
+func sumTree(t *testing.T, dir string) map[string][32]byte {
+	t.Helper()
+	out := map[string][32]byte{}
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rel, _ := filepath.Rel(dir, p)
+		out[rel] = sha256.Sum256(b)
+		return nil
+	})
+	return out
+}
+
+func TestCommitRestoreIncrementalPrune(t *testing.T) {
+	stores(t, func(t *testing.T, st storage.Store) {
+		ctx := t.Context()
+		root := t.TempDir()
+		c := &Committer{Store: st, Run: "run-1", Instance: "i-1", Keep: 2}
+
+		dcp(t, root, "step-100", map[string]int{"__0_0.distcp": 12 << 20, "__1_0.distcp": 3 << 20})
+		r1, err := c.Commit(ctx, scanOne(t, root, "step-100"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r1.Manifest.SentBytes != r1.Manifest.Bytes || r1.Manifest.Step != 100 {
+			t.Fatalf("first commit manifest = %+v", r1.Manifest)
+		}
+
+		// step-200 shares one shard byte for byte: it is copied, not sent.
+		os.MkdirAll(filepath.Join(root, "step-200"), 0o755)
+		b, _ := os.ReadFile(filepath.Join(root, "step-100", "__1_0.distcp"))
+		os.WriteFile(filepath.Join(root, "step-200", "__1_0.distcp"), b, 0o644)
+		dcp(t, root, "step-200", map[string]int{"__0_0.distcp": 12 << 20})
+		r2, err := c.Commit(ctx, scanOne(t, root, "step-200"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		reused := 0
+		for _, f := range r2.Manifest.Files {
+			if f.Reused {
+				reused++
+				if f.Path != "step-200/__1_0.distcp" {
+					t.Fatalf("reused %s", f.Path)
+				}
+			}
+		}
+		if reused != 1 || r2.Manifest.SentBytes != r2.Manifest.Bytes-3<<20 {
+			t.Fatalf("incremental: reused %d, sent %d of %d", reused, r2.Manifest.SentBytes, r2.Manifest.Bytes)
+		}
+
+		dcp(t, root, "step-300", map[string]int{"__0_0.distcp": 1 << 20})
+		if _, err := c.Commit(ctx, scanOne(t, root, "step-300")); err != nil {
+			t.Fatal(err)
+		}
+		ms, latest, err := c.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ms) != 2 || ms[0].Name != "step-200" || latest != "step-300" {
+			t.Fatalf("after keep 2: %d manifests (first %s), latest %s", len(ms), ms[0].Name, latest)
+		}
+
+		// Restore the latest into an empty folder: byte for byte.
+		dst := filepath.Join(t.TempDir(), "restored")
+		m, p, err := c.Restore(ctx, dst, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Name != "step-300" || p != filepath.Join(dst, "step-300") {
+			t.Fatalf("restored %s at %s", m.Name, p)
+		}
+		want, got := sumTree(t, filepath.Join(root, "step-300")), sumTree(t, p)
+		if len(got) != len(want) {
+			t.Fatalf("restored %d files, want %d", len(got), len(want))
+		}
+		for k, v := range want {
+			if got[k] != v {
+				t.Fatalf("%s differs after restore", k)
+			}
+		}
+		// The reused file of step-200 restores too (it was copied server-side).
+		if _, p2, err := c.Restore(ctx, dst, "step-200"); err != nil || len(sumTree(t, p2)) != 3 {
+			t.Fatalf("restore step-200: %v", err)
+		}
+		if _, _, err := c.Restore(ctx, dst, "step-300"); err == nil || !strings.Contains(err.Error(), "already exists") {
+			t.Fatalf("restore over an existing folder: %v", err)
+		}
+		if _, _, err := c.Restore(ctx, dst, "step-100"); err == nil || !strings.Contains(err.Error(), "not committed") {
+			t.Fatalf("restore of a pruned checkpoint: %v", err)
+		}
+	})
+}
+
+// TestChangedDuringUploadNotCommitted: a checkpoint rewritten while it
+// uploads is refused, and latest keeps naming the previous one.
+func TestChangedDuringUploadNotCommitted(t *testing.T) {
+	stores(t, func(t *testing.T, st storage.Store) {
+		ctx := t.Context()
+		root := t.TempDir()
+		c := &Committer{Store: st, Run: "r"}
+		dcp(t, root, "step-1", map[string]int{"a": 1000})
+		if _, err := c.Commit(ctx, scanOne(t, root, "step-1")); err != nil {
+			t.Fatal(err)
+		}
+		dcp(t, root, "step-2", map[string]int{"a": 1000})
+		ck := scanOne(t, root, "step-2")
+		time.Sleep(10 * time.Millisecond)
+		randomFile(t, filepath.Join(root, "step-2", "a"), 1000) // same size, new bytes and mtime
+		if _, err := c.Commit(ctx, ck); !errors.Is(err, ErrChanged) {
+			t.Fatalf("Commit = %v, want ErrChanged", err)
+		}
+		if _, latest, _ := c.List(ctx); latest != "step-1" {
+			t.Fatalf("latest = %q, want step-1", latest)
+		}
+	})
+}
+
+// TestRestoreRefusesEscapeAndCorruption: a manifest naming a path outside
+// the target, and an object whose bytes do not match, are both refused.
+func TestRestoreRefusesEscapeAndCorruption(t *testing.T) {
+	storeDir := t.TempDir()
+	st, _ := storage.NewDir(storeDir)
+	ctx := context.Background()
+	c := &Committer{Store: st, Run: "r"}
+	evil := Manifest{Version: 1, Run: "r", Name: "evil", Bytes: 1, Files: []ManifestFile{{Path: "../../../tmp/pwned", Size: 1,
+		SHA256: strings.Repeat("a", 64)}}}
+	b, _ := json.Marshal(evil)
+	st.PutBytes(ctx, "r/evil/"+ManifestName, b)
+	if _, _, err := c.Restore(ctx, t.TempDir(), "evil"); err == nil || !strings.Contains(err.Error(), "escapes") {
+		t.Fatalf("escaping manifest: %v", err)
+	}
+
+	root := t.TempDir()
+	dcp(t, root, "step-1", map[string]int{"a": 4096})
+	if _, err := c.Commit(ctx, scanOne(t, root, "step-1")); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(storeDir, "r", "step-1", "step-1", "a"), bytes.Repeat([]byte{1}, 4096), 0o644)
+	dst := t.TempDir()
+	if _, _, err := c.Restore(ctx, dst, ""); err == nil || !strings.Contains(err.Error(), "checksum mismatch") {
+		t.Fatalf("corrupt object: %v", err)
+	}
+	if ents, _ := os.ReadDir(dst); len(ents) != 0 {
+		t.Fatalf("a failed restore left %d entries in the target", len(ents))
+	}
+}
+
+func TestRestoreNothingCommitted(t *testing.T) {
+	st, _ := storage.NewDir(t.TempDir())
+	c := &Committer{Store: st, Run: "empty"}
+	if _, _, err := c.Restore(t.Context(), t.TempDir(), ""); err == nil || !strings.Contains(err.Error(), "no committed checkpoint") {
+		t.Fatalf("Restore = %v", err)
+	}
+}

@@ -1,0 +1,141 @@
+package checkpoint
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// ManifestVersion is the manifest format written.
+const ManifestVersion = 1
+
+// ManifestName is the manifest's object name inside a checkpoint's prefix.
+const ManifestName = ".preemptd-manifest.json"
+
+// Manifest is written last: a checkpoint without a valid one does not exist
+// for restore.
+type Manifest struct {
+	Version int    `json:"version"`
+	Run     string `json:"run"`
+	Name    string `json:"name"`
+	Layout  string `json:"layout"`
+	Step    int64  `json:"step"`
+	// Files lists every file with its size and SHA-256; Reused marks a file
+	// copied server-side from an earlier checkpoint of the run.
+	Files []ManifestFile `json:"files"`
+	// Markers are the framework's completion markers among Files.
+	Markers     []string  `json:"markers,omitempty"`
+	Instance    string    `json:"instance,omitempty"`
+	WrittenAt   time.Time `json:"written_at"`
+	CommittedAt time.Time `json:"committed_at"`
+	Bytes       int64     `json:"bytes"`
+	// SentBytes is what was uploaded; the rest was reused.
+	SentBytes int64 `json:"sent_bytes"`
+}
+
+// ManifestFile is one file of a manifest.
+type ManifestFile struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+	Reused bool   `json:"reused,omitempty"`
+}
+
+// reserved names cannot be checkpoint names: they are the run's own keys.
+var reserved = []string{"latest", "_events", "logs"}
+
+// safeName checks a checkpoint name: one path element, not reserved.
+func safeName(n string) error {
+	if n == "" || n == "." || n == ".." || strings.ContainsAny(n, "/\\\x00") {
+		return fmt.Errorf("checkpoint name %q is not a single file or folder name", n)
+	}
+	for _, r := range reserved {
+		if n == r {
+			return fmt.Errorf("checkpoint name %q is reserved", n)
+		}
+	}
+	return nil
+}
+
+// SafePath checks that p is a relative, clean, slash-separated path that
+// stays inside its folder.
+func SafePath(p string) error {
+	if p == "" || strings.ContainsRune(p, 0) || strings.Contains(p, "\\") {
+		return fmt.Errorf("path %q is not a plain relative path", p)
+	}
+	if path.IsAbs(p) || filepath.IsAbs(p) {
+		return fmt.Errorf("path %q is absolute", p)
+	}
+	if c := path.Clean(p); c != p || c == "." || c == ".." || strings.HasPrefix(c, "../") {
+		return fmt.Errorf("path %q escapes its folder or is not clean", p)
+	}
+	return nil
+}
+
+// ParseManifest decodes and validates a manifest.
+func ParseManifest(b []byte) (Manifest, error) {
+	var m Manifest
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	if err := dec.Decode(&m); err != nil {
+		return m, fmt.Errorf("manifest: %w", err)
+	}
+	return m, m.Validate()
+}
+
+// Validate refuses a manifest restore must not trust.
+func (m Manifest) Validate() error {
+	if m.Version != ManifestVersion {
+		return fmt.Errorf("manifest: version %d, want %d", m.Version, ManifestVersion)
+	}
+	if err := safeName(m.Name); err != nil {
+		return fmt.Errorf("manifest: %w", err)
+	}
+	if len(m.Files) == 0 {
+		return errors.New("manifest: no files")
+	}
+	seen := map[string]bool{}
+	var total int64
+	for _, f := range m.Files {
+		if err := SafePath(f.Path); err != nil {
+			return fmt.Errorf("manifest: %w", err)
+		}
+		if seen[f.Path] {
+			return fmt.Errorf("manifest: %s listed twice", f.Path)
+		}
+		seen[f.Path] = true
+		if f.Size < 0 {
+			return fmt.Errorf("manifest: %s has a negative size", f.Path)
+		}
+		if b, err := hex.DecodeString(f.SHA256); err != nil || len(b) != sha256.Size {
+			return fmt.Errorf("manifest: %s has no valid sha256", f.Path)
+		}
+		total += f.Size
+	}
+	if total != m.Bytes {
+		return fmt.Errorf("manifest: files add up to %d bytes, manifest says %d", total, m.Bytes)
+	}
+	return nil
+}
+
+// hashFile returns the SHA-256 and size of a file.
+func hashFile(p string) (string, int64, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", 0, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}

@@ -1,0 +1,208 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// tmpPrefix marks files being written; AbortIncomplete removes them.
+const tmpPrefix = ".preemptd-tmp-"
+
+// Dir is a store in a local directory: every object is a file written to a
+// temporary name, synced and renamed into place.
+type Dir struct{ root string }
+
+// NewDir opens (and creates) the directory store at root.
+func NewDir(root string) (*Dir, error) {
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return nil, fmt.Errorf("storage: %w", err)
+	}
+	return &Dir{root: root}, nil
+}
+
+func (d *Dir) String() string { return "file://" + d.root }
+
+func (d *Dir) path(key string) (string, error) {
+	if err := checkKey(key); err != nil {
+		return "", err
+	}
+	return filepath.Join(d.root, filepath.FromSlash(key)), nil
+}
+
+// write streams r to key through a temporary file.
+func (d *Dir) write(ctx context.Context, key string, r io.Reader) error {
+	p, err := d.path(key)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(p), tmpPrefix+"*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = io.Copy(tmp, ctxReader{ctx, r})
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("storage: write %s: %w", key, err)
+	}
+	if err := os.Rename(tmp.Name(), p); err != nil {
+		return fmt.Errorf("storage: write %s: %w", key, err)
+	}
+	return nil
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+// PutFile implements Store.
+func (d *Dir) PutFile(ctx context.Context, key, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return d.write(ctx, key, f)
+}
+
+// PutBytes implements Store.
+func (d *Dir) PutBytes(ctx context.Context, key string, b []byte) error {
+	return d.write(ctx, key, bytes.NewReader(b))
+}
+
+// Copy implements Store: a hard link where it can, else a copy.
+func (d *Dir) Copy(ctx context.Context, dst, src string) error {
+	sp, err := d.path(src)
+	if err != nil {
+		return err
+	}
+	dp, err := d.path(dst)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(dp), 0o755); err != nil {
+		return err
+	}
+	tmp := filepath.Join(filepath.Dir(dp), tmpPrefix+filepath.Base(dp))
+	os.Remove(tmp)
+	if err := os.Link(sp, tmp); err == nil {
+		return os.Rename(tmp, dp)
+	}
+	return d.PutFile(ctx, dst, sp)
+}
+
+// Get implements Store.
+func (d *Dir) Get(ctx context.Context, key string, w io.Writer) error {
+	p, err := d.path(key)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%s: %w", key, ErrNotFound)
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(w, ctxReader{ctx, f})
+	return err
+}
+
+// List implements Store.
+func (d *Dir) List(ctx context.Context, prefix string) ([]Object, error) {
+	base := d.root
+	if prefix != "" {
+		var err error
+		if base, err = d.path(strings.TrimSuffix(prefix, "/")); err != nil {
+			return nil, err
+		}
+	}
+	var out []Object
+	err := filepath.WalkDir(base, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if e.IsDir() || strings.HasPrefix(e.Name(), tmpPrefix) {
+			return ctx.Err()
+		}
+		info, err := e.Info()
+		if err != nil {
+			return nil
+		}
+		rel, _ := filepath.Rel(d.root, p)
+		out = append(out, Object{Key: filepath.ToSlash(rel), Size: info.Size()})
+		return nil
+	})
+	return out, err
+}
+
+// Delete implements Store.
+func (d *Dir) Delete(_ context.Context, keys ...string) error {
+	for _, k := range keys {
+		p, err := d.path(k)
+		if err != nil {
+			return err
+		}
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		// Tidy emptied folders up to the root.
+		for dir := filepath.Dir(p); dir != d.root && strings.HasPrefix(dir, d.root); dir = filepath.Dir(dir) {
+			if os.Remove(dir) != nil {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// AbortIncomplete implements Store: temporary files left by a crash.
+func (d *Dir) AbortIncomplete(_ context.Context, prefix string) (int, error) {
+	base := d.root
+	if prefix != "" {
+		var err error
+		if base, err = d.path(strings.TrimSuffix(prefix, "/")); err != nil {
+			return 0, err
+		}
+	}
+	n := 0
+	err := filepath.WalkDir(base, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return nil
+		}
+		if !e.IsDir() && strings.HasPrefix(e.Name(), tmpPrefix) {
+			if os.Remove(p) == nil {
+				n++
+			}
+		}
+		return nil
+	})
+	return n, err
+}

@@ -1,0 +1,349 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/preemptd/preemptd/agent"
+)
+
+// Syncer watches checkpoint.dir and keeps the newest complete checkpoint
+// committed in the background (continuous sync); its Emergency step makes
+// the one the trainer writes after the signal durable before the deadline.
+type Syncer struct {
+	Dir       string
+	Layout    string
+	Quiet     time.Duration
+	Committer *Committer
+	// Background enables continuous sync (checkpoint.sync).
+	Background bool
+	// Margin is kept free before the deadline after the estimated upload.
+	Margin time.Duration
+	Log    *slog.Logger
+
+	mu        sync.Mutex
+	seen      []Checkpoint      // complete ones, oldest first, from the last scan
+	committed map[string]string // name → signature committed
+	changed   chan struct{}     // closed and replaced after each scan
+	emergency bool
+	bgCancel  context.CancelFunc
+	bgDone    chan struct{}
+	kick      chan struct{}
+}
+
+func (s *Syncer) log() *slog.Logger {
+	if s.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return s.Log
+}
+
+func (s *Syncer) init() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.changed == nil {
+		s.changed = make(chan struct{})
+		s.committed = map[string]string{}
+		s.kick = make(chan struct{}, 1)
+	}
+}
+
+// Run watches until ctx ends: fsnotify on the folder and every folder below
+// it, and a rescan every half quiet period (which also serves when inotify
+// watches run out).
+func (s *Syncer) Run(ctx context.Context) error {
+	s.init()
+	if err := os.MkdirAll(s.Dir, 0o755); err != nil {
+		return fmt.Errorf("checkpoint.dir: %w", err)
+	}
+	if n, err := s.Committer.Cleanup(ctx); err != nil {
+		s.log().Warn("could not clean interrupted uploads", "err", err)
+	} else if n > 0 {
+		s.log().Info("aborted interrupted uploads left by an earlier run", "count", n)
+	}
+	s.loadCommitted(ctx)
+
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("checkpoint watch: %w", err)
+	}
+	defer w.Close()
+	s.addTree(w, s.Dir)
+	every := max(s.Quiet/2, 500*time.Millisecond)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	settle := time.NewTimer(0)
+	s.log().Info("watching checkpoints", "dir", s.Dir, "layout", s.Layout, "store", s.Committer.Store.String(),
+		"run", s.Committer.Run, "sync", s.Background)
+	for {
+		select {
+		case <-ctx.Done():
+			s.stopBackground()
+			return ctx.Err()
+		case ev, ok := <-w.Events:
+			if !ok {
+				return errors.New("checkpoint watch closed")
+			}
+			if ev.Has(fsnotify.Create) {
+				if st, err := os.Stat(ev.Name); err == nil && st.IsDir() {
+					s.addTree(w, ev.Name)
+				}
+			}
+			settle.Reset(100 * time.Millisecond)
+		case err := <-w.Errors:
+			s.log().Warn("checkpoint watch error; rescans continue", "err", err)
+		case <-settle.C:
+			s.scan(ctx)
+		case <-tick.C:
+			s.scan(ctx)
+		case <-s.kick:
+			s.scan(ctx)
+		}
+	}
+}
+
+var warnedWatches sync.Once
+
+func (s *Syncer) addTree(w *fsnotify.Watcher, dir string) {
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if err := w.Add(p); err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				warnedWatches.Do(func() {
+					s.log().Warn("inotify watches exhausted; relying on periodic rescans (raise fs.inotify.max_user_watches)")
+				})
+				return fs.SkipAll
+			}
+		}
+		return nil
+	})
+}
+
+// loadCommitted marks the checkpoints already committed (by an earlier run
+// of preemptd) whose files match what is on disk, so they are not sent again.
+func (s *Syncer) loadCommitted(ctx context.Context) {
+	ms, _, err := s.Committer.List(ctx)
+	if err != nil {
+		s.log().Warn("listing committed checkpoints", "err", err)
+		return
+	}
+	cks, err := Scan(s.Dir, s.Layout, s.Quiet, time.Now())
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, ck := range cks {
+		for _, m := range ms {
+			if m.Name == ck.Name && sameFiles(m, ck) {
+				s.committed[ck.Name] = ck.Signature()
+			}
+		}
+	}
+}
+
+func sameFiles(m Manifest, ck Checkpoint) bool {
+	if len(m.Files) != len(ck.Files) {
+		return false
+	}
+	for i, f := range ck.Files {
+		if m.Files[i].Path != f.Path || m.Files[i].Size != f.Size {
+			return false
+		}
+	}
+	return true
+}
+
+// scan looks for complete checkpoints and starts a background commit of
+// the newest when it is not committed yet.
+func (s *Syncer) scan(ctx context.Context) {
+	cks, err := Scan(s.Dir, s.Layout, s.Quiet, time.Now())
+	if err != nil {
+		s.log().Warn("scanning checkpoints", "err", err)
+		return
+	}
+	s.mu.Lock()
+	s.seen = cks
+	close(s.changed)
+	s.changed = make(chan struct{})
+	start := s.Background && !s.emergency && s.bgDone == nil && len(cks) > 0 &&
+		s.committed[cks[len(cks)-1].Name] != cks[len(cks)-1].Signature()
+	var ck Checkpoint
+	if start {
+		ck = cks[len(cks)-1]
+		bctx, cancel := context.WithCancel(ctx)
+		s.bgCancel, s.bgDone = cancel, make(chan struct{})
+		done := s.bgDone
+		s.mu.Unlock()
+		go func() {
+			defer close(done)
+			defer cancel()
+			s.commit(bctx, ck, "background")
+			s.mu.Lock()
+			s.bgDone, s.bgCancel = nil, nil
+			s.mu.Unlock()
+			select {
+			case s.kick <- struct{}{}: // a newer one may have come meanwhile
+			default:
+			}
+		}()
+		return
+	}
+	s.mu.Unlock()
+}
+
+func (s *Syncer) commit(ctx context.Context, ck Checkpoint, why string) error {
+	_, err := s.Committer.Commit(ctx, ck)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log().Error("checkpoint not committed", "name", ck.Name, "why", why, "err", err)
+		}
+		return err
+	}
+	s.mu.Lock()
+	s.committed[ck.Name] = ck.Signature()
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Syncer) stopBackground() {
+	s.mu.Lock()
+	cancel, done := s.bgCancel, s.bgDone
+	s.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+}
+
+// Emergency is the emergency path's checkpoint step.
+func (s *Syncer) Emergency() agent.Step { return emergencyStep{s} }
+
+type emergencyStep struct{ s *Syncer }
+
+func (emergencyStep) Name() string { return "checkpoint" }
+
+// Run waits for a checkpoint newer than those complete at the signal, until
+// the deadline less the estimated upload time and a margin; commits it ahead
+// of any background upload; or, failing that, makes sure the newest complete
+// one is committed. The error says why when the trainer's new checkpoint did
+// not become durable.
+func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
+	s := e.s
+	s.init()
+	s.mu.Lock()
+	s.emergency = true
+	before := map[string]string{}
+	var lastSize int64
+	for _, ck := range s.seen {
+		before[ck.Name] = ck.Signature()
+		lastSize = ck.Size()
+	}
+	s.mu.Unlock()
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(2 * time.Minute)
+	}
+	est := s.estimate(lastSize)
+	waitUntil := deadline.Add(-est - s.Margin)
+	s.log().Info("waiting for the trainer's checkpoint", "until", waitUntil, "estimated_upload", est.Round(time.Millisecond).String())
+
+	var fresh *Checkpoint
+	for fresh == nil {
+		s.mu.Lock()
+		for i := len(s.seen) - 1; i >= 0; i-- {
+			if sig, was := before[s.seen[i].Name]; !was || sig != s.seen[i].Signature() {
+				ck := s.seen[i]
+				fresh = &ck
+				break
+			}
+		}
+		changed := s.changed
+		s.mu.Unlock()
+		if fresh != nil {
+			break
+		}
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+		wait := time.Until(waitUntil)
+		if wait <= 0 {
+			break
+		}
+		select {
+		case <-changed:
+		case <-time.After(wait):
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil || !time.Now().Before(waitUntil) {
+			// one last look after the final scan
+			s.mu.Lock()
+			for i := len(s.seen) - 1; i >= 0; i-- {
+				if sig, was := before[s.seen[i].Name]; !was || sig != s.seen[i].Signature() {
+					ck := s.seen[i]
+					fresh = &ck
+					break
+				}
+			}
+			s.mu.Unlock()
+			break
+		}
+	}
+	if fresh != nil {
+		s.stopBackground() // the new checkpoint goes first
+		if err := s.commit(ctx, *fresh, "emergency"); err != nil {
+			return fmt.Errorf("new checkpoint %s not committed: %w; the previous committed checkpoint stays latest", fresh.Name, err)
+		}
+		return nil
+	}
+	// No new checkpoint: make sure the newest complete one is durable.
+	s.mu.Lock()
+	done := s.bgDone
+	var newest *Checkpoint
+	if n := len(s.seen); n > 0 {
+		ck := s.seen[n-1]
+		newest = &ck
+	}
+	s.mu.Unlock()
+	if done != nil {
+		select {
+		case <-done:
+		case <-ctx.Done():
+		}
+	}
+	if newest != nil {
+		s.mu.Lock()
+		committed := s.committed[newest.Name] == newest.Signature()
+		s.mu.Unlock()
+		if !committed {
+			if err := s.commit(ctx, *newest, "emergency"); err != nil {
+				return fmt.Errorf("no new checkpoint by %s, and %s not committed: %w", waitUntil.Format(time.RFC3339), newest.Name, err)
+			}
+		}
+	}
+	return fmt.Errorf("no new complete checkpoint by %s (deadline %s less %s estimated upload and %s margin); the newest committed checkpoint stays latest",
+		waitUntil.Format(time.RFC3339), deadline.Format(time.RFC3339), est.Round(time.Millisecond), s.Margin)
+}
+
+// estimate is the time to upload size bytes at the last measured rate
+// (100 MB/s before any measurement), with a fifth more for safety.
+func (s *Syncer) estimate(size int64) time.Duration {
+	rate := s.Committer.Throughput()
+	if rate <= 0 {
+		rate = 100e6
+	}
+	return time.Duration(float64(size) / rate * 1.2 * float64(time.Second))
+}

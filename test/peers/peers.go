@@ -1,0 +1,174 @@
+// Package peers finds and starts the real programs preemptd's tests run
+// against — amazon-ec2-metadata-mock and MinIO — installed at pinned
+// versions by scripts/tools.sh into a cache outside the clone.
+package peers
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+)
+
+// Pinned versions (scripts/tools.sh installs the same).
+const (
+	AEMMVersion  = "v1.13.0"
+	MinIOVersion = "v0.0.0-20260212201848-7aac2a2c5b7c"
+)
+
+// MinIO's test credentials.
+const (
+	MinIOUser     = "preemptd-test"
+	MinIOPassword = "preemptd-test-secret"
+)
+
+// Tool returns the cached binary name@version, or "" when not installed.
+func Tool(name, version string) string {
+	if p := os.Getenv("PREEMPTD_" + map[string]string{"ec2-metadata-mock": "AEMM", "minio": "MINIO"}[name]); p != "" {
+		return p
+	}
+	cache := os.Getenv("PREEMPTD_TOOLS")
+	if cache == "" {
+		base, err := os.UserCacheDir()
+		if err != nil {
+			return ""
+		}
+		cache = filepath.Join(base, "preemptd", "tools")
+	}
+	p := filepath.Join(cache, name+"-"+version, name)
+	if _, err := os.Stat(p); err != nil {
+		return ""
+	}
+	return p
+}
+
+// Require returns the tool's path; without it the test fails under CI and
+// is skipped elsewhere.
+func Require(t testing.TB, name, version string) string {
+	t.Helper()
+	p := Tool(name, version)
+	if p != "" {
+		return p
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s %s is not installed; `make tools` installs it (CI must run it)", name, version)
+	}
+	t.Skipf("%s not installed; run `make tools`", name)
+	return ""
+}
+
+// FreePort returns a free TCP port on 127.0.0.1.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// WaitListening waits until addr accepts connections.
+func WaitListening(t testing.TB, addr string, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not listening after %v", addr, d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// S3 is a running MinIO server with a bucket.
+type S3 struct {
+	Endpoint string // http://127.0.0.1:PORT
+	Bucket   string
+	Client   *minio.Client
+	Dir      string
+	cmd      *exec.Cmd
+	out      *bytes.Buffer
+}
+
+// Env returns the AWS credential variables for the server.
+func (s *S3) Env() []string {
+	return []string{"AWS_ACCESS_KEY_ID=" + MinIOUser, "AWS_SECRET_ACCESS_KEY=" + MinIOPassword, "AWS_REGION=us-east-1"}
+}
+
+// SetEnv sets the credentials in this process's environment for the test.
+func (s *S3) SetEnv(t *testing.T) {
+	t.Setenv("AWS_ACCESS_KEY_ID", MinIOUser)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", MinIOPassword)
+}
+
+// StartMinIO starts a MinIO server on 127.0.0.1 with a fresh bucket,
+// stopped at the test's end.
+func StartMinIO(t testing.TB) *S3 {
+	t.Helper()
+	bin := Require(t, "minio", MinIOVersion)
+	dir := t.TempDir()
+	port, console := FreePort(t), FreePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	cmd := exec.Command(bin, "server", "--quiet", "--address", addr, "--console-address",
+		fmt.Sprintf("127.0.0.1:%d", console), filepath.Join(dir, "data"))
+	cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+MinIOUser, "MINIO_ROOT_PASSWORD="+MinIOPassword,
+		"MINIO_BROWSER=off", "MINIO_UPDATE=off", "HOME="+dir)
+	out := &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir, cmd: cmd, out: out}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("minio output:\n%s", out)
+		}
+	})
+	WaitListening(t, addr, 30*time.Second)
+	c, err := minio.New(addr, &minio.Options{Creds: credentials.NewStaticV4(MinIOUser, MinIOPassword, ""), Region: "us-east-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Client = c
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		err = c.MakeBucket(ctx, s.Bucket, minio.MakeBucketOptions{})
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("make bucket: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond) // MinIO answers 503 while it initialises
+	}
+	return s
+}
+
+// IncompleteUploads counts the multipart uploads left in the bucket.
+func (s *S3) IncompleteUploads(t testing.TB) int {
+	t.Helper()
+	n := 0
+	for u := range s.Client.ListIncompleteUploads(context.Background(), s.Bucket, "", true) {
+		if u.Err != nil {
+			t.Fatal(u.Err)
+		}
+		n++
+	}
+	return n
+}
