@@ -47,6 +47,13 @@ type Config struct {
 	// ShutdownGrace is the deadline of the shutdown notice a SIGTERM makes.
 	ShutdownGrace Duration `yaml:"shutdown_grace"`
 
+	// RunID names the training run in the store; default from the
+	// environment (SKYPILOT_TASK_ID, TORCHELASTIC_RUN_ID, SLURM_JOB_ID),
+	// else the hostname.
+	RunID      string     `yaml:"run_id"`
+	Checkpoint Checkpoint `yaml:"checkpoint"`
+	Storage    Storage    `yaml:"storage"`
+
 	AWS     AWS     `yaml:"aws"`
 	GCP     GCP     `yaml:"gcp"`
 	Azure   Azure   `yaml:"azure"`
@@ -108,6 +115,33 @@ type Trainer struct {
 	KillAfter       Duration `yaml:"kill_after"`
 }
 
+// Checkpoint says where the trainer writes checkpoints and how to tell
+// when one is complete.
+type Checkpoint struct {
+	// Dir is watched for checkpoints; empty disables checkpoint handling.
+	Dir string `yaml:"dir"`
+	// Layout is auto, dcp, orbax, deepspeed, megatron, lightning, hf or files.
+	Layout string `yaml:"layout"`
+	// QuietPeriod is how long a checkpoint without a marker must go
+	// unwritten to count as complete.
+	QuietPeriod Duration `yaml:"quiet_period"`
+	// Sync uploads every complete checkpoint in the background.
+	Sync bool `yaml:"sync"`
+	// Keep is how many committed checkpoints the store keeps (0: all).
+	Keep int `yaml:"keep"`
+}
+
+// Storage is the object store for checkpoints.
+type Storage struct {
+	// URL is file:///dir, s3://bucket/prefix or gs://bucket/prefix; default
+	// file://<state_dir>/store.
+	URL      string `yaml:"url"`
+	Endpoint string `yaml:"endpoint"`
+	Region   string `yaml:"region"`
+	// Threads is how many parts of one file upload at once.
+	Threads int `yaml:"threads"`
+}
+
 // Hooks are commands run on every notice.
 type Hooks struct {
 	OnNotice []string `yaml:"on_notice"`
@@ -128,6 +162,8 @@ func Default() Config {
 		GCP:           GCP{PreemptWindow: Duration(30 * time.Second), MaintenanceWindow: Duration(time.Hour)},
 		Azure:         Azure{Endpoint: "http://169.254.169.254", Ack: true},
 		Trainer:       Trainer{Signal: "SIGTERM"},
+		Checkpoint:    Checkpoint{Layout: "auto", QuietPeriod: Duration(5 * time.Second), Sync: true, Keep: 3},
+		Storage:       Storage{Threads: 8},
 	}
 }
 
@@ -282,6 +318,9 @@ func setFromString(v reflect.Value, s string) error {
 
 var providers = []string{"auto", "aws", "gcp", "azure", "local"}
 
+// layouts mirrors checkpoint.Layouts (config does not import checkpoint).
+var layouts = []string{"auto", "dcp", "orbax", "deepspeed", "megatron", "lightning", "hf", "files"}
+
 // Validate checks the whole configuration, makes run_dir and state_dir
 // absolute, and returns every problem at once.
 func (c *Config) Validate() error {
@@ -362,6 +401,35 @@ func (c *Config) Validate() error {
 	if c.Trainer.KillAfter < 0 {
 		bad("trainer.kill_after", "must not be negative (0 never escalates)")
 	}
+	if !slices.Contains(layouts, c.Checkpoint.Layout) {
+		bad("checkpoint.layout", "%q is not one of %s", c.Checkpoint.Layout, strings.Join(layouts, ", "))
+	}
+	if c.Checkpoint.QuietPeriod < 0 {
+		bad("checkpoint.quiet_period", "must not be negative (default 5s)")
+	}
+	if c.Checkpoint.Keep < 0 {
+		bad("checkpoint.keep", "must not be negative (0 keeps every checkpoint)")
+	}
+	if c.Checkpoint.Dir != "" {
+		abs, err := filepath.Abs(c.Checkpoint.Dir)
+		if err != nil {
+			bad("checkpoint.dir", "%v", err)
+		}
+		c.Checkpoint.Dir = abs
+	}
+	if u := c.Storage.URL; u != "" {
+		pu, err := url.Parse(u)
+		if err != nil || (pu.Scheme != "file" && pu.Scheme != "s3" && pu.Scheme != "gs") {
+			bad("storage.url", "%q is not a URL like file:///var/lib/preemptd/store or s3://bucket/prefix", u)
+		}
+	}
+	checkURL("storage.endpoint", c.Storage.Endpoint, false)
+	if c.Storage.Threads < 1 || c.Storage.Threads > 64 {
+		bad("storage.threads", "%d is out of range; use 1 to 64 (default 8)", c.Storage.Threads)
+	}
+	if c.RunID != "" && (strings.ContainsAny(c.RunID, "/\\\x00") || c.RunID == "." || c.RunID == "..") {
+		bad("run_id", "%q must be one path element (no slashes)", c.RunID)
+	}
 	for i, h := range c.Hooks.OnNotice {
 		if strings.TrimSpace(h) == "" {
 			bad(fmt.Sprintf("hooks.on_notice[%d]", i), "is empty; remove it or give a command")
@@ -392,3 +460,29 @@ func (c *Config) TriggerFile() string {
 
 // Socket is the local API's socket path.
 func (c *Config) Socket() string { return filepath.Join(c.RunDir, "preemptd.sock") }
+
+// StorageURL is storage.url, or the embedded default under state_dir.
+func (c *Config) StorageURL() string {
+	if c.Storage.URL != "" {
+		return c.Storage.URL
+	}
+	return "file://" + filepath.Join(c.StateDir, "store")
+}
+
+// Run is run_id, else the first of SKYPILOT_TASK_ID, TORCHELASTIC_RUN_ID and
+// SLURM_JOB_ID set in the environment, else the hostname.
+func (c *Config) Run(getenv func(string) string) string {
+	if c.RunID != "" {
+		return c.RunID
+	}
+	for _, v := range []string{"SKYPILOT_TASK_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"} {
+		if s := strings.ReplaceAll(getenv(v), "/", "_"); s != "" && s != "." && s != ".." {
+			return s
+		}
+	}
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "default"
+	}
+	return h
+}

@@ -194,9 +194,14 @@ func (s *S3) AbortIncomplete(ctx context.Context, prefix string) (int, error) {
 		p = path.Join(s.prefix, prefix)
 	}
 	n := 0
-	for u := range s.c.ListIncompleteUploads(ctx, s.bucket, p, true) {
+	// MinIO lists multipart uploads only for an exact key or the whole
+	// bucket, so list the bucket and keep what is below the prefix.
+	for u := range s.c.ListIncompleteUploads(ctx, s.bucket, "", true) {
 		if u.Err != nil {
 			return n, fmt.Errorf("storage: list incomplete uploads: %w", u.Err)
+		}
+		if !strings.HasPrefix(u.Key, p+"/") && u.Key != p {
+			continue
 		}
 		if err := s.c.RemoveIncompleteUpload(ctx, s.bucket, u.Key); err != nil {
 			return n, fmt.Errorf("storage: abort %s: %w", u.Key, err)

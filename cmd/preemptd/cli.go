@@ -71,6 +71,9 @@ Commands:
   simulate   make the running daemon act on a simulated notice
   detect     say which cloud this machine is on, and why
   gpu        show the GPUs, their health and the processes on them (NVML)
+  ls         list the run's committed checkpoints in the store
+  restore    download the latest (or a named) committed checkpoint, verified
+  upload     commit one checkpoint folder to the store now
   version    print the version
 
 Every command takes --config FILE (default $PREEMPTD_CONFIG, then
@@ -98,6 +101,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return cmdDetect(ctx, rest, getenv, stdout, stderr)
 	case "gpu":
 		return cmdGPU(ctx, rest, stdout, stderr)
+	case "ls":
+		return cmdLs(ctx, rest, getenv, stdout, stderr)
+	case "restore":
+		return cmdRestore(ctx, rest, getenv, stdout, stderr)
+	case "upload":
+		return cmdUpload(ctx, rest, getenv, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "preemptd", buildVersion())
 		return nil

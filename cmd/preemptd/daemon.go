@@ -13,6 +13,7 @@ import (
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/gpu"
 	"github.com/preemptd/preemptd/agent/trainer"
+	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/providers"
 	"github.com/preemptd/preemptd/systemd"
 )
@@ -54,6 +55,18 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		extra = gpus
 	}
 	var steps []agent.Step
+	var syncer *checkpoint.Syncer
+	if cfg.Checkpoint.Dir != "" {
+		cm, err := newCommitter(&cfg, getenv, log.With("part", "checkpoint"))
+		if err != nil {
+			return err
+		}
+		syncer = &checkpoint.Syncer{Dir: cfg.Checkpoint.Dir, Layout: cfg.Checkpoint.Layout, Quiet: cfg.Checkpoint.QuietPeriod.D(),
+			Committer: cm, Background: cfg.Checkpoint.Sync, Margin: 3 * time.Second, Log: log.With("part", "checkpoint")}
+		steps = append(steps, syncer.Emergency())
+	} else {
+		log.Info("checkpoint.dir not set: checkpoints are not watched or uploaded")
+	}
 	if cfg.Trainer.WaitGPURelease {
 		steps = append(steps, gpu.ReleaseStep{R: gpus})
 	}
@@ -99,6 +112,16 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	defer watchCancel()
 	agentDone := make(chan error, 1)
 	go func() { agentDone <- a.Run(watchCtx) }()
+	syncDone := make(chan struct{})
+	go func() {
+		defer close(syncDone)
+		if syncer == nil {
+			return
+		}
+		if err := syncer.Run(watchCtx); err != nil && watchCtx.Err() == nil {
+			log.Error("checkpoint watch stopped", "err", err)
+		}
+	}()
 
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
@@ -148,6 +171,7 @@ loop:
 	if agentDone != nil {
 		<-agentDone
 	}
+	<-syncDone
 	apiCancel()
 	if apiDone != nil {
 		if err := <-apiDone; err != nil && runErr == nil {

@@ -5,11 +5,13 @@
 package main
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -31,6 +33,9 @@ func main() {
 	notice := flag.String("notice", "", "notice.json to read when a signal arrives")
 	exitOn := flag.String("exit-on", "SIGTERM", "comma-separated signals that end the process")
 	ignore := flag.Bool("ignore", false, "ignore every signal it can (to test SIGKILL escalation)")
+	ckptDir := flag.String("ckpt-dir", "", "write torch-DCP-layout checkpoints here: step-1 at start, the next on the exit signal")
+	ckptBytes := flag.Int64("ckpt-bytes", 8<<20, "bytes of shard data per checkpoint")
+	dieMidSave := flag.Bool("die-mid-save", false, "on the exit signal, write half the shards and die without .metadata")
 	flag.Parse()
 
 	out := os.Stdout
@@ -54,6 +59,13 @@ func main() {
 			os.Exit(1)
 		}
 	}
+	step := 1
+	if *ckptDir != "" {
+		if err := saveDCP(*ckptDir, step, *ckptBytes, false); err != nil {
+			fmt.Fprintln(os.Stderr, "trainer:", err)
+			os.Exit(1)
+		}
+	}
 	fmt.Fprintf(os.Stderr, "trainer %d: training\n", os.Getpid())
 	for s := range ch {
 		rec := Record{Signal: unix.SignalName(s.(syscall.Signal)), At: time.Now(), PID: os.Getpid()}
@@ -65,9 +77,58 @@ func main() {
 		b, _ := json.Marshal(rec)
 		fmt.Fprintf(out, "%s\n", b)
 		out.Sync()
+		if exit[rec.Signal] && !*ignore && *ckptDir != "" {
+			step++
+			if err := saveDCP(*ckptDir, step, *ckptBytes, *dieMidSave); err != nil {
+				fmt.Fprintln(os.Stderr, "trainer:", err)
+				os.Exit(1)
+			}
+		}
 		if exit[rec.Signal] && !*ignore {
 			fmt.Fprintf(os.Stderr, "trainer %d: %s, checkpoint saved, exiting\n", os.Getpid(), rec.Signal)
 			os.Exit(0)
 		}
 	}
+}
+
+// saveDCP writes a checkpoint the way torch.distributed.checkpoint does:
+// shard files first, .metadata (through .metadata.tmp and a rename) last.
+// Dying mid-save leaves half the shards and no .metadata.
+func saveDCP(root string, step int, size int64, die bool) error {
+	dir := filepath.Join(root, fmt.Sprintf("step-%d", step))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	const shards = 4
+	buf := make([]byte, 1<<20)
+	for i := range shards {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("__%d_0.distcp", i)))
+		if err != nil {
+			return err
+		}
+		for left := size / shards; left > 0; left -= int64(len(buf)) {
+			rand.Read(buf)
+			n := min(left, int64(len(buf)))
+			if _, err := f.Write(buf[:n]); err != nil {
+				f.Close()
+				return err
+			}
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+		if die && i == shards/2 {
+			fmt.Fprintf(os.Stderr, "trainer %d: dying in the middle of saving step-%d\n", os.Getpid(), step)
+			os.Exit(3)
+		}
+	}
+	tmp := filepath.Join(dir, ".metadata.tmp")
+	if err := os.WriteFile(tmp, []byte(fmt.Sprintf(`{"step":%d}`, step)), 0o644); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, ".metadata")); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "trainer %d: saved step-%d (%d bytes)\n", os.Getpid(), step, size)
+	return nil
 }

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/checkpoint"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// newCommitter opens the configured store for the run.
+func newCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logger) (*checkpoint.Committer, error) {
+	st, err := storage.Open(cfg.StorageURL(), storage.Options{Endpoint: cfg.Storage.Endpoint, Region: cfg.Storage.Region,
+		IMDSEndpoint: cfg.AWS.Endpoint, Threads: uint(cfg.Storage.Threads)})
+	if err != nil {
+		return nil, usageError{err}
+	}
+	host, _ := os.Hostname()
+	return &checkpoint.Committer{Store: st, Run: cfg.Run(getenv), Instance: host, Keep: cfg.Checkpoint.Keep, Log: log}, nil
+}
+
+func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("ls", "ls [--json] [--run RUN] [--config FILE]", stderr, false)
+	asJSON := c.fs.Bool("json", false, "print the manifests as JSON")
+	run := c.fs.String("run", "", "the run to list (default: run_id)")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	if *run != "" {
+		cfg.RunID = *run
+	}
+	cm, err := newCommitter(&cfg, getenv, nil)
+	if err != nil {
+		return err
+	}
+	ms, latest, err := cm.List(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(struct {
+			Run         string                `json:"run"`
+			Latest      string                `json:"latest"`
+			Checkpoints []checkpoint.Manifest `json:"checkpoints"`
+		}{cm.Run, latest, ms})
+	}
+	if len(ms) == 0 {
+		fmt.Fprintf(stdout, "run %s has no committed checkpoint in %s\n", cm.Run, cm.Store)
+		return nil
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "NAME\tSTEP\tLAYOUT\tFILES\tBYTES\tCOMMITTED\t\n")
+	for _, m := range ms {
+		mark := ""
+		if m.Name == latest {
+			mark = "latest"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%s\t%s\n", m.Name, m.Step, m.Layout, len(m.Files), m.Bytes,
+			m.CommittedAt.Format(time.RFC3339), mark)
+	}
+	return tw.Flush()
+}
+
+func cmdRestore(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--config FILE]", stderr, false)
+	to := c.fs.String("to", "", "folder to restore into (default: checkpoint.dir)")
+	name := c.fs.String("name", "", "checkpoint to restore (default: the run's latest)")
+	run := c.fs.String("run", "", "the run to restore from (default: run_id)")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	if *run != "" {
+		cfg.RunID = *run
+	}
+	dir := *to
+	if dir == "" {
+		dir = cfg.Checkpoint.Dir
+	}
+	if dir == "" {
+		return usagef("restore: give --to DIR or set checkpoint.dir")
+	}
+	cm, err := newCommitter(&cfg, getenv, nil)
+	if err != nil {
+		return err
+	}
+	m, path, err := cm.Restore(ctx, dir, *name)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "restored %s (step %d, %d files, %d bytes, every checksum verified) from %s\n",
+		m.Name, m.Step, len(m.Files), m.Bytes, cm.Store)
+	fmt.Fprintln(stdout, path)
+	return nil
+}
+
+func cmdUpload(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("upload", "upload [--config FILE] DIR", stderr, false)
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	if c.fs.NArg() != 1 {
+		return usagef("upload: give one checkpoint folder (or file)")
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	target, err := filepath.Abs(c.fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	root, name := filepath.Dir(target), filepath.Base(target)
+	cks, err := checkpoint.Scan(root, cfg.Checkpoint.Layout, 0, time.Now())
+	if err != nil {
+		return err
+	}
+	var ck *checkpoint.Checkpoint
+	for i := range cks {
+		if cks[i].Name == name {
+			ck = &cks[i]
+		}
+	}
+	if ck == nil {
+		return fmt.Errorf("upload: %s is not a complete checkpoint of layout %q in %s (its marker is missing?)",
+			name, cfg.Checkpoint.Layout, root)
+	}
+	cm, err := newCommitter(&cfg, getenv, nil)
+	if err != nil {
+		return err
+	}
+	res, err := cm.Commit(ctx, *ck)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "committed %s (run %s): %d files, %d bytes, %d sent, in %s\n", ck.Name, cm.Run,
+		len(res.Manifest.Files), res.Manifest.Bytes, res.Manifest.SentBytes, res.Took.Round(time.Millisecond))
+	return nil
+}
