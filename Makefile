@@ -11,7 +11,7 @@ BIN         := bin/preemptd
 LOCAL       := $(CURDIR)/.preemptd
 TOOLS        = $(shell scripts/tools.sh)
 
-.PHONY: all build run demo test test-short lint tools fuzz clean
+.PHONY: all build run demo test test-short lint tools fuzz bench clean
 
 all: build
 
@@ -41,6 +41,13 @@ test: tools lint
 
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...
+
+## bench: preemptd against its peers on this machine; writes test/bench/RESULTS.md
+bench:
+	@scripts/tools.sh bench >/dev/null
+	printf '# Benchmarks\n\nWritten by `make bench`; every figure is from the run below, on this machine.\n\n' > test/bench/RESULTS.md
+	PREEMPTD_TOOLS=$$(scripts/tools.sh bench) PREEMPTD_BENCH=1 BENCH_OUT=$(CURDIR)/test/bench/RESULTS.md \
+		$(GO) test -count=1 -timeout 30m -v -run . ./test/bench/
 
 ## fuzz: a short pass over every parser's fuzz target
 FUZZTIME ?= 10s

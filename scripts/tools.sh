@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# Installs the pinned tools preemptd's tests run against, through the Go
-# module proxy, into a cache outside the clone (reused by every clone and by
-# CI): ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/
+# Installs the pinned tools preemptd's tests and benchmarks run against,
+# through the Go module proxy, into a cache outside the clone (reused by
+# every clone and by CI):
+#   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
+# Usage: scripts/tools.sh [test|bench]   (default test); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+MC_VERSION=v0.0.0-20250313080218-cf909e1063a9
+S5CMD_VERSION=v2.3.0
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
+set_=${1:-test}
 
 # install NAME VERSION PACKAGE: go install PACKAGE@VERSION into the cache.
 install() {
   local name=$1 version=$2 pkg=$3
   local dir="$cache/$name-$version"
-  if [ -x "$dir/$name" ]; then
-    return 0
-  fi
+  [ -x "$dir/$name" ] && return 0
   echo "tools: installing $name $version (once; cached in $dir)" >&2
-  mkdir -p "$dir.tmp"
-  GOBIN="$dir.tmp" GOFLAGS=-mod=mod go install "$pkg@$version"
-  rm -rf "$dir"
-  mv "$dir.tmp" "$dir"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  GOBIN="$dir.tmp" GOFLAGS=-mod=mod go install "$pkg@$version" >&2
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+# s5cmd builds only from a module that requires it.
+install_s5cmd() {
+  local dir="$cache/s5cmd-$S5CMD_VERSION"
+  [ -x "$dir/s5cmd" ] && return 0
+  echo "tools: installing s5cmd $S5CMD_VERSION (once; cached in $dir)" >&2
+  local mod
+  mod=$(mktemp -d)
+  printf 'module preemptd-tools/s5cmd\n\ngo 1.26\n\nrequire github.com/peak/s5cmd/v2 %s\n' "$S5CMD_VERSION" > "$mod/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/peak/s5cmd/v2"\n' > "$mod/tools.go"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  (cd "$mod" && GOFLAGS=-mod=mod go mod tidy >&2 && GOFLAGS=-mod=mod go build -o "$dir.tmp/s5cmd" github.com/peak/s5cmd/v2 >&2)
+  rm -rf "$mod" "$dir" && mv "$dir.tmp" "$dir"
 }
 
 install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
-install minio "$MINIO_VERSION" github.com/minio/minio  # about 3 minutes to build the first time
+install minio "$MINIO_VERSION" github.com/minio/minio # about 3 minutes to build the first time
+if [ "$set_" = bench ]; then
+  install mc "$MC_VERSION" github.com/minio/mc
+  install_s5cmd
+fi
 echo "$cache"

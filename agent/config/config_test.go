@@ -172,3 +172,55 @@ func FuzzLoad(f *testing.F) {
 		}
 	})
 }
+
+// TestExampleConfigs: every preemptd.yaml under examples/ loads and validates.
+func TestExampleConfigs(t *testing.T) {
+	paths, _ := filepath.Glob("../../examples/*/preemptd.yaml")
+	if len(paths) < 3 {
+		t.Fatalf("found %d example configs", len(paths))
+	}
+	for _, p := range paths {
+		c, err := Load(p, nil)
+		if err == nil {
+			err = c.Validate()
+		}
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+		}
+	}
+}
+
+func TestCheckpointKeys(t *testing.T) {
+	c, err := Load(writeFile(t, "run_id: r1\ncheckpoint: {dir: /data/ckpt, layout: dcp, quiet_period: 2s, sync: false, keep: 5}\n"+
+		"storage: {url: \"s3://b/p\", endpoint: \"http://127.0.0.1:9000\", region: eu-west-1}\n"), envOf(map[string]string{
+		"PREEMPTD_CHECKPOINT_KEEP": "7"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Checkpoint.Layout != "dcp" || c.Checkpoint.Keep != 7 || c.Checkpoint.Sync || c.Storage.Region != "eu-west-1" || c.Run(nil) != "r1" {
+		t.Fatalf("config = %+v", c)
+	}
+	d := Default()
+	d.StateDir = "/var/lib/preemptd"
+	if d.StorageURL() != "file:///var/lib/preemptd/store" {
+		t.Fatalf("default store = %s", d.StorageURL())
+	}
+	if got := d.Run(envOf(map[string]string{"SKYPILOT_TASK_ID": "sky-1/2"})); got != "sky-1_2" {
+		t.Fatalf("run from SkyPilot = %q", got)
+	}
+	for key, mutate := range map[string]func(*Config){
+		"checkpoint.layout": func(c *Config) { c.Checkpoint.Layout = "tensorflow" },
+		"storage.url":       func(c *Config) { c.Storage.URL = "ftp://x" },
+		"run_id":            func(c *Config) { c.RunID = "a/b" },
+		"storage.threads":   func(c *Config) { c.Storage.Threads = 0 },
+	} {
+		c := Default()
+		mutate(&c)
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), key) {
+			t.Errorf("%s: %v", key, err)
+		}
+	}
+}

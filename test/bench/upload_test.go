@@ -1,0 +1,152 @@
+// Package bench measures preemptd against its peers on this machine; `make
+// bench` runs it and writes RESULTS.md. Figures are ratios against a peer
+// measured in the same run, never assertions.
+package bench
+
+import (
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/test/peers"
+)
+
+func requireBench(t *testing.T) {
+	if os.Getenv("PREEMPTD_BENCH") == "" {
+		t.Skip("benchmarks run with `make bench` (PREEMPTD_BENCH=1)")
+	}
+}
+
+func machine() string {
+	cpu := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				cpu = strings.TrimSpace(strings.SplitN(l, ":", 2)[1])
+				break
+			}
+		}
+	}
+	mem := ""
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		mem = strings.Fields(strings.SplitN(string(b), "\n", 2)[0])[1] + " kB RAM"
+	}
+	return fmt.Sprintf("%d cores (%s), %s, %s, %s/%s", runtime.NumCPU(), cpu, mem, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+func build(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "preemptd")
+	cmd := exec.Command("go", "build", "-o", bin, "../../cmd/preemptd")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+func timeIt(t *testing.T, env []string, name string, args ...string) time.Duration {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	d := time.Since(start)
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", filepath.Base(name), args, err, out)
+	}
+	return d
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// TestUploadThroughput: preemptd's upload path (hash, parallel multipart,
+// manifest, latest) against s5cmd and mc on the same file and MinIO,
+// interleaved rounds.
+func TestUploadThroughput(t *testing.T) {
+	requireBench(t)
+	sizeGiB := 1
+	if v := os.Getenv("BENCH_GIB"); v != "" {
+		fmt.Sscan(v, &sizeGiB)
+	}
+	rounds := 3
+	s3 := peers.StartMinIO(t)
+	s5cmd := peers.Require(t, "s5cmd", "v2.3.0")
+	mc := peers.Require(t, "mc", "v0.0.0-20250313080218-cf909e1063a9")
+	bin := build(t)
+
+	work := t.TempDir()
+	root := filepath.Join(work, "ckpt")
+	file := filepath.Join(root, "bench", "data.bin")
+	os.MkdirAll(filepath.Dir(file), 0o755)
+	f, _ := os.Create(file)
+	buf := make([]byte, 16<<20)
+	for range sizeGiB * 64 {
+		rand.Read(buf)
+		f.Write(buf)
+	}
+	f.Close()
+	size := int64(sizeGiB) << 30
+
+	env := append(s3.Env(), "MC_HOST_bench="+strings.Replace(s3.Endpoint, "http://", "http://"+peers.MinIOUser+":"+peers.MinIOPassword+"@", 1),
+		"MC_CONFIG_DIR="+filepath.Join(work, "mc"))
+	times := map[string][]time.Duration{}
+	tools := []string{"preemptd", "s5cmd", "mc"}
+	for r := range rounds {
+		for _, tool := range tools {
+			key := fmt.Sprintf("%s-%d", tool, r)
+			var d time.Duration
+			switch tool {
+			case "preemptd":
+				cfg := filepath.Join(work, key+".yaml")
+				os.WriteFile(cfg, []byte(fmt.Sprintf("run_id: %s\ncheckpoint: {layout: files}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\nrun_dir: %s\nstate_dir: %s\n",
+					key, s3.Bucket, s3.Endpoint, filepath.Join(work, "run"), filepath.Join(work, "state"))), 0o644)
+				d = timeIt(t, env, bin, "upload", "--config", cfg, filepath.Join(root, "bench"))
+			case "s5cmd":
+				d = timeIt(t, env, s5cmd, "--endpoint-url", s3.Endpoint, "cp", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
+			case "mc":
+				d = timeIt(t, env, mc, "--quiet", "cp", file, "bench/"+s3.Bucket+"/bench/"+key+"/data.bin")
+			}
+			times[tool] = append(times[tool], d)
+			t.Logf("round %d %-8s %v (%.0f MB/s)", r+1, tool, d.Round(time.Millisecond), float64(size)/d.Seconds()/1e6)
+			// Free MinIO's disk between uploads.
+			exec.Command(mc, "--quiet", "rm", "--recursive", "--force", "bench/"+s3.Bucket+"/bench/"+key).Run()
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "### Upload of a %d GiB checkpoint to MinIO (%s)\n\n", sizeGiB, time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&b, "Machine: %s. MinIO %s on 127.0.0.1, the same file for every tool, %d interleaved rounds, median wall time of the whole command.\n\n",
+		machine(), peers.MinIOVersion, rounds)
+	fmt.Fprintf(&b, "| tool | median | MB/s | time ÷ preemptd's | rounds |\n|---|---|---|---|---|\n")
+	base := median(times["preemptd"])
+	for _, tool := range tools {
+		m := median(times[tool])
+		var rs []string
+		for _, d := range times[tool] {
+			rs = append(rs, d.Round(time.Millisecond).String())
+		}
+		fmt.Fprintf(&b, "| %s | %v | %.0f | %.2f | %s |\n", tool, m.Round(time.Millisecond), float64(size)/m.Seconds()/1e6,
+			m.Seconds()/base.Seconds(), strings.Join(rs, ", "))
+	}
+	fmt.Fprintf(&b, "\npreemptd's time includes what the others do not do: a SHA-256 of every byte (recorded in the manifest and checked on restore), the manifest and the run's latest pointer. Parts: 64 MiB, 8 threads, CRC32C per part.\n")
+	t.Log("\n" + b.String())
+	if out := os.Getenv("BENCH_OUT"); out != "" {
+		f, err := os.OpenFile(out, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		f.WriteString(b.String() + "\n")
+	}
+}
