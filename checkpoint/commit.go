@@ -409,4 +409,3 @@ func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp s
 func (c *Committer) Cleanup(ctx context.Context) (int, error) {
 	return c.Store.AbortIncomplete(ctx, c.Run)
 }
-
