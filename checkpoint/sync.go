@@ -242,6 +242,13 @@ func (emergencyStep) Name() string { return "checkpoint" }
 // not become durable.
 func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	s := e.s
+	// A background upload cut short leaves a multipart upload behind: abort
+	// whatever is left once this step is over (nothing else uploads then).
+	defer func() {
+		if n, err := s.Committer.Cleanup(ctx); err == nil && n > 0 {
+			s.log().Info("aborted interrupted uploads", "count", n)
+		}
+	}()
 	s.init()
 	s.mu.Lock()
 	s.emergency = true
