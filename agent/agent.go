@@ -42,6 +42,14 @@ type Deps struct {
 	Logger *slog.Logger
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// Reporters are told of every notice and emergency outcome.
+	Reporters []Reporter
+	// Identifier, if set, is asked for the instance's identity at start.
+	Identifier Identifier
+	// Instance is the identity known without asking (hostname, boot time).
+	Instance Instance
+	// Run names the training run.
+	Run string
 	// Provider names the notice source for status.
 	Provider string
 	Version  string
@@ -69,6 +77,9 @@ type Agent struct {
 	lastSig   *SignalReport
 	watchErrs map[string]string
 	xids      []XIDEvent
+	instance  Instance
+	running   bool
+	reports   sync.WaitGroup
 }
 
 // maxXIDs is how many recent XID events status keeps.
@@ -92,6 +103,7 @@ func New(cfg Config, deps Deps) *Agent {
 		cfg.MinBudget = 10 * time.Second
 	}
 	return &Agent{
+		instance:  deps.Instance,
 		cfg:       cfg,
 		deps:      deps,
 		log:       deps.Logger,
@@ -129,7 +141,13 @@ func (a *Agent) EmergencyStarted() bool {
 func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Lock()
 	a.started = a.now()
+	a.running = true
 	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		a.running = false
+		a.mu.Unlock()
+	}()
 
 	notices := make(chan Notice, 32)
 	var wg sync.WaitGroup
@@ -142,6 +160,9 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.mu.Unlock()
 			}
 		})
+	}
+	if a.deps.Identifier != nil {
+		wg.Go(func() { a.identify(ctx) })
 	}
 	if a.deps.GPUs != nil {
 		xids := make(chan XIDEvent, 8)
@@ -227,6 +248,9 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 
 	a.log.Info("notice", "provider", n.Provider, "kind", n.Kind, "id", n.ID, "action", n.Action,
 		"class", class, "deadline", n.Deadline, "seconds_left", n.SecondsLeft(a.now()))
+	if class != ClassFatal { // a fatal notice is reported by its emergency path
+		a.report(context.WithoutCancel(ctx), a.hookDeadline(n), Event{Phase: PhaseNotice, Notice: n, Class: class})
+	}
 	a.act(ctx, t)
 }
 
@@ -372,3 +396,69 @@ func (a *Agent) recordXIDs(ctx context.Context, xids <-chan XIDEvent) {
 		}
 	}
 }
+
+// identify asks the cloud for the instance's identity, retrying with
+// backoff until it answers or ctx ends.
+func (a *Agent) identify(ctx context.Context) {
+	wait := time.Second
+	for {
+		inst, err := a.deps.Identifier.Identity(ctx)
+		if err == nil {
+			a.mu.Lock()
+			base := a.instance
+			if inst.Hostname == "" {
+				inst.Hostname = base.Hostname
+			}
+			if inst.StartedAt.IsZero() {
+				inst.StartedAt = base.StartedAt
+			}
+			a.instance = inst
+			a.mu.Unlock()
+			a.log.Info("instance", "id", inst.ID, "type", inst.Type, "region", inst.Region, "zone", inst.Zone,
+				"lifecycle", inst.Lifecycle)
+			return
+		}
+		a.log.Debug("instance identity not available yet", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, time.Minute)
+	}
+}
+
+// Instance is the identity known so far.
+func (a *Agent) Instance() Instance {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.instance
+}
+
+// Ready reports whether the agent is watching and every watcher is alive.
+func (a *Agent) Ready() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.running && len(a.watchErrs) == 0
+}
+
+// report tells every reporter about ev, each in its own goroutine bounded
+// by deadline; WaitReports waits for them.
+func (a *Agent) report(ctx context.Context, deadline time.Time, ev Event) {
+	if len(a.deps.Reporters) == 0 {
+		return
+	}
+	ev.Instance = a.Instance()
+	ev.Run = a.deps.Run
+	ev.At = a.now()
+	for _, r := range a.deps.Reporters {
+		a.reports.Go(func() {
+			rctx, cancel := context.WithDeadline(ctx, deadline)
+			defer cancel()
+			r.Report(rctx, ev)
+		})
+	}
+}
+
+// WaitReports waits for the reports in flight (at exit).
+func (a *Agent) WaitReports() { a.reports.Wait() }

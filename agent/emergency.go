@@ -17,9 +17,13 @@ type EmergencyReport struct {
 	Trainer   *ExitReport   `json:"trainer,omitempty"`
 	Hooks     []HookReport  `json:"hooks,omitempty"`
 	// GPUs is the snapshot taken right after the trainer was signalled.
-	GPUs     *GPUSnapshot `json:"gpus,omitempty"`
-	Acked    bool         `json:"acked,omitempty"`
-	AckError string       `json:"ack_error,omitempty"`
+	GPUs *GPUSnapshot `json:"gpus,omitempty"`
+	// Checkpoint is what the checkpoint step committed; LastCommitBefore is
+	// when the newest checkpoint committed before the notice was.
+	Checkpoint       *CheckpointResult `json:"checkpoint,omitempty"`
+	LastCommitBefore time.Time         `json:"last_commit_before,omitzero"`
+	Acked            bool              `json:"acked,omitempty"`
+	AckError         string            `json:"ack_error,omitempty"`
 	// FinishedAt is zero while the path runs.
 	FinishedAt time.Time `json:"finished_at,omitzero"`
 	// Outcome is "running", "completed", or "deadline" when the deadline cut it.
@@ -65,7 +69,8 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 
-	// 1. Tell the trainer, and everyone reading notice.json, first.
+	// 1. Tell the trainer, and everyone reading notice.json, first; the
+	// reporters (webhooks first of all) go out alongside, never in the way.
 	a.publishFile()
 	var sig SignalReport
 	if a.deps.Trainer != nil {
@@ -74,6 +79,10 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 		a.recordSignal(sig, err)
 		a.update(func(r *EmergencyReport) { s := sig; r.Signal = &s })
 	}
+	a.mu.Lock()
+	started := *a.emergency
+	a.mu.Unlock()
+	a.report(context.Background(), deadline, Event{Phase: PhaseNotice, Notice: n, Class: ClassFatal, Emergency: &started})
 	if a.deps.GPUs != nil {
 		snap := a.deps.GPUs.Snapshot(ctx)
 		a.update(func(r *EmergencyReport) { r.GPUs = &snap })
@@ -106,6 +115,10 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 
 	// 3. The steps later parts add: checkpoint, upload, log flush.
 	for _, s := range a.deps.Steps {
+		if cr, ok := s.(CheckpointReporter); ok {
+			last := cr.LastCommitBefore()
+			a.update(func(r *EmergencyReport) { r.LastCommitBefore = last })
+		}
 		start := a.now()
 		err := s.Run(ctx, n)
 		sr := StepReport{Name: s.Name(), StartedAt: start, Duration: a.now().Sub(start)}
@@ -116,6 +129,11 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 			a.log.Info("emergency step done", "step", s.Name(), "took", sr.Duration.Round(time.Millisecond).String())
 		}
 		a.update(func(r *EmergencyReport) { r.Steps = append(r.Steps, sr) })
+		if cr, ok := s.(CheckpointReporter); ok {
+			if res := cr.Committed(); res != nil {
+				a.update(func(r *EmergencyReport) { c := *res; r.Checkpoint = &c })
+			}
+		}
 	}
 	side.Wait()
 
@@ -148,6 +166,17 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 	})
 	a.log.Warn("emergency path finished", "outcome", outcome,
 		"took", finished.Sub(n.NoticedAt).Round(time.Millisecond).String(), "left", deadline.Sub(finished).Round(time.Millisecond).String())
+
+	// 5. The outcome, to webhooks and the event record, within the deadline
+	// (or a few seconds when it has passed).
+	a.mu.Lock()
+	rep := *a.emergency
+	a.mu.Unlock()
+	outDeadline := deadline
+	if min := a.now().Add(5 * time.Second); outDeadline.Before(min) {
+		outDeadline = min
+	}
+	a.report(context.Background(), outDeadline, Event{Phase: PhaseOutcome, Notice: n, Class: ClassFatal, Emergency: &rep})
 }
 
 func (a *Agent) update(f func(r *EmergencyReport)) {

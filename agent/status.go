@@ -6,6 +6,8 @@ import "time"
 type Status struct {
 	Version   string    `json:"version"`
 	Provider  string    `json:"provider"`
+	Run       string    `json:"run,omitempty"`
+	Instance  Instance  `json:"instance"`
 	StartedAt time.Time `json:"started_at"`
 	// State is watching, advisory (an advisory notice is active), emergency
 	// (the emergency path runs) or done (it has finished).
@@ -37,6 +39,8 @@ func (a *Agent) Status() Status {
 	s := Status{
 		Version:   a.deps.Version,
 		Provider:  a.deps.Provider,
+		Run:       a.deps.Run,
+		Instance:  a.instance,
 		StartedAt: a.started,
 		State:     "watching",
 		Notices:   []NoticeStatus{},

@@ -44,6 +44,8 @@ type Committer struct {
 	Parallel int
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// OnCommit, if set, is told of every commit (metrics).
+	OnCommit func(Result)
 
 	mu sync.Mutex // one commit at a time
 	// throughput is the last measured upload rate, bytes per second.
@@ -157,12 +159,16 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	}
 	c.log().Info("checkpoint committed", "name", ck.Name, "step", ck.Step, "bytes", m.Bytes, "sent", sent,
 		"took", took.Round(time.Millisecond).String(), "store", c.Store.String())
+	res := Result{Manifest: m, Took: took}
+	if c.OnCommit != nil {
+		c.OnCommit(res)
+	}
 	if c.Keep > 0 {
 		if err := c.prune(ctx, ck.Name); err != nil {
 			c.log().Warn("pruning old checkpoints", "err", err)
 		}
 	}
-	return Result{Manifest: m, Took: took}, nil
+	return res, nil
 }
 
 // each runs f over idx with at most Parallel at once; the first error

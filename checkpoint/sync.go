@@ -39,6 +39,10 @@ type Syncer struct {
 	bgCancel  context.CancelFunc
 	bgDone    chan struct{}
 	kick      chan struct{}
+	// lastCommit is when the newest commit happened; emergencyResult is
+	// what the emergency step committed.
+	lastCommit      time.Time
+	emergencyResult *agent.CheckpointResult
 }
 
 func (s *Syncer) log() *slog.Logger {
@@ -205,7 +209,7 @@ func (s *Syncer) scan(ctx context.Context) {
 }
 
 func (s *Syncer) commit(ctx context.Context, ck Checkpoint, why string) error {
-	_, err := s.Committer.Commit(ctx, ck)
+	res, err := s.Committer.Commit(ctx, ck)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log().Error("checkpoint not committed", "name", ck.Name, "why", why, "err", err)
@@ -214,6 +218,11 @@ func (s *Syncer) commit(ctx context.Context, ck Checkpoint, why string) error {
 	}
 	s.mu.Lock()
 	s.committed[ck.Name] = ck.Signature()
+	s.lastCommit = res.Manifest.CommittedAt
+	if why == "emergency" {
+		s.emergencyResult = &agent.CheckpointResult{Name: ck.Name, Step: ck.Step, Bytes: res.Manifest.Bytes,
+			SentBytes: res.Manifest.SentBytes, CompleteAt: ck.ModTime, CommittedAt: res.Manifest.CommittedAt, Upload: res.Took}
+	}
 	s.mu.Unlock()
 	return nil
 }
@@ -235,6 +244,20 @@ type emergencyStep struct{ s *Syncer }
 
 func (emergencyStep) Name() string { return "checkpoint" }
 
+// Committed implements agent.CheckpointReporter: what this step committed.
+func (e emergencyStep) Committed() *agent.CheckpointResult {
+	e.s.mu.Lock()
+	defer e.s.mu.Unlock()
+	return e.s.emergencyResult
+}
+
+// LastCommitBefore implements agent.CheckpointReporter.
+func (e emergencyStep) LastCommitBefore() time.Time {
+	e.s.mu.Lock()
+	defer e.s.mu.Unlock()
+	return e.s.lastCommit
+}
+
 // Run waits for a checkpoint newer than those complete at the signal, until
 // the deadline less the estimated upload time and a margin; commits it ahead
 // of any background upload; or, failing that, makes sure the newest complete
@@ -250,15 +273,16 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		}
 	}()
 	s.init()
-	s.mu.Lock()
-	s.emergency = true
+	// What is complete now (the trainer was signalled just before) is old;
+	// scan here rather than trust the watcher, which may not have looked yet.
 	before := map[string]string{}
 	var lastSize int64
-	for _, ck := range s.seen {
-		before[ck.Name] = ck.Signature()
-		lastSize = ck.Size()
+	if cks, err := Scan(s.Dir, s.Layout, s.Quiet, time.Now()); err == nil {
+		for _, ck := range cks {
+			before[ck.Name] = ck.Signature()
+			lastSize = ck.Size()
+		}
 	}
-	s.mu.Unlock()
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(2 * time.Minute)
@@ -267,49 +291,28 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	waitUntil := deadline.Add(-est - s.Margin)
 	s.log().Info("waiting for the trainer's checkpoint", "until", waitUntil, "estimated_upload", est.Round(time.Millisecond).String())
 
+	// Wait for a checkpoint that was not complete (or was different) at the
+	// start, as the watcher's scans see them.
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
 	var fresh *Checkpoint
-	for fresh == nil {
-		s.mu.Lock()
-		for i := len(s.seen) - 1; i >= 0; i-- {
-			if sig, was := before[s.seen[i].Name]; !was || sig != s.seen[i].Signature() {
-				ck := s.seen[i]
-				fresh = &ck
-				break
-			}
-		}
-		changed := s.changed
-		s.mu.Unlock()
-		if fresh != nil {
-			break
-		}
-		select {
-		case s.kick <- struct{}{}:
-		default:
-		}
-		wait := time.Until(waitUntil)
-		if wait <= 0 {
+	for {
+		changed := s.newer(before, &fresh)
+		if fresh != nil || !time.Now().Before(waitUntil) || ctx.Err() != nil {
 			break
 		}
 		select {
 		case <-changed:
-		case <-time.After(wait):
+		case <-time.After(time.Until(waitUntil)):
 		case <-ctx.Done():
-		}
-		if ctx.Err() != nil || !time.Now().Before(waitUntil) {
-			// one last look after the final scan
-			s.mu.Lock()
-			for i := len(s.seen) - 1; i >= 0; i-- {
-				if sig, was := before[s.seen[i].Name]; !was || sig != s.seen[i].Signature() {
-					ck := s.seen[i]
-					fresh = &ck
-					break
-				}
-			}
-			s.mu.Unlock()
-			break
 		}
 	}
 	if fresh != nil {
+		s.mu.Lock()
+		s.emergency = true // no new background upload from here on
+		s.mu.Unlock()
 		s.stopBackground() // the new checkpoint goes first
 		if err := s.commit(ctx, *fresh, "emergency"); err != nil {
 			return fmt.Errorf("new checkpoint %s not committed: %w; the previous committed checkpoint stays latest", fresh.Name, err)
@@ -318,6 +321,7 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	}
 	// No new checkpoint: make sure the newest complete one is durable.
 	s.mu.Lock()
+	s.emergency = true
 	done := s.bgDone
 	var newest *Checkpoint
 	if n := len(s.seen); n > 0 {
@@ -353,4 +357,19 @@ func (s *Syncer) estimate(size int64) time.Duration {
 		rate = 100e6
 	}
 	return time.Duration(float64(size) / rate * 1.2 * float64(time.Second))
+}
+
+// newer sets *fresh to the newest complete checkpoint not in before (by name
+// and signature), and returns the channel closed at the next scan.
+func (s *Syncer) newer(before map[string]string, fresh **Checkpoint) <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := len(s.seen) - 1; i >= 0; i-- {
+		if sig, was := before[s.seen[i].Name]; !was || sig != s.seen[i].Signature() {
+			ck := s.seen[i]
+			*fresh = &ck
+			break
+		}
+	}
+	return s.changed
 }

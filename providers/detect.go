@@ -176,22 +176,33 @@ func answer(hc *http.Client, req *http.Request, good func(*http.Response, string
 	return false, fmt.Sprintf("%s answered HTTP %d, not as this cloud", req.URL.Host, resp.StatusCode)
 }
 
-// Build makes the named provider (not "auto") from cfg. The Acker is nil for
-// providers that acknowledge nothing.
-func Build(name string, cfg *config.Config, log *slog.Logger) (agent.Watcher, agent.Acker, error) {
+// Built is a provider and what else it offers.
+type Built struct {
+	Watcher agent.Watcher
+	// Acker is nil for providers that acknowledge nothing.
+	Acker agent.Acker
+	// Identifier is nil for the local provider.
+	Identifier agent.Identifier
+}
+
+// Build makes the named provider (not "auto") from cfg; onError, if not
+// nil, is called on every failed metadata request.
+func Build(name string, cfg *config.Config, log *slog.Logger, onError func()) (Built, error) {
 	poll := cfg.PollInterval.D()
 	switch name {
 	case "aws":
-		return aws.New(aws.Config{Endpoint: cfg.AWS.Endpoint, PollInterval: poll,
-			LifecycleWindow: cfg.AWS.LifecycleWindow.D(), IMDSv1Fallback: cfg.AWS.IMDSv1Fallback, Logger: log}), nil, nil
+		p := aws.New(aws.Config{Endpoint: cfg.AWS.Endpoint, PollInterval: poll,
+			LifecycleWindow: cfg.AWS.LifecycleWindow.D(), IMDSv1Fallback: cfg.AWS.IMDSv1Fallback, Logger: log, OnError: onError})
+		return Built{Watcher: p, Identifier: p}, nil
 	case "gcp":
-		return gcp.New(gcp.Config{Endpoint: cfg.GCP.Endpoint, PreemptWindow: cfg.GCP.PreemptWindow.D(),
-			MaintenanceWindow: cfg.GCP.MaintenanceWindow.D(), Logger: log}), nil, nil
+		p := gcp.New(gcp.Config{Endpoint: cfg.GCP.Endpoint, PreemptWindow: cfg.GCP.PreemptWindow.D(),
+			MaintenanceWindow: cfg.GCP.MaintenanceWindow.D(), Logger: log, OnError: onError})
+		return Built{Watcher: p, Identifier: p}, nil
 	case "azure":
-		p := azure.New(azure.Config{Endpoint: cfg.Azure.Endpoint, PollInterval: poll, Ack: cfg.Azure.Ack, Logger: log})
-		return p, p, nil
+		p := azure.New(azure.Config{Endpoint: cfg.Azure.Endpoint, PollInterval: poll, Ack: cfg.Azure.Ack, Logger: log, OnError: onError})
+		return Built{Watcher: p, Acker: p, Identifier: p}, nil
 	case "local":
-		return local.New(cfg.TriggerFile(), log), nil, nil
+		return Built{Watcher: local.New(cfg.TriggerFile(), log)}, nil
 	}
-	return nil, nil, fmt.Errorf("provider: %q is not one of aws, gcp, azure, local", name)
+	return Built{}, fmt.Errorf("provider: %q is not one of aws, gcp, azure, local", name)
 }

@@ -108,12 +108,12 @@ func TestBuild(t *testing.T) {
 	cfg := config.Default()
 	cfg.RunDir = t.TempDir()
 	for _, name := range []string{"aws", "gcp", "azure", "local"} {
-		w, ack, err := Build(name, &cfg, nil)
-		if err != nil || w == nil || (name == "azure") != (ack != nil) {
-			t.Errorf("Build(%s) = %T, %T, %v", name, w, ack, err)
+		b, err := Build(name, &cfg, nil, nil)
+		if err != nil || b.Watcher == nil || (name == "azure") != (b.Acker != nil) || (name == "local") != (b.Identifier == nil) {
+			t.Errorf("Build(%s) = %+v, %v", name, b, err)
 		}
 	}
-	if _, _, err := Build("oracle", &cfg, nil); err == nil {
+	if _, err := Build("oracle", &cfg, nil, nil); err == nil {
 		t.Error("Build(oracle) succeeded")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -53,6 +54,10 @@ type Config struct {
 	RunID      string     `yaml:"run_id"`
 	Checkpoint Checkpoint `yaml:"checkpoint"`
 	Storage    Storage    `yaml:"storage"`
+
+	Logs    Logs    `yaml:"logs"`
+	Notify  Notify  `yaml:"notify"`
+	Metrics Metrics `yaml:"metrics"`
 
 	AWS     AWS     `yaml:"aws"`
 	GCP     GCP     `yaml:"gcp"`
@@ -142,6 +147,31 @@ type Storage struct {
 	Threads int `yaml:"threads"`
 }
 
+// Logs are the trainer's log files kept in the store.
+type Logs struct {
+	// Paths are files and globs.
+	Paths []string `yaml:"paths"`
+	// Interval is how often they are synced (the emergency path flushes too).
+	Interval Duration `yaml:"interval"`
+}
+
+// Notify lists the webhooks told of every notice and outcome.
+type Notify struct {
+	Webhooks []Webhook `yaml:"webhooks"`
+}
+
+// Webhook is one destination: format json (the whole event) or slack.
+type Webhook struct {
+	URL    string `yaml:"url"`
+	Format string `yaml:"format"`
+}
+
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	// Listen is host:port for /metrics, /healthz and /readyz; empty disables.
+	Listen string `yaml:"listen"`
+}
+
 // Hooks are commands run on every notice.
 type Hooks struct {
 	OnNotice []string `yaml:"on_notice"`
@@ -164,6 +194,8 @@ func Default() Config {
 		Trainer:       Trainer{Signal: "SIGTERM"},
 		Checkpoint:    Checkpoint{Layout: "auto", QuietPeriod: Duration(5 * time.Second), Sync: true, Keep: 3},
 		Storage:       Storage{Threads: 8},
+		Logs:          Logs{Interval: Duration(30 * time.Second)},
+		Metrics:       Metrics{Listen: "127.0.0.1:9477"},
 	}
 }
 
@@ -429,6 +461,30 @@ func (c *Config) Validate() error {
 	}
 	if c.RunID != "" && (strings.ContainsAny(c.RunID, "/\\\x00") || c.RunID == "." || c.RunID == "..") {
 		bad("run_id", "%q must be one path element (no slashes)", c.RunID)
+	}
+	for i, w := range c.Notify.Webhooks {
+		key := fmt.Sprintf("notify.webhooks[%d]", i)
+		if w.URL == "" {
+			bad(key+".url", "is empty")
+		} else {
+			checkURL(key+".url", w.URL, false)
+		}
+		if w.Format != "" && w.Format != "json" && w.Format != "slack" {
+			bad(key+".format", "%q is not json or slack", w.Format)
+		}
+	}
+	if c.Logs.Interval.D() < time.Second {
+		bad("logs.interval", "%s is too short; use 1s or more (default 30s)", c.Logs.Interval)
+	}
+	for i, p := range c.Logs.Paths {
+		if _, err := filepath.Match(p, ""); err != nil || p == "" {
+			bad(fmt.Sprintf("logs.paths[%d]", i), "%q is not a file path or glob", p)
+		}
+	}
+	if l := c.Metrics.Listen; l != "" {
+		if _, _, err := net.SplitHostPort(l); err != nil {
+			bad("metrics.listen", "%q is not host:port like 127.0.0.1:9477 (empty disables)", l)
+		}
 	}
 	for i, h := range c.Hooks.OnNotice {
 		if strings.TrimSpace(h) == "" {

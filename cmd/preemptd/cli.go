@@ -74,6 +74,7 @@ Commands:
   ls         list the run's committed checkpoints in the store
   restore    download the latest (or a named) committed checkpoint, verified
   upload     commit one checkpoint folder to the store now
+  report     the fleet report: interruptions, lifetimes, time to durable, cost and savings
   version    print the version
 
 Every command takes --config FILE (default $PREEMPTD_CONFIG, then
@@ -107,6 +108,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return cmdRestore(ctx, rest, getenv, stdout, stderr)
 	case "upload":
 		return cmdUpload(ctx, rest, getenv, stdout, stderr)
+	case "report":
+		return cmdReport(ctx, rest, getenv, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "preemptd", buildVersion())
 		return nil

@@ -7,13 +7,18 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/gpu"
+	"github.com/preemptd/preemptd/agent/metrics"
+	"github.com/preemptd/preemptd/agent/notify"
 	"github.com/preemptd/preemptd/agent/trainer"
 	"github.com/preemptd/preemptd/checkpoint"
+	"github.com/preemptd/preemptd/fleet"
+	"github.com/preemptd/preemptd/logship"
 	"github.com/preemptd/preemptd/providers"
 	"github.com/preemptd/preemptd/systemd"
 )
@@ -43,32 +48,56 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 
 	det := detect(ctx, &cfg, getenv)
 	log.Info("provider chosen", "provider", det.Provider, "reasons", det.Reasons)
-	watcher, acker, err := providers.Build(det.Provider, &cfg, log)
+	gpus := gpu.Open(log)
+	defer gpus.Close()
+	met := metrics.New(buildVersion(), gpus)
+	met.Provider(det.Provider)
+	prov, err := providers.Build(det.Provider, &cfg, log, func() { met.MetadataError(det.Provider) })
 	if err != nil {
 		return usageError{err}
 	}
-
-	gpus := gpu.Open(log)
-	defer gpus.Close()
-	var extra trainer.Extra
-	if cfg.Trainer.GPUProcesses {
-		extra = gpus
+	run := cfg.Run(getenv)
+	cm, err := newCommitter(&cfg, getenv, log.With("part", "checkpoint"))
+	if err != nil {
+		return err
 	}
+	cm.OnCommit = func(r checkpoint.Result) { met.Committed(r.Manifest.SentBytes, r.Took, r.Manifest.CommittedAt) }
+
+	// The emergency steps, in order, and the background services that live
+	// as long as the watch.
 	var steps []agent.Step
-	var syncer *checkpoint.Syncer
+	var services []func(context.Context) error
 	if cfg.Checkpoint.Dir != "" {
-		cm, err := newCommitter(&cfg, getenv, log.With("part", "checkpoint"))
-		if err != nil {
-			return err
-		}
-		syncer = &checkpoint.Syncer{Dir: cfg.Checkpoint.Dir, Layout: cfg.Checkpoint.Layout, Quiet: cfg.Checkpoint.QuietPeriod.D(),
+		syncer := &checkpoint.Syncer{Dir: cfg.Checkpoint.Dir, Layout: cfg.Checkpoint.Layout, Quiet: cfg.Checkpoint.QuietPeriod.D(),
 			Committer: cm, Background: cfg.Checkpoint.Sync, Margin: 3 * time.Second, Log: log.With("part", "checkpoint")}
 		steps = append(steps, syncer.Emergency())
+		services = append(services, syncer.Run)
 	} else {
 		log.Info("checkpoint.dir not set: checkpoints are not watched or uploaded")
 	}
 	if cfg.Trainer.WaitGPURelease {
 		steps = append(steps, gpu.ReleaseStep{R: gpus})
+	}
+	if len(cfg.Logs.Paths) > 0 {
+		host, _ := os.Hostname()
+		ship := &logship.Shipper{Paths: cfg.Logs.Paths, Store: cm.Store, Prefix: run + "/logs/" + host,
+			Interval: cfg.Logs.Interval.D(), Log: log.With("part", "logs")}
+		services = append(services, ship.Run)
+		steps = append(steps, ship.Step()) // last: the trainer's final lines
+	}
+
+	reporters := []agent.Reporter{met, &fleet.Recorder{Store: cm.Store, Log: log.With("part", "events")}}
+	if len(cfg.Notify.Webhooks) > 0 {
+		var hooks []notify.Webhook
+		for _, w := range cfg.Notify.Webhooks {
+			hooks = append(hooks, notify.Webhook{URL: w.URL, Format: w.Format})
+		}
+		reporters = append(reporters, &notify.Sender{Hooks: hooks, Log: log.With("part", "notify")})
+	}
+
+	var extra trainer.Extra
+	if cfg.Trainer.GPUProcesses {
+		extra = gpus
 	}
 	tr, err := trainer.New(trainer.Config{
 		PIDFile: cfg.Trainer.PIDFile, Match: cfg.Trainer.Match, Unit: cfg.Trainer.Unit, Group: cfg.Trainer.Group,
@@ -88,15 +117,23 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		KillAfter:       cfg.Trainer.KillAfter.D(),
 		Hooks:           cfg.Hooks.OnNotice,
 	}, agent.Deps{
-		Watchers: []agent.Watcher{watcher},
-		Trainer:  tr,
-		Acker:    acker,
-		Steps:    steps,
-		GPUs:     gpus,
-		Logger:   log,
-		Provider: det.Provider,
-		Version:  buildVersion(),
+		Watchers:   []agent.Watcher{prov.Watcher},
+		Trainer:    tr,
+		Acker:      prov.Acker,
+		Steps:      steps,
+		GPUs:       gpus,
+		Reporters:  reporters,
+		Identifier: prov.Identifier,
+		Instance:   providers.LocalInstance(det.Provider),
+		Run:        run,
+		Logger:     log,
+		Provider:   det.Provider,
+		Version:    buildVersion(),
 	})
+	if cfg.Metrics.Listen != "" {
+		h := met.Handler(a.Ready)
+		services = append(services, func(ctx context.Context) error { return metrics.Serve(ctx, cfg.Metrics.Listen, h) })
+	}
 
 	l, err := agent.ListenSocket(cfg.Socket())
 	if err != nil {
@@ -112,16 +149,14 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	defer watchCancel()
 	agentDone := make(chan error, 1)
 	go func() { agentDone <- a.Run(watchCtx) }()
-	syncDone := make(chan struct{})
-	go func() {
-		defer close(syncDone)
-		if syncer == nil {
-			return
-		}
-		if err := syncer.Run(watchCtx); err != nil && watchCtx.Err() == nil {
-			log.Error("checkpoint watch stopped", "err", err)
-		}
-	}()
+	var svc sync.WaitGroup
+	for _, f := range services {
+		svc.Go(func() {
+			if err := f(watchCtx); err != nil && watchCtx.Err() == nil {
+				log.Error("background service stopped", "err", err)
+			}
+		})
+	}
 
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
@@ -171,7 +206,8 @@ loop:
 	if agentDone != nil {
 		<-agentDone
 	}
-	<-syncDone
+	svc.Wait()
+	a.WaitReports()
 	apiCancel()
 	if apiDone != nil {
 		if err := <-apiDone; err != nil && runErr == nil {

@@ -34,6 +34,8 @@ type Config struct {
 	IMDSv1Fallback bool
 	Logger         *slog.Logger
 	Now            func() time.Time
+	// OnError is called on every failed metadata request.
+	OnError func()
 }
 
 // Provider polls IMDS.
@@ -63,7 +65,7 @@ func New(cfg Config) *Provider {
 		cfg:    cfg,
 		client: NewClient(cfg.Endpoint, cfg.IMDSv1Fallback),
 		log:    log,
-		out:    outage.New(log, time.Minute),
+		out:    outage.New(log, time.Minute, cfg.OnError),
 		now:    cfg.Now,
 		active: map[string]map[string]agent.Notice{},
 	}
@@ -238,4 +240,18 @@ func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
 	case out <- n:
 	case <-ctx.Done():
 	}
+}
+
+// Identity implements agent.Identifier from the instance metadata.
+func (p *Provider) Identity(ctx context.Context) (agent.Instance, error) {
+	inst := agent.Instance{Provider: "aws"}
+	for path, dst := range map[string]*string{"instance-id": &inst.ID, "instance-type": &inst.Type,
+		"placement/availability-zone": &inst.Zone, "placement/region": &inst.Region, "instance-life-cycle": &inst.Lifecycle} {
+		b, err := p.get(ctx, path)
+		if err != nil {
+			return inst, fmt.Errorf("%s: %w", path, err)
+		}
+		*dst = strings.TrimSpace(string(b))
+	}
+	return inst, nil
 }

@@ -6,6 +6,7 @@ package azure
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +37,8 @@ type Config struct {
 	Ack    bool
 	Logger *slog.Logger
 	Now    func() time.Time
+	// OnError is called on every failed metadata request.
+	OnError func()
 	// HTTPClient defaults to one with short timeouts.
 	HTTPClient *http.Client
 }
@@ -71,7 +74,7 @@ func New(cfg Config) *Provider {
 	}
 	cfg.Endpoint = strings.TrimSuffix(cfg.Endpoint, "/")
 	log := cfg.Logger.With("provider", "azure")
-	return &Provider{cfg: cfg, hc: cfg.HTTPClient, log: log, now: cfg.Now, out: outage.New(log, time.Minute),
+	return &Provider{cfg: cfg, hc: cfg.HTTPClient, log: log, now: cfg.Now, out: outage.New(log, time.Minute, cfg.OnError),
 		active: map[string]agent.Notice{}, acked: map[string]bool{}, incarn: -1}
 }
 
@@ -235,4 +238,33 @@ func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
 	case out <- n:
 	case <-ctx.Done():
 	}
+}
+
+// PathCompute is the instance's compute metadata.
+const PathCompute = "/metadata/instance/compute?api-version=2021-02-01"
+
+// Identity implements agent.Identifier from the instance metadata.
+func (p *Provider) Identity(ctx context.Context) (agent.Instance, error) {
+	b, err := p.do(ctx, http.MethodGet, PathCompute, nil)
+	if err != nil {
+		return agent.Instance{Provider: "azure"}, err
+	}
+	var c struct {
+		VMID     string `json:"vmId"`
+		VMSize   string `json:"vmSize"`
+		Location string `json:"location"`
+		Zone     string `json:"zone"`
+		Priority string `json:"priority"`
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		return agent.Instance{Provider: "azure"}, fmt.Errorf("compute: %w", err)
+	}
+	inst := agent.Instance{Provider: "azure", ID: c.VMID, Type: c.VMSize, Region: c.Location, Zone: c.Zone, Lifecycle: "on-demand"}
+	if c.Zone != "" {
+		inst.Zone = c.Location + "-" + c.Zone
+	}
+	if strings.EqualFold(c.Priority, "Spot") || strings.EqualFold(c.Priority, "Low") {
+		inst.Lifecycle = "spot"
+	}
+	return inst, nil
 }

@@ -43,6 +43,8 @@ type Config struct {
 	MaintenanceWindow time.Duration
 	Logger            *slog.Logger
 	Now               func() time.Time
+	// OnError is called on every failed metadata request.
+	OnError func()
 }
 
 // Provider subscribes to the metadata server.
@@ -69,7 +71,7 @@ func New(cfg Config) *Provider {
 		cfg.MaintenanceWindow = time.Hour
 	}
 	log := cfg.Logger.With("provider", "gcp")
-	p := &Provider{cfg: cfg, log: log, now: cfg.Now, out: outage.New(log, time.Minute)}
+	p := &Provider{cfg: cfg, log: log, now: cfg.Now, out: outage.New(log, time.Minute, cfg.OnError)}
 	p.client = NewClient(cfg.Endpoint, p.out)
 	return p
 }
@@ -282,4 +284,39 @@ func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
 	case out <- n:
 	case <-ctx.Done():
 	}
+}
+
+// Identity implements agent.Identifier from the metadata server.
+func (p *Provider) Identity(ctx context.Context) (agent.Instance, error) {
+	inst := agent.Instance{Provider: "gcp"}
+	get := func(path string) (string, error) {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		v, err := p.client.GetWithContext(ctx, path)
+		return strings.TrimSpace(v), err
+	}
+	var err error
+	if inst.ID, err = get("instance/id"); err != nil {
+		return inst, err
+	}
+	mt, err := get("instance/machine-type")
+	if err != nil {
+		return inst, err
+	}
+	inst.Type = mt[strings.LastIndexByte(mt, '/')+1:]
+	zone, err := get("instance/zone")
+	if err != nil {
+		return inst, err
+	}
+	inst.Zone = zone[strings.LastIndexByte(zone, '/')+1:]
+	if i := strings.LastIndexByte(inst.Zone, '-'); i > 0 {
+		inst.Region = inst.Zone[:i]
+	}
+	inst.Lifecycle = "on-demand"
+	if model, err := get("instance/scheduling/provisioning-model"); err == nil && model == "SPOT" {
+		inst.Lifecycle = "spot"
+	} else if pre, err := get("instance/scheduling/preemptible"); err == nil && pre == "TRUE" {
+		inst.Lifecycle = "preemptible"
+	}
+	return inst, nil
 }

@@ -41,6 +41,10 @@ func TestAWSSpotInterruption(t *testing.T) {
 	if st.Emergency.Outcome != "completed" || st.Emergency.Trainer == nil || len(st.Emergency.Trainer.Exited) != 1 {
 		t.Fatalf("emergency = %+v", st.Emergency)
 	}
+	// The instance identity comes from AEMM's metadata.
+	if in := st.Instance; in.ID == "" || in.Type == "" || in.Region == "" || in.Zone == "" || in.Lifecycle == "" {
+		t.Fatalf("instance identity = %+v", in)
+	}
 }
 
 // TestAWSRebalance: a rebalance recommendation is advisory: the trainer gets

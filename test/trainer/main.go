@@ -36,6 +36,7 @@ func main() {
 	ckptDir := flag.String("ckpt-dir", "", "write torch-DCP-layout checkpoints here: step-1 at start, the next on the exit signal")
 	ckptBytes := flag.Int64("ckpt-bytes", 8<<20, "bytes of shard data per checkpoint")
 	dieMidSave := flag.Bool("die-mid-save", false, "on the exit signal, write half the shards and die without .metadata")
+	saveDelay := flag.Duration("save-delay", 0, "time the save on the exit signal takes before its first byte")
 	flag.Parse()
 
 	out := os.Stdout
@@ -78,6 +79,7 @@ func main() {
 		fmt.Fprintf(out, "%s\n", b)
 		out.Sync()
 		if exit[rec.Signal] && !*ignore && *ckptDir != "" {
+			time.Sleep(*saveDelay)
 			step++
 			if err := saveDCP(*ckptDir, step, *ckptBytes, *dieMidSave); err != nil {
 				fmt.Fprintln(os.Stderr, "trainer:", err)

@@ -14,6 +14,9 @@ type Tracker struct {
 	every time.Duration
 	now   func() time.Time
 
+	// OnFail, if set, is called on every failure (a metrics counter).
+	OnFail func()
+
 	mu      sync.Mutex
 	failing bool
 	since   time.Time
@@ -21,13 +24,17 @@ type Tracker struct {
 	logged  time.Time
 }
 
-// New returns a tracker that logs to log at most once per every while failing.
-func New(log *slog.Logger, every time.Duration) *Tracker {
-	return &Tracker{log: log, every: every, now: time.Now}
+// New returns a tracker that logs to log at most once per every while
+// failing, and calls onFail (if not nil) on every failure.
+func New(log *slog.Logger, every time.Duration, onFail func()) *Tracker {
+	return &Tracker{log: log, every: every, now: time.Now, OnFail: onFail}
 }
 
 // Fail records a failure of what.
 func (t *Tracker) Fail(what string, err error) {
+	if t.OnFail != nil {
+		t.OnFail()
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.now()

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/fleet"
+)
+
+func cmdReport(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("report", "report [--since DUR] [--prices FILE] [--json] [--all] [--config FILE]", stderr, false)
+	since := c.fs.String("since", "", "only notices newer than this, e.g. 720h (default: all)")
+	prices := c.fs.String("prices", "", "YAML file: instance type → {on_demand, spot} in $/h")
+	asJSON := c.fs.Bool("json", false, "print the report as JSON")
+	all := c.fs.Bool("all", false, "include simulated notices")
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	var from time.Time
+	if *since != "" {
+		d, err := config.ParseDuration(*since)
+		if err != nil || d <= 0 {
+			return usagef("--since: %q is not a duration like 720h", *since)
+		}
+		from = time.Now().Add(-d)
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	var p map[string]fleet.Price
+	if *prices != "" {
+		if p, err = fleet.LoadPrices(*prices); err != nil {
+			return usageError{err}
+		}
+	}
+	cm, err := newCommitter(&cfg, getenv, nil)
+	if err != nil {
+		return err
+	}
+	records, bad, err := fleet.Load(ctx, cm.Store)
+	if err != nil {
+		return err
+	}
+	if bad > 0 {
+		fmt.Fprintf(stderr, "preemptd: skipped %d unreadable event record(s)\n", bad)
+	}
+	rep := fleet.Build(records, from, p, *all)
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	return fleet.Print(stdout, rep)
+}

@@ -1,0 +1,150 @@
+// Package fleet keeps one event record per notice in the store (under
+// _events/), written when the notice arrives and updated with the outcome,
+// and turns all of them into the fleet report: interruptions by instance
+// type, region and zone, lifetimes, notice→durable times, checkpoints lost,
+// and what spot cost and saved against on-demand.
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// EventsPrefix is where records live in the store.
+const EventsPrefix = "_events"
+
+// Record is one notice's record.
+type Record struct {
+	Version  int            `json:"version"`
+	Run      string         `json:"run,omitempty"`
+	Instance agent.Instance `json:"instance"`
+	Provider string         `json:"provider"`
+	Kind     agent.Kind     `json:"kind"`
+	NoticeID string         `json:"notice_id"`
+	Action   string         `json:"action,omitempty"`
+	Class    agent.Class    `json:"class"`
+	// Simulated marks records of `preemptd simulate` (left out of reports by default).
+	Simulated          bool      `json:"simulated,omitempty"`
+	NoticedAt          time.Time `json:"noticed_at"`
+	Deadline           time.Time `json:"deadline,omitzero"`
+	SignalledAt        time.Time `json:"signalled_at,omitzero"`
+	CheckpointComplete time.Time `json:"checkpoint_complete_at,omitzero"`
+	CommittedAt        time.Time `json:"committed_at,omitzero"`
+	// LastCommitBefore is the newest checkpoint committed before the notice.
+	LastCommitBefore time.Time `json:"last_commit_before,omitzero"`
+	Checkpoint       string    `json:"checkpoint,omitempty"`
+	Bytes            int64     `json:"bytes,omitempty"`
+	// Outcome is "pending" until the emergency path ends, then "completed"
+	// or "deadline"; advisory and informational notices stay "notice".
+	Outcome   string             `json:"outcome"`
+	Reason    string             `json:"reason,omitempty"`
+	GPUs      *agent.GPUSnapshot `json:"gpus,omitempty"`
+	UpdatedAt time.Time          `json:"updated_at"`
+}
+
+var unsafeKey = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
+
+// Key is the record's object key: _events/<day>/<instance>-<notice>.json.
+func Key(r Record) string {
+	inst := r.Instance.ID
+	if inst == "" {
+		inst = r.Instance.Hostname
+	}
+	if inst == "" {
+		inst = "unknown"
+	}
+	return fmt.Sprintf("%s/%s/%s-%s-%s.json", EventsPrefix, r.NoticedAt.UTC().Format("2006-01-02"),
+		unsafeKey.ReplaceAllString(inst, "_"), unsafeKey.ReplaceAllString(r.Provider, "_"),
+		unsafeKey.ReplaceAllString(r.NoticeID, "_"))
+}
+
+// FromEvent builds the record of ev.
+func FromEvent(ev agent.Event) Record {
+	n := ev.Notice
+	r := Record{Version: 1, Run: ev.Run, Instance: ev.Instance, Provider: n.Provider, Kind: n.Kind, NoticeID: n.ID,
+		Action: n.Action, Class: ev.Class, Simulated: n.Provider == "simulate", NoticedAt: n.NoticedAt.UTC(),
+		Deadline: n.Deadline.UTC(), Outcome: "notice", UpdatedAt: ev.At.UTC()}
+	if n.Deadline.IsZero() {
+		r.Deadline = time.Time{}
+	}
+	if e := ev.Emergency; e != nil {
+		r.Outcome = "pending"
+		if ev.Phase == agent.PhaseOutcome {
+			r.Outcome = e.Outcome
+		}
+		if e.Signal != nil && len(e.Signal.PIDs) > 0 {
+			r.SignalledAt = e.Signal.At.UTC()
+		}
+		r.GPUs = e.GPUs
+		r.LastCommitBefore = e.LastCommitBefore.UTC()
+		if e.LastCommitBefore.IsZero() {
+			r.LastCommitBefore = time.Time{}
+		}
+		if c := e.Checkpoint; c != nil {
+			r.Checkpoint, r.Bytes = c.Name, c.Bytes
+			r.CheckpointComplete, r.CommittedAt = c.CompleteAt.UTC(), c.CommittedAt.UTC()
+		}
+		for _, s := range e.Steps {
+			if s.Error != "" {
+				r.Reason = s.Name + ": " + s.Error
+			}
+		}
+	}
+	return r
+}
+
+// Recorder writes records to the store; it implements agent.Reporter.
+type Recorder struct {
+	Store storage.Store
+	Log   *slog.Logger
+}
+
+// Report implements agent.Reporter.
+func (rc *Recorder) Report(ctx context.Context, ev agent.Event) {
+	r := FromEvent(ev)
+	b, _ := json.MarshalIndent(r, "", "  ")
+	if err := rc.Store.PutBytes(ctx, Key(r), b); err != nil && rc.Log != nil {
+		rc.Log.Warn("event record not written", "key", Key(r), "err", err)
+	}
+}
+
+// Load reads every record in the store, skipping (and counting) bad ones.
+func Load(ctx context.Context, st storage.Store) ([]Record, int, error) {
+	objs, err := st.List(ctx, EventsPrefix)
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []Record
+	bad := 0
+	for _, o := range objs {
+		var buf jsonBuf
+		if err := st.Get(ctx, o.Key, &buf); err != nil {
+			bad++
+			continue
+		}
+		var r Record
+		if err := json.Unmarshal(buf.b, &r); err != nil || r.Version != 1 {
+			bad++
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, bad, nil
+}
+
+type jsonBuf struct{ b []byte }
+
+func (j *jsonBuf) Write(p []byte) (int, error) {
+	if len(j.b)+len(p) > 4<<20 {
+		return 0, fmt.Errorf("record larger than 4 MiB")
+	}
+	j.b = append(j.b, p...)
+	return len(p), nil
+}

@@ -1,0 +1,248 @@
+package fleet
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/preemptd/preemptd/agent"
+)
+
+// Price is an instance type's hourly prices.
+type Price struct {
+	OnDemand float64 `yaml:"on_demand" json:"on_demand"`
+	Spot     float64 `yaml:"spot" json:"spot"`
+}
+
+// LoadPrices reads a YAML (or JSON) file: instance type → {on_demand, spot} in $/h.
+func LoadPrices(path string) (map[string]Price, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("prices: %w", err)
+	}
+	var p map[string]Price
+	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&p); err != nil {
+		return nil, fmt.Errorf("prices %s: %w (want `type: {on_demand: 98.32, spot: 20.10}` per instance type)", path, err)
+	}
+	for t, v := range p {
+		if v.OnDemand < 0 || v.Spot < 0 {
+			return nil, fmt.Errorf("prices %s: %s has a negative price", path, t)
+		}
+	}
+	return p, nil
+}
+
+// Count is interruptions under one key.
+type Count struct {
+	Key           string `json:"key"`
+	Interruptions int    `json:"interruptions"`
+}
+
+// Stats summarises durations, in seconds.
+type Stats struct {
+	N    int     `json:"n"`
+	P50  float64 `json:"p50_seconds"`
+	P95  float64 `json:"p95_seconds"`
+	Mean float64 `json:"mean_seconds"`
+}
+
+// Cost is what spot cost and saved, given prices.
+type Cost struct {
+	SpotHours     float64  `json:"spot_hours"`
+	SpotCost      float64  `json:"spot_cost"`
+	OnDemandCost  float64  `json:"on_demand_cost"`
+	Saved         float64  `json:"saved"`
+	LostHours     float64  `json:"lost_hours"`
+	LostCost      float64  `json:"lost_cost"`
+	UnpricedTypes []string `json:"unpriced_types,omitempty"`
+}
+
+// Report is the fleet report.
+type Report struct {
+	Since           time.Time `json:"since,omitzero"`
+	Records         int       `json:"records"`
+	Interruptions   int       `json:"interruptions"`
+	ByType          []Count   `json:"by_instance_type"`
+	ByRegion        []Count   `json:"by_region"`
+	ByZone          []Count   `json:"by_zone"`
+	Lifetime        Stats     `json:"lifetime_before_interruption"`
+	NoticeToDurable Stats     `json:"notice_to_durable"`
+	CheckpointsLost int       `json:"checkpoints_lost"`
+	Cost            *Cost     `json:"cost,omitempty"`
+}
+
+// Interruption reports whether r is a record of the cloud taking the machine.
+func Interruption(r Record) bool {
+	switch r.Kind {
+	case agent.KindTerminate, agent.KindStop, agent.KindHibernate, agent.KindPreempt:
+		return r.Class == agent.ClassFatal
+	}
+	return false
+}
+
+// Build computes the report over records noticed at or after since
+// (zero: all); simulated ones only when withSimulated.
+func Build(records []Record, since time.Time, prices map[string]Price, withSimulated bool) Report {
+	rep := Report{Since: since}
+	byType, byRegion, byZone := map[string]int{}, map[string]int{}, map[string]int{}
+	var life, durable []float64
+	if prices != nil {
+		rep.Cost = &Cost{}
+	}
+	unpriced := map[string]bool{}
+	for _, r := range records {
+		if r.NoticedAt.Before(since) || (r.Simulated && !withSimulated) {
+			continue
+		}
+		rep.Records++
+		if !Interruption(r) {
+			continue
+		}
+		rep.Interruptions++
+		byType[orUnknown(r.Instance.Type)]++
+		byRegion[orUnknown(r.Instance.Region)]++
+		byZone[orUnknown(r.Instance.Zone)]++
+		lifetime := 0.0
+		if !r.Instance.StartedAt.IsZero() && r.NoticedAt.After(r.Instance.StartedAt) {
+			lifetime = r.NoticedAt.Sub(r.Instance.StartedAt).Seconds()
+			life = append(life, lifetime)
+		}
+		lost := 0.0
+		if r.CommittedAt.IsZero() {
+			rep.CheckpointsLost++
+			switch {
+			case !r.LastCommitBefore.IsZero() && r.NoticedAt.After(r.LastCommitBefore):
+				lost = r.NoticedAt.Sub(r.LastCommitBefore).Seconds()
+			default:
+				lost = lifetime // nothing durable: all of it
+			}
+		} else {
+			durable = append(durable, r.CommittedAt.Sub(r.NoticedAt).Seconds())
+		}
+		if rep.Cost != nil {
+			p, ok := prices[r.Instance.Type]
+			if !ok {
+				unpriced[orUnknown(r.Instance.Type)] = true
+				continue
+			}
+			h := lifetime / 3600
+			rep.Cost.SpotHours += h
+			rep.Cost.SpotCost += h * p.Spot
+			rep.Cost.OnDemandCost += h * p.OnDemand
+			rep.Cost.LostHours += lost / 3600
+			rep.Cost.LostCost += lost / 3600 * p.Spot
+		}
+	}
+	if rep.Cost != nil {
+		rep.Cost.Saved = rep.Cost.OnDemandCost - rep.Cost.SpotCost
+		for t := range unpriced {
+			rep.Cost.UnpricedTypes = append(rep.Cost.UnpricedTypes, t)
+		}
+		slices.Sort(rep.Cost.UnpricedTypes)
+	}
+	rep.ByType, rep.ByRegion, rep.ByZone = counts(byType), counts(byRegion), counts(byZone)
+	rep.Lifetime, rep.NoticeToDurable = stats(life), stats(durable)
+	return rep
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
+}
+
+func counts(m map[string]int) []Count {
+	out := []Count{}
+	for k, v := range m {
+		out = append(out, Count{Key: k, Interruptions: v})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Interruptions != out[j].Interruptions {
+			return out[i].Interruptions > out[j].Interruptions
+		}
+		return out[i].Key < out[j].Key
+	})
+	return out
+}
+
+// stats uses the nearest-rank percentile.
+func stats(v []float64) Stats {
+	if len(v) == 0 {
+		return Stats{}
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	rank := func(p float64) float64 {
+		i := int(math.Ceil(p*float64(len(s)))) - 1
+		return s[max(i, 0)]
+	}
+	sum := 0.0
+	for _, x := range s {
+		sum += x
+	}
+	return Stats{N: len(s), P50: rank(.5), P95: rank(.95), Mean: sum / float64(len(s))}
+}
+
+func dur(sec float64) string {
+	return time.Duration(sec * float64(time.Second)).Round(time.Second).String()
+}
+
+// Print writes the report as aligned tables.
+func Print(w io.Writer, r Report) error {
+	if r.Records == 0 {
+		_, err := fmt.Fprintln(w, "no event records in the store for this period")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "records\t%d\n", r.Records)
+	fmt.Fprintf(tw, "interruptions\t%d\n", r.Interruptions)
+	fmt.Fprintf(tw, "checkpoints lost\t%d\n", r.CheckpointsLost)
+	if r.Lifetime.N > 0 {
+		fmt.Fprintf(tw, "lifetime before interruption\tp50 %s\tp95 %s\tmean %s\t(n=%d)\n", dur(r.Lifetime.P50), dur(r.Lifetime.P95), dur(r.Lifetime.Mean), r.Lifetime.N)
+	}
+	if r.NoticeToDurable.N > 0 {
+		fmt.Fprintf(tw, "notice → durable\tp50 %.1fs\tp95 %.1fs\tmean %.1fs\t(n=%d)\n", r.NoticeToDurable.P50, r.NoticeToDurable.P95, r.NoticeToDurable.Mean, r.NoticeToDurable.N)
+	}
+	tw.Flush()
+	for _, sec := range []struct {
+		title string
+		c     []Count
+	}{{"INSTANCE TYPE", r.ByType}, {"REGION", r.ByRegion}, {"ZONE", r.ByZone}} {
+		if len(sec.c) == 0 {
+			continue
+		}
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintf(tw, "%s\tINTERRUPTIONS\t\n", sec.title)
+		for _, c := range sec.c {
+			fmt.Fprintf(tw, "%s\t%d\t\n", c.Key, c.Interruptions)
+		}
+		tw.Flush()
+	}
+	if c := r.Cost; c != nil {
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintf(tw, "spot hours\t%.1f\t\n", c.SpotHours)
+		fmt.Fprintf(tw, "spot cost\t$%.2f\t\n", c.SpotCost)
+		fmt.Fprintf(tw, "on-demand cost of the same hours\t$%.2f\t\n", c.OnDemandCost)
+		fmt.Fprintf(tw, "saved\t$%.2f\t\n", c.Saved)
+		fmt.Fprintf(tw, "time lost (work since the last durable checkpoint)\t%.1f h\t\n", c.LostHours)
+		fmt.Fprintf(tw, "cost of time lost\t$%.2f\t\n", c.LostCost)
+		tw.Flush()
+		if len(c.UnpricedTypes) > 0 {
+			fmt.Fprintf(w, "no price for: %s\n", strings.Join(c.UnpricedTypes, ", "))
+		}
+	}
+	return nil
+}

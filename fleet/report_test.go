@@ -1,0 +1,153 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+var t0 = time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+
+// fleetRecords are six simulated instances' records: four interruptions
+// (one without a committed checkpoint), an advisory rebalance and a
+// `preemptd simulate` test run.
+func fleetRecords() []Record {
+	inst := func(id, typ, region, zone string, started time.Time) agent.Instance {
+		return agent.Instance{Provider: "aws", ID: id, Type: typ, Region: region, Zone: zone, Lifecycle: "spot", StartedAt: started}
+	}
+	rec := func(in agent.Instance, kind agent.Kind, class agent.Class, noticed time.Time, committed time.Duration, last time.Time) Record {
+		r := Record{Version: 1, Instance: in, Provider: in.Provider, Kind: kind, NoticeID: "n-" + in.ID, Class: class,
+			NoticedAt: noticed, Deadline: noticed.Add(2 * time.Minute), Outcome: "completed", LastCommitBefore: last}
+		if committed > 0 {
+			r.CommittedAt = noticed.Add(committed)
+		}
+		return r
+	}
+	return []Record{
+		rec(inst("i-1", "p5.48xlarge", "us-east-1", "us-east-1a", t0), agent.KindTerminate, agent.ClassFatal, t0.Add(10*time.Hour), 20*time.Second, time.Time{}),
+		rec(inst("i-2", "p5.48xlarge", "us-east-1", "us-east-1a", t0), agent.KindTerminate, agent.ClassFatal, t0.Add(2*time.Hour), 40*time.Second, time.Time{}),
+		rec(inst("i-3", "p5.48xlarge", "us-east-1", "us-east-1b", t0), agent.KindStop, agent.ClassFatal, t0.Add(4*time.Hour), 0, t0.Add(3*time.Hour)),
+		rec(inst("i-4", "g5.xlarge", "us-west-2", "us-west-2b", t0), agent.KindPreempt, agent.ClassFatal, t0.Add(8*time.Hour), 60*time.Second, time.Time{}),
+		rec(inst("i-5", "g5.xlarge", "us-west-2", "us-west-2b", t0), agent.KindRebalance, agent.ClassAdvisory, t0.Add(1*time.Hour), 0, time.Time{}),
+		func() Record {
+			r := rec(inst("i-6", "g5.xlarge", "us-west-2", "us-west-2b", t0), agent.KindTerminate, agent.ClassFatal, t0.Add(30*time.Minute), 0, time.Time{})
+			r.Simulated, r.Provider = true, "simulate"
+			return r
+		}(),
+	}
+}
+
+func near(a, b float64) bool { return math.Abs(a-b) < 1e-6 }
+
+func TestBuildReport(t *testing.T) {
+	prices := map[string]Price{"p5.48xlarge": {OnDemand: 98, Spot: 20}, "g5.xlarge": {OnDemand: 1, Spot: 0.5}}
+	r := Build(fleetRecords(), time.Time{}, prices, false)
+	if r.Records != 5 || r.Interruptions != 4 || r.CheckpointsLost != 1 {
+		t.Fatalf("records %d, interruptions %d, lost %d; want 5, 4, 1", r.Records, r.Interruptions, r.CheckpointsLost)
+	}
+	if len(r.ByType) != 2 || r.ByType[0] != (Count{"p5.48xlarge", 3}) || r.ByType[1] != (Count{"g5.xlarge", 1}) {
+		t.Fatalf("by type = %+v", r.ByType)
+	}
+	if len(r.ByZone) != 3 || r.ByZone[0] != (Count{"us-east-1a", 2}) {
+		t.Fatalf("by zone = %+v", r.ByZone)
+	}
+	if r.ByRegion[0] != (Count{"us-east-1", 3}) || r.ByRegion[1] != (Count{"us-west-2", 1}) {
+		t.Fatalf("by region = %+v", r.ByRegion)
+	}
+	// Lifetimes 10h, 2h, 4h, 8h: nearest-rank p50 = 4h, p95 = 10h, mean 6h.
+	if r.Lifetime.N != 4 || r.Lifetime.P50 != 4*3600 || r.Lifetime.P95 != 10*3600 || r.Lifetime.Mean != 6*3600 {
+		t.Fatalf("lifetime = %+v", r.Lifetime)
+	}
+	// Notice → durable 20s, 40s, 60s.
+	if r.NoticeToDurable.N != 3 || r.NoticeToDurable.P50 != 40 || r.NoticeToDurable.P95 != 60 {
+		t.Fatalf("notice to durable = %+v", r.NoticeToDurable)
+	}
+	c := r.Cost
+	// Spot hours: p5 10+2+4 = 16 h, g5 8 h.
+	if !near(c.SpotHours, 24) || !near(c.SpotCost, 16*20+8*0.5) || !near(c.OnDemandCost, 16*98+8*1) || !near(c.Saved, 16*78+8*0.5) {
+		t.Fatalf("cost = %+v", c)
+	}
+	// i-3 lost the hour since its last commit, at the p5 spot price.
+	if !near(c.LostHours, 1) || !near(c.LostCost, 20) {
+		t.Fatalf("lost = %v h, $%v", c.LostHours, c.LostCost)
+	}
+	if all := Build(fleetRecords(), time.Time{}, nil, true); all.Interruptions != 5 || all.Cost != nil {
+		t.Fatalf("with simulated: %d interruptions, cost %v", all.Interruptions, all.Cost)
+	}
+	if recent := Build(fleetRecords(), t0.Add(5*time.Hour), nil, false); recent.Interruptions != 2 {
+		t.Fatalf("since +5h: %d interruptions, want 2", recent.Interruptions)
+	}
+	unpriced := Build(fleetRecords(), time.Time{}, map[string]Price{"p5.48xlarge": {98, 20}}, false)
+	if len(unpriced.Cost.UnpricedTypes) != 1 || unpriced.Cost.UnpricedTypes[0] != "g5.xlarge" {
+		t.Fatalf("unpriced = %v", unpriced.Cost.UnpricedTypes)
+	}
+}
+
+// TestStoreRoundTripAndPrint: records written by the Recorder's key scheme
+// are loaded back (a bad one skipped), and the table prints.
+func TestStoreRoundTripAndPrint(t *testing.T) {
+	dir := t.TempDir()
+	st, _ := storage.NewDir(dir)
+	ctx := context.Background()
+	for _, r := range fleetRecords() {
+		b, _ := json.Marshal(r)
+		if err := st.PutBytes(ctx, Key(r), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, EventsPrefix, "garbage.json"), []byte("{"), 0o644)
+	recs, bad, err := Load(ctx, st)
+	if err != nil || len(recs) != 6 || bad != 1 {
+		t.Fatalf("Load = %d records, %d bad, %v", len(recs), bad, err)
+	}
+	var out bytes.Buffer
+	Print(&out, Build(recs, time.Time{}, map[string]Price{"p5.48xlarge": {98, 20}, "g5.xlarge": {1, 0.5}}, false))
+	for _, want := range []string{"interruptions", "4", "p5.48xlarge", "us-east-1a", "saved", "$1252.00", "checkpoints lost"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	Print(&out, Build(nil, time.Time{}, nil, false))
+	if !strings.Contains(out.String(), "no event records") {
+		t.Fatalf("empty report: %q", out.String())
+	}
+}
+
+func TestFromEvent(t *testing.T) {
+	n := agent.Notice{Provider: "gcp", Kind: agent.KindPreempt, ID: "preempted", NoticedAt: t0, Deadline: t0.Add(30 * time.Second)}
+	e := &agent.EmergencyReport{Outcome: "completed", Signal: &agent.SignalReport{At: t0.Add(time.Millisecond), PIDs: []int{1}},
+		Checkpoint: &agent.CheckpointResult{Name: "step-9", Bytes: 10, CommittedAt: t0.Add(12 * time.Second)},
+		Steps:      []agent.StepReport{{Name: "logs", Error: "store down"}}}
+	r := FromEvent(agent.Event{Phase: agent.PhaseOutcome, Notice: n, Class: agent.ClassFatal, Emergency: e, At: t0.Add(13 * time.Second),
+		Instance: agent.Instance{ID: "123", Type: "a3-highgpu-8g"}})
+	if r.Outcome != "completed" || r.Checkpoint != "step-9" || !r.CommittedAt.Equal(t0.Add(12*time.Second)) ||
+		!r.SignalledAt.Equal(t0.Add(time.Millisecond)) || r.Reason != "logs: store down" {
+		t.Fatalf("record = %+v", r)
+	}
+	if k := Key(r); k != "_events/2026-03-01/123-gcp-preempted.json" {
+		t.Fatalf("key = %s", k)
+	}
+}
+
+func TestLoadPrices(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "prices.yaml")
+	os.WriteFile(p, []byte("p5.48xlarge: {on_demand: 98.32, spot: 20.1}\n"), 0o644)
+	m, err := LoadPrices(p)
+	if err != nil || m["p5.48xlarge"].Spot != 20.1 {
+		t.Fatalf("LoadPrices = %v, %v", m, err)
+	}
+	os.WriteFile(p, []byte("p5: {ondemand: 1}\n"), 0o644)
+	if _, err := LoadPrices(p); err == nil {
+		t.Fatal("a misspelt key was accepted")
+	}
+}
