@@ -11,7 +11,7 @@ BIN         := bin/preemptd
 LOCAL       := $(CURDIR)/.preemptd
 TOOLS        = $(shell scripts/tools.sh)
 
-.PHONY: all build run demo test test-short lint tools fuzz bench clean
+.PHONY: all build run demo test test-short lint tools fuzz bench package clean
 
 all: build
 
@@ -42,6 +42,17 @@ test: tools lint
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...
 
+## package: .deb and .rpm in dist/ (nfpm, pinned)
+ARCH        := $(shell go env GOARCH)
+PKG_VERSION ?= $(shell git describe --tags --match 'v[0-9]*' 2>/dev/null | sed 's/^v//' | grep . || echo 0.1.0~git$$(git rev-parse --short HEAD 2>/dev/null || echo dev))
+package: build
+	@mkdir -p dist
+	for p in deb rpm; do \
+		PREEMPTD_VERSION=$(PKG_VERSION) PREEMPTD_ARCH=$(ARCH) $$(scripts/tools.sh)/nfpm-v2.45.2/nfpm pkg \
+			--config deploy/package/nfpm.yaml --packager $$p --target dist/ || exit 1; \
+	done
+	@ls -l dist/
+
 ## bench: preemptd against its peers on this machine; writes test/bench/RESULTS.md
 bench:
 	@scripts/tools.sh bench >/dev/null
@@ -59,4 +70,4 @@ fuzz:
 	$(GO) test ./providers/azure -run '^$$' -fuzz FuzzParseDocument -fuzztime $(FUZZTIME)
 
 clean:
-	rm -rf bin $(LOCAL)
+	rm -rf bin dist $(LOCAL)

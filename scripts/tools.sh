@@ -3,13 +3,14 @@
 # through the Go module proxy, into a cache outside the clone (reused by
 # every clone and by CI):
 #   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
-# Usage: scripts/tools.sh [test|bench]   (default test); prints the cache path.
+# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 MC_VERSION=v0.0.0-20250313080218-cf909e1063a9
 S5CMD_VERSION=v2.3.0
+NFPM_VERSION=v2.45.2
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
 set_=${1:-test}
@@ -41,6 +42,7 @@ install_s5cmd() {
 
 install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
 install minio "$MINIO_VERSION" github.com/minio/minio # about 3 minutes to build the first time
+install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
 if [ "$set_" = bench ]; then
   install mc "$MC_VERSION" github.com/minio/mc
   install_s5cmd

@@ -161,6 +161,29 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
 	defer signal.Stop(term)
+
+	// systemd: READY once watching, watchdog pings, a logind delay lock so
+	// that a shutdown waits for the emergency path.
+	sd := systemd.Notifier{Log: log}
+	go sd.Watchdog(watchCtx)
+	shutdown := func(source string) {
+		if a.EmergencyStarted() {
+			return
+		}
+		now := time.Now()
+		a.Inject(agent.Notice{Provider: "systemd", Kind: agent.KindShutdown, ID: source, Action: source,
+			NoticedAt: now, Deadline: now.Add(cfg.ShutdownGrace.D())})
+	}
+	if inh := systemd.Inhibit(log); inh != nil {
+		defer inh.Release()
+		go inh.OnShutdown(watchCtx, func() { shutdown("PrepareForShutdown") })
+		go func() {
+			<-a.EmergencyDone()
+			inh.Release() // the machine may go now
+		}()
+	}
+	sd.Ready("watching " + det.Provider + " notices")
+	defer sd.Stopping()
 	log.Info("preemptd running", "version", buildVersion(), "run_dir", cfg.RunDir, "socket", cfg.Socket())
 
 	var runErr error
@@ -187,10 +210,8 @@ loop:
 				log.Info("SIGTERM during the emergency path; finishing it first")
 				break loop
 			}
-			now := time.Now()
 			log.Warn("SIGTERM at machine shutdown: treating it as a shutdown notice", "grace", cfg.ShutdownGrace.String())
-			a.Inject(agent.Notice{Provider: "systemd", Kind: agent.KindShutdown, ID: "sigterm", Action: "SIGTERM",
-				NoticedAt: now, Deadline: now.Add(cfg.ShutdownGrace.D())})
+			shutdown("SIGTERM")
 			// The emergency path starts on the agent's loop; wait for it, then exit.
 			for wait := time.Now().Add(2 * time.Second); !a.EmergencyStarted() && time.Now().Before(wait); {
 				time.Sleep(10 * time.Millisecond)

@@ -1,0 +1,320 @@
+// Package deploy checks the ways preemptd is deployed: the systemd units
+// (systemd-analyze verify), the .deb and .rpm (built with nfpm, inspected,
+// and under CI installed with dpkg), the install script, the Kubernetes
+// manifests (strictly decoded into the API types) and the Dockerfile.
+package deploy
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/preemptd/preemptd/agent/config"
+)
+
+const repo = "../.."
+
+func need(t *testing.T, tool string) string {
+	t.Helper()
+	p, err := exec.LookPath(tool)
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("%s is not installed (CI needs it)", tool)
+		}
+		t.Skipf("%s not installed", tool)
+	}
+	return p
+}
+
+func build(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "preemptd")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/preemptd")
+	cmd.Dir = repo
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// verify runs systemd-analyze verify on unit files in dir.
+func verify(t *testing.T, dir string, units ...string) {
+	t.Helper()
+	cmd := exec.Command(need(t, "systemd-analyze"), append([]string{"verify", "--man=no"}, units...)...)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Fatalf("systemd-analyze verify %v: %v\n%s", units, err, out)
+	}
+}
+
+func TestSystemdUnits(t *testing.T) {
+	bin := build(t)
+	dir := t.TempDir()
+	unit, _ := os.ReadFile(filepath.Join(repo, "systemd/preemptd.service"))
+	for _, want := range []string{"Type=notify", "Restart=on-failure", "TimeoutStopSec=180s", "WatchdogSec=", "NoNewPrivileges=yes",
+		"ProtectSystem=strict", "ReadWritePaths=/var/lib/preemptd /run/preemptd", "ProtectHome=", "PrivateTmp=yes",
+		"CapabilityBoundingSet=CAP_KILL", "RuntimeDirectory=preemptd", "StateDirectory=preemptd"} {
+		if !bytes.Contains(unit, []byte(want)) {
+			t.Errorf("preemptd.service lacks %s", want)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "preemptd.service"), bytes.ReplaceAll(unit, []byte("/usr/bin/preemptd"), []byte(bin)), 0o644)
+	verify(t, dir, "preemptd.service")
+
+	// A trainer unit with the example drop-in: ordered after preemptd, so it
+	// is stopped first at shutdown.
+	os.WriteFile(filepath.Join(dir, "trainer.service"), []byte("[Service]\nExecStart=/bin/sleep 60\n"), 0o644)
+	os.MkdirAll(filepath.Join(dir, "trainer.service.d"), 0o755)
+	dropIn, _ := os.ReadFile(filepath.Join(repo, "systemd/trainer-drop-in.conf"))
+	os.WriteFile(filepath.Join(dir, "trainer.service.d", "preemptd.conf"), dropIn, 0o644)
+	verify(t, dir, "trainer.service")
+	if !bytes.Contains(dropIn, []byte("After=preemptd.service")) {
+		t.Fatal("the trainer drop-in does not order the trainer after preemptd")
+	}
+	logind, _ := os.ReadFile(filepath.Join(repo, "systemd/logind-preemptd.conf"))
+	if !regexp.MustCompile(`(?m)^InhibitDelayMaxSec=1[0-9]{2}$`).Match(logind) {
+		t.Fatalf("logind drop-in: %s", logind)
+	}
+}
+
+// TestPackage: `make package` builds a .deb and .rpm; the .deb holds the
+// binary, unit, logind drop-in and config with the right control data; under
+// CI (root) it is installed with dpkg, checked, and purged.
+func TestPackage(t *testing.T) {
+	need(t, "dpkg-deb")
+	dist := filepath.Join(repo, "dist")
+	os.RemoveAll(dist)
+	cmd := exec.Command("make", "package", "PKG_VERSION=0.0.0~test")
+	cmd.Dir = repo
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("make package: %v\n%s", err, out)
+	}
+	debs, _ := filepath.Glob(filepath.Join(dist, "preemptd_0.0.0~test_*.deb"))
+	rpms, _ := filepath.Glob(filepath.Join(dist, "preemptd-0.0.0~test-1.*.rpm"))
+	if len(debs) != 1 || len(rpms) != 1 {
+		t.Fatalf("dist holds %v %v", debs, rpms)
+	}
+	deb := debs[0]
+	list, err := exec.Command("dpkg-deb", "-c", deb).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"./usr/bin/preemptd", "./lib/systemd/system/preemptd.service", "./etc/preemptd/preemptd.yaml",
+		"./usr/lib/systemd/logind.conf.d/preemptd.conf", "./var/lib/preemptd/"} {
+		if !bytes.Contains(list, []byte(f)) {
+			t.Errorf(".deb lacks %s:\n%s", f, list)
+		}
+	}
+	control, _ := exec.Command("dpkg-deb", "-f", deb).Output()
+	for _, want := range []string{"Package: preemptd", "Version: 0.0.0~test", "Depends: libc6"} {
+		if !bytes.Contains(control, []byte(want)) {
+			t.Errorf("control lacks %q:\n%s", want, control)
+		}
+	}
+	scripts := t.TempDir()
+	exec.Command("dpkg-deb", "-e", deb, scripts).Run()
+	conffiles, _ := os.ReadFile(filepath.Join(scripts, "conffiles"))
+	post, _ := os.ReadFile(filepath.Join(scripts, "postinst"))
+	if !bytes.Contains(conffiles, []byte("/etc/preemptd/preemptd.yaml")) || !bytes.Contains(post, []byte("enable preemptd.service")) {
+		t.Fatalf("conffiles %q, postinst %q", conffiles, post)
+	}
+
+	if os.Geteuid() != 0 || (os.Getenv("CI") == "" && os.Getenv("PREEMPTD_DPKG_TEST") == "") {
+		t.Log("dpkg -i skipped: it runs as root under CI (or with PREEMPTD_DPKG_TEST=1)")
+		return
+	}
+	if out, err := exec.Command("dpkg", "-s", "preemptd").CombinedOutput(); err == nil && !bytes.Contains(out, []byte("0.0.0~test")) {
+		t.Skipf("a real preemptd package is installed here; not replacing it:\n%s", out)
+	}
+	if out, err := exec.Command("dpkg", "-i", deb).CombinedOutput(); err != nil {
+		t.Fatalf("dpkg -i: %v\n%s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("dpkg", "--purge", "preemptd").CombinedOutput(); err != nil {
+			t.Errorf("dpkg --purge: %v\n%s", err, out)
+		}
+	})
+	for _, f := range []string{"/usr/bin/preemptd", "/lib/systemd/system/preemptd.service", "/etc/preemptd/preemptd.yaml"} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("after dpkg -i: %v", err)
+		}
+	}
+	if out, err := exec.Command("/usr/bin/preemptd", "version").CombinedOutput(); err != nil {
+		t.Fatalf("installed binary: %v\n%s", err, out)
+	}
+	c, err := config.Load("/etc/preemptd/preemptd.yaml", func(string) string { return "" })
+	if err == nil {
+		err = c.Validate()
+	}
+	if err != nil {
+		t.Fatalf("installed config: %v", err)
+	}
+	verify(t, "/lib/systemd/system", "/lib/systemd/system/preemptd.service")
+}
+
+func TestInstallScript(t *testing.T) {
+	bin := build(t)
+	root := t.TempDir()
+	for range 2 { // idempotent
+		cmd := exec.Command("sh", filepath.Join(repo, "deploy/image/install.sh"), "--binary", bin, "--root", root)
+		if out, err := cmd.CombinedOutput(); err != nil || !bytes.Contains(out, []byte("installed under")) {
+			t.Fatalf("install.sh: %v\n%s", err, out)
+		}
+	}
+	for _, f := range []string{"usr/bin/preemptd", "etc/systemd/system/preemptd.service", "etc/preemptd/preemptd.yaml",
+		"etc/systemd/logind.conf.d/preemptd.conf"} {
+		if _, err := os.Stat(filepath.Join(root, f)); err != nil {
+			t.Errorf("install.sh did not place %s: %v", f, err)
+		}
+	}
+	cmd := exec.Command("sh", filepath.Join(repo, "deploy/image/install.sh"), "--binary", bin, "--root", root)
+	cmd.Env = append(os.Environ(), "PREEMPTD_ARCH=sparc64")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !bytes.Contains(out, []byte("unsupported architecture 'sparc64'")) {
+		t.Fatalf("unknown architecture: %v\n%s", err, out)
+	}
+}
+
+// docs splits a multi-document YAML file.
+func docs(t *testing.T, path string) [][]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out [][]byte
+	for _, d := range regexp.MustCompile(`(?m)^---\s*$`).Split(string(b), -1) {
+		if strings.TrimSpace(regexp.MustCompile(`(?m)^#.*$`).ReplaceAllString(d, "")) != "" {
+			out = append(out, []byte(d))
+		}
+	}
+	return out
+}
+
+// strict decodes YAML into v, refusing unknown fields.
+func strict(doc []byte, v any) error {
+	j, err := yaml.YAMLToJSON(doc)
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(j))
+	dec.DisallowUnknownFields()
+	return dec.Decode(v)
+}
+
+func TestKubernetesManifests(t *testing.T) {
+	envs := config.EnvVars()
+	checkEnv := func(c corev1.Container) {
+		if c.Name != "preemptd" {
+			return // the trainer's own environment
+		}
+		for _, e := range c.Env {
+			if strings.HasPrefix(e.Name, "PREEMPTD_") {
+				if _, ok := envs[e.Name]; !ok {
+					t.Errorf("container %s sets %s, which preemptd does not read", c.Name, e.Name)
+				}
+			}
+		}
+	}
+	files, _ := filepath.Glob(filepath.Join(repo, "deploy/kubernetes/*.yaml"))
+	if len(files) < 2 {
+		t.Fatalf("found %d manifests", len(files))
+	}
+	kinds := map[string]int{}
+	for _, f := range files {
+		for i, d := range docs(t, f) {
+			var meta struct{ Kind string }
+			yaml.Unmarshal(d, &meta)
+			kinds[meta.Kind]++
+			where := fmt.Sprintf("%s#%d (%s)", filepath.Base(f), i, meta.Kind)
+			switch meta.Kind {
+			case "Pod":
+				var p corev1.Pod
+				if err := strict(d, &p); err != nil {
+					t.Fatalf("%s: %v", where, err)
+				}
+				if p.Spec.ShareProcessNamespace == nil || !*p.Spec.ShareProcessNamespace {
+					t.Errorf("%s: the sidecar needs shareProcessNamespace", where)
+				}
+				if g := p.Spec.TerminationGracePeriodSeconds; g == nil || *g < 120 {
+					t.Errorf("%s: terminationGracePeriodSeconds must cover a 2-minute notice", where)
+				}
+				for _, c := range p.Spec.Containers {
+					checkEnv(c)
+				}
+			case "DaemonSet":
+				var ds appsv1.DaemonSet
+				if err := strict(d, &ds); err != nil {
+					t.Fatalf("%s: %v", where, err)
+				}
+				if !ds.Spec.Template.Spec.HostPID {
+					t.Errorf("%s: the DaemonSet needs hostPID", where)
+				}
+				for _, c := range ds.Spec.Template.Spec.Containers {
+					checkEnv(c)
+				}
+			case "ConfigMap":
+				var cm corev1.ConfigMap
+				if err := strict(d, &cm); err != nil {
+					t.Fatalf("%s: %v", where, err)
+				}
+				p := filepath.Join(t.TempDir(), "preemptd.yaml")
+				os.WriteFile(p, []byte(cm.Data["preemptd.yaml"]), 0o644)
+				c, err := config.Load(p, func(string) string { return "" })
+				if err == nil {
+					err = c.Validate()
+				}
+				if err != nil {
+					t.Errorf("%s: its preemptd.yaml: %v", where, err)
+				}
+			default:
+				t.Errorf("%s: no check for this kind", where)
+			}
+		}
+	}
+	if kinds["Pod"] != 1 || kinds["DaemonSet"] != 1 || kinds["ConfigMap"] != 1 {
+		t.Fatalf("kinds = %v", kinds)
+	}
+}
+
+// TestDockerfile: no engine here, so check what can be reasoned about: two
+// stages, a cgo build, no static linking, a glibc runtime, files that exist.
+func TestDockerfile(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repo, "deploy/container/Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	if n := strings.Count(s, "\nFROM ") + strings.Count(s[:5], "FROM"); n < 2 {
+		t.Errorf("want a multi-stage build, found %d FROM", n)
+	}
+	for _, want := range []string{"CGO_ENABLED=1", "distroless/base-debian12", "ENTRYPOINT"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("Dockerfile lacks %s", want)
+		}
+	}
+	if strings.Contains(s, "-static") || strings.Contains(s, "distroless/static") {
+		t.Error("a static binary or image: NVML needs dynamic linking against glibc")
+	}
+	for _, m := range regexp.MustCompile(`(?m)^COPY (?:--from=\S+ )?(\S+) `).FindAllStringSubmatch(s, -1) {
+		if strings.HasPrefix(m[0], "COPY --from") || m[1] == "." {
+			continue
+		}
+		for _, src := range strings.Fields(m[1]) {
+			if _, err := os.Stat(filepath.Join(repo, src)); err != nil {
+				t.Errorf("COPY %s: %v", src, err)
+			}
+		}
+	}
+}
