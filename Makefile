@@ -11,7 +11,7 @@ BIN         := bin/preemptd
 LOCAL       := $(CURDIR)/.preemptd
 TOOLS        = $(shell scripts/tools.sh)
 
-.PHONY: all build run demo test test-short lint tools fuzz bench package clean
+.PHONY: all build run demo test test-short lint tools fuzz bench chaos package clean
 
 all: build
 
@@ -60,7 +60,11 @@ bench:
 	PREEMPTD_TOOLS=$$(scripts/tools.sh bench) PREEMPTD_BENCH=1 BENCH_OUT=$(CURDIR)/test/bench/RESULTS.md \
 		$(GO) test -count=1 -timeout 30m -v -run . ./test/bench/
 
-## fuzz: a short pass over every parser's fuzz target
+## chaos: the fault suite in full, with a summary table (the short form runs in `make test`)
+chaos: tools
+	scripts/chaos.sh
+
+## fuzz: a short pass over every parser's fuzz target (seed corpora in testdata/fuzz)
 FUZZTIME ?= 10s
 fuzz:
 	$(GO) test ./agent/config -run '^$$' -fuzz FuzzLoad -fuzztime $(FUZZTIME)
@@ -68,6 +72,8 @@ fuzz:
 	$(GO) test ./providers/aws -run '^$$' -fuzz FuzzParseScheduled -fuzztime $(FUZZTIME)
 	$(GO) test ./providers/gcp -run '^$$' -fuzz FuzzParsePreempted -fuzztime $(FUZZTIME)
 	$(GO) test ./providers/azure -run '^$$' -fuzz FuzzParseDocument -fuzztime $(FUZZTIME)
+	$(GO) test ./providers/local -run '^$$' -fuzz FuzzParseTrigger -fuzztime $(FUZZTIME)
+	$(GO) test ./checkpoint -run '^$$' -fuzz FuzzParseManifest -fuzztime $(FUZZTIME)
 
 clean:
 	rm -rf bin dist $(LOCAL)

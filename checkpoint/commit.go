@@ -411,6 +411,32 @@ func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp s
 	return nil
 }
 
+// Repair points latest at the newest committed checkpoint when a crash came
+// between a manifest and the pointer (the manifest is written only after
+// every byte, so that checkpoint is whole). It says what it did.
+func (c *Committer) Repair(ctx context.Context) (string, error) {
+	ms, latest, err := c.List(ctx)
+	if err != nil || len(ms) == 0 {
+		return "", err
+	}
+	newest := ms[len(ms)-1]
+	if newest.Name == latest {
+		return "", nil
+	}
+	if latest != "" {
+		for _, m := range ms {
+			if m.Name == latest && !m.CommittedAt.Before(newest.CommittedAt) {
+				return "", nil
+			}
+		}
+	}
+	lb, _ := json.Marshal(Latest{Name: newest.Name, Step: newest.Step, CommittedAt: newest.CommittedAt})
+	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
+		return "", fmt.Errorf("repair latest: %w", err)
+	}
+	return newest.Name, nil
+}
+
 // Cleanup aborts the run's interrupted uploads (a crash mid-upload).
 func (c *Committer) Cleanup(ctx context.Context) (int, error) {
 	return c.Store.AbortIncomplete(ctx, c.Run)

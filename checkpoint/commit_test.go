@@ -231,3 +231,27 @@ func TestRestoreNothingCommitted(t *testing.T) {
 		t.Fatalf("Restore = %v", err)
 	}
 }
+
+// TestRepairLatest: a crash between a checkpoint's manifest and the latest
+// pointer leaves latest behind; Repair moves it to the whole checkpoint.
+func TestRepairLatest(t *testing.T) {
+	st, _ := storage.NewDir(t.TempDir())
+	ctx := context.Background()
+	root := t.TempDir()
+	c := &Committer{Store: st, Run: "r"}
+	dcp(t, root, "step-1", map[string]int{"a": 100})
+	dcp(t, root, "step-2", map[string]int{"a": 100})
+	c.Commit(ctx, scanOne(t, root, "step-1"))
+	old, _ := json.Marshal(Latest{Name: "step-1"})
+	c.Commit(ctx, scanOne(t, root, "step-2"))
+	st.PutBytes(ctx, latestKey("r"), old) // as if the crash came before the pointer moved
+	if name, err := c.Repair(ctx); err != nil || name != "step-2" {
+		t.Fatalf("Repair = %q, %v", name, err)
+	}
+	if _, latest, _ := c.List(ctx); latest != "step-2" {
+		t.Fatalf("latest = %s", latest)
+	}
+	if name, _ := c.Repair(ctx); name != "" {
+		t.Fatalf("second Repair changed %q", name)
+	}
+}

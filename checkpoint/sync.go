@@ -75,6 +75,11 @@ func (s *Syncer) Run(ctx context.Context) error {
 	} else if n > 0 {
 		s.log().Info("aborted interrupted uploads left by an earlier run", "count", n)
 	}
+	if name, err := s.Committer.Repair(ctx); err != nil {
+		s.log().Warn("could not check the latest pointer", "err", err)
+	} else if name != "" {
+		s.log().Warn("latest pointed at an older checkpoint than the newest committed one (a crash between manifest and pointer); repaired", "latest", name)
+	}
 	s.loadCommitted(ctx)
 
 	w, err := fsnotify.NewWatcher()

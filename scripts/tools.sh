@@ -3,7 +3,7 @@
 # through the Go module proxy, into a cache outside the clone (reused by
 # every clone and by CI):
 #   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
-# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm); prints the cache path.
+# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
@@ -11,6 +11,8 @@ MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 MC_VERSION=v0.0.0-20250313080218-cf909e1063a9
 S5CMD_VERSION=v2.3.0
 NFPM_VERSION=v2.45.2
+TOXIPROXY_VERSION=v2.5.0
+AWSCLI_VERSION=2.9.19-1
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
 set_=${1:-test}
@@ -23,6 +25,9 @@ install() {
   echo "tools: installing $name $version (once; cached in $dir)" >&2
   rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
   GOBIN="$dir.tmp" GOFLAGS=-mod=mod go install "$pkg@$version" >&2
+  local built
+  built=$(basename "$pkg")
+  [ "$built" = "$name" ] || mv "$dir.tmp/$built" "$dir.tmp/$name"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
@@ -43,8 +48,14 @@ install_s5cmd() {
 install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
 install minio "$MINIO_VERSION" github.com/minio/minio # about 3 minutes to build the first time
 install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
+install toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server
 if [ "$set_" = bench ]; then
   install mc "$MC_VERSION" github.com/minio/mc
   install_s5cmd
+  # aws-cli from Debian, pinned.
+  if ! dpkg-query -W -f='${Version}' awscli 2>/dev/null | grep -qx "$AWSCLI_VERSION"; then
+    echo "tools: installing awscli $AWSCLI_VERSION from Debian (needs root)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "awscli=$AWSCLI_VERSION"; } >&2
+  fi
 fi
 echo "$cache"

@@ -75,6 +75,7 @@ Commands:
   restore    download the latest (or a named) committed checkpoint, verified
   upload     commit one checkpoint folder to the store now
   report     the fleet report: interruptions, lifetimes, time to durable, cost and savings
+  doctor     check metadata reach, the store (write/read/delete), NVML and the trainer target
   version    print the version
 
 Every command takes --config FILE (default $PREEMPTD_CONFIG, then
@@ -110,6 +111,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return cmdUpload(ctx, rest, getenv, stdout, stderr)
 	case "report":
 		return cmdReport(ctx, rest, getenv, stdout, stderr)
+	case "doctor":
+		return cmdDoctor(ctx, rest, getenv, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "preemptd", buildVersion())
 		return nil

@@ -97,3 +97,15 @@ func TestTriggerFile(t *testing.T) {
 		t.Fatalf("Watch returned %v", err)
 	}
 }
+
+func FuzzParseTrigger(f *testing.F) {
+	for _, s := range []string{"", "preempt 30s", `{"kind":"stop","in":"45s"}`, "explode", "terminate -1s"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := ParseTrigger([]byte(s), time.Now())
+		if err == nil && (n.Kind == "" || n.Deadline.Before(n.NoticedAt)) {
+			t.Fatalf("accepted %q as %+v", s, n)
+		}
+	})
+}

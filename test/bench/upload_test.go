@@ -41,17 +41,6 @@ func machine() string {
 	return fmt.Sprintf("%d cores (%s), %s, %s, %s/%s", runtime.NumCPU(), cpu, mem, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
-func build(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "preemptd")
-	cmd := exec.Command("go", "build", "-o", bin, "../../cmd/preemptd")
-	cmd.Stderr = os.Stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatal(err)
-	}
-	return bin
-}
-
 func timeIt(t *testing.T, env []string, name string, args ...string) time.Duration {
 	t.Helper()
 	cmd := exec.Command(name, args...)
@@ -72,19 +61,30 @@ func median(ds []time.Duration) time.Duration {
 }
 
 // TestUploadThroughput: preemptd's upload path (hash, parallel multipart,
-// manifest, latest) against s5cmd and mc on the same file and MinIO,
-// interleaved rounds.
+// manifest, latest) against s5cmd, mc and `aws s3 cp` on the same 1 GiB and
+// 8 GiB files and the same MinIO, interleaved rounds.
 func TestUploadThroughput(t *testing.T) {
 	requireBench(t)
-	sizeGiB := 1
+	sizes := []int{1, 8}
 	if v := os.Getenv("BENCH_GIB"); v != "" {
-		fmt.Sscan(v, &sizeGiB)
+		var n int
+		fmt.Sscan(v, &n)
+		sizes = []int{n}
 	}
-	rounds := 3
+	for _, gib := range sizes {
+		rounds := 3
+		if gib >= 8 {
+			rounds = 2
+		}
+		t.Run(fmt.Sprintf("%dGiB", gib), func(t *testing.T) { uploadBench(t, gib, rounds) })
+	}
+}
+
+func uploadBench(t *testing.T, sizeGiB, rounds int) {
 	s3 := peers.StartMinIO(t)
 	s5cmd := peers.Require(t, "s5cmd", "v2.3.0")
 	mc := peers.Require(t, "mc", "v0.0.0-20250313080218-cf909e1063a9")
-	bin := build(t)
+	bin, _ := binaries(t)
 
 	work := t.TempDir()
 	root := filepath.Join(work, "ckpt")
@@ -102,7 +102,11 @@ func TestUploadThroughput(t *testing.T) {
 	env := append(s3.Env(), "MC_HOST_bench="+strings.Replace(s3.Endpoint, "http://", "http://"+peers.MinIOUser+":"+peers.MinIOPassword+"@", 1),
 		"MC_CONFIG_DIR="+filepath.Join(work, "mc"))
 	times := map[string][]time.Duration{}
-	tools := []string{"preemptd", "s5cmd", "mc"}
+	tools := []string{"preemptd", "s5cmd", "mc", "aws"}
+	awsCLI := "/usr/bin/aws" // Debian's awscli (scripts/tools.sh bench)
+	if _, err := os.Stat(awsCLI); err != nil {
+		t.Fatalf("%s: %v (scripts/tools.sh bench installs it)", awsCLI, err)
+	}
 	for r := range rounds {
 		for _, tool := range tools {
 			key := fmt.Sprintf("%s-%d", tool, r)
@@ -117,6 +121,9 @@ func TestUploadThroughput(t *testing.T) {
 				d = timeIt(t, env, s5cmd, "--endpoint-url", s3.Endpoint, "cp", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
 			case "mc":
 				d = timeIt(t, env, mc, "--quiet", "cp", file, "bench/"+s3.Bucket+"/bench/"+key+"/data.bin")
+			case "aws":
+				d = timeIt(t, append(env, "AWS_CONFIG_FILE=/dev/null", "AWS_SHARED_CREDENTIALS_FILE=/dev/null"), awsCLI,
+					"--endpoint-url", s3.Endpoint, "s3", "cp", "--only-show-errors", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
 			}
 			times[tool] = append(times[tool], d)
 			t.Logf("round %d %-8s %v (%.0f MB/s)", r+1, tool, d.Round(time.Millisecond), float64(size)/d.Seconds()/1e6)
@@ -139,14 +146,6 @@ func TestUploadThroughput(t *testing.T) {
 		fmt.Fprintf(&b, "| %s | %v | %.0f | %.2f | %s |\n", tool, m.Round(time.Millisecond), float64(size)/m.Seconds()/1e6,
 			m.Seconds()/base.Seconds(), strings.Join(rs, ", "))
 	}
-	fmt.Fprintf(&b, "\npreemptd's time includes what the others do not do: a SHA-256 of every byte (recorded in the manifest and checked on restore), the manifest and the run's latest pointer. Parts: 64 MiB, 8 threads, CRC32C per part.\n")
-	t.Log("\n" + b.String())
-	if out := os.Getenv("BENCH_OUT"); out != "" {
-		f, err := os.OpenFile(out, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		f.WriteString(b.String() + "\n")
-	}
+	fmt.Fprintf(&b, "\npreemptd's time includes what the others do not do: a SHA-256 of every byte (recorded in the manifest and checked on restore), the manifest and the run's latest pointer. Parts: 64 MiB, 8 threads, CRC32C per part. Peers at their defaults: s5cmd v2.3.0, mc %s, aws-cli 2.9.19 (Debian).\n", "v0.0.0-20250313080218-cf909e1063a9")
+	appendResults(t, b.String())
 }

@@ -147,6 +147,7 @@ func TestTrainerKilledMidSave(t *testing.T) {
 	if latest != "step-1" || len(names) != 1 {
 		t.Fatalf("latest %q, committed %v; want only step-1", latest, names)
 	}
+	chaos(t, "process: the trainer dies in the middle of its save", "nothing committed; step-1 stays latest; the record says why")
 }
 
 // TestDaemonKilledMidUpload: preemptd is SIGKILLed while it uploads a large
@@ -172,7 +173,10 @@ func TestDaemonKilledMidUpload(t *testing.T) {
 		return latest == "step-1" // finished before we caught it in flight
 	})
 	<-d.exited
-	t.Logf("killed mid-upload: %v; multipart uploads left by the killed daemon: %d", killed, s3.IncompleteUploads(t))
+	left := s3.IncompleteUploads(t)
+	t.Logf("killed mid-upload: %v; multipart uploads left by the killed daemon: %d", killed, left)
+	chaos(t, "process: preemptd SIGKILLed mid-upload (512 MiB), restarted",
+		fmt.Sprintf("%d orphaned multipart upload(s) aborted at restart; checkpoint committed and restored byte for byte", left))
 
 	d2 := startDaemonIn(t, dir, cfg, s3.Env()...)
 	waitFor(t, 90*time.Second, "step-1 committed after restart", func() bool {

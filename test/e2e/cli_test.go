@@ -168,6 +168,25 @@ hooks: {on_notice: ["env | grep ^PREEMPTD_ > %s"]}
 	if err != nil || !strings.Contains(string(b), "PREEMPTD_KIND=terminate") || !strings.Contains(string(b), "PREEMPTD_SECONDS_LEFT=") {
 		t.Fatalf("hook output: %v\n%s", err, b)
 	}
+	chaos(t, "process: the trainer ignores SIGTERM", "SIGKILL at kill_after (1 s), well before the deadline")
+}
+
+// TestChaosNoticeWithdrawn: a maintenance notice that appears and is
+// withdrawn before it turns fatal signals nothing and leaves no notice.json.
+func TestChaosNoticeWithdrawn(t *testing.T) {
+	dir := shortDir(t)
+	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName))
+	d := startDaemonIn(t, dir, fmt.Sprintf("provider: local\ntrainer: {pid_file: %q}\n", tr.pidFile))
+	trigger := filepath.Join(d.runDir, "trigger")
+	writeFile(t, trigger, "maintenance 10m\n")
+	waitFor(t, 5*time.Second, "notice.json", func() bool { _, ok := d.noticeFile(); return ok })
+	os.Remove(trigger)
+	waitFor(t, 5*time.Second, "notice.json to go", func() bool { _, ok := d.noticeFile(); return !ok })
+	time.Sleep(500 * time.Millisecond)
+	if st := d.status(); st.State != "watching" || st.Emergency != nil || len(tr.records()) != 0 {
+		t.Fatalf("after withdrawal: state %s, emergency %v, trainer got %v", st.State, st.Emergency, tr.records())
+	}
+	chaos(t, "metadata: a notice appears and is withdrawn", "no signal, no emergency path, notice.json removed, state watching")
 }
 
 // TestGPUCommand: `preemptd gpu --json` on a machine without an NVIDIA

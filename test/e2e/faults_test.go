@@ -8,6 +8,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -188,6 +189,10 @@ func TestMetadataFaults(t *testing.T) {
 		c.flaky.set(faultNone)
 	}
 	t.Logf("faults injected over %v: %v", dur, injected)
+	var lines []string
+	defer func() {
+		chaos(t, fmt.Sprintf("metadata: %v for %v (aws via AEMM, gcp, azure)", faultCycle, dur), strings.Join(lines, "; "))
+	}()
 
 	for _, c := range clouds {
 		select {
@@ -202,15 +207,16 @@ func TestMetadataFaults(t *testing.T) {
 		if len(st.Notices) != 0 || st.Emergency != nil {
 			t.Fatalf("%s: notices after faults: %+v", c.name, st)
 		}
-		lines := c.d.logLines()
+		logLines := c.d.logLines()
 		failures := c.flaky.failures.Load()
-		t.Logf("%s: %d failed metadata requests, %d log lines", c.name, failures, len(lines))
+		t.Logf("%s: %d failed metadata requests, %d log lines", c.name, failures, len(logLines))
 		if failures < 3 {
 			t.Fatalf("%s: only %d failed requests; the faults did not reach the daemon", c.name, failures)
 		}
-		if int64(len(lines)) > 12+2*int64(len(injected)) {
-			t.Fatalf("%s: %d log lines for %d fault phases: flooding", c.name, len(lines), len(injected))
+		if int64(len(logLines)) > 12+2*int64(len(injected)) {
+			t.Fatalf("%s: %d log lines for %d fault phases: flooding", c.name, len(logLines), len(injected))
 		}
+		lines = append(lines, fmt.Sprintf("%s: no notice, no exit, %d log lines for %d failed requests", c.name, len(logLines), failures))
 	}
 
 	// The services recover: a real notice gets through.
@@ -227,4 +233,5 @@ func TestMetadataFaults(t *testing.T) {
 	if st := clouds[0].d.status(); st.State != "watching" {
 		t.Fatalf("aws after faults: %+v", st)
 	}
+	lines = append(lines, "real notices delivered afterwards")
 }

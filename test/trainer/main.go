@@ -37,6 +37,8 @@ func main() {
 	ckptBytes := flag.Int64("ckpt-bytes", 8<<20, "bytes of shard data per checkpoint")
 	dieMidSave := flag.Bool("die-mid-save", false, "on the exit signal, write half the shards and die without .metadata")
 	saveDelay := flag.Duration("save-delay", 0, "time the save on the exit signal takes before its first byte")
+	shards := flag.Int("ckpt-shards", 4, "shard files per checkpoint")
+	keep := flag.Int("ckpt-unchanged", 0, "shards copied unchanged from the previous step (frozen weights)")
 	flag.Parse()
 
 	out := os.Stdout
@@ -62,7 +64,7 @@ func main() {
 	}
 	step := 1
 	if *ckptDir != "" {
-		if err := saveDCP(*ckptDir, step, *ckptBytes, false); err != nil {
+		if err := saveDCP(*ckptDir, step, *ckptBytes, *shards, 0, false); err != nil {
 			fmt.Fprintln(os.Stderr, "trainer:", err)
 			os.Exit(1)
 		}
@@ -81,7 +83,7 @@ func main() {
 		if exit[rec.Signal] && !*ignore && *ckptDir != "" {
 			time.Sleep(*saveDelay)
 			step++
-			if err := saveDCP(*ckptDir, step, *ckptBytes, *dieMidSave); err != nil {
+			if err := saveDCP(*ckptDir, step, *ckptBytes, *shards, *keep, *dieMidSave); err != nil {
 				fmt.Fprintln(os.Stderr, "trainer:", err)
 				os.Exit(1)
 			}
@@ -96,19 +98,28 @@ func main() {
 // saveDCP writes a checkpoint the way torch.distributed.checkpoint does:
 // shard files first, .metadata (through .metadata.tmp and a rename) last.
 // Dying mid-save leaves half the shards and no .metadata.
-func saveDCP(root string, step int, size int64, die bool) error {
+func saveDCP(root string, step int, size int64, shards, unchanged int, die bool) error {
 	dir := filepath.Join(root, fmt.Sprintf("step-%d", step))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	const shards = 4
 	buf := make([]byte, 1<<20)
 	for i := range shards {
-		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("__%d_0.distcp", i)))
+		name := fmt.Sprintf("__%d_0.distcp", i)
+		if i < unchanged {
+			b, err := os.ReadFile(filepath.Join(root, fmt.Sprintf("step-%d", step-1), name))
+			if err == nil {
+				if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+					return err
+				}
+				continue
+			}
+		}
+		f, err := os.Create(filepath.Join(dir, name))
 		if err != nil {
 			return err
 		}
-		for left := size / shards; left > 0; left -= int64(len(buf)) {
+		for left := size / int64(shards); left > 0; left -= int64(len(buf)) {
 			rand.Read(buf)
 			n := min(left, int64(len(buf)))
 			if _, err := f.Write(buf[:n]); err != nil {

@@ -1,0 +1,132 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/preemptd/preemptd/agent/gpu"
+	"github.com/preemptd/preemptd/agent/trainer"
+	"github.com/preemptd/preemptd/providers"
+)
+
+// errDoctor is returned when a check failed (exit code 1).
+var errDoctor = errors.New("doctor: some checks failed")
+
+// cmdDoctor checks what preemptd needs before a notice comes: the metadata
+// service, the store (write, read back, delete), NVML and the trainer target.
+func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	c := newFlags("doctor", "doctor [--config FILE]", stderr, true)
+	if err := c.parse(args); err != nil {
+		return err
+	}
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return err
+	}
+	failed := false
+	report := func(level, what, detail string) {
+		if level == "FAIL" {
+			failed = true
+		}
+		fmt.Fprintf(stdout, "%-4s  %-10s %s\n", level, what, detail)
+	}
+	report("OK", "config", "valid")
+
+	// Metadata.
+	det := detect(ctx, &cfg, getenv)
+	prov, err := providers.Build(det.Provider, &cfg, newLogger(io.Discard, "error"), nil)
+	switch {
+	case err != nil:
+		report("FAIL", "metadata", err.Error())
+	case prov.Identifier == nil:
+		report("OK", "metadata", fmt.Sprintf("provider %s (no metadata service to reach; trigger file %s)", det.Provider, cfg.TriggerFile()))
+	default:
+		mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		inst, err := prov.Identifier.Identity(mctx)
+		cancel()
+		if err != nil {
+			report("FAIL", "metadata", fmt.Sprintf("provider %s: %v", det.Provider, err))
+		} else {
+			report("OK", "metadata", fmt.Sprintf("provider %s: %s %s in %s (%s)", det.Provider, inst.ID, inst.Type, inst.Zone, inst.Lifecycle))
+		}
+	}
+
+	// Run dir.
+	if err := os.MkdirAll(cfg.RunDir, 0o755); err != nil {
+		report("FAIL", "run_dir", err.Error())
+	} else if f, err := os.CreateTemp(cfg.RunDir, ".doctor-*"); err != nil {
+		report("FAIL", "run_dir", fmt.Sprintf("%s is not writable: %v", cfg.RunDir, err))
+	} else {
+		f.Close()
+		os.Remove(f.Name())
+		report("OK", "run_dir", cfg.RunDir)
+	}
+
+	// Store: write, read back, delete.
+	cm, err := newCommitter(&cfg, getenv, nil)
+	if err != nil {
+		report("FAIL", "store", err.Error())
+	} else {
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		key := fmt.Sprintf("_doctor/%s-%d", filepath.Base(cm.Instance), time.Now().UnixNano())
+		probe := []byte("preemptd doctor " + time.Now().UTC().Format(time.RFC3339Nano))
+		var got bytes.Buffer
+		err := cm.Store.PutBytes(sctx, key, probe)
+		if err == nil {
+			err = cm.Store.Get(sctx, key, &got)
+		}
+		if err == nil && !bytes.Equal(got.Bytes(), probe) {
+			err = fmt.Errorf("read back %d bytes that differ from the %d written", got.Len(), len(probe))
+		}
+		if err == nil {
+			err = cm.Store.Delete(sctx, key)
+		}
+		cancel()
+		if err != nil {
+			report("FAIL", "store", fmt.Sprintf("%s: %v", cm.Store, err))
+		} else {
+			report("OK", "store", fmt.Sprintf("%s: write, read back and delete work (run %s)", cm.Store, cm.Run))
+		}
+	}
+
+	// NVML.
+	g := gpu.Open(nil)
+	snap := g.Snapshot(ctx)
+	g.Close()
+	if snap.Available {
+		report("OK", "gpu", fmt.Sprintf("driver %s, CUDA %s, %d GPU(s), %d process(es) on them", snap.Driver, snap.CUDA, len(snap.Devices), len(snap.GPUPIDs())))
+	} else {
+		report("INFO", "gpu", snap.Reason)
+	}
+
+	// Trainer.
+	var extra trainer.Extra
+	if cfg.Trainer.GPUProcesses {
+		extra = gpu.Open(nil)
+	}
+	tr, err := trainer.New(trainer.Config{PIDFile: cfg.Trainer.PIDFile, Match: cfg.Trainer.Match, Unit: cfg.Trainer.Unit,
+		Group: cfg.Trainer.Group}, extra, nil)
+	switch {
+	case err != nil:
+		report("FAIL", "trainer", err.Error())
+	case !tr.Configured():
+		report("WARN", "trainer", "no target configured: set trainer.pid_file, trainer.match, trainer.unit or trainer.gpu_processes")
+	default:
+		pids, sources, problems := tr.Find(ctx)
+		if len(pids) == 0 {
+			report("WARN", "trainer", fmt.Sprintf("no process found now %v (fine if the trainer has not started)", problems))
+		} else {
+			report("OK", "trainer", fmt.Sprintf("would signal %v (%v) with %s", pids, sources, cfg.Trainer.Signal))
+		}
+	}
+	if failed {
+		return errDoctor
+	}
+	return nil
+}

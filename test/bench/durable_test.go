@@ -1,0 +1,65 @@
+package bench
+
+import (
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/test/peers"
+)
+
+// TestTimeToDurable: notice → checkpoint committed for a 2 GiB, 8-shard DCP
+// checkpoint written on the signal, of which 6 shards are unchanged from the
+// step before (frozen weights) — with continuous sync having already
+// committed that step, and without (sync off: everything goes at the notice).
+func TestTimeToDurable(t *testing.T) {
+	requireBench(t)
+	s3 := peers.StartMinIO(t)
+	rounds := 2
+	res := map[bool][]time.Duration{}
+	for r := range rounds {
+		for _, sync := range []bool{true, false} {
+			dir := t.TempDir()
+			ckpt := filepath.Join(dir, "ckpt")
+			pid, _, tr := trainer(t, dir, "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(2<<30), "--ckpt-shards", "8", "--ckpt-unchanged", "6")
+			run := fmt.Sprintf("durable-%v-%d", sync, r)
+			d := daemon(t, dir, fmt.Sprintf("provider: local\nrun_id: %s\ntrainer: {pid_file: %q}\ncheckpoint: {dir: %q, layout: dcp, sync: %v}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\n",
+				run, pid, ckpt, sync, s3.Bucket, s3.Endpoint), s3.Env()...)
+			if sync {
+				bin, _ := binaries(t)
+				waitFor(t, 5*time.Minute, func() bool {
+					cmd := exec.Command(bin, "ls", "--config", filepath.Join(dir, "preemptd.yaml"))
+					cmd.Env = append(cleanEnv(), s3.Env()...)
+					out, _ := cmd.CombinedOutput()
+					return strings.Contains(string(out), "latest")
+				})
+			}
+			bin, _ := binaries(t)
+			if out, err := exec.Command(bin, "simulate", "--config", filepath.Join(dir, "preemptd.yaml"), "--kind", "preempt", "--in", "10m", "--wait").CombinedOutput(); err != nil {
+				t.Fatalf("simulate: %v\n%s", err, out)
+			}
+			st := status(t, dir)
+			if st.Emergency == nil || st.Emergency.Checkpoint == nil {
+				t.Fatalf("no checkpoint committed: %+v", st.Emergency)
+			}
+			took := st.Emergency.Checkpoint.CommittedAt.Sub(st.Emergency.Notice.NoticedAt)
+			t.Logf("sync %v: notice → durable %v (sent %d of %d bytes)", sync, took, st.Emergency.Checkpoint.SentBytes, st.Emergency.Checkpoint.Bytes)
+			res[sync] = append(res[sync], took)
+			d.stop()
+			tr.stop()
+			exec.Command("rm", "-rf", ckpt).Run()
+		}
+	}
+	med := func(ds []time.Duration) time.Duration { return pct(ds, .5) }
+	var b strings.Builder
+	fmt.Fprintf(&b, "### Time to durable (%s)\n\n", time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&b, "Machine: %s. MinIO on 127.0.0.1. The trainer writes a 2 GiB DCP checkpoint (8 shards, 6 of them unchanged from the step before) when it gets SIGTERM; measured from the notice to the checkpoint's commit (manifest and latest written), %d rounds each, medians.\n\n", machine(), rounds)
+	fmt.Fprintf(&b, "| continuous sync | notice → durable | rounds |\n|---|---|---|\n")
+	fmt.Fprintf(&b, "| on (the step before already committed: unchanged shards copied in the store) | %v | %v |\n", med(res[true]).Round(time.Millisecond), res[true])
+	fmt.Fprintf(&b, "| off (the whole checkpoint sent at the notice) | %v | %v |\n", med(res[false]).Round(time.Millisecond), res[false])
+	fmt.Fprintf(&b, "\nWith sync, time to durable is %.2f× the time without.\n", med(res[true]).Seconds()/med(res[false]).Seconds())
+	appendResults(t, b.String())
+}
