@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -338,4 +339,34 @@ func FuzzParseScheduled(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestIMDSv2OnlyByDefault: an IMDS that refuses tokens (IMDSv1 only) is an
+// outage by default — never a tokenless request — and works only with
+// aws.imdsv1_fallback.
+func TestIMDSv2OnlyByDefault(t *testing.T) {
+	var tokenless atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut {
+			http.Error(w, "", http.StatusForbidden)
+			return
+		}
+		if r.Header.Get("X-aws-ec2-metadata-token") == "" {
+			tokenless.Add(1)
+		}
+		if strings.HasSuffix(r.URL.Path, PathRebalance) {
+			fmt.Fprint(w, `{"noticeTime":"2026-01-21T08:50:00Z"}`)
+			return
+		}
+		http.NotFound(w, r)
+	}))
+	defer srv.Close()
+	strict := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond})
+	if ns := collect(strict, t.Context()); len(ns) != 0 || !strict.out.Failing() || tokenless.Load() != 0 {
+		t.Fatalf("default: notices %+v, failing %v, tokenless requests %d", ns, strict.out.Failing(), tokenless.Load())
+	}
+	fallback := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond, IMDSv1Fallback: true})
+	if ns := collect(fallback, t.Context()); len(ns) != 1 || ns[0].Kind != agent.KindRebalance {
+		t.Fatalf("with fallback: %+v", ns)
+	}
 }
