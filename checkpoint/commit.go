@@ -93,18 +93,19 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	}
 	m := Manifest{Version: ManifestVersion, Run: c.Run, Name: ck.Name, Layout: ck.Layout, Step: ck.Step,
 		Markers: ck.Markers, Instance: c.Instance, WrittenAt: ck.ModTime.UTC()}
-	for _, f := range ck.Files {
-		sum, n, err := hashFile(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
-		if err != nil {
-			return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
-		}
-		if n != f.Size {
-			return Result{}, fmt.Errorf("checkpoint %s: %s: %w", ck.Name, f.Path, ErrChanged)
-		}
-		m.Files = append(m.Files, ManifestFile{Path: f.Path, Size: n, SHA256: sum})
-		m.Bytes += n
-	}
 	reuse := c.reusable(ctx, ck.Name)
+	// A file that may be reused (an earlier one has its size) is hashed
+	// first, to decide; every other file is hashed while it uploads.
+	for _, f := range ck.Files {
+		mf := ManifestFile{Path: f.Path, Size: f.Size}
+		if reuse.sizes[f.Size] {
+			if err := hashInto(ck, &mf); err != nil {
+				return Result{}, err
+			}
+		}
+		m.Files = append(m.Files, mf)
+		m.Bytes += f.Size
+	}
 
 	// Data first, in parallel; markers after every data file is there.
 	var data, markers []int
@@ -120,13 +121,23 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	put := func(ctx context.Context, i int) error {
 		f := &m.Files[i]
 		key := runKey(c.Run, ck.Name) + "/" + f.Path
-		if src, ok := reuse[f.SHA256+"/"+fmt.Sprint(f.Size)]; ok {
+		if src, ok := reuse.keys[f.SHA256+"/"+fmt.Sprint(f.Size)]; ok && f.SHA256 != "" {
 			if err := c.Store.Copy(ctx, key, src); err == nil {
 				f.Reused = true
 				return nil
 			}
 		}
-		if err := c.Store.PutFile(ctx, key, filepath.Join(ck.Root, filepath.FromSlash(f.Path))); err != nil {
+		hashed := make(chan error, 1)
+		if f.SHA256 == "" {
+			go func() { hashed <- hashInto(ck, f) }()
+		} else {
+			hashed <- nil
+		}
+		err := c.Store.PutFile(ctx, key, filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+		if herr := <-hashed; err == nil {
+			err = herr
+		}
+		if err != nil {
 			return err
 		}
 		sentMu.Lock()
@@ -218,22 +229,40 @@ func unchanged(ck Checkpoint) error {
 	return nil
 }
 
-// reusable maps "sha256/size" to the key of a file in the newest committed
-// checkpoint of the run, for server-side copies.
-func (c *Committer) reusable(ctx context.Context, name string) map[string]string {
-	out := map[string]string{}
+// reuse is what the newest committed checkpoint of the run holds.
+type reuse struct {
+	keys  map[string]string // "sha256/size" → key, for server-side copies
+	sizes map[int64]bool    // the sizes among them
+}
+
+func (c *Committer) reusable(ctx context.Context, name string) reuse {
+	r := reuse{keys: map[string]string{}, sizes: map[int64]bool{}}
 	l, err := c.latest(ctx)
 	if err != nil || l.Name == name {
-		return out
+		return r
 	}
 	m, err := c.manifest(ctx, l.Name)
 	if err != nil {
-		return out
+		return r
 	}
 	for _, f := range m.Files {
-		out[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + f.Path
+		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + f.Path
+		r.sizes[f.Size] = true
 	}
-	return out
+	return r
+}
+
+// hashInto fills f's SHA-256 from the file on disk, checking its size.
+func hashInto(ck Checkpoint, f *ManifestFile) error {
+	sum, n, err := hashFile(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+	if err != nil {
+		return fmt.Errorf("checkpoint %s: %w", ck.Name, err)
+	}
+	if n != f.Size {
+		return fmt.Errorf("checkpoint %s: %s: %w", ck.Name, f.Path, ErrChanged)
+	}
+	f.SHA256 = sum
+	return nil
 }
 
 func (c *Committer) latest(ctx context.Context) (Latest, error) {

@@ -20,6 +20,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/emit"
 	"github.com/preemptd/preemptd/providers/internal/outage"
 )
 
@@ -212,14 +213,14 @@ func (p *Provider) reconcile(ctx context.Context, path string, now []agent.Notic
 		}
 		next[n.ID] = n
 		if _, seen := prev[n.ID]; !seen || p.earlier(prev[n.ID], n) {
-			send(ctx, out, n)
+			emit.Send(ctx, out, n)
 		}
 	}
 	for id, n := range prev {
 		if _, still := next[id]; !still {
 			n.Withdrawn = true
 			n.NoticedAt = p.now()
-			send(ctx, out, n)
+			emit.Send(ctx, out, n)
 		}
 	}
 	// Keep the first-seen version: its deadline is the one announced.
@@ -233,13 +234,6 @@ func (p *Provider) reconcile(ctx context.Context, path string, now []agent.Notic
 
 func (p *Provider) earlier(old, n agent.Notice) bool {
 	return !n.Deadline.IsZero() && (old.Deadline.IsZero() || n.Deadline.Before(old.Deadline))
-}
-
-func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
-	select {
-	case out <- n:
-	case <-ctx.Done():
-	}
 }
 
 // Identity implements agent.Identifier from the instance metadata.

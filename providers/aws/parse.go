@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/emit"
 )
 
 // Notice IDs for the documents that have no ID of their own.
@@ -112,7 +113,7 @@ func ParseLifecycle(b []byte) (terminated bool, err error) {
 		return false, nil
 	}
 	if s == "" || len(s) > 64 || strings.ContainsAny(s, "{}<> \n") {
-		return false, fmt.Errorf("target-lifecycle-state: unexpected %q", truncate(s, 40))
+		return false, fmt.Errorf("target-lifecycle-state: unexpected %q", emit.Truncate(s, 40))
 	}
 	return false, nil
 }
@@ -123,11 +124,4 @@ func compact(b []byte) json.RawMessage {
 		return agent.RawString(string(b))
 	}
 	return buf.Bytes()
-}
-
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
 }

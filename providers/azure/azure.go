@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/emit"
 	"github.com/preemptd/preemptd/providers/internal/outage"
 )
 
@@ -101,16 +102,9 @@ func (p *Provider) do(ctx context.Context, method, path string, body []byte) ([]
 		return nil, err
 	}
 	if resp.StatusCode/100 != 2 {
-		return nil, fmt.Errorf("%s %s: HTTP %d %s", method, path, resp.StatusCode, truncate(strings.TrimSpace(string(b)), 80))
+		return nil, fmt.Errorf("%s %s: HTTP %d %s", method, path, resp.StatusCode, emit.Truncate(strings.TrimSpace(string(b)), 80))
 	}
 	return b, nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
 }
 
 // VMName asks the metadata service for this VM's name.
@@ -121,7 +115,7 @@ func (p *Provider) VMName(ctx context.Context) (string, error) {
 	}
 	name := strings.TrimSpace(string(b))
 	if name == "" || strings.ContainsAny(name, "{}<>\n ") {
-		return "", fmt.Errorf("compute/name: unexpected %q", truncate(name, 40))
+		return "", fmt.Errorf("compute/name: unexpected %q", emit.Truncate(name, 40))
 	}
 	return name, nil
 }
@@ -190,13 +184,13 @@ func (p *Provider) reconcile(ctx context.Context, doc Document, out chan<- agent
 			continue
 		}
 		p.active[n.ID] = n
-		send(ctx, out, n)
+		emit.Send(ctx, out, n)
 	}
 	for id, n := range p.active {
 		if !seen[id] {
 			delete(p.active, id)
 			n.Withdrawn, n.NoticedAt = true, now
-			send(ctx, out, n)
+			emit.Send(ctx, out, n)
 		}
 	}
 	return nil
@@ -231,13 +225,6 @@ func (p *Provider) Ack(ctx context.Context, n agent.Notice) error {
 		}
 	}
 	return fmt.Errorf("ack %s: %w", n.ID, err)
-}
-
-func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
-	select {
-	case out <- n:
-	case <-ctx.Done():
-	}
 }
 
 // PathCompute is the instance's compute metadata.

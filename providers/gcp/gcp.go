@@ -19,6 +19,7 @@ import (
 	"cloud.google.com/go/compute/metadata"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/emit"
 	"github.com/preemptd/preemptd/providers/internal/outage"
 )
 
@@ -153,7 +154,7 @@ func ParsePreempted(v string) (bool, error) {
 	case "FALSE":
 		return false, nil
 	}
-	return false, fmt.Errorf("preempted: unexpected value %q", truncate(v, 40))
+	return false, fmt.Errorf("preempted: unexpected value %q", emit.Truncate(v, 40))
 }
 
 // ParseMaintenance reads instance/maintenance-event.
@@ -163,14 +164,7 @@ func ParseMaintenance(v string) (string, error) {
 	case MaintenanceNone, MaintenanceMigrate, MaintenanceTerminate:
 		return s, nil
 	}
-	return "", fmt.Errorf("maintenance-event: unexpected value %q", truncate(v, 40))
-}
-
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
+	return "", fmt.Errorf("maintenance-event: unexpected value %q", emit.Truncate(v, 40))
 }
 
 // Watch implements agent.Watcher: one hanging GET per path.
@@ -231,12 +225,12 @@ func (p *Provider) preempted(ctx context.Context, out chan<- agent.Notice) func(
 			n := agent.Notice{Provider: "gcp", Kind: agent.KindPreempt, ID: "preempted", Action: "preempted",
 				NoticedAt: now, Deadline: now.Add(p.cfg.PreemptWindow), Raw: agent.RawString(strings.TrimSpace(v))}
 			active = &n
-			send(ctx, out, n)
+			emit.Send(ctx, out, n)
 		case !pre && active != nil:
 			n := *active
 			n.Withdrawn, n.NoticedAt = true, now
 			active = nil
-			send(ctx, out, n)
+			emit.Send(ctx, out, n)
 		}
 		return nil
 	}
@@ -260,7 +254,7 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 			n := *active
 			n.Withdrawn, n.NoticedAt = true, now
 			active = nil
-			send(ctx, out, n)
+			emit.Send(ctx, out, n)
 		}
 		var n agent.Notice
 		switch ev {
@@ -274,15 +268,8 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 		n.Provider, n.ID, n.Action, n.NoticedAt = "gcp", "maintenance-event/"+ev, ev, now
 		n.Raw = agent.RawString(ev)
 		active = &n
-		send(ctx, out, n)
+		emit.Send(ctx, out, n)
 		return nil
-	}
-}
-
-func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
-	select {
-	case out <- n:
-	case <-ctx.Done():
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/fsnotify/fsnotify"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/providers/internal/emit"
 )
 
 const settleDelay = 50 * time.Millisecond
@@ -140,7 +141,7 @@ func (p *Provider) check(ctx context.Context, out chan<- agent.Notice) {
 	}
 	p.withdraw(ctx, out)
 	p.active, p.content = &n, string(b)
-	send(ctx, out, n)
+	emit.Send(ctx, out, n)
 }
 
 func (p *Provider) withdraw(ctx context.Context, out chan<- agent.Notice) {
@@ -150,12 +151,5 @@ func (p *Provider) withdraw(ctx context.Context, out chan<- agent.Notice) {
 	n := *p.active
 	n.Withdrawn, n.NoticedAt = true, p.now()
 	p.active, p.content = nil, ""
-	send(ctx, out, n)
-}
-
-func send(ctx context.Context, out chan<- agent.Notice, n agent.Notice) {
-	select {
-	case out <- n:
-	case <-ctx.Done():
-	}
+	emit.Send(ctx, out, n)
 }

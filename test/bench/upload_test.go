@@ -73,9 +73,6 @@ func TestUploadThroughput(t *testing.T) {
 	}
 	for _, gib := range sizes {
 		rounds := 3
-		if gib >= 8 {
-			rounds = 2
-		}
 		t.Run(fmt.Sprintf("%dGiB", gib), func(t *testing.T) { uploadBench(t, gib, rounds) })
 	}
 }

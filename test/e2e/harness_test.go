@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/test/peers"
 )
 
 var (
@@ -27,10 +28,6 @@ var (
 	trainerBin string
 	aemmBin    string // amazon-ec2-metadata-mock, or "" when not installed
 )
-
-// AEMMVersion is the amazon-ec2-metadata-mock release the tests run against
-// (installed by `make tools`).
-const AEMMVersion = "v1.13.0"
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "preemptd-e2e-")
@@ -54,34 +51,11 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func findAEMM() string {
-	if p := os.Getenv("PREEMPTD_AEMM"); p != "" {
-		return p
-	}
-	cache := os.Getenv("PREEMPTD_TOOLS")
-	if cache == "" {
-		base, err := os.UserCacheDir()
-		if err != nil {
-			return ""
-		}
-		cache = filepath.Join(base, "preemptd", "tools")
-	}
-	p := filepath.Join(cache, "ec2-metadata-mock-"+AEMMVersion, "ec2-metadata-mock")
-	if _, err := os.Stat(p); err != nil {
-		return ""
-	}
-	return p
-}
+func findAEMM() string { return peers.Tool("ec2-metadata-mock", peers.AEMMVersion) }
 
 func requireAEMM(t *testing.T) {
 	t.Helper()
-	if aemmBin != "" {
-		return
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatal("amazon-ec2-metadata-mock is not installed; `make tools` installs it (CI must run it)")
-	}
-	t.Skip("amazon-ec2-metadata-mock not installed; run `make tools`")
+	peers.Require(t, "ec2-metadata-mock", peers.AEMMVersion)
 }
 
 func freePort(t *testing.T) int {
