@@ -78,7 +78,6 @@ func TestUploadThroughput(t *testing.T) {
 }
 
 func uploadBench(t *testing.T, sizeGiB, rounds int) {
-	s3 := peers.StartMinIO(t)
 	s5cmd := peers.Require(t, "s5cmd", "v2.3.0")
 	mc := peers.Require(t, "mc", "v0.0.0-20250313080218-cf909e1063a9")
 	bin, _ := binaries(t)
@@ -96,8 +95,6 @@ func uploadBench(t *testing.T, sizeGiB, rounds int) {
 	f.Close()
 	size := int64(sizeGiB) << 30
 
-	env := append(s3.Env(), "MC_HOST_bench="+strings.Replace(s3.Endpoint, "http://", "http://"+peers.MinIOUser+":"+peers.MinIOPassword+"@", 1),
-		"MC_CONFIG_DIR="+filepath.Join(work, "mc"))
 	times := map[string][]time.Duration{}
 	tools := []string{"preemptd", "s5cmd", "mc", "aws"}
 	awsCLI := "/usr/bin/aws" // Debian's awscli (scripts/tools.sh bench)
@@ -105,32 +102,38 @@ func uploadBench(t *testing.T, sizeGiB, rounds int) {
 		t.Fatalf("%s: %v (scripts/tools.sh bench installs it)", awsCLI, err)
 	}
 	for r := range rounds {
-		for _, tool := range tools {
-			key := fmt.Sprintf("%s-%d", tool, r)
-			var d time.Duration
-			switch tool {
-			case "preemptd":
-				cfg := filepath.Join(work, key+".yaml")
-				os.WriteFile(cfg, []byte(fmt.Sprintf("run_id: %s\ncheckpoint: {layout: files}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\nrun_dir: %s\nstate_dir: %s\n",
-					key, s3.Bucket, s3.Endpoint, filepath.Join(work, "run"), filepath.Join(work, "state"))), 0o644)
-				d = timeIt(t, env, bin, "upload", "--config", cfg, filepath.Join(root, "bench"))
-			case "s5cmd":
-				d = timeIt(t, env, s5cmd, "--endpoint-url", s3.Endpoint, "cp", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
-			case "mc":
-				d = timeIt(t, env, mc, "--quiet", "cp", file, "bench/"+s3.Bucket+"/bench/"+key+"/data.bin")
-			case "aws":
-				d = timeIt(t, append(env, "AWS_CONFIG_FILE=/dev/null", "AWS_SHARED_CREDENTIALS_FILE=/dev/null"), awsCLI,
-					"--endpoint-url", s3.Endpoint, "s3", "cp", "--only-show-errors", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
+		// A fresh MinIO each round: deleted objects linger in its trash, and
+		// 8 GiB rounds would otherwise fill the disk.
+		t.Run(fmt.Sprintf("round%d", r+1), func(t *testing.T) {
+			s3 := peers.StartMinIO(t)
+			env := append(s3.Env(), "MC_HOST_bench="+strings.Replace(s3.Endpoint, "http://", "http://"+peers.MinIOUser+":"+peers.MinIOPassword+"@", 1),
+				"MC_CONFIG_DIR="+filepath.Join(work, "mc"))
+			for _, tool := range tools {
+				key := fmt.Sprintf("%s-%d", tool, r)
+				var d time.Duration
+				switch tool {
+				case "preemptd":
+					cfg := filepath.Join(work, key+".yaml")
+					os.WriteFile(cfg, []byte(fmt.Sprintf("run_id: %s\ncheckpoint: {layout: files}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\nrun_dir: %s\nstate_dir: %s\n",
+						key, s3.Bucket, s3.Endpoint, filepath.Join(work, "run"), filepath.Join(work, "state"))), 0o644)
+					d = timeIt(t, env, bin, "upload", "--config", cfg, filepath.Join(root, "bench"))
+				case "s5cmd":
+					d = timeIt(t, env, s5cmd, "--endpoint-url", s3.Endpoint, "cp", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
+				case "mc":
+					d = timeIt(t, env, mc, "--quiet", "cp", file, "bench/"+s3.Bucket+"/bench/"+key+"/data.bin")
+				case "aws":
+					d = timeIt(t, append(env, "AWS_CONFIG_FILE=/dev/null", "AWS_SHARED_CREDENTIALS_FILE=/dev/null"), awsCLI,
+						"--endpoint-url", s3.Endpoint, "s3", "cp", "--only-show-errors", file, "s3://"+s3.Bucket+"/bench/"+key+"/data.bin")
+				}
+				times[tool] = append(times[tool], d)
+				t.Logf("round %d %-8s %v (%.0f MB/s)", r+1, tool, d.Round(time.Millisecond), float64(size)/d.Seconds()/1e6)
+				exec.Command(mc, "--quiet", "rm", "--recursive", "--force", "bench/"+s3.Bucket+"/bench/"+key).Run()
 			}
-			times[tool] = append(times[tool], d)
-			t.Logf("round %d %-8s %v (%.0f MB/s)", r+1, tool, d.Round(time.Millisecond), float64(size)/d.Seconds()/1e6)
-			// Free MinIO's disk between uploads.
-			exec.Command(mc, "--quiet", "rm", "--recursive", "--force", "bench/"+s3.Bucket+"/bench/"+key).Run()
-		}
+		})
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "### Upload of a %d GiB checkpoint to MinIO (%s)\n\n", sizeGiB, time.Now().UTC().Format("2006-01-02"))
-	fmt.Fprintf(&b, "Machine: %s. MinIO %s on 127.0.0.1, the same file for every tool, %d interleaved rounds, median wall time of the whole command.\n\n",
+	fmt.Fprintf(&b, "Machine: %s. MinIO %s on 127.0.0.1 (a fresh server each round), the same file for every tool, %d interleaved rounds, median wall time of the whole command.\n\n",
 		machine(), peers.MinIOVersion, rounds)
 	fmt.Fprintf(&b, "| tool | median | MB/s | time ÷ preemptd's | rounds |\n|---|---|---|---|---|\n")
 	base := median(times["preemptd"])
