@@ -149,7 +149,7 @@ func TestBandwidthCap(t *testing.T) {
 		t.Fatal(err)
 	}
 	intact(t, c, "step-1")
-	record("storage: bandwidth capped at 16 MB/s (toxiproxy)", fmt.Sprintf("committed intact in %s", res.Took.Round(time.Millisecond)), t)
+	record("storage: bandwidth capped at 16 MB/s per connection (toxiproxy)", fmt.Sprintf("committed intact in %s", res.Took.Round(time.Millisecond)), t)
 }
 
 // TestSlowDown503: S3 answers 503 SlowDown to every third part upload; the
