@@ -79,6 +79,7 @@ type Agent struct {
 	xids      []XIDEvent
 	instance  Instance
 	running   bool
+	stopped   bool
 	reports   sync.WaitGroup
 }
 
@@ -117,13 +118,28 @@ func New(cfg Config, deps Deps) *Agent {
 	}
 }
 
+// ErrNotWatching is returned by Inject when the agent's loop has stopped
+// (or is too busy to take the notice within a second).
+var ErrNotWatching = errors.New("the agent is not watching")
+
 // Inject hands the agent a notice from outside its watchers: a simulation
 // through the local API, or the shutdown notice made from systemd's SIGTERM.
-func (a *Agent) Inject(n Notice) {
+func (a *Agent) Inject(n Notice) error {
 	if n.NoticedAt.IsZero() {
 		n.NoticedAt = a.now()
 	}
-	a.inject <- n
+	a.mu.Lock()
+	stopped := a.stopped
+	a.mu.Unlock()
+	if stopped {
+		return ErrNotWatching
+	}
+	select { // before Run starts, the notice waits for it in the channel
+	case a.inject <- n:
+		return nil
+	case <-time.After(time.Second):
+		return ErrNotWatching
+	}
 }
 
 // EmergencyDone is closed when an emergency path has finished.
@@ -145,7 +161,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.mu.Unlock()
 	defer func() {
 		a.mu.Lock()
-		a.running = false
+		a.running, a.stopped = false, true
 		a.mu.Unlock()
 	}()
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -120,5 +121,18 @@ func TestWriteFileAtomicReplaces(t *testing.T) {
 	}
 	if err := WriteFileAtomic(filepath.Join(p, "x"), nil, 0o644); err == nil {
 		t.Fatal("write under a file succeeded")
+	}
+}
+
+func TestSimulateAfterStopIsRefused(t *testing.T) {
+	a := New(Config{RunDir: t.TempDir()}, Deps{})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { a.Run(ctx); close(done) }()
+	cancel()
+	<-done
+	c := startAPI(t, a)
+	if _, err := c.Simulate(t.Context(), SimulateRequest{Kind: "terminate"}); err == nil || !strings.Contains(err.Error(), "not watching") {
+		t.Fatalf("Simulate after stop = %v", err)
 	}
 }

@@ -171,8 +171,10 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 			return
 		}
 		now := time.Now()
-		a.Inject(agent.Notice{Provider: "systemd", Kind: agent.KindShutdown, ID: source, Action: source,
-			NoticedAt: now, Deadline: now.Add(cfg.ShutdownGrace.D())})
+		if err := a.Inject(agent.Notice{Provider: "systemd", Kind: agent.KindShutdown, ID: source, Action: source,
+			NoticedAt: now, Deadline: now.Add(cfg.ShutdownGrace.D())}); err != nil {
+			log.Error("shutdown notice not taken", "err", err)
+		}
 	}
 	if inh := systemd.Inhibit(log); inh != nil {
 		defer inh.Release()
