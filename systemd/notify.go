@@ -27,9 +27,6 @@ func (n Notifier) send(state string) {
 // Ready says the providers are up.
 func (n Notifier) Ready(status string) { n.send(daemon.SdNotifyReady + "\nSTATUS=" + status) }
 
-// Status updates the unit's status line.
-func (n Notifier) Status(status string) { n.send("STATUS=" + status) }
-
 // Stopping says preemptd is on its way out.
 func (n Notifier) Stopping() { n.send(daemon.SdNotifyStopping) }
 

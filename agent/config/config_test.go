@@ -3,9 +3,12 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/preemptd/preemptd/checkpoint"
 )
 
 func envOf(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -222,5 +225,13 @@ func TestCheckpointKeys(t *testing.T) {
 		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), key) {
 			t.Errorf("%s: %v", key, err)
 		}
+	}
+}
+
+// TestLayoutsMatchCheckpoint: config's list of layouts (kept here so that
+// config does not pull in the store's client) is exactly checkpoint's.
+func TestLayoutsMatchCheckpoint(t *testing.T) {
+	if !slices.Equal(layouts, checkpoint.Layouts) {
+		t.Fatalf("config accepts %v, checkpoint knows %v", layouts, checkpoint.Layouts)
 	}
 }

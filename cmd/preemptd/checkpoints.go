@@ -27,6 +27,20 @@ func newCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logg
 	return &checkpoint.Committer{Store: st, Run: cfg.Run(getenv), Instance: host, Keep: cfg.Checkpoint.Keep, Log: log}, nil
 }
 
+// runCommitter loads the configuration, names the run (--run over run_id)
+// and opens its store.
+func runCommitter(c *common, run string, getenv func(string) string) (config.Config, *checkpoint.Committer, error) {
+	cfg, err := c.load(getenv)
+	if err != nil {
+		return cfg, nil, err
+	}
+	if run != "" {
+		cfg.RunID = run
+	}
+	cm, err := newCommitter(&cfg, getenv, nil)
+	return cfg, cm, err
+}
+
 func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	c := newFlags("ls", "ls [--json] [--run RUN] [--config FILE]", stderr, false)
 	asJSON := c.fs.Bool("json", false, "print the manifests as JSON")
@@ -34,14 +48,7 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err := c.parse(args); err != nil {
 		return err
 	}
-	cfg, err := c.load(getenv)
-	if err != nil {
-		return err
-	}
-	if *run != "" {
-		cfg.RunID = *run
-	}
-	cm, err := newCommitter(&cfg, getenv, nil)
+	_, cm, err := runCommitter(c, *run, getenv)
 	if err != nil {
 		return err
 	}
@@ -83,12 +90,9 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 	if err := c.parse(args); err != nil {
 		return err
 	}
-	cfg, err := c.load(getenv)
+	cfg, cm, err := runCommitter(c, *run, getenv)
 	if err != nil {
 		return err
-	}
-	if *run != "" {
-		cfg.RunID = *run
 	}
 	dir := *to
 	if dir == "" {
@@ -96,10 +100,6 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	if dir == "" {
 		return usagef("restore: give --to DIR or set checkpoint.dir")
-	}
-	cm, err := newCommitter(&cfg, getenv, nil)
-	if err != nil {
-		return err
 	}
 	m, path, err := cm.Restore(ctx, dir, *name)
 	if err != nil {

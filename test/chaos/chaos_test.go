@@ -26,17 +26,7 @@ import (
 	"github.com/preemptd/preemptd/test/peers"
 )
 
-// record logs one row of the chaos summary ("CHAOS|fault|outcome|verdict"),
-// which `make chaos` gathers into a table.
-func record(fault, outcome string, t *testing.T) {
-	t.Cleanup(func() {
-		verdict := "ok"
-		if t.Failed() {
-			verdict = "FAILED"
-		}
-		t.Logf("CHAOS|%s|%s|%s", fault, outcome, verdict)
-	})
-}
+func record(fault, outcome string, t *testing.T) { peers.Chaos(t, fault, outcome) }
 
 func randomFile(t *testing.T, p string, n int) {
 	t.Helper()

@@ -15,16 +15,8 @@ import (
 	"github.com/preemptd/preemptd/test/peers"
 )
 
-// chaos logs one row of the chaos summary (see test/chaos).
-func chaos(t *testing.T, fault, outcome string) {
-	t.Cleanup(func() {
-		verdict := "ok"
-		if t.Failed() {
-			verdict = "FAILED"
-		}
-		t.Logf("CHAOS|%s|%s|%s", fault, outcome, verdict)
-	})
-}
+// chaos logs one row of the chaos summary.
+func chaos(t *testing.T, fault, outcome string) { peers.Chaos(t, fault, outcome) }
 
 // TestChaosKillDuringEmergency: preemptd is SIGKILLed at a random point of
 // the emergency path (the trainer writes a 96 MiB checkpoint on SIGTERM) and

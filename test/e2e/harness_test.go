@@ -58,16 +58,6 @@ func requireAEMM(t *testing.T) {
 	peers.Require(t, "ec2-metadata-mock", peers.AEMMVersion)
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // shortDir is a temporary directory with a path short enough for a socket.
 func shortDir(t *testing.T) string {
 	t.Helper()
@@ -83,7 +73,7 @@ func shortDir(t *testing.T) string {
 func startAEMM(t *testing.T, args ...string) string {
 	t.Helper()
 	requireAEMM(t)
-	port := freePort(t)
+	port := peers.FreePort(t)
 	home := t.TempDir()
 	cmd := exec.Command(aemmBin, append([]string{"-n", "127.0.0.1", "-p", fmt.Sprint(port)}, args...)...)
 	cmd.Env = append(os.Environ(), "HOME="+home)

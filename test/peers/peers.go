@@ -172,3 +172,15 @@ func (s *S3) IncompleteUploads(t testing.TB) int {
 	}
 	return n
 }
+
+// Chaos logs one row of the fault suite's summary ("CHAOS|fault|outcome|
+// verdict") when the test ends; scripts/chaos.sh gathers them into a table.
+func Chaos(t *testing.T, fault, outcome string) {
+	t.Cleanup(func() {
+		verdict := "ok"
+		if t.Failed() {
+			verdict = "FAILED"
+		}
+		t.Logf("CHAOS|%s|%s|%s", fault, outcome, verdict)
+	})
+}
