@@ -48,6 +48,9 @@ type Deps struct {
 	Identifier Identifier
 	// Instance is the identity known without asking (hostname, boot time).
 	Instance Instance
+	// OnEmergencyDone, if set, is called when an emergency path has
+	// finished (the daemon releases its shutdown lock there).
+	OnEmergencyDone func(EmergencyReport)
 	// Run names the training run.
 	Run string
 	// Provider names the notice source for status.
@@ -65,15 +68,19 @@ type Agent struct {
 
 	inject   chan Notice
 	escalate chan string
+	expire   chan string
 
-	mu        sync.Mutex
-	started   time.Time
-	active    map[string]*tracked
-	order     []string // keys of active, oldest first
-	last      *Notice
-	changed   chan struct{} // closed and replaced when notices change
+	mu      sync.Mutex
+	started time.Time
+	active  map[string]*tracked
+	order   []string // keys of active, oldest first
+	last    *Notice
+	changed chan struct{} // closed and replaced when notices change
+	// emergency is the running emergency path's report, or the last one's;
+	// path is the running one (nil when the agent is armed for the next).
 	emergency *EmergencyReport
-	emDone    chan struct{}
+	path      *pathCtx
+	emDone    chan struct{} // closed when the running (or next) path ends
 	lastSig   *SignalReport
 	watchErrs map[string]string
 	xids      []XIDEvent
@@ -89,7 +96,9 @@ const maxXIDs = 16
 type tracked struct {
 	n     Notice
 	class Class
-	timer *time.Timer
+	timer *time.Timer // an advisory notice's escalation
+	// expiry withdraws a simulated notice at its deadline.
+	expiry *time.Timer
 }
 
 // New builds an agent; call Run to start it.
@@ -111,6 +120,7 @@ func New(cfg Config, deps Deps) *Agent {
 		now:       deps.Now,
 		inject:    make(chan Notice, 8),
 		escalate:  make(chan string, 8),
+		expire:    make(chan string, 8),
 		active:    map[string]*tracked{},
 		changed:   make(chan struct{}),
 		emDone:    make(chan struct{}),
@@ -142,14 +152,45 @@ func (a *Agent) Inject(n Notice) error {
 	}
 }
 
-// EmergencyDone is closed when an emergency path has finished.
-func (a *Agent) EmergencyDone() <-chan struct{} { return a.emDone }
+// EmergencyDone is closed when the running emergency path has finished;
+// when none runs, it is the last path's (closed), or before any path the
+// first one's. The agent re-arms after every path: a drill, a false alarm
+// or a withdrawn notice never leaves it unable to act on the next fatal
+// notice.
+func (a *Agent) EmergencyDone() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.emDone
+}
 
-// EmergencyStarted reports whether an emergency path has begun.
+// EmergencyStarted reports whether an emergency path has begun since the
+// agent was made (it may have finished).
 func (a *Agent) EmergencyStarted() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.emergency != nil
+}
+
+// EmergencyRunning reports whether an emergency path runs now, and the
+// channel closed when it ends.
+func (a *Agent) EmergencyRunning() (bool, <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.path != nil, a.emDone
+}
+
+// FatalHandled reports whether a fatal notice that is still active has had
+// its emergency path, which has finished: the machine is going away and
+// there is nothing left to do for it (a shutdown that follows it needs no
+// second path).
+func (a *Agent) FatalHandled() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.path != nil || a.emergency == nil {
+		return false
+	}
+	_, active := a.active[a.emergency.Notice.Key()]
+	return active
 }
 
 // Run watches until ctx ends. An emergency path it started goes on after
@@ -159,6 +200,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.started = a.now()
 	a.running = true
 	a.mu.Unlock()
+	// A notice.json left by an earlier life of the daemon describes a notice
+	// nobody is handling: a trainer must never act on it.
+	if err := removeNoticeFile(a.cfg.RunDir); err != nil {
+		a.log.Error("remove stale notice file", "err", err)
+	}
 	defer func() {
 		a.mu.Lock()
 		a.running, a.stopped = false, true
@@ -202,6 +248,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.handle(ctx, n)
 		case key := <-a.escalate:
 			a.reclassify(ctx, key)
+		case key := <-a.expire:
+			a.expireNotice(key)
 		}
 	}
 }
@@ -212,6 +260,9 @@ func (a *Agent) stopTimers() {
 	for _, t := range a.active {
 		if t.timer != nil {
 			t.timer.Stop()
+		}
+		if t.expiry != nil {
+			t.expiry.Stop()
 		}
 	}
 }
@@ -225,41 +276,49 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 			a.mu.Unlock()
 			return
 		}
-		if t.timer != nil {
-			t.timer.Stop()
-		}
-		delete(a.active, key)
-		a.order = slices.DeleteFunc(a.order, func(k string) bool { return k == key })
-		t.n.Withdrawn = true
-		a.last = &t.n
-		a.notifyChangeLocked()
-		emergency := a.emergency != nil
+		a.dropLocked(key, t)
 		a.mu.Unlock()
 		a.log.Info("notice withdrawn", "provider", n.Provider, "kind", n.Kind, "id", n.ID)
-		if !emergency {
-			a.publishFile()
-		}
+		a.publishUnlessEmergency()
 		return
 	}
 	if seen {
-		// The same notice again: only an earlier deadline matters.
-		if n.Deadline.IsZero() || (!t.n.Deadline.IsZero() && !n.Deadline.Before(t.n.Deadline)) {
+		// The same notice again: only a moved deadline matters.
+		if n.Deadline.Equal(t.n.Deadline) || n.Deadline.IsZero() {
 			a.mu.Unlock()
 			return
 		}
-		a.log.Info("notice deadline moved earlier", "provider", n.Provider, "id", n.ID,
-			"from", t.n.Deadline, "to", n.Deadline)
+		from := t.n.Deadline
 		t.n.Deadline = n.Deadline
+		if !n.WindowEnd.IsZero() {
+			t.n.WindowEnd = n.WindowEnd
+		}
+		a.notifyChangeLocked()
 		a.mu.Unlock()
-		a.reclassify(ctx, key)
+		a.log.Info("notice deadline moved", "provider", n.Provider, "id", n.ID, "from", from, "to", n.Deadline)
+		if !from.IsZero() && n.Deadline.After(from) {
+			a.rescheduled(ctx, key)
+		} else {
+			a.reclassify(ctx, key)
+		}
+		a.publishUnlessEmergency()
 		return
 	}
-	class := Classify(n.Kind, n.Deadline, a.now(), a.cfg.FatalWithin)
+	class := Classify(n, a.now(), a.cfg.FatalWithin)
 	t = &tracked{n: n, class: class}
 	a.active[key] = t
 	a.order = append(a.order, key)
 	a.last = &t.n
 	a.notifyChangeLocked()
+	if n.Provider == ProviderSimulate && !n.Deadline.IsZero() {
+		// A drill's notice ends at its deadline: nothing else withdraws it.
+		t.expiry = time.AfterFunc(n.Deadline.Sub(a.now()), func() {
+			select {
+			case a.expire <- key:
+			case <-ctx.Done():
+			}
+		})
+	}
 	a.mu.Unlock()
 
 	a.log.Info("notice", "provider", n.Provider, "kind", n.Kind, "id", n.ID, "action", n.Action,
@@ -268,6 +327,64 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 		a.report(context.WithoutCancel(ctx), a.hookDeadline(n), Event{Phase: PhaseNotice, Notice: n, Class: class})
 	}
 	a.act(ctx, t)
+}
+
+// dropLocked forgets an active notice (withdrawn or expired).
+func (a *Agent) dropLocked(key string, t *tracked) {
+	if t.timer != nil {
+		t.timer.Stop()
+	}
+	if t.expiry != nil {
+		t.expiry.Stop()
+	}
+	delete(a.active, key)
+	a.order = slices.DeleteFunc(a.order, func(k string) bool { return k == key })
+	t.n.Withdrawn = true
+	a.last = &t.n
+	a.notifyChangeLocked()
+}
+
+// expireNotice drops a simulated notice whose deadline has passed.
+func (a *Agent) expireNotice(key string) {
+	a.mu.Lock()
+	t, ok := a.active[key]
+	if !ok {
+		a.mu.Unlock()
+		return
+	}
+	a.dropLocked(key, t)
+	a.mu.Unlock()
+	a.log.Info("simulated notice expired at its deadline", "id", t.n.ID, "kind", t.n.Kind)
+	a.publishUnlessEmergency()
+}
+
+// publishUnlessEmergency rewrites notice.json from the active notices; while
+// an emergency path runs, the file stays its notice's.
+func (a *Agent) publishUnlessEmergency() {
+	a.mu.Lock()
+	running := a.path != nil
+	a.mu.Unlock()
+	if !running {
+		a.publishFile()
+	}
+}
+
+// rescheduled handles a notice whose deadline moved later (an AWS scheduled
+// event rescheduled): an advisory notice's escalation moves with it. A path
+// already running keeps its deadline: the earlier one is the safe one.
+func (a *Agent) rescheduled(ctx context.Context, key string) {
+	a.mu.Lock()
+	t, ok := a.active[key]
+	if !ok || t.class != ClassAdvisory {
+		a.mu.Unlock()
+		return
+	}
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
+	a.mu.Unlock()
+	a.armEscalation(ctx, t)
 }
 
 // act carries out what a notice's class calls for.
@@ -282,26 +399,28 @@ func (a *Agent) act(ctx context.Context, t *tracked) {
 			rep, err := a.deps.Trainer.Signal(ctx, a.cfg.RebalanceSignal)
 			a.recordSignal(rep, err)
 		}
-		if !t.n.Deadline.IsZero() {
-			key := t.n.Key()
-			wait := t.n.Deadline.Sub(a.now()) - a.cfg.FatalWithin
-			a.mu.Lock()
-			t.timer = time.AfterFunc(wait, func() {
-				select {
-				case a.escalate <- key:
-				case <-ctx.Done():
-				}
-			})
-			a.mu.Unlock()
-		}
+		a.armEscalation(ctx, t)
 	case ClassInfo:
-		a.mu.Lock()
-		publish := a.emergency == nil
-		a.mu.Unlock()
-		if publish {
-			a.publishFile()
-		}
+		a.publishUnlessEmergency()
 	}
+}
+
+// armEscalation sets an advisory notice's timer to fire fatal_within before
+// its deadline.
+func (a *Agent) armEscalation(ctx context.Context, t *tracked) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if t.n.Deadline.IsZero() || t.n.Kind == KindDisruption {
+		return
+	}
+	key := t.n.Key()
+	wait := t.n.Deadline.Sub(a.now()) - a.cfg.FatalWithin
+	t.timer = time.AfterFunc(wait, func() {
+		select {
+		case a.escalate <- key:
+		case <-ctx.Done():
+		}
+	})
 }
 
 // reclassify looks at an active notice again (its timer fired or its
@@ -313,9 +432,13 @@ func (a *Agent) reclassify(ctx context.Context, key string) {
 		a.mu.Unlock()
 		return
 	}
-	class := Classify(t.n.Kind, t.n.Deadline, a.now(), a.cfg.FatalWithin)
+	class := Classify(t.n, a.now(), a.cfg.FatalWithin)
 	if class == t.class {
+		deadline := t.n.Deadline
 		a.mu.Unlock()
+		if class == ClassFatal {
+			a.shortenPath(key, deadline) // a fatal notice's deadline moved earlier
+		}
 		return
 	}
 	if t.timer != nil {
@@ -359,12 +482,17 @@ func (a *Agent) hookDeadline(n Notice) time.Time {
 }
 
 // current returns the notice notice.json should describe: the emergency's if
-// one runs, else the newest active one.
+// one runs or its notice is still active, else the newest active one.
 func (a *Agent) current() (Notice, Class, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.emergency != nil {
+	if a.path != nil {
 		return a.emergency.Notice, ClassFatal, true
+	}
+	if a.emergency != nil { // handled, and the machine still going away
+		if t, ok := a.active[a.emergency.Notice.Key()]; ok {
+			return t.n, ClassFatal, true
+		}
 	}
 	if len(a.order) == 0 {
 		return Notice{}, "", false
@@ -383,7 +511,7 @@ func (a *Agent) publishFile() {
 	}
 	a.mu.Lock()
 	var gpus *GPUSnapshot
-	if a.emergency != nil {
+	if a.path != nil {
 		gpus = a.emergency.GPUs
 	}
 	a.mu.Unlock()

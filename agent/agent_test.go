@@ -16,27 +16,36 @@ import (
 func TestClassify(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	tests := []struct {
-		name     string
-		kind     Kind
-		deadline time.Time
-		want     Class
+		name      string
+		kind      Kind
+		deadline  time.Time
+		scheduled bool
+		want      Class
 	}{
-		{"terminate is fatal", KindTerminate, now.Add(time.Hour), ClassFatal},
-		{"stop is fatal", KindStop, now.Add(2 * time.Minute), ClassFatal},
-		{"hibernate is fatal", KindHibernate, now, ClassFatal},
-		{"preempt is fatal", KindPreempt, now.Add(30 * time.Second), ClassFatal},
-		{"shutdown is fatal", KindShutdown, time.Time{}, ClassFatal},
-		{"rebalance without deadline is advisory", KindRebalance, time.Time{}, ClassAdvisory},
-		{"maintenance an hour out is advisory", KindMaintenance, now.Add(time.Hour), ClassAdvisory},
-		{"maintenance inside fatal_within is fatal", KindMaintenance, now.Add(90 * time.Second), ClassFatal},
-		{"maintenance exactly at fatal_within is fatal", KindMaintenance, now.Add(2 * time.Minute), ClassFatal},
-		{"maintenance in the past is fatal", KindMaintenance, now.Add(-time.Minute), ClassFatal},
-		{"freeze only informs", KindFreeze, now.Add(10 * time.Second), ClassInfo},
-		{"migrate only informs", KindMigrate, now, ClassInfo},
+		{"terminate is fatal", KindTerminate, now.Add(time.Hour), false, ClassFatal},
+		{"stop is fatal", KindStop, now.Add(2 * time.Minute), false, ClassFatal},
+		{"hibernate is fatal", KindHibernate, now, false, ClassFatal},
+		{"preempt is fatal", KindPreempt, now.Add(30 * time.Second), false, ClassFatal},
+		{"shutdown is fatal", KindShutdown, time.Time{}, false, ClassFatal},
+		{"rebalance without deadline is advisory", KindRebalance, time.Time{}, false, ClassAdvisory},
+		{"maintenance an hour out is advisory", KindMaintenance, now.Add(time.Hour), false, ClassAdvisory},
+		{"maintenance inside fatal_within is fatal", KindMaintenance, now.Add(90 * time.Second), false, ClassFatal},
+		{"maintenance exactly at fatal_within is fatal", KindMaintenance, now.Add(2 * time.Minute), false, ClassFatal},
+		{"maintenance in the past is fatal", KindMaintenance, now.Add(-time.Minute), false, ClassFatal},
+		{"scheduled stop a week out is advisory", KindStop, now.Add(7 * 24 * time.Hour), true, ClassAdvisory},
+		{"scheduled stop inside fatal_within is fatal", KindStop, now.Add(time.Minute), true, ClassFatal},
+		{"scheduled terminate a day out is advisory", KindTerminate, now.Add(24 * time.Hour), true, ClassAdvisory},
+		{"reboot a day out is advisory", KindReboot, now.Add(24 * time.Hour), true, ClassAdvisory},
+		{"reboot inside fatal_within is fatal", KindReboot, now.Add(time.Minute), true, ClassFatal},
+		{"disruption is advisory", KindDisruption, now.Add(time.Hour), true, ClassAdvisory},
+		{"disruption is never fatal", KindDisruption, now.Add(-time.Minute), true, ClassAdvisory},
+		{"freeze only informs", KindFreeze, now.Add(10 * time.Second), false, ClassInfo},
+		{"migrate only informs", KindMigrate, now, false, ClassInfo},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := Classify(tt.kind, tt.deadline, now, 2*time.Minute); got != tt.want {
+			n := Notice{Kind: tt.kind, Deadline: tt.deadline, Scheduled: tt.scheduled}
+			if got := Classify(n, now, 2*time.Minute); got != tt.want {
 				t.Fatalf("Classify(%s) = %s, want %s", tt.kind, got, tt.want)
 			}
 		})

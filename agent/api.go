@@ -98,7 +98,8 @@ func (a *Agent) serveSimulate(w http.ResponseWriter, r *http.Request) {
 }
 
 // SimulatedNotice turns a simulate request into a notice; the defaults are a
-// terminate notice two minutes out, as AWS gives.
+// terminate notice two minutes out, as AWS gives. A rebalance
+// recommendation has no deadline, as AWS's has none.
 func SimulatedNotice(req SimulateRequest, now time.Time) (Notice, error) {
 	kind := KindTerminate
 	if req.Kind != "" {
@@ -110,6 +111,9 @@ func SimulatedNotice(req SimulateRequest, now time.Time) (Notice, error) {
 	}
 	in := 2 * time.Minute
 	if req.In != "" {
+		if kind == KindRebalance {
+			return Notice{}, fmt.Errorf("in: a rebalance recommendation has no deadline; leave --in out")
+		}
 		d, err := time.ParseDuration(req.In)
 		if err != nil || d < 0 {
 			return Notice{}, fmt.Errorf("in: %q is not a duration like 30s", req.In)
@@ -120,7 +124,11 @@ func SimulatedNotice(req SimulateRequest, now time.Time) (Notice, error) {
 	if id == "" {
 		id = fmt.Sprintf("sim-%d", now.UnixNano())
 	}
-	return Notice{Provider: "simulate", Kind: kind, ID: id, Action: string(kind), NoticedAt: now, Deadline: now.Add(in)}, nil
+	n := Notice{Provider: ProviderSimulate, Kind: kind, ID: id, Action: string(kind), NoticedAt: now}
+	if kind != KindRebalance {
+		n.Deadline = now.Add(in)
+	}
+	return n, nil
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

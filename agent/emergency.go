@@ -38,9 +38,11 @@ type StepReport struct {
 	Error     string        `json:"error,omitempty"`
 }
 
-// startEmergency runs the emergency path once per daemon life. It is
+// startEmergency runs the emergency path for a fatal notice. It is
 // detached from the root context: a SIGTERM at machine shutdown must not cut
-// the upload in half; its deadline comes from the notice.
+// the upload in half; its deadline comes from the notice. A fatal notice
+// that arrives while a path runs only shortens that path's deadline when its
+// own is earlier; once a path is over the agent is armed for the next.
 func (a *Agent) startEmergency(n Notice) {
 	now := a.now()
 	deadline := n.Deadline
@@ -48,26 +50,109 @@ func (a *Agent) startEmergency(n Notice) {
 		deadline = now.Add(a.cfg.MinBudget)
 	}
 	a.mu.Lock()
-	if a.emergency != nil {
+	if a.path != nil {
 		a.mu.Unlock()
-		a.log.Info("fatal notice during emergency path; already handling",
-			"provider", n.Provider, "kind", n.Kind, "id", n.ID)
+		a.log.Info("fatal notice during the emergency path; already handling",
+			"provider", n.Provider, "kind", n.Kind, "id", n.ID, "deadline", n.Deadline)
+		a.shortenPath(n.Key(), deadline)
 		return
 	}
 	rep := &EmergencyReport{Notice: n, StartedAt: now, Deadline: deadline, Outcome: "running"}
+	if a.emergency != nil { // the last path's channel is closed: a new one
+		a.emDone = make(chan struct{})
+	}
 	a.emergency = rep
+	a.path = newPathCtx(deadline, a.now)
+	path, done := a.path, a.emDone
 	a.notifyChangeLocked()
 	a.mu.Unlock()
 
 	a.log.Warn("emergency path started", "provider", n.Provider, "kind", n.Kind, "id", n.ID,
 		"deadline", deadline, "budget", deadline.Sub(now).Round(time.Millisecond).String())
-	go a.emergencyPath(n, deadline)
+	go a.emergencyPath(path, done, n)
 }
 
-func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
-	defer close(a.emDone)
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
-	defer cancel()
+// shortenPath brings the running path's deadline forward to deadline when
+// that is earlier (a second notice, or the same one moved earlier).
+func (a *Agent) shortenPath(key string, deadline time.Time) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.path == nil || !a.path.shorten(deadline) {
+		return
+	}
+	a.emergency.Deadline = deadline
+	a.notifyChangeLocked()
+	a.log.Warn("emergency path deadline moved earlier", "by", key, "deadline", deadline)
+}
+
+// pathCtx is an emergency path's context: detached from every other, done at
+// its deadline, which can only move earlier.
+type pathCtx struct {
+	context.Context
+	cancel context.CancelCauseFunc
+	now    func() time.Time
+
+	mu       sync.Mutex
+	deadline time.Time
+	timer    *time.Timer
+}
+
+func newPathCtx(deadline time.Time, now func() time.Time) *pathCtx {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	p := &pathCtx{Context: ctx, cancel: cancel, now: now, deadline: deadline}
+	p.timer = time.AfterFunc(deadline.Sub(now()), func() { cancel(context.DeadlineExceeded) })
+	return p
+}
+
+// Deadline implements context.Context; it is read afresh by each caller.
+func (p *pathCtx) Deadline() (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.deadline, true
+}
+
+// Err implements context.Context: the path ends only at its deadline (or
+// when it finishes, after which nobody asks).
+func (p *pathCtx) Err() error {
+	if p.Context.Err() == nil {
+		return nil
+	}
+	return context.DeadlineExceeded
+}
+
+func (p *pathCtx) shorten(deadline time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !deadline.Before(p.deadline) {
+		return false
+	}
+	p.deadline = deadline
+	p.timer.Reset(deadline.Sub(p.now()))
+	return true
+}
+
+func (p *pathCtx) stop() {
+	p.timer.Stop()
+	p.cancel(context.Canceled)
+}
+
+func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
+	var ctx context.Context = path
+	deadline, _ := path.Deadline()
+	defer func() {
+		path.stop()
+		a.mu.Lock()
+		a.path = nil // armed for the next path
+		rep := *a.emergency
+		a.notifyChangeLocked()
+		a.mu.Unlock()
+		close(done)
+		a.log.Info("armed for the next notice")
+		a.publishFile()
+		if a.deps.OnEmergencyDone != nil {
+			a.deps.OnEmergencyDone(rep)
+		}
+	}()
 
 	// 1. Tell the trainer, and everyone reading notice.json, first; the
 	// reporters (webhooks first of all) go out alongside, never in the way.
@@ -141,6 +226,7 @@ func (a *Agent) emergencyPath(n Notice, deadline time.Time) {
 	if ctx.Err() != nil {
 		outcome = "deadline"
 	}
+	deadline, _ = path.Deadline() // a later notice may have moved it earlier
 
 	// 4. Acknowledge: the platform may proceed now.
 	if a.deps.Acker != nil {

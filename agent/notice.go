@@ -15,8 +15,11 @@ import (
 type Kind string
 
 // The kinds of notice. Terminate, stop, hibernate, preempt and shutdown are
-// always fatal; rebalance and maintenance are advisory until their deadline
-// comes within fatal_within; freeze and migrate only inform.
+// fatal at once — unless the notice is a scheduled event days ahead, which
+// is advisory until its deadline comes within fatal_within, as rebalance,
+// maintenance and reboot always are; disruption (network or power work the
+// machine survives) is advisory and never fatal; freeze and migrate only
+// inform.
 const (
 	KindTerminate   Kind = "terminate"
 	KindStop        Kind = "stop"
@@ -25,12 +28,18 @@ const (
 	KindShutdown    Kind = "shutdown"
 	KindRebalance   Kind = "rebalance"
 	KindMaintenance Kind = "maintenance"
+	KindReboot      Kind = "reboot"
+	KindDisruption  Kind = "disruption"
 	KindFreeze      Kind = "freeze"
 	KindMigrate     Kind = "migrate"
 )
 
 var allKinds = []Kind{KindTerminate, KindStop, KindHibernate, KindPreempt, KindShutdown,
-	KindRebalance, KindMaintenance, KindFreeze, KindMigrate}
+	KindRebalance, KindMaintenance, KindReboot, KindDisruption, KindFreeze, KindMigrate}
+
+// ProviderSimulate is the provider of notices made by `preemptd simulate`;
+// they end at their deadline, since no cloud withdraws them.
+const ProviderSimulate = "simulate"
 
 // ParseKind returns the Kind named by s (case-insensitive).
 func ParseKind(s string) (Kind, error) {
@@ -60,16 +69,22 @@ const (
 	ClassInfo Class = "info"
 )
 
-// Classify says how a notice of kind k with the given deadline is handled at
-// time now, given the fatal_within window.
-func Classify(k Kind, deadline, now time.Time, fatalWithin time.Duration) Class {
-	switch k {
+// Classify says how notice n is handled at time now, given the fatal_within
+// window.
+func Classify(n Notice, now time.Time, fatalWithin time.Duration) Class {
+	soon := !n.Deadline.IsZero() && n.Deadline.Sub(now) <= fatalWithin
+	switch n.Kind {
 	case KindTerminate, KindStop, KindHibernate, KindPreempt, KindShutdown:
+		if n.Scheduled && !soon {
+			return ClassAdvisory
+		}
 		return ClassFatal
-	case KindRebalance, KindMaintenance:
-		if !deadline.IsZero() && deadline.Sub(now) <= fatalWithin {
+	case KindRebalance, KindMaintenance, KindReboot:
+		if soon {
 			return ClassFatal
 		}
+		return ClassAdvisory
+	case KindDisruption:
 		return ClassAdvisory
 	default:
 		return ClassInfo
@@ -91,6 +106,13 @@ type Notice struct {
 	// Deadline is when the machine goes; zero when the provider gives none
 	// (an AWS rebalance recommendation).
 	Deadline time.Time `json:"deadline,omitzero"`
+	// WindowEnd is when the event's window closes (an AWS scheduled event's
+	// NotAfter); zero when the provider gives none.
+	WindowEnd time.Time `json:"window_end,omitzero"`
+	// Scheduled marks an event planned ahead (AWS scheduled events): even
+	// a terminate or stop is advisory until its deadline comes within
+	// fatal_within.
+	Scheduled bool `json:"scheduled,omitempty"`
 	// Withdrawn marks a notice the provider took back.
 	Withdrawn bool `json:"withdrawn,omitempty"`
 	// Raw is the provider's document, for the record.

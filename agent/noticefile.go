@@ -23,6 +23,8 @@ type NoticeFile struct {
 	NoticedAt time.Time `json:"noticed_at"`
 	// Deadline is null when the notice has none (a rebalance recommendation).
 	Deadline *time.Time `json:"deadline"`
+	// WindowEnd is when a scheduled event's window closes, if known.
+	WindowEnd *time.Time `json:"window_end,omitempty"`
 	// SecondsLeft is measured when the file was written; -1 without a deadline.
 	SecondsLeft float64   `json:"seconds_left"`
 	WrittenAt   time.Time `json:"written_at"`
@@ -41,6 +43,10 @@ func NewNoticeFile(n Notice, class Class, now time.Time) NoticeFile {
 	if !n.Deadline.IsZero() {
 		d := n.Deadline.UTC()
 		f.Deadline = &d
+	}
+	if !n.WindowEnd.IsZero() {
+		e := n.WindowEnd.UTC()
+		f.WindowEnd = &e
 	}
 	return f
 }

@@ -10,7 +10,10 @@ type Status struct {
 	Instance  Instance  `json:"instance"`
 	StartedAt time.Time `json:"started_at"`
 	// State is watching, advisory (an advisory notice is active), emergency
-	// (the emergency path runs) or done (it has finished).
+	// (the emergency path runs) or done (a path has finished and its fatal
+	// notice is still active: the machine is going away). After a path
+	// whose notice is gone (a drill, a withdrawn notice) it is watching
+	// again, armed for the next, with that path in Emergency.
 	State     string           `json:"state"`
 	Notices   []NoticeStatus   `json:"notices"`
 	Last      *Notice          `json:"last_change,omitempty"`
@@ -60,8 +63,9 @@ func (a *Agent) Status() Status {
 		e := *a.emergency
 		e.Steps = append([]StepReport(nil), e.Steps...)
 		s.Emergency = &e
-		s.State = "emergency"
-		if !e.FinishedAt.IsZero() {
+		if a.path != nil {
+			s.State = "emergency"
+		} else if _, active := a.active[e.Notice.Key()]; active {
 			s.State = "done"
 		}
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/internal/direct"
 	"github.com/preemptd/preemptd/providers/aws"
 	"github.com/preemptd/preemptd/providers/azure"
 	"github.com/preemptd/preemptd/providers/gcp"
@@ -78,7 +79,7 @@ func Detect(ctx context.Context, cfg DetectConfig) Detection {
 	}
 	ok := make([]bool, len(probes))
 	why := make([]string, len(probes))
-	hc := &http.Client{Timeout: cfg.Timeout}
+	hc := direct.Client(cfg.Timeout)
 	var wg sync.WaitGroup
 	for i, p := range probes {
 		wg.Go(func() {
@@ -191,7 +192,7 @@ func Build(name string, cfg *config.Config, log *slog.Logger, onError func()) (B
 	poll := cfg.PollInterval.D()
 	switch name {
 	case "aws":
-		p := aws.New(aws.Config{Endpoint: cfg.AWS.Endpoint, PollInterval: poll,
+		p := aws.New(aws.Config{Endpoint: cfg.AWS.Endpoint, PollInterval: poll, SlowPollInterval: cfg.AWS.SlowPollInterval.D(),
 			LifecycleWindow: cfg.AWS.LifecycleWindow.D(), IMDSv1Fallback: cfg.AWS.IMDSv1Fallback, Logger: log, OnError: onError})
 		return Built{Watcher: p, Identifier: p}, nil
 	case "gcp":

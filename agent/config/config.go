@@ -77,24 +77,41 @@ type AWS struct {
 	// LifecycleWindow is the deadline given to an Auto Scaling "Terminated"
 	// lifecycle state, which carries no time of its own.
 	LifecycleWindow Duration `yaml:"lifecycle_window"`
+	// SlowPollInterval is how often scheduled events and the Auto Scaling
+	// lifecycle state are read (the spot notice and rebalance recommendation
+	// every poll_interval).
+	SlowPollInterval Duration `yaml:"slow_poll_interval"`
 }
 
 // GCP configures the Compute Engine metadata provider.
 type GCP struct {
 	// Endpoint (host[:port] or URL) overrides GCE_METADATA_HOST.
 	Endpoint string `yaml:"endpoint"`
-	// PreemptWindow is the deadline after `preempted` turns TRUE.
+	// PreemptWindow is the deadline after `preempted` turns TRUE: 30s, or up
+	// to 120s for a Spot VM created with a longer preemption notice.
 	PreemptWindow Duration `yaml:"preempt_window"`
-	// MaintenanceWindow is the deadline after TERMINATE_ON_HOST_MAINTENANCE.
+	// MaintenanceWindow is the deadline after TERMINATE_ON_HOST_MAINTENANCE;
+	// 0 takes it from the machine: about an hour with GPUs attached, 60s
+	// without.
 	MaintenanceWindow Duration `yaml:"maintenance_window"`
 }
 
 // Azure configures the Scheduled Events provider.
 type Azure struct {
 	Endpoint string `yaml:"endpoint"`
-	// Ack posts StartRequests once the emergency path is over.
-	Ack bool `yaml:"ack"`
+	// Ack says which events get StartRequests once the emergency path is
+	// over: mine (the default: events whose Resources name only this VM),
+	// all (also events shared with other VMs, which an ack releases for
+	// every one of them) or off. true and false mean mine and off.
+	Ack string `yaml:"ack"`
 }
+
+// The azure.ack values.
+const (
+	AckMine = "mine"
+	AckAll  = "all"
+	AckOff  = "off"
+)
 
 // Local configures the file-triggered provider.
 type Local struct {
@@ -188,9 +205,9 @@ func Default() Config {
 		LogLevel:      "info",
 		OnSIGTERM:     "auto",
 		ShutdownGrace: Duration(25 * time.Second),
-		AWS:           AWS{LifecycleWindow: Duration(2 * time.Minute)},
-		GCP:           GCP{PreemptWindow: Duration(30 * time.Second), MaintenanceWindow: Duration(time.Hour)},
-		Azure:         Azure{Endpoint: "http://169.254.169.254", Ack: true},
+		AWS:           AWS{LifecycleWindow: Duration(2 * time.Minute), SlowPollInterval: Duration(5 * time.Second)},
+		GCP:           GCP{PreemptWindow: Duration(30 * time.Second)},
+		Azure:         Azure{Endpoint: "http://169.254.169.254", Ack: AckMine},
 		Trainer:       Trainer{Signal: "SIGTERM"},
 		Checkpoint:    Checkpoint{Layout: "auto", QuietPeriod: Duration(5 * time.Second), Sync: true, Keep: 3},
 		Storage:       Storage{Threads: 8},
@@ -411,11 +428,27 @@ func (c *Config) Validate() error {
 	if c.Azure.Endpoint == "" {
 		bad("azure.endpoint", "must be set (default http://169.254.169.254)")
 	}
-	for key, d := range map[string]Duration{"aws.lifecycle_window": c.AWS.LifecycleWindow,
-		"gcp.preempt_window": c.GCP.PreemptWindow, "gcp.maintenance_window": c.GCP.MaintenanceWindow} {
-		if d <= 0 {
-			bad(key, "must be positive")
-		}
+	if c.AWS.LifecycleWindow <= 0 {
+		bad("aws.lifecycle_window", "must be positive (default 2m)")
+	}
+	if d := c.AWS.SlowPollInterval.D(); d < c.PollInterval.D() || d > 10*time.Minute {
+		bad("aws.slow_poll_interval", "%s is out of range; use poll_interval (%s) to 10m (default 5s)", d, c.PollInterval)
+	}
+	if d := c.GCP.PreemptWindow.D(); d <= 0 || d > 2*time.Minute {
+		bad("gcp.preempt_window", "%s is out of range; use 30s, or up to 2m for a Spot VM created with a longer preemption notice", d)
+	}
+	if c.GCP.MaintenanceWindow < 0 {
+		bad("gcp.maintenance_window", "must not be negative (0, the default, takes it from the machine: 1h with GPUs, 60s without)")
+	}
+	switch strings.ToLower(c.Azure.Ack) {
+	case "true", "yes", "on", AckMine:
+		c.Azure.Ack = AckMine
+	case "false", "no", AckOff:
+		c.Azure.Ack = AckOff
+	case AckAll:
+		c.Azure.Ack = AckAll
+	default:
+		bad("azure.ack", "%q is not one of mine, all, off", c.Azure.Ack)
 	}
 	if _, err := trainer.ParseSignal(c.Trainer.Signal); err != nil {
 		bad("trainer.signal", "%v", err)

@@ -28,8 +28,44 @@ func TestDefaultsValidate(t *testing.T) {
 		t.Fatalf("defaults do not validate: %v", err)
 	}
 	if c.Provider != "auto" || c.PollInterval.D() != time.Second || c.FatalWithin.D() != 2*time.Minute ||
-		c.RunDir != "/run/preemptd" || !c.Azure.Ack || c.Trainer.Signal != "SIGTERM" {
+		c.RunDir != "/run/preemptd" || c.Azure.Ack != AckMine || c.Trainer.Signal != "SIGTERM" {
 		t.Fatalf("defaults = %+v", c)
+	}
+}
+
+// TestAzureAckValues: mine, all, off, and the booleans of earlier
+// configurations (true: mine, false: off); anything else names the key.
+func TestAzureAckValues(t *testing.T) {
+	for in, want := range map[string]string{"mine": AckMine, "all": AckAll, "off": AckOff, "true": AckMine, "false": AckOff} {
+		c := Default()
+		if err := decodeYAML([]byte("azure: {ack: "+in+"}"), &c); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Validate(); err != nil || c.Azure.Ack != want {
+			t.Errorf("azure.ack %s: %q, %v; want %q", in, c.Azure.Ack, err, want)
+		}
+	}
+	c := Default()
+	c.Azure.Ack = "some"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "azure.ack") {
+		t.Fatalf("azure.ack some: %v", err)
+	}
+}
+
+// TestGCPWindows: preempt_window up to 2m (GCP's longer notice), and a
+// maintenance_window of 0 (the default) taken from the machine.
+func TestGCPWindows(t *testing.T) {
+	c := Default()
+	if c.GCP.MaintenanceWindow != 0 {
+		t.Fatalf("default gcp.maintenance_window = %v, want 0 (from the machine)", c.GCP.MaintenanceWindow)
+	}
+	c.GCP.PreemptWindow = Duration(2 * time.Minute)
+	if err := c.Validate(); err != nil {
+		t.Fatalf("preempt_window 2m: %v", err)
+	}
+	c.GCP.PreemptWindow = Duration(3 * time.Minute)
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "gcp.preempt_window") {
+		t.Fatalf("preempt_window 3m: %v", err)
 	}
 }
 
@@ -95,7 +131,7 @@ func TestLoadErrors(t *testing.T) {
 		{"unknown key", "provider: aws\npoll_intervall: 1s\n", nil, "poll_intervall"},
 		{"bad duration", "poll_interval: often\n", nil, "duration"},
 		{"bad env duration", "", map[string]string{"PREEMPTD_FATAL_WITHIN": "soon"}, "PREEMPTD_FATAL_WITHIN (key fatal_within)"},
-		{"bad env bool", "", map[string]string{"PREEMPTD_AZURE_ACK": "perhaps"}, "PREEMPTD_AZURE_ACK"},
+		{"bad env bool", "", map[string]string{"PREEMPTD_CHECKPOINT_SYNC": "perhaps"}, "PREEMPTD_CHECKPOINT_SYNC"},
 		{"not yaml", "provider: [aws\n", nil, "config"},
 	}
 	for _, tt := range tests {

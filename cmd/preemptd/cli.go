@@ -299,8 +299,8 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 
 func cmdSimulate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	c := newFlags("simulate", "simulate [--kind KIND] [--in DUR] [--wait] [--config FILE]", stderr, false)
-	kind := c.fs.String("kind", "terminate", "notice kind: terminate, stop, hibernate, preempt, shutdown, rebalance, maintenance, freeze, migrate")
-	in := c.fs.String("in", "2m", "time from now to the deadline")
+	kind := c.fs.String("kind", "terminate", "notice kind: terminate, stop, hibernate, preempt, shutdown, rebalance, maintenance, reboot, disruption, freeze, migrate")
+	in := c.fs.String("in", "", "time from now to the deadline (default 2m; a rebalance has none)")
 	wait := c.fs.Bool("wait", false, "wait for the emergency path to finish and print its outcome")
 	if err := c.parse(args); err != nil {
 		return err
@@ -308,9 +308,13 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 	if _, err := agent.ParseKind(*kind); err != nil {
 		return usageError{fmt.Errorf("--kind: %w", err)}
 	}
-	d, err := config.ParseDuration(*in)
-	if err != nil {
-		return usageError{fmt.Errorf("--in: %w", err)}
+	req := agent.SimulateRequest{Kind: *kind}
+	if *in != "" {
+		d, err := config.ParseDuration(*in)
+		if err != nil {
+			return usageError{fmt.Errorf("--in: %w", err)}
+		}
+		req.In = d.String()
 	}
 	cfg, err := c.load(getenv)
 	if err != nil {
@@ -318,13 +322,17 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 	}
 	cl := agent.NewClient(cfg.Socket())
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	n, err := cl.Simulate(rctx, agent.SimulateRequest{Kind: *kind, In: d.String()})
+	n, err := cl.Simulate(rctx, req)
 	cancel()
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "simulated %s notice %s, deadline %s\n", n.Kind, n.ID, n.Deadline.Format(time.RFC3339))
-	if !*wait {
+	deadline := "none"
+	if !n.Deadline.IsZero() {
+		deadline = n.Deadline.Format(time.RFC3339)
+	}
+	fmt.Fprintf(stdout, "simulated %s notice %s, deadline %s\n", n.Kind, n.ID, deadline)
+	if !*wait || agent.Classify(n, time.Now(), cfg.FatalWithin.D()) != agent.ClassFatal {
 		return nil
 	}
 	wctx, cancel := context.WithDeadline(ctx, n.Deadline.Add(10*time.Second))
@@ -334,11 +342,8 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 		if err != nil {
 			return err
 		}
-		if e := st.Emergency; e != nil && !e.FinishedAt.IsZero() {
-			printStatus(stdout, st, time.Now())
-			return nil
-		}
-		if agent.Classify(n.Kind, n.Deadline, time.Now(), cfg.FatalWithin.D()) != agent.ClassFatal {
+		// An earlier path (an earlier drill) may be in the status: wait for this one's.
+		if e := st.Emergency; e != nil && e.Notice.Key() == n.Key() && !e.FinishedAt.IsZero() {
 			printStatus(stdout, st, time.Now())
 			return nil
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -109,6 +110,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		log.Warn("no trainer target configured: notices will be published (notice.json, hooks, API) but no process signalled; set trainer.pid_file, trainer.match or trainer.unit")
 	}
 
+	var onDone func(agent.EmergencyReport) // set below, once the shutdown lock is held
 	a := agent.New(agent.Config{
 		FatalWithin:     cfg.FatalWithin.D(),
 		RunDir:          cfg.RunDir,
@@ -129,6 +131,11 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		Logger:     log,
 		Provider:   det.Provider,
 		Version:    buildVersion(),
+		OnEmergencyDone: func(r agent.EmergencyReport) {
+			if onDone != nil {
+				onDone(r)
+			}
+		},
 	})
 	if cfg.Metrics.Listen != "" {
 		h := met.Handler(a.Ready)
@@ -166,8 +173,22 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	// that a shutdown waits for the emergency path.
 	sd := systemd.Notifier{Log: log}
 	go sd.Watchdog(watchCtx)
+	inh := systemd.Inhibit(log)
+	defer inh.Release()
+	var shuttingDown atomic.Bool
+	onDone = func(agent.EmergencyReport) {
+		if shuttingDown.Load() {
+			inh.Release() // the machine may go now
+		}
+	}
 	shutdown := func(source string) {
-		if a.EmergencyStarted() {
+		shuttingDown.Store(true)
+		if running, _ := a.EmergencyRunning(); running {
+			return // the lock goes when that path is over
+		}
+		if a.FatalHandled() {
+			log.Info("shutdown after a handled fatal notice; nothing more to do", "source", source)
+			inh.Release()
 			return
 		}
 		now := time.Now()
@@ -176,13 +197,8 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 			log.Error("shutdown notice not taken", "err", err)
 		}
 	}
-	if inh := systemd.Inhibit(log); inh != nil {
-		defer inh.Release()
+	if inh != nil {
 		go inh.OnShutdown(watchCtx, func() { shutdown("PrepareForShutdown") })
-		go func() {
-			<-a.EmergencyDone()
-			inh.Release() // the machine may go now
-		}()
 	}
 	sd.Ready("watching " + det.Provider + " notices")
 	defer sd.Stopping()
@@ -208,22 +224,28 @@ loop:
 				log.Info("SIGTERM: the machine is not shutting down; stopping cleanly")
 				break loop
 			}
-			if a.EmergencyStarted() {
+			if running, _ := a.EmergencyRunning(); running {
 				log.Info("SIGTERM during the emergency path; finishing it first")
+				break loop
+			}
+			if a.FatalHandled() {
+				log.Info("SIGTERM after the emergency path of a fatal notice; stopping")
 				break loop
 			}
 			log.Warn("SIGTERM at machine shutdown: treating it as a shutdown notice", "grace", cfg.ShutdownGrace.String())
 			shutdown("SIGTERM")
 			// The emergency path starts on the agent's loop; wait for it, then exit.
-			for wait := time.Now().Add(2 * time.Second); !a.EmergencyStarted() && time.Now().Before(wait); {
-				time.Sleep(10 * time.Millisecond)
+			for wait := time.Now().Add(2 * time.Second); time.Now().Before(wait); time.Sleep(10 * time.Millisecond) {
+				if running, _ := a.EmergencyRunning(); running {
+					break
+				}
 			}
 			break loop
 		}
 	}
-	if a.EmergencyStarted() {
+	if running, done := a.EmergencyRunning(); running {
 		log.Info("waiting for the emergency path to finish before exit")
-		<-a.EmergencyDone()
+		<-done
 	}
 	watchCancel()
 	if agentDone != nil {

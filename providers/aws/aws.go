@@ -20,6 +20,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/internal/direct"
 	"github.com/preemptd/preemptd/providers/internal/emit"
 	"github.com/preemptd/preemptd/providers/internal/outage"
 )
@@ -28,9 +29,14 @@ import (
 type Config struct {
 	// Endpoint overrides the SDK's own choice (AWS_EC2_METADATA_SERVICE_ENDPOINT,
 	// then http://169.254.169.254).
-	Endpoint        string
-	PollInterval    time.Duration
-	LifecycleWindow time.Duration
+	Endpoint     string
+	PollInterval time.Duration
+	// SlowPollInterval is how often the slow-moving documents (scheduled
+	// events, days ahead; the Auto Scaling lifecycle state) are read; the
+	// spot interruption notice and the rebalance recommendation are read
+	// every PollInterval.
+	SlowPollInterval time.Duration
+	LifecycleWindow  time.Duration
 	// IMDSv1Fallback lets requests go without a token when IMDSv2 fails.
 	IMDSv1Fallback bool
 	Logger         *slog.Logger
@@ -48,6 +54,8 @@ type Provider struct {
 	now    func() time.Time
 	// active holds the IDs currently announced, by source path.
 	active map[string]map[string]agent.Notice
+	// slowAt is when the slow paths were last read.
+	slowAt time.Time
 }
 
 // New builds the provider and its IMDS client.
@@ -61,6 +69,10 @@ func New(cfg Config) *Provider {
 	if cfg.PollInterval <= 0 {
 		cfg.PollInterval = time.Second
 	}
+	if cfg.SlowPollInterval <= 0 {
+		cfg.SlowPollInterval = max(cfg.PollInterval, 5*time.Second)
+	}
+	cfg.SlowPollInterval = max(cfg.SlowPollInterval, cfg.PollInterval)
 	log := cfg.Logger.With("provider", "aws")
 	return &Provider{
 		cfg:    cfg,
@@ -77,6 +89,7 @@ func New(cfg Config) *Provider {
 func NewClient(endpoint string, fallback bool) *imds.Client {
 	return imds.New(imds.Options{
 		Endpoint:       endpoint,
+		HTTPClient:     direct.Client(0), // never through HTTP(S)_PROXY; each call has its own timeout
 		EnableFallback: awssdk.BoolTernary(fallback),
 		// Our own short backoff, not the SDK's one-second cap.
 		DisableDefaultMaxBackoff: true,
@@ -144,10 +157,16 @@ func (p *Provider) endpointForLog() string {
 	return "sdk default"
 }
 
-// Poll reads every path once, all at once so that one slow path does not
-// delay the others, and sends what changed.
+// Poll reads the fast paths, and the slow ones when SlowPollInterval has
+// passed, all at once so that one slow path does not delay the others, and
+// sends what changed.
 func (p *Provider) Poll(ctx context.Context, out chan<- agent.Notice) {
-	paths := []string{PathInstanceAction, PathRebalance, PathScheduled, PathLifecycle}
+	paths := []string{PathInstanceAction, PathRebalance}
+	if now := p.now(); p.cfg.SlowPollInterval == p.cfg.PollInterval || p.slowAt.IsZero() ||
+		now.Sub(p.slowAt) >= p.cfg.SlowPollInterval-p.cfg.PollInterval/2 {
+		p.slowAt = now
+		paths = append(paths, PathScheduled, PathLifecycle)
+	}
 	results := make([][]agent.Notice, len(paths))
 	errs := make([]error, len(paths))
 	var wg sync.WaitGroup
@@ -192,18 +211,20 @@ func (p *Provider) read(ctx context.Context, path string) ([]agent.Notice, error
 	case PathScheduled:
 		return ParseScheduled(b, now)
 	case PathLifecycle:
-		term, err := ParseLifecycle(b)
-		if err != nil || !term {
+		kind, err := LifecycleKind(b)
+		if err != nil || kind == "" {
 			return nil, err
 		}
-		return []agent.Notice{{Provider: "aws", Kind: agent.KindTerminate, ID: IDLifecycle,
-			Action: "Terminated", NoticedAt: now, Deadline: now.Add(p.cfg.LifecycleWindow),
-			Raw: agent.RawString(strings.TrimSpace(string(b)))}}, nil
+		state := strings.TrimSpace(string(b))
+		return []agent.Notice{{Provider: "aws", Kind: kind, ID: IDLifecycle + "/" + state,
+			Action: state, NoticedAt: now, Deadline: now.Add(p.cfg.LifecycleWindow),
+			Raw: agent.RawString(state)}}, nil
 	}
 	return nil, fmt.Errorf("unknown path %s", path)
 }
 
-// reconcile sends new notices and withdraws those that vanished from path.
+// reconcile sends new notices, notices whose deadline moved (a scheduled
+// event rescheduled, either way), and withdraws those that vanished from path.
 func (p *Provider) reconcile(ctx context.Context, path string, now []agent.Notice, out chan<- agent.Notice) {
 	prev := p.active[path]
 	next := map[string]agent.Notice{}
@@ -211,10 +232,18 @@ func (p *Provider) reconcile(ctx context.Context, path string, now []agent.Notic
 		if n.Withdrawn {
 			continue
 		}
-		next[n.ID] = n
-		if _, seen := prev[n.ID]; !seen || p.earlier(prev[n.ID], n) {
+		old, seen := prev[n.ID]
+		switch {
+		case !seen:
 			emit.Send(ctx, out, n)
+		case path == PathLifecycle:
+			n = old // its deadline is the window from when it was first seen
+		case moved(path, old, n):
+			emit.Send(ctx, out, n)
+		default:
+			n = old
 		}
+		next[n.ID] = n
 	}
 	for id, n := range prev {
 		if _, still := next[id]; !still {
@@ -223,16 +252,17 @@ func (p *Provider) reconcile(ctx context.Context, path string, now []agent.Notic
 			emit.Send(ctx, out, n)
 		}
 	}
-	// Keep the first-seen version: its deadline is the one announced.
-	for id, n := range next {
-		if old, ok := prev[id]; ok && !p.earlier(old, n) {
-			next[id] = old
-		}
-	}
 	p.active[path] = next
 }
 
-func (p *Provider) earlier(old, n agent.Notice) bool {
+// moved reports whether a notice seen before came back with news: a
+// scheduled event with another deadline or window (AWS reschedules them,
+// usually later), any other notice with an earlier deadline (a later one
+// is never trusted over the first).
+func moved(path string, old, n agent.Notice) bool {
+	if path == PathScheduled {
+		return !n.Deadline.Equal(old.Deadline) || !n.WindowEnd.Equal(old.WindowEnd)
+	}
 	return !n.Deadline.IsZero() && (old.Deadline.IsZero() || n.Deadline.Before(old.Deadline))
 }
 

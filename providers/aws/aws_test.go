@@ -66,8 +66,9 @@ func TestParseScheduled(t *testing.T) {
 	if err != nil || len(ns) != 3 {
 		t.Fatalf("got %d notices, %v", len(ns), err)
 	}
-	if ns[0].Withdrawn || ns[0].Kind != agent.KindMaintenance || ns[0].Action != "system-reboot" ||
-		!ns[0].Deadline.Equal(time.Date(2026, 1, 21, 9, 0, 0, 0, time.UTC)) {
+	if ns[0].Withdrawn || ns[0].Kind != agent.KindReboot || ns[0].Action != "system-reboot" || !ns[0].Scheduled ||
+		!ns[0].Deadline.Equal(time.Date(2026, 1, 21, 9, 0, 0, 0, time.UTC)) ||
+		!ns[0].WindowEnd.Equal(time.Date(2026, 1, 21, 9, 17, 23, 0, time.UTC)) {
 		t.Fatalf("active event = %+v", ns[0])
 	}
 	if !ns[1].Withdrawn || !ns[2].Withdrawn {
@@ -83,18 +84,47 @@ func TestParseScheduled(t *testing.T) {
 	}
 }
 
-func TestParseLifecycle(t *testing.T) {
+func TestLifecycleKind(t *testing.T) {
 	for _, tc := range []struct {
 		in   string
-		term bool
+		kind agent.Kind
 		ok   bool
 	}{
-		{"InService", false, true}, {"Terminated\n", true, true}, {"Warmed:Running", false, true},
-		{"Pending:Wait", false, true}, {"", false, false}, {"<html>", false, false},
+		{"InService", "", true}, {"Terminated\n", agent.KindTerminate, true}, {"Warmed:Running", "", true},
+		{"Warmed:Terminated", agent.KindTerminate, true}, {"Warmed:Stopped", agent.KindStop, true},
+		{"Warmed:Hibernated", agent.KindHibernate, true},
+		{"Pending:Wait", "", true}, {"", "", false}, {"<html>", "", false},
 	} {
-		term, err := ParseLifecycle([]byte(tc.in))
-		if term != tc.term || (err == nil) != tc.ok {
-			t.Errorf("ParseLifecycle(%q) = %v, %v", tc.in, term, err)
+		kind, err := LifecycleKind([]byte(tc.in))
+		if kind != tc.kind || (err == nil) != tc.ok {
+			t.Errorf("LifecycleKind(%q) = %q, %v", tc.in, kind, err)
+		}
+	}
+}
+
+func TestScheduledKind(t *testing.T) {
+	for code, want := range map[string]agent.Kind{
+		"instance-stop": agent.KindStop, "instance-retirement": agent.KindStop, "instance-reboot": agent.KindReboot,
+		"system-reboot": agent.KindReboot, "system-maintenance": agent.KindDisruption, "something-new": agent.KindMaintenance,
+	} {
+		if got := ScheduledKind(code); got != want {
+			t.Errorf("ScheduledKind(%s) = %s, want %s", code, got, want)
+		}
+	}
+	// What each does with a deadline a day away and one a minute away.
+	now := time.Now()
+	for code, want := range map[string][2]agent.Class{
+		"instance-stop":      {agent.ClassAdvisory, agent.ClassFatal},
+		"system-reboot":      {agent.ClassAdvisory, agent.ClassFatal},
+		"system-maintenance": {agent.ClassAdvisory, agent.ClassAdvisory},
+	} {
+		n := agent.Notice{Kind: ScheduledKind(code), Scheduled: true}
+		n.Deadline = now.Add(24 * time.Hour)
+		far := agent.Classify(n, now, 2*time.Minute)
+		n.Deadline = now.Add(time.Minute)
+		near := agent.Classify(n, now, 2*time.Minute)
+		if far != want[0] || near != want[1] {
+			t.Errorf("%s: a day out %s, a minute out %s; want %s, %s", code, far, near, want[0], want[1])
 		}
 	}
 }
@@ -182,7 +212,8 @@ func collect(p *Provider, ctx context.Context) []agent.Notice {
 
 func TestPollFlow(t *testing.T) {
 	s, srv := newIMDS(t)
-	p := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond, LifecycleWindow: time.Minute})
+	p := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond, SlowPollInterval: 100 * time.Millisecond,
+		LifecycleWindow: time.Minute})
 	ctx := t.Context()
 
 	if ns := collect(p, ctx); len(ns) != 0 {
@@ -209,17 +240,27 @@ func TestPollFlow(t *testing.T) {
 		t.Fatalf("token refresh not exercised: 401s %d, tokens issued %d", s.got401, s.issued)
 	}
 
-	// A later deadline for the same notice is not news; an earlier one is.
+	// A later deadline for a spot notice is not trusted over the first.
 	s.set(PathInstanceAction, fmt.Sprintf(`{"action":"stop","time":"%s"}`, deadline.Add(time.Second).Format(time.RFC3339)))
 	if ns := collect(p, ctx); len(ns) != 0 {
 		t.Fatalf("later deadline re-sent: %+v", ns)
 	}
 
 	s.set(PathScheduled, `[{"Code":"system-reboot","EventId":"ev-1","NotBefore":"21 Jan 2030 09:00:00 GMT","State":"active"}]`)
-	if ns := collect(p, ctx); len(ns) != 1 || ns[0].ID != "ev-1" || ns[0].Withdrawn {
+	if ns := collect(p, ctx); len(ns) != 1 || ns[0].ID != "ev-1" || ns[0].Withdrawn || ns[0].Kind != agent.KindReboot {
 		t.Fatalf("scheduled: %+v", ns)
 	}
-	s.set(PathScheduled, `[{"Code":"system-reboot","EventId":"ev-1","NotBefore":"21 Jan 2030 09:00:00 GMT","State":"canceled"}]`)
+	if ns := collect(p, ctx); len(ns) != 0 {
+		t.Fatalf("unchanged scheduled event sent again: %+v", ns)
+	}
+	// Rescheduled later: the new deadline and window are news.
+	s.set(PathScheduled, `[{"Code":"system-reboot","EventId":"ev-1","NotBefore":"28 Jan 2030 09:00:00 GMT","NotAfter":"28 Jan 2030 11:00:00 GMT","State":"active"}]`)
+	ns = collect(p, ctx)
+	if len(ns) != 1 || ns[0].ID != "ev-1" || !ns[0].Deadline.Equal(time.Date(2030, 1, 28, 9, 0, 0, 0, time.UTC)) ||
+		!ns[0].WindowEnd.Equal(time.Date(2030, 1, 28, 11, 0, 0, 0, time.UTC)) {
+		t.Fatalf("rescheduled event: %+v", ns)
+	}
+	s.set(PathScheduled, `[{"Code":"system-reboot","EventId":"ev-1","NotBefore":"28 Jan 2030 09:00:00 GMT","State":"canceled"}]`)
 	if ns := collect(p, ctx); len(ns) != 1 || ns[0].ID != "ev-1" || !ns[0].Withdrawn {
 		t.Fatalf("canceled scheduled event not withdrawn: %+v", ns)
 	}
@@ -229,8 +270,29 @@ func TestPollFlow(t *testing.T) {
 		t.Fatalf("InService: %+v", ns)
 	}
 	s.set(PathLifecycle, "Terminated")
-	if ns := collect(p, ctx); len(ns) != 1 || ns[0].Kind != agent.KindTerminate || ns[0].ID != IDLifecycle {
+	ns = collect(p, ctx)
+	if len(ns) != 1 || ns[0].Kind != agent.KindTerminate || ns[0].Action != "Terminated" {
 		t.Fatalf("Terminated: %+v", ns)
+	}
+	if again := collect(p, ctx); len(again) != 0 {
+		t.Fatalf("Terminated sent again with a new window: %+v", again)
+	}
+	s.set(PathLifecycle, "InService")
+	if ns := collect(p, ctx); len(ns) != 1 || !ns[0].Withdrawn {
+		t.Fatalf("lifecycle back in service not withdrawn: %+v", ns)
+	}
+	// An instance going into a warm pool is stopped, hibernated or terminated.
+	for state, kind := range map[string]agent.Kind{"Warmed:Stopped": agent.KindStop, "Warmed:Hibernated": agent.KindHibernate,
+		"Warmed:Terminated": agent.KindTerminate} {
+		s.set(PathLifecycle, state)
+		ns := collect(p, ctx)
+		if len(ns) < 1 || ns[0].Kind != kind || ns[0].Action != state || ns[0].Withdrawn {
+			t.Fatalf("%s: %+v", state, ns)
+		}
+	}
+	s.set(PathLifecycle, "Warmed:Running")
+	if ns := collect(p, ctx); len(ns) != 1 || !ns[0].Withdrawn {
+		t.Fatalf("Warmed:Running: %+v", ns)
 	}
 
 	s.set(PathInstanceAction, "")

@@ -70,8 +70,27 @@ func ParseRebalance(b []byte, now time.Time) (agent.Notice, error) {
 // scheduledTime is the layout of maintenance event times: "21 Jan 2026 09:00:00 GMT".
 const scheduledTime = "2 Jan 2006 15:04:05 MST"
 
+// ScheduledKind says what a scheduled event's code does to the machine:
+// instance-stop and instance-retirement stop it (an instance-store machine
+// is terminated; either way the process dies), instance-reboot and
+// system-reboot reboot it, and system-maintenance is network or power work
+// the machine usually runs through — advisory, never fatal.
+func ScheduledKind(code string) agent.Kind {
+	switch strings.ToLower(code) {
+	case "instance-stop", "instance-retirement":
+		return agent.KindStop
+	case "instance-reboot", "system-reboot":
+		return agent.KindReboot
+	case "system-maintenance":
+		return agent.KindDisruption
+	}
+	return agent.KindMaintenance // a code AWS adds later: treated as maintenance
+}
+
 // ParseScheduled reads events/maintenance/scheduled, an array of events. A
-// canceled or completed event comes back withdrawn.
+// canceled or completed event comes back withdrawn. The deadline is
+// NotBefore (AWS may move it later: a rescheduled event); NotAfter is the
+// window's end.
 func ParseScheduled(b []byte, now time.Time) ([]agent.Notice, error) {
 	var docs []struct {
 		Code        string `json:"Code"`
@@ -93,29 +112,41 @@ func ParseScheduled(b []byte, now time.Time) ([]agent.Notice, error) {
 		if err != nil {
 			return nil, fmt.Errorf("maintenance/scheduled: %s NotBefore %q: %w", d.EventID, d.NotBefore, err)
 		}
+		var na time.Time
+		if d.NotAfter != "" {
+			if na, err = time.Parse(scheduledTime, d.NotAfter); err != nil {
+				return nil, fmt.Errorf("maintenance/scheduled: %s NotAfter %q: %w", d.EventID, d.NotAfter, err)
+			}
+		}
 		raw, _ := json.Marshal(d)
 		state := strings.ToLower(d.State)
-		out = append(out, agent.Notice{Provider: "aws", Kind: agent.KindMaintenance, ID: d.EventID,
-			Action: d.Code, NoticedAt: now, Deadline: nb, Raw: raw,
+		out = append(out, agent.Notice{Provider: "aws", Kind: ScheduledKind(d.Code), ID: d.EventID,
+			Action: d.Code, NoticedAt: now, Deadline: nb, WindowEnd: na, Scheduled: true, Raw: raw,
 			Withdrawn: state == "canceled" || state == "cancelled" || state == "completed"})
 	}
 	return out, nil
 }
 
-// ParseLifecycle reads autoscaling/target-lifecycle-state (plain text) and
-// reports whether the instance is being terminated.
-func ParseLifecycle(b []byte) (terminated bool, err error) {
+// LifecycleKind reads autoscaling/target-lifecycle-state (plain text) and
+// says what it does to the machine: Terminated and Warmed:Terminated
+// terminate it, Warmed:Stopped stops it and Warmed:Hibernated hibernates it
+// (an instance going into a warm pool); "" for the states it survives.
+func LifecycleKind(b []byte) (agent.Kind, error) {
 	s := strings.TrimSpace(string(b))
 	switch s {
-	case "Terminated":
-		return true, nil
-	case "InService", "Standby", "Detached", "Warmed:Stopped", "Warmed:Running", "Warmed:Hibernated", "Warmed:Terminated":
-		return false, nil
+	case "Terminated", "Warmed:Terminated":
+		return agent.KindTerminate, nil
+	case "Warmed:Stopped":
+		return agent.KindStop, nil
+	case "Warmed:Hibernated":
+		return agent.KindHibernate, nil
+	case "InService", "Standby", "Detached", "Warmed:Running":
+		return "", nil
 	}
 	if s == "" || len(s) > 64 || strings.ContainsAny(s, "{}<> \n") {
-		return false, fmt.Errorf("target-lifecycle-state: unexpected %q", emit.Truncate(s, 40))
+		return "", fmt.Errorf("target-lifecycle-state: unexpected %q", emit.Truncate(s, 40))
 	}
-	return false, nil
+	return "", nil // a state AWS adds later
 }
 
 func compact(b []byte) json.RawMessage {

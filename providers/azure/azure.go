@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/internal/direct"
 	"github.com/preemptd/preemptd/providers/internal/emit"
 	"github.com/preemptd/preemptd/providers/internal/outage"
 )
@@ -34,14 +35,19 @@ const (
 type Config struct {
 	Endpoint     string
 	PollInterval time.Duration
-	// Ack posts StartRequests after the emergency path.
-	Ack    bool
+	// Ack says which events get StartRequests after the emergency path:
+	// "mine" (Resources name only this VM), "all", or "off".
+	Ack    string
 	Logger *slog.Logger
 	Now    func() time.Time
 	// OnError is called on every failed metadata request.
 	OnError func()
-	// HTTPClient defaults to one with short timeouts.
+	// HTTPClient defaults to one that never goes through a proxy; every
+	// request carries its own timeout.
 	HTTPClient *http.Client
+	// FirstTimeout bounds the first Scheduled Events request, which
+	// enables the service and can take up to two minutes (default 2m5s).
+	FirstTimeout time.Duration
 }
 
 // Provider polls Scheduled Events.
@@ -54,9 +60,15 @@ type Provider struct {
 	vm     string
 	active map[string]agent.Notice
 	incarn int
+	// enabled is set once Scheduled Events has answered: the first request
+	// may take minutes, the later ones a poll's worth.
+	enabled bool
+	// unknown are the event IDs of unknown types already logged.
+	unknown map[string]bool
 
-	mu    sync.Mutex
-	acked map[string]bool
+	mu     sync.Mutex
+	acked  map[string]bool
+	events map[string]Event // this VM's events, by ID, for Ack
 }
 
 // New builds the provider.
@@ -71,15 +83,33 @@ func New(cfg Config) *Provider {
 		cfg.PollInterval = time.Second
 	}
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{Timeout: min(max(2*cfg.PollInterval, 2*time.Second), 5*time.Second)}
+		cfg.HTTPClient = direct.Client(0)
+	}
+	if cfg.FirstTimeout <= 0 {
+		cfg.FirstTimeout = 2*time.Minute + 5*time.Second
+	}
+	if cfg.Ack == "" {
+		cfg.Ack = "mine"
 	}
 	cfg.Endpoint = strings.TrimSuffix(cfg.Endpoint, "/")
 	log := cfg.Logger.With("provider", "azure")
 	return &Provider{cfg: cfg, hc: cfg.HTTPClient, log: log, now: cfg.Now, out: outage.New(log, time.Minute, cfg.OnError),
-		active: map[string]agent.Notice{}, acked: map[string]bool{}, incarn: -1}
+		active: map[string]agent.Notice{}, acked: map[string]bool{}, events: map[string]Event{}, unknown: map[string]bool{},
+		incarn: -1}
+}
+
+// requestTimeout bounds one ordinary request.
+func (p *Provider) requestTimeout() time.Duration {
+	return min(max(2*p.cfg.PollInterval, 2*time.Second), 5*time.Second)
 }
 
 func (p *Provider) do(ctx context.Context, method, path string, body []byte) ([]byte, error) {
+	return p.doWithin(ctx, p.requestTimeout(), method, path, body)
+}
+
+func (p *Provider) doWithin(ctx context.Context, timeout time.Duration, method, path string, body []byte) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
@@ -150,8 +180,15 @@ func (p *Provider) Poll(ctx context.Context, out chan<- agent.Notice) {
 		p.vm = name
 		p.log.Info("vm name", "name", name)
 	}
-	b, err := p.do(ctx, http.MethodGet, PathEvents, nil)
+	timeout := p.requestTimeout()
+	if !p.enabled {
+		// The first request enables Scheduled Events: Azure says it can take
+		// up to two minutes to answer. Give it that long, once.
+		timeout = p.cfg.FirstTimeout
+	}
+	b, err := p.doWithin(ctx, timeout, http.MethodGet, PathEvents, nil)
 	if err == nil {
+		p.enabled = true
 		var doc Document
 		doc, err = ParseDocument(b)
 		if err == nil {
@@ -172,11 +209,25 @@ func (p *Provider) reconcile(ctx context.Context, doc Document, out chan<- agent
 		return nil // nothing changed
 	}
 	now := p.now()
-	notices, err := ForVM(doc, p.vm, now)
+	notices, unknown, err := ForVM(doc, p.vm, now)
 	if err != nil {
 		return err
 	}
+	for _, e := range unknown {
+		if !p.unknown[e.EventID] {
+			p.unknown[e.EventID] = true
+			p.log.Warn("scheduled event of a type preemptd does not know; ignored (the others are acted on)",
+				"id", e.EventID, "type", e.EventType, "not_before", e.NotBefore)
+		}
+	}
 	p.incarn = doc.DocumentIncarnation
+	p.mu.Lock()
+	for _, e := range doc.Events {
+		if names(e, p.vm) {
+			p.events[e.EventID] = e
+		}
+	}
+	p.mu.Unlock()
 	seen := map[string]bool{}
 	for _, n := range notices {
 		seen[n.ID] = true
@@ -196,16 +247,27 @@ func (p *Provider) reconcile(ctx context.Context, doc Document, out chan<- agent
 	return nil
 }
 
-// Ack implements agent.Acker: POST StartRequests for the event, once.
+// ErrShared is returned by Ack for an event that names other VMs too: an
+// ack would let the platform proceed for every one of them (azure.ack: all
+// allows it).
+var ErrShared = errors.New("event names other VMs too; not acknowledged (azure.ack: all would release it for all of them)")
+
+// Ack implements agent.Acker: POST StartRequests for the event, once, when
+// azure.ack allows it.
 func (p *Provider) Ack(ctx context.Context, n agent.Notice) error {
-	if !p.cfg.Ack || n.Provider != "azure" {
+	if p.cfg.Ack == "off" || n.Provider != "azure" {
 		return nil
 	}
 	p.mu.Lock()
 	done := p.acked[n.ID]
+	ev, known := p.events[n.ID]
 	p.mu.Unlock()
 	if done {
 		return nil
+	}
+	if p.cfg.Ack != "all" && (!known || !OnlyFor(ev, p.vm)) {
+		p.log.Info("not acknowledging a scheduled event shared with other VMs", "id", n.ID, "resources", ev.Resources)
+		return fmt.Errorf("ack %s: %w", n.ID, ErrShared)
 	}
 	var err error
 	for attempt := range 3 {

@@ -1,9 +1,13 @@
 package azure
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,9 +27,9 @@ func TestForVM(t *testing.T) {
 	if err != nil || d.DocumentIncarnation != 3 {
 		t.Fatal(err)
 	}
-	ns, err := ForVM(d, "vm-mine", now)
-	if err != nil {
-		t.Fatal(err)
+	ns, unknown, err := ForVM(d, "vm-mine", now)
+	if err != nil || len(unknown) != 0 {
+		t.Fatal(err, unknown)
 	}
 	got := map[string]agent.Notice{}
 	for _, n := range ns {
@@ -43,11 +47,10 @@ func TestForVM(t *testing.T) {
 	if d := got["D"]; d.Kind != agent.KindFreeze || !d.Deadline.Equal(now) {
 		t.Fatalf("D (started, no NotBefore) = %+v", d)
 	}
-	for _, bad := range []string{`{"Events":[{"EventId":"x","EventType":"Explode","Resources":["vm-mine"]}]}`,
-		`{"Events":[{"EventId":"x","EventType":"Preempt","Resources":["vm-mine"],"NotBefore":"soon"}]}`} {
+	for _, bad := range []string{`{"Events":[{"EventId":"x","EventType":"Preempt","Resources":["vm-mine"],"NotBefore":"soon"}]}`} {
 		d, err := ParseDocument([]byte(bad))
 		if err == nil {
-			_, err = ForVM(d, "vm-mine", now)
+			_, _, err = ForVM(d, "vm-mine", now)
 		}
 		if err == nil {
 			t.Errorf("accepted %s", bad)
@@ -55,6 +58,97 @@ func TestForVM(t *testing.T) {
 	}
 	if _, err := ParseDocument([]byte(`<html>`)); err == nil {
 		t.Error("garbage accepted")
+	}
+}
+
+// TestUnknownTypeKeepsTheRest: an event type Azure added after this
+// release is skipped and reported; the Preempt beside it is still acted on.
+func TestUnknownTypeKeepsTheRest(t *testing.T) {
+	d, err := ParseDocument([]byte(`{"DocumentIncarnation":4,"Events":[
+	 {"EventId":"new","EventType":"LiveMigrate","Resources":["vm-mine"],"EventStatus":"Scheduled","NotBefore":"Wed, 21 Jan 2026 09:10:00 GMT"},
+	 {"EventId":"A","EventType":"Preempt","Resources":["vm-mine"],"EventStatus":"Scheduled","NotBefore":"Wed, 21 Jan 2026 09:00:30 GMT"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, unknown, err := ForVM(d, "vm-mine", now)
+	if err != nil || len(ns) != 1 || ns[0].ID != "A" || len(unknown) != 1 || unknown[0].EventID != "new" {
+		t.Fatalf("notices %+v, unknown %+v, err %v; want A acted on and new skipped", ns, unknown, err)
+	}
+
+	s := fakes.NewAzure("vm-mine")
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	p := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond})
+	nb := time.Now().Add(30 * time.Second).UTC().Format(time.RFC1123)
+	s.SetEvents(fakes.AzureEvent{EventId: "new", EventType: "LiveMigrate", Resources: []string{"vm-mine"}, NotBefore: nb},
+		fakes.AzureEvent{EventId: "A", EventType: "Preempt", Resources: []string{"vm-mine"}, NotBefore: nb})
+	if got := poll(p, t); len(got) != 1 || got[0].ID != "A" || p.out.Failing() {
+		t.Fatalf("poll = %+v (failing %v); want the Preempt and no outage", got, p.out.Failing())
+	}
+}
+
+// TestAckOnlyOwnEvents: an event that names other VMs too is not acked
+// (that would release it for all of them) unless azure.ack is all.
+func TestAckOnlyOwnEvents(t *testing.T) {
+	nb := time.Now().Add(30 * time.Second).UTC().Format(time.RFC1123)
+	for _, tc := range []struct {
+		mode string
+		want []string
+	}{{"mine", []string{"own"}}, {"all", []string{"own", "shared"}}, {"off", nil}} {
+		t.Run(tc.mode, func(t *testing.T) {
+			s := fakes.NewAzure("vm-mine")
+			srv := httptest.NewServer(s)
+			defer srv.Close()
+			p := New(Config{Endpoint: srv.URL, Ack: tc.mode, PollInterval: 100 * time.Millisecond})
+			s.SetEvents(fakes.AzureEvent{EventId: "own", EventType: "Preempt", Resources: []string{"vm-mine"}, NotBefore: nb},
+				fakes.AzureEvent{EventId: "shared", EventType: "Reboot", Resources: []string{"vm-mine", "vm-2"}, NotBefore: nb})
+			ns := poll(p, t)
+			if len(ns) != 2 {
+				t.Fatalf("notices %+v", ns)
+			}
+			for _, n := range ns {
+				err := p.Ack(t.Context(), n)
+				if tc.mode == "mine" && n.ID == "shared" {
+					if !errors.Is(err, ErrShared) {
+						t.Fatalf("ack of a shared event: %v, want ErrShared", err)
+					}
+				} else if err != nil {
+					t.Fatalf("ack %s: %v", n.ID, err)
+				}
+			}
+			got := s.Acks()
+			slices.Sort(got)
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("acks = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestFirstRequestMayTakeMinutes: the first Scheduled Events request
+// enables the service and may answer slowly; it is given FirstTimeout,
+// later ones only a poll's worth.
+func TestFirstRequestMayTakeMinutes(t *testing.T) {
+	s := fakes.NewAzure("vm-mine")
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	nb := time.Now().Add(time.Minute).UTC().Format(time.RFC1123)
+	s.SetEvents(fakes.AzureEvent{EventId: "e", EventType: "Preempt", Resources: []string{"vm-mine"}, NotBefore: nb})
+	var slow atomic.Bool
+	slow.Store(true)
+	s.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if strings.HasPrefix(r.URL.Path, "/metadata/scheduledevents") && slow.Swap(false) {
+			time.Sleep(2500 * time.Millisecond) // longer than any ordinary request may take
+		}
+		return false
+	})
+	p := New(Config{Endpoint: srv.URL, PollInterval: 100 * time.Millisecond, FirstTimeout: 10 * time.Second})
+	if ns := poll(p, t); len(ns) != 1 || p.out.Failing() {
+		t.Fatalf("first (slow) request: %+v, failing %v", ns, p.out.Failing())
+	}
+	slow.Store(true)
+	if ns := poll(p, t); len(ns) != 0 || !p.out.Failing() {
+		t.Fatalf("a later slow request was waited for: %+v, failing %v", ns, p.out.Failing())
 	}
 }
 
@@ -79,7 +173,7 @@ func TestPollAckAndWithdraw(t *testing.T) {
 	s := fakes.NewAzure("vm-mine")
 	srv := httptest.NewServer(s)
 	defer srv.Close()
-	p := New(Config{Endpoint: srv.URL, Ack: true, PollInterval: 100 * time.Millisecond})
+	p := New(Config{Endpoint: srv.URL, Ack: "mine", PollInterval: 100 * time.Millisecond})
 	nb := time.Now().Add(30 * time.Second).UTC().Format(time.RFC1123)
 
 	if ns := poll(p, t); len(ns) != 0 {
@@ -122,7 +216,7 @@ func TestAckDisabled(t *testing.T) {
 	s := fakes.NewAzure("vm")
 	srv := httptest.NewServer(s)
 	defer srv.Close()
-	p := New(Config{Endpoint: srv.URL, Ack: false})
+	p := New(Config{Endpoint: srv.URL, Ack: "off"})
 	if err := p.Ack(t.Context(), agent.Notice{Provider: "azure", ID: "x"}); err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +277,7 @@ func FuzzParseDocument(f *testing.F) {
 		if err != nil {
 			return
 		}
-		ns, err := ForVM(d, "vm", now)
+		ns, _, err := ForVM(d, "vm", now)
 		for _, n := range ns {
 			if err == nil && (n.ID == "" || n.Kind == "") {
 				t.Fatalf("bad notice accepted: %+v", n)

@@ -2,6 +2,7 @@ package azure
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -43,20 +44,39 @@ func ParseDocument(b []byte) (Document, error) {
 	return d, nil
 }
 
-// ForVM returns the notices among d's events whose Resources name vm.
-func ForVM(d Document, vm string, now time.Time) ([]agent.Notice, error) {
-	var out []agent.Notice
+// ErrUnknownType marks an event whose EventType preemptd does not know
+// (Azure adds types over time); ForVM skips such events and returns them.
+var ErrUnknownType = errors.New("unknown EventType")
+
+// ForVM returns the notices among d's events whose Resources name vm, and
+// the events skipped because their type is unknown (the known ones beside
+// them are still returned).
+func ForVM(d Document, vm string, now time.Time) (notices []agent.Notice, unknown []Event, err error) {
 	for _, e := range d.Events {
-		if !slices.ContainsFunc(e.Resources, func(r string) bool { return strings.EqualFold(r, vm) }) {
+		if !names(e, vm) {
 			continue
 		}
 		n, err := eventNotice(e, now)
-		if err != nil {
-			return nil, err
+		if errors.Is(err, ErrUnknownType) {
+			unknown = append(unknown, e)
+			continue
 		}
-		out = append(out, n)
+		if err != nil {
+			return nil, nil, err
+		}
+		notices = append(notices, n)
 	}
-	return out, nil
+	return notices, unknown, nil
+}
+
+func names(e Event, vm string) bool {
+	return slices.ContainsFunc(e.Resources, func(r string) bool { return strings.EqualFold(r, vm) })
+}
+
+// OnlyFor reports whether e's Resources name vm and no other VM: acking it
+// releases nobody else.
+func OnlyFor(e Event, vm string) bool {
+	return len(e.Resources) == 1 && names(e, vm)
 }
 
 func eventNotice(e Event, now time.Time) (agent.Notice, error) {
@@ -71,7 +91,7 @@ func eventNotice(e Event, now time.Time) (agent.Notice, error) {
 	case "Freeze":
 		kind = agent.KindFreeze
 	default:
-		return agent.Notice{}, fmt.Errorf("scheduledevents: %s: unknown EventType %q", e.EventID, e.EventType)
+		return agent.Notice{}, fmt.Errorf("scheduledevents: %s: %w %q", e.EventID, ErrUnknownType, e.EventType)
 	}
 	deadline := now
 	if e.NotBefore != "" {

@@ -12,6 +12,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +22,7 @@ import (
 	"cloud.google.com/go/compute/metadata"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/internal/direct"
 	"github.com/preemptd/preemptd/providers/internal/emit"
 	"github.com/preemptd/preemptd/providers/internal/outage"
 )
@@ -36,14 +40,38 @@ const (
 	MaintenanceTerminate = "TERMINATE_ON_HOST_MAINTENANCE"
 )
 
+// Long-poll timing: the server answers a hanging GET after LongPoll
+// (timeout_sec) even when nothing changed, and a request that has not
+// answered HangSlack later is abandoned (a half-open connection), as
+// Google's guest agent does with 60 s and 70 s; preemptd uses 10 s so that a
+// lost connection delays a notice by well under the 30 s window.
+const (
+	DefaultLongPoll = 10 * time.Second
+	HangSlack       = 3 * time.Second
+)
+
+// Maintenance windows when gcp.maintenance_window is 0: GPU VMs get about an
+// hour's notice of TERMINATE_ON_HOST_MAINTENANCE, other VMs about 60 s.
+const (
+	GPUMaintenanceWindow   = time.Hour
+	OtherMaintenanceWindow = 60 * time.Second
+)
+
 // Config configures the provider.
 type Config struct {
 	// Endpoint (host[:port] or URL) overrides GCE_METADATA_HOST.
-	Endpoint          string
-	PreemptWindow     time.Duration
+	Endpoint      string
+	PreemptWindow time.Duration
+	// MaintenanceWindow is the deadline after TERMINATE_ON_HOST_MAINTENANCE;
+	// 0 takes it from the machine (HasGPU).
 	MaintenanceWindow time.Duration
-	Logger            *slog.Logger
-	Now               func() time.Time
+	// HasGPU says whether GPUs are attached; default: an NVIDIA PCI device
+	// under /sys/bus/pci/devices.
+	HasGPU func() bool
+	// LongPoll is each hanging GET's timeout_sec (default DefaultLongPoll).
+	LongPoll time.Duration
+	Logger   *slog.Logger
+	Now      func() time.Time
 	// OnError is called on every failed metadata request.
 	OnError func()
 }
@@ -55,6 +83,8 @@ type Provider struct {
 	log    *slog.Logger
 	now    func() time.Time
 	out    *outage.Tracker
+	// unknown are the maintenance-event values already logged.
+	unknown map[string]bool
 }
 
 // New builds the provider.
@@ -68,12 +98,23 @@ func New(cfg Config) *Provider {
 	if cfg.PreemptWindow <= 0 {
 		cfg.PreemptWindow = 30 * time.Second
 	}
-	if cfg.MaintenanceWindow <= 0 {
-		cfg.MaintenanceWindow = time.Hour
+	if cfg.HasGPU == nil {
+		cfg.HasGPU = func() bool { return NVIDIAPCI("/sys/bus/pci/devices") }
 	}
 	log := cfg.Logger.With("provider", "gcp")
-	p := &Provider{cfg: cfg, log: log, now: cfg.Now, out: outage.New(log, time.Minute, cfg.OnError)}
-	p.client = NewClient(cfg.Endpoint, p.out)
+	if cfg.MaintenanceWindow <= 0 {
+		cfg.MaintenanceWindow = OtherMaintenanceWindow
+		if cfg.HasGPU() {
+			cfg.MaintenanceWindow = GPUMaintenanceWindow
+		}
+		log.Info("host maintenance window taken from the machine", "gpus", cfg.MaintenanceWindow == GPUMaintenanceWindow,
+			"window", cfg.MaintenanceWindow.String())
+	}
+	if cfg.LongPoll < time.Second {
+		cfg.LongPoll = DefaultLongPoll
+	}
+	p := &Provider{cfg: cfg, log: log, now: cfg.Now, out: outage.New(log, time.Minute, cfg.OnError), unknown: map[string]bool{}}
+	p.client = newClient(cfg.Endpoint, p.out, cfg.LongPoll+HangSlack)
 	return p
 }
 
@@ -82,9 +123,13 @@ func New(cfg Config) *Provider {
 // that sends to endpoint when it is set. track, if not nil, sees every
 // response's outcome.
 func NewClient(endpoint string, track *outage.Tracker) *metadata.Client {
-	base := http.DefaultTransport.(*http.Transport).Clone()
+	return newClient(endpoint, track, DefaultLongPoll+HangSlack)
+}
+
+func newClient(endpoint string, track *outage.Tracker, hangLimit time.Duration) *metadata.Client {
+	base := direct.Transport() // never through HTTP(S)_PROXY
 	base.ResponseHeaderTimeout = 0
-	var rt http.RoundTripper = base
+	var rt http.RoundTripper = &hang{next: base, limit: hangLimit}
 	if endpoint != "" {
 		rt = &rewrite{next: rt, host: hostOf(endpoint)}
 	}
@@ -101,6 +146,53 @@ func hostOf(endpoint string) string {
 		}
 	}
 	return strings.TrimSuffix(endpoint, "/")
+}
+
+// hang bounds each hanging GET (wait_for_change) to limit, its timeout_sec
+// plus HangSlack: the server answers by timeout_sec, so a request still
+// open after that is on a dead connection. The bound is a context deadline,
+// so the metadata client returns at once (no sleep) and subscribe
+// reconnects.
+type hang struct {
+	next  http.RoundTripper
+	limit time.Duration
+}
+
+func (h *hang) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Query().Get("wait_for_change") != "true" {
+		return h.next.RoundTrip(req)
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), h.limit)
+	resp, err := h.next.RoundTrip(req.WithContext(ctx))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b *cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+// NVIDIAPCI reports whether an NVIDIA device (vendor 0x10de) is on the PCI
+// bus under root: GPUs attached, driver or not.
+func NVIDIAPCI(root string) bool {
+	vendors, _ := filepath.Glob(filepath.Join(root, "*", "vendor"))
+	for _, v := range vendors {
+		if b, err := os.ReadFile(v); err == nil && strings.TrimSpace(string(b)) == "0x10de" {
+			return true
+		}
+	}
+	return false
 }
 
 // rewrite sends every request to the configured host.
@@ -157,12 +249,21 @@ func ParsePreempted(v string) (bool, error) {
 	return false, fmt.Errorf("preempted: unexpected value %q", emit.Truncate(v, 40))
 }
 
+// ErrUnknownEvent marks a well-formed maintenance-event value preemptd does
+// not know (Google may add values): logged, never a reason to stop watching.
+var ErrUnknownEvent = errors.New("unknown maintenance-event value")
+
+var eventValue = regexp.MustCompile(`^[A-Z][A-Z0-9_]{0,63}$`)
+
 // ParseMaintenance reads instance/maintenance-event.
 func ParseMaintenance(v string) (string, error) {
 	s := strings.TrimSpace(v)
 	switch s {
 	case MaintenanceNone, MaintenanceMigrate, MaintenanceTerminate:
 		return s, nil
+	}
+	if eventValue.MatchString(s) {
+		return s, fmt.Errorf("maintenance-event: %w %q", ErrUnknownEvent, s)
 	}
 	return "", fmt.Errorf("maintenance-event: unexpected value %q", emit.Truncate(v, 40))
 }
@@ -185,7 +286,7 @@ func (p *Provider) subscribe(ctx context.Context, path string, fn func(v string,
 	const first = 500 * time.Millisecond
 	backoff := first
 	for {
-		err := p.client.SubscribeWithContext(ctx, path, func(_ context.Context, v string, ok bool) error {
+		err := p.client.SubscribeWithContext(ctx, path+fmt.Sprintf("?timeout_sec=%d", int(p.cfg.LongPoll/time.Second)), func(_ context.Context, v string, ok bool) error {
 			if err := fn(v, ok); err != nil {
 				return err
 			}
@@ -243,6 +344,13 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 		if !ok {
 			ev, err = MaintenanceNone, nil
 		}
+		if errors.Is(err, ErrUnknownEvent) {
+			if !p.unknown[ev] {
+				p.unknown[ev] = true
+				p.log.Warn("maintenance-event value preemptd does not know; not acted on", "value", ev)
+			}
+			err = nil
+		}
 		if err != nil {
 			return err
 		}
@@ -264,6 +372,8 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 			n = agent.Notice{Kind: agent.KindMaintenance, Deadline: now.Add(p.cfg.MaintenanceWindow)}
 		case MaintenanceMigrate:
 			n = agent.Notice{Kind: agent.KindMigrate}
+		default: // unknown: logged above; the earlier event, if any, is over
+			return nil
 		}
 		n.Provider, n.ID, n.Action, n.NoticedAt = "gcp", "maintenance-event/"+ev, ev, now
 		n.Raw = agent.RawString(ev)

@@ -2,9 +2,12 @@ package gcp
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -32,8 +35,11 @@ func TestParseMaintenance(t *testing.T) {
 			t.Errorf("ParseMaintenance(%q) = %q, %v", v, got, err)
 		}
 	}
-	if _, err := ParseMaintenance("REBOOT_SOMETIME"); err == nil {
-		t.Error("unknown value accepted")
+	if v, err := ParseMaintenance("REBOOT_SOMETIME"); !errors.Is(err, ErrUnknownEvent) || v != "REBOOT_SOMETIME" {
+		t.Errorf("unknown well-formed value: %q, %v; want ErrUnknownEvent", v, err)
+	}
+	if _, err := ParseMaintenance("<html>oops"); err == nil || errors.Is(err, ErrUnknownEvent) {
+		t.Errorf("garbage: %v, want a parse error", err)
 	}
 }
 
@@ -106,6 +112,113 @@ func TestPreemptedLongPoll(t *testing.T) {
 	t.Logf("preempted TRUE → notice in %v", latency)
 	if waits := s.Waits(); waits > 10 {
 		t.Fatalf("%d wait_for_change requests for one change: polling, not long-polling", waits)
+	}
+}
+
+// TestMaintenanceWindowFromMachine: TERMINATE_ON_HOST_MAINTENANCE gives
+// about an hour with GPUs attached and about 60 s without.
+func TestMaintenanceWindowFromMachine(t *testing.T) {
+	for _, gpus := range []bool{true, false} {
+		s, srv := newMetadata(t)
+		p := New(Config{Endpoint: srv.URL, HasGPU: func() bool { return gpus }})
+		out := make(chan agent.Notice, 4)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() { p.Watch(ctx, out); close(done) }()
+		waitHanging(t, s, 2)
+		s.Set(PathMaintenance, MaintenanceTerminate)
+		n := next(t, out)
+		want := OtherMaintenanceWindow
+		if gpus {
+			want = GPUMaintenanceWindow
+		}
+		if got := n.Deadline.Sub(n.NoticedAt); got != want {
+			t.Errorf("gpus %v: window %v, want %v", gpus, got, want)
+		}
+		cancel()
+		<-done
+	}
+}
+
+func TestNVIDIAPCI(t *testing.T) {
+	root := t.TempDir()
+	dev := func(name, vendor string) {
+		os.MkdirAll(filepath.Join(root, name), 0o755)
+		os.WriteFile(filepath.Join(root, name, "vendor"), []byte(vendor+"\n"), 0o644)
+	}
+	dev("0000:00:04.0", "0x1af4") // virtio
+	if NVIDIAPCI(root) {
+		t.Fatal("a virtio device counted as a GPU")
+	}
+	dev("0000:00:05.0", "0x10de")
+	if !NVIDIAPCI(root) {
+		t.Fatal("an NVIDIA device not found")
+	}
+}
+
+// TestUnknownMaintenanceValueKeepsWatching: a value Google adds later is
+// logged, not a reason to tear the subscription down: the next real event
+// arrives through the same hanging GETs at once.
+func TestUnknownMaintenanceValueKeepsWatching(t *testing.T) {
+	s, srv := newMetadata(t)
+	p := New(Config{Endpoint: srv.URL, MaintenanceWindow: time.Hour})
+	out := make(chan agent.Notice, 4)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go p.Watch(ctx, out)
+	waitHanging(t, s, 2)
+	s.Set(PathMaintenance, "SOME_NEW_EVENT")
+	quiet(t, out, 200*time.Millisecond)
+	if p.out.Failing() {
+		t.Fatal("an unknown value counted as a metadata outage")
+	}
+	start := time.Now()
+	s.Set(PathMaintenance, MaintenanceTerminate)
+	n := next(t, out)
+	if n.Action != MaintenanceTerminate || time.Since(start) > 400*time.Millisecond {
+		t.Fatalf("after an unknown value: %+v after %v (a torn-down subscription backs off)", n, time.Since(start))
+	}
+}
+
+// TestHalfOpenLongPoll: a hanging GET whose connection goes silent (the
+// server never answers, not even at timeout_sec) is abandoned after
+// timeout_sec plus HangSlack, and the watch reconnects and sees the flip.
+func TestHalfOpenLongPoll(t *testing.T) {
+	s, srv := newMetadata(t)
+	var stall atomic.Bool
+	var sawTimeout atomic.Bool
+	s.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Query().Get("wait_for_change") != "true" {
+			return false
+		}
+		if r.URL.Query().Get("timeout_sec") == "1" {
+			sawTimeout.Store(true)
+		}
+		if stall.Load() && strings.HasSuffix(r.URL.Path, PathPreempted) {
+			<-r.Context().Done() // silent: never answers
+			return true
+		}
+		return false
+	})
+	stall.Store(true)
+	p := New(Config{Endpoint: srv.URL, LongPoll: time.Second, MaintenanceWindow: time.Hour})
+	out := make(chan agent.Notice, 4)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go p.Watch(ctx, out)
+	time.Sleep(200 * time.Millisecond)
+	s.Set(PathPreempted, "TRUE") // lands while the preempted long-poll is stalled
+	stall.Store(false)
+	start := time.Now()
+	n := next(t, out)
+	if n.Kind != agent.KindPreempt {
+		t.Fatalf("notice = %+v", n)
+	}
+	if took := time.Since(start); took > time.Second+HangSlack+2*time.Second {
+		t.Fatalf("the stalled long-poll held the notice for %v", took)
+	}
+	if !sawTimeout.Load() {
+		t.Fatal("hanging GETs carry no timeout_sec")
 	}
 }
 

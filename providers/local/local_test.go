@@ -20,7 +20,9 @@ func TestParseTrigger(t *testing.T) {
 	}{
 		{"empty", "", agent.KindTerminate, 2 * time.Minute, false},
 		{"kind", "preempt\n", agent.KindPreempt, 2 * time.Minute, false},
-		{"kind and in", "rebalance 10m", agent.KindRebalance, 10 * time.Minute, false},
+		{"kind and in", "maintenance 10m", agent.KindMaintenance, 10 * time.Minute, false},
+		{"rebalance has no deadline", "rebalance", agent.KindRebalance, time.Time{}.Sub(now), false},
+		{"rebalance with in", "rebalance 10m", "", 0, true},
 		{"json", `{"kind":"stop","in":"45s","id":"x"}`, agent.KindStop, 45 * time.Second, false},
 		{"unknown kind", "explode", "", 0, true},
 		{"bad in", "terminate later", "", 0, true},

@@ -29,7 +29,8 @@ type GCP struct {
 	fault   Fault
 	waits   int
 	// HangLimit ends a hanging GET with the unchanged value after this long,
-	// as the real server does after its timeout; zero waits for a change.
+	// as the real server does after its timeout, when the request names no
+	// timeout_sec of its own; zero waits for a change.
 	HangLimit time.Duration
 }
 
@@ -99,8 +100,12 @@ func (s *GCP) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		var limit <-chan time.Time
-		if s.HangLimit > 0 {
-			limit = time.After(s.HangLimit)
+		hang := s.HangLimit
+		if sec, err := strconv.Atoi(r.URL.Query().Get("timeout_sec")); err == nil && sec > 0 {
+			hang = time.Duration(sec) * time.Second // the request's own timeout, as the real server does
+		}
+		if hang > 0 {
+			limit = time.After(hang)
 		}
 		select {
 		case <-ch:
