@@ -99,7 +99,7 @@ hooks: {on_notice: ["echo one", "echo two"]}
 		{"trainer.signal env over file", c.Trainer.Signal, "SIGUSR2"},
 		{"trainer.match from file", c.Trainer.Match, `train\.py`},
 		{"trainer.kill_after from file", c.Trainer.KillAfter.D(), 90 * time.Second},
-		{"azure.ack from env", c.Azure.Ack, false},
+		{"azure.ack from env", c.Azure.Ack, AckOff},
 		{"azure.endpoint default kept", c.Azure.Endpoint, "http://169.254.169.254"},
 		{"hooks list from env", strings.Join(c.Hooks.OnNotice, "|"), "a|b, c"},
 		{"pid_file from env", c.Trainer.PIDFile, "/run/train.pid"},
