@@ -511,7 +511,7 @@ func (a *Agent) publishFile() {
 	}
 	a.mu.Lock()
 	var gpus *GPUSnapshot
-	if a.path != nil {
+	if a.emergency != nil && a.emergency.Notice.Key() == n.Key() {
 		gpus = a.emergency.GPUs
 	}
 	a.mu.Unlock()

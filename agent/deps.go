@@ -64,3 +64,20 @@ type Step interface {
 	Name() string
 	Run(ctx context.Context, n Notice) error
 }
+
+type trainerExitKey struct{}
+
+// TrainerExited returns, inside an emergency step, the channel closed once
+// the trainer signalled by this path has exited (or the wait for it ended);
+// nil when no trainer process was signalled, so nothing tells when its
+// saves are over.
+func TrainerExited(ctx context.Context) <-chan struct{} {
+	ch, _ := ctx.Value(trainerExitKey{}).(<-chan struct{})
+	return ch
+}
+
+// WithTrainerExited returns ctx carrying exited for TrainerExited (for
+// steps run outside the agent, and tests).
+func WithTrainerExited(ctx context.Context, exited <-chan struct{}) context.Context {
+	return context.WithValue(ctx, trainerExitKey{}, exited)
+}

@@ -146,12 +146,12 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 		rep := *a.emergency
 		a.notifyChangeLocked()
 		a.mu.Unlock()
-		close(done)
 		a.log.Info("armed for the next notice")
 		a.publishFile()
 		if a.deps.OnEmergencyDone != nil {
 			a.deps.OnEmergencyDone(rep)
 		}
+		close(done)
 	}()
 
 	// 1. Tell the trainer, and everyone reading notice.json, first; the
@@ -180,7 +180,9 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 		hooks := a.runHooks(ctx, n, deadline)
 		a.update(func(r *EmergencyReport) { r.Hooks = hooks })
 	})
+	var exited chan struct{} // closed when the trainer is gone; nil when none was signalled
 	if a.deps.Trainer != nil && len(sig.PIDs) > 0 {
+		exited = make(chan struct{})
 		killAt := time.Time{}
 		if a.cfg.KillAfter > 0 {
 			killAt = sig.At.Add(a.cfg.KillAfter)
@@ -189,6 +191,7 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 			}
 		}
 		side.Go(func() {
+			defer close(exited)
 			ex, err := a.deps.Trainer.WaitExit(ctx, sig, killAt)
 			if err != nil && !errors.Is(err, context.DeadlineExceeded) {
 				a.log.Error("waiting for trainer", "err", err)
@@ -198,14 +201,20 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 		})
 	}
 
-	// 3. The steps later parts add: checkpoint, upload, log flush.
+	// 3. The steps later parts add: checkpoint, upload, log flush. They
+	// learn when the trainer is gone through TrainerExited.
+	var exitCh <-chan struct{}
+	if exited != nil {
+		exitCh = exited
+	}
+	stepCtx := WithTrainerExited(ctx, exitCh)
 	for _, s := range a.deps.Steps {
 		if cr, ok := s.(CheckpointReporter); ok {
 			last := cr.LastCommitBefore()
 			a.update(func(r *EmergencyReport) { r.LastCommitBefore = last })
 		}
 		start := a.now()
-		err := s.Run(ctx, n)
+		err := s.Run(stepCtx, n)
 		sr := StepReport{Name: s.Name(), StartedAt: start, Duration: a.now().Sub(start)}
 		if err != nil {
 			sr.Error = err.Error()

@@ -81,8 +81,9 @@ func TestEarlierNoticeShortensPath(t *testing.T) {
 		})
 		a := New(Config{FatalWithin: 2 * time.Minute, RunDir: t.TempDir()}, Deps{Watchers: []Watcher{w}, Steps: []Step{step}})
 		ctx, cancel := context.WithCancel(t.Context())
-		defer cancel()
-		go a.Run(ctx)
+		ran := make(chan struct{})
+		go func() { a.Run(ctx); close(ran) }()
+		defer func() { cancel(); <-ran }()
 		start := time.Now()
 		w <- Notice{Provider: "aws", Kind: KindTerminate, ID: "spot", NoticedAt: start, Deadline: start.Add(2 * time.Minute)}
 		<-started

@@ -6,14 +6,18 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/checkpoint/storage"
 )
 
@@ -47,9 +51,19 @@ type Committer struct {
 	// OnCommit, if set, is told of every commit (metrics).
 	OnCommit func(Result)
 
+	// Journal, if set, is a file (in state_dir) listing the keys whose
+	// uploads are in flight, so that after a crash Cleanup aborts exactly
+	// this node's interrupted uploads and never another node's.
+	Journal string
+
 	mu sync.Mutex // one commit at a time
-	// throughput is the last measured upload rate, bytes per second.
-	throughput float64
+	// throughput is the last measured upload rate, bytes per second, as
+	// math.Float64bits: read without the lock a commit holds.
+	throughput atomic.Uint64
+
+	jmu      sync.Mutex
+	inflight map[string]int // key → uploads in flight
+	loaded   bool
 }
 
 // Result says what a commit did.
@@ -75,9 +89,7 @@ func (c *Committer) log() *slog.Logger {
 // Throughput is the last measured upload rate in bytes per second (0 before
 // any upload).
 func (c *Committer) Throughput() float64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.throughput
+	return math.Float64frombits(c.throughput.Load())
 }
 
 // Commit makes ck durable: it hashes every file, reuses by server-side copy
@@ -93,6 +105,14 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	}
 	m := Manifest{Version: ManifestVersion, Run: c.Run, Name: ck.Name, Layout: ck.Layout, Step: ck.Step,
 		Markers: ck.Markers, Instance: c.Instance, WrittenAt: ck.ModTime.UTC()}
+	objects := map[string]string{}
+	for _, f := range ck.Files {
+		obj := m.ObjectName(f.Path)
+		if other, dup := objects[obj]; dup {
+			return Result{}, fmt.Errorf("checkpoint %s: %s and %s would be stored under the same name %s", ck.Name, other, f.Path, obj)
+		}
+		objects[obj] = f.Path
+	}
 	reuse := c.reusable(ctx, ck.Name)
 	// A file that may be reused (an earlier one has its size) is hashed
 	// first, to decide; every other file is hashed while it uploads.
@@ -120,7 +140,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	var sentMu sync.Mutex
 	put := func(ctx context.Context, i int) error {
 		f := &m.Files[i]
-		key := runKey(c.Run, ck.Name) + "/" + f.Path
+		key := runKey(c.Run, ck.Name) + "/" + m.ObjectName(f.Path)
 		if src, ok := reuse.keys[f.SHA256+"/"+fmt.Sprint(f.Size)]; ok && f.SHA256 != "" {
 			if err := c.Store.Copy(ctx, key, src); err == nil {
 				f.Reused = true
@@ -133,7 +153,13 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		} else {
 			hashed <- nil
 		}
+		if err := c.track(key, 1); err != nil {
+			return err
+		}
 		err := c.Store.PutFile(ctx, key, filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+		if err == nil {
+			c.track(key, -1) // a failed upload stays listed for Cleanup
+		}
 		if herr := <-hashed; err == nil {
 			err = herr
 		}
@@ -166,7 +192,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	}
 	took := c.now().Sub(start)
 	if sent > 0 && took > 0 {
-		c.throughput = float64(sent) / took.Seconds()
+		c.throughput.Store(math.Float64bits(float64(sent) / took.Seconds()))
 	}
 	c.log().Info("checkpoint committed", "name", ck.Name, "step", ck.Step, "bytes", m.Bytes, "sent", sent,
 		"took", took.Round(time.Millisecond).String(), "store", c.Store.String())
@@ -246,7 +272,7 @@ func (c *Committer) reusable(ctx context.Context, name string) reuse {
 		return r
 	}
 	for _, f := range m.Files {
-		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + f.Path
+		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + m.ObjectName(f.Path)
 		r.sizes[f.Size] = true
 	}
 	return r
@@ -426,7 +452,7 @@ func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp s
 		return err
 	}
 	h := newHashWriter(out)
-	err = c.Store.Get(ctx, runKey(c.Run, m.Name)+"/"+f.Path, h)
+	err = c.Store.Get(ctx, runKey(c.Run, m.Name)+"/"+m.ObjectName(f.Path), h)
 	if cerr := out.Close(); err == nil {
 		err = cerr
 	}
@@ -466,7 +492,89 @@ func (c *Committer) Repair(ctx context.Context) (string, error) {
 	return newest.Name, nil
 }
 
-// Cleanup aborts the run's interrupted uploads (a crash mid-upload).
+// Cleanup aborts this node's interrupted uploads: those a crash left (in
+// the journal) and those a cancelled upload left since. Nothing else may
+// upload while it runs.
 func (c *Committer) Cleanup(ctx context.Context) (int, error) {
-	return c.Store.AbortIncomplete(ctx, c.Run)
+	c.jmu.Lock()
+	if err := c.loadJournalLocked(); err != nil {
+		c.jmu.Unlock()
+		return 0, err
+	}
+	keys := make([]string, 0, len(c.inflight))
+	for k := range c.inflight {
+		keys = append(keys, k)
+	}
+	c.jmu.Unlock()
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	slices.Sort(keys)
+	n, err := c.Store.AbortUploads(ctx, keys...)
+	if err != nil {
+		return n, err
+	}
+	c.jmu.Lock()
+	defer c.jmu.Unlock()
+	for _, k := range keys {
+		delete(c.inflight, k)
+	}
+	return n, c.saveJournalLocked()
+}
+
+// track counts an upload to key in (+1) or out (-1) of the journal.
+func (c *Committer) track(key string, d int) error {
+	c.jmu.Lock()
+	defer c.jmu.Unlock()
+	if err := c.loadJournalLocked(); err != nil {
+		return err
+	}
+	c.inflight[key] += d
+	if c.inflight[key] <= 0 {
+		delete(c.inflight, key)
+	}
+	return c.saveJournalLocked()
+}
+
+func (c *Committer) loadJournalLocked() error {
+	if c.inflight == nil {
+		c.inflight = map[string]int{}
+	}
+	if c.loaded || c.Journal == "" {
+		c.loaded = true
+		return nil
+	}
+	b, err := os.ReadFile(c.Journal)
+	if errors.Is(err, fs.ErrNotExist) {
+		c.loaded = true
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("upload journal: %w", err)
+	}
+	var keys []string
+	if err := json.Unmarshal(b, &keys); err != nil {
+		c.log().Warn("upload journal unreadable; starting a new one", "path", c.Journal, "err", err)
+	}
+	for _, k := range keys {
+		c.inflight[k]++
+	}
+	c.loaded = true
+	return nil
+}
+
+func (c *Committer) saveJournalLocked() error {
+	if c.Journal == "" {
+		return nil
+	}
+	keys := make([]string, 0, len(c.inflight))
+	for k := range c.inflight {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	b, _ := json.Marshal(keys)
+	if err := agent.WriteFileAtomic(c.Journal, b, 0o600); err != nil {
+		return fmt.Errorf("upload journal: %w", err)
+	}
+	return nil
 }

@@ -214,7 +214,7 @@ func TestRestoreRefusesEscapeAndCorruption(t *testing.T) {
 	if _, err := c.Commit(ctx, scanOne(t, root, "step-1")); err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(storeDir, "r", "step-1", "step-1", "a"), bytes.Repeat([]byte{1}, 4096), 0o644)
+	os.WriteFile(filepath.Join(storeDir, "r", "step-1", "a"), bytes.Repeat([]byte{1}, 4096), 0o644)
 	dst := t.TempDir()
 	if _, _, err := c.Restore(ctx, dst, ""); err == nil || !strings.Contains(err.Error(), "checksum mismatch") {
 		t.Fatalf("corrupt object: %v", err)

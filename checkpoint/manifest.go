@@ -14,8 +14,11 @@ import (
 	"time"
 )
 
-// ManifestVersion is the manifest format written.
-const ManifestVersion = 1
+// ManifestVersion is the manifest format written. Version 2 stores a file
+// at <run>/<name>/<its path inside the checkpoint's folder>; version 1
+// stored it at <run>/<name>/<its path under checkpoint.dir> (so a folder's
+// files sat at <name>/<name>/…) and is still read for restore.
+const ManifestVersion = 2
 
 // ManifestName is the manifest's object name inside a checkpoint's prefix.
 const ManifestName = ".preemptd-manifest.json"
@@ -90,10 +93,28 @@ func ParseManifest(b []byte) (Manifest, error) {
 	return m, m.Validate()
 }
 
+// ObjectName is where file path p of the checkpoint is stored, below the
+// checkpoint's own prefix: its path inside the checkpoint's folder, or, for
+// a file outside it (a single-file checkpoint, a framework's pointer file
+// beside the folder), its path under checkpoint.dir.
+func (m Manifest) ObjectName(p string) string {
+	if m.Version < 2 {
+		return p
+	}
+	return objectName(m.Name, p)
+}
+
+func objectName(name, p string) string {
+	if rest, ok := strings.CutPrefix(p, name+"/"); ok {
+		return rest
+	}
+	return p
+}
+
 // Validate refuses a manifest restore must not trust.
 func (m Manifest) Validate() error {
-	if m.Version != ManifestVersion {
-		return fmt.Errorf("manifest: version %d, want %d", m.Version, ManifestVersion)
+	if m.Version != 1 && m.Version != ManifestVersion {
+		return fmt.Errorf("manifest: version %d, want %d (or 1)", m.Version, ManifestVersion)
 	}
 	if err := safeName(m.Name); err != nil {
 		return fmt.Errorf("manifest: %w", err)
@@ -107,10 +128,14 @@ func (m Manifest) Validate() error {
 		if err := SafePath(f.Path); err != nil {
 			return fmt.Errorf("manifest: %w", err)
 		}
-		if seen[f.Path] {
-			return fmt.Errorf("manifest: %s listed twice", f.Path)
+		obj := m.ObjectName(f.Path)
+		if seen[obj] {
+			return fmt.Errorf("manifest: %s listed twice (object %s)", f.Path, obj)
 		}
-		seen[f.Path] = true
+		seen[obj] = true
+		if strings.HasPrefix(obj, ".preemptd-") {
+			return fmt.Errorf("manifest: %s: object names starting .preemptd- are preemptd's own", f.Path)
+		}
 		if f.Size < 0 {
 			return fmt.Errorf("manifest: %s has a negative size", f.Path)
 		}

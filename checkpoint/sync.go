@@ -263,21 +263,35 @@ func (e emergencyStep) LastCommitBefore() time.Time {
 	return e.s.lastCommit
 }
 
-// Run waits for a checkpoint newer than those complete at the signal, until
-// the deadline less the estimated upload time and a margin; commits it ahead
-// of any background upload; or, failing that, makes sure the newest complete
-// one is committed. The error says why when the trainer's new checkpoint did
-// not become durable.
+// Run makes the trainer's last checkpoint durable. Until the trainer has
+// exited (or the deadline less the estimated upload and a margin), the
+// newest complete checkpoint wins: it commits each checkpoint that
+// completes after the signal, ahead of any background upload, and when a
+// newer one completes while an older one uploads it lets the older finish
+// if there is time for both, else switches to the newer. Without a
+// signalled trainer (nothing says when its saves are over) the first new
+// checkpoint ends the wait. If no new checkpoint completes, it makes sure the
+// newest complete one is durable. The error says why when the trainer's new
+// checkpoint did not become durable.
 func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	s := e.s
-	// A background upload cut short leaves a multipart upload behind: abort
-	// whatever is left once this step is over (nothing else uploads then).
+	s.init()
+	s.mu.Lock()
+	s.emergency = true // no new background upload from here on
+	s.emergencyResult = nil
+	s.mu.Unlock()
 	defer func() {
-		if n, err := s.Committer.Cleanup(ctx); err == nil && n > 0 {
+		// A background upload cut short leaves a multipart upload behind:
+		// abort this node's leftovers once nothing else uploads; then
+		// re-arm continuous sync (the path may have been a drill).
+		if n, err := s.Committer.Cleanup(context.WithoutCancel(ctx)); err == nil && n > 0 {
 			s.log().Info("aborted interrupted uploads", "count", n)
 		}
+		s.mu.Lock()
+		s.emergency = false
+		s.mu.Unlock()
+		s.poke()
 	}()
-	s.init()
 	// What is complete now (the trainer was signalled just before) is old;
 	// scan here rather than trust the watcher, which may not have looked yet.
 	before := map[string]string{}
@@ -288,55 +302,85 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 			lastSize = ck.Size()
 		}
 	}
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(2 * time.Minute)
+	exited := agent.TrainerExited(ctx)
+	waitUntil := func() time.Time {
+		deadline, ok := ctx.Deadline()
+		if !ok {
+			deadline = time.Now().Add(2 * time.Minute)
+		}
+		return deadline.Add(-s.estimate(lastSize) - s.Margin)
 	}
-	est := s.estimate(lastSize)
-	waitUntil := deadline.Add(-est - s.Margin)
-	s.log().Info("waiting for the trainer's checkpoint", "until", waitUntil, "estimated_upload", est.Round(time.Millisecond).String())
+	s.log().Info("waiting for the trainer's checkpoints", "until", waitUntil(), "trainer_known", exited != nil)
+	s.poke()
 
-	// Wait for a checkpoint that was not complete (or was different) at the
-	// start, as the watcher's scans see them.
-	select {
-	case s.kick <- struct{}{}:
-	default:
-	}
-	var fresh *Checkpoint
-	for {
-		changed := s.newer(before, &fresh)
-		if fresh != nil || !time.Now().Before(waitUntil) || ctx.Err() != nil {
+	var done *Checkpoint // the newest committed by this step
+	var failed error
+	trainerGone := false
+	var settle time.Time
+	for ctx.Err() == nil {
+		fresh, changed := s.newest(before, done)
+		if fresh != nil {
+			s.stopBackground() // the trainer's new checkpoint goes first
+			ck, err := s.commitNewest(ctx, *fresh, before, waitUntil)
+			if err != nil {
+				failed = fmt.Errorf("new checkpoint %s not committed: %w", ck.Name, err)
+			} else {
+				done, failed = &ck, nil
+			}
+			lastSize = max(lastSize, ck.Size())
+			continue // look again at once: a newer one may have completed meanwhile
+		}
+		if done != nil && exited == nil {
+			break // no trainer to wait for: its first new checkpoint is the one
+		}
+		until := waitUntil()
+		if trainerGone {
+			if !time.Now().Before(settle) {
+				break // nothing newer completed after its exit
+			}
+			if settle.Before(until) {
+				until = settle
+			}
+		}
+		if !time.Now().Before(until) {
 			break
 		}
 		select {
 		case <-changed:
-		case <-time.After(time.Until(waitUntil)):
+		case <-exited:
+			// The trainer is gone: look again now at what it left, and for
+			// the layouts completed by a quiet period, until that has passed.
+			trainerGone, exited = true, nil
+			settle = time.Now()
+			if s.needsQuiet() {
+				settle = settle.Add(s.Quiet + 250*time.Millisecond)
+			}
+			s.scan(ctx)
+		case <-time.After(time.Until(until)):
 		case <-ctx.Done():
 		}
 	}
-	if fresh != nil {
-		s.mu.Lock()
-		s.emergency = true // no new background upload from here on
-		s.mu.Unlock()
-		s.stopBackground() // the new checkpoint goes first
-		if err := s.commit(ctx, *fresh, "emergency"); err != nil {
-			return fmt.Errorf("new checkpoint %s not committed: %w; the previous committed checkpoint stays latest", fresh.Name, err)
+	if done != nil {
+		if failed != nil {
+			s.log().Warn("a newer checkpoint was not committed; the newest committed one stays latest", "latest", done.Name, "err", failed)
 		}
 		return nil
 	}
+	if failed != nil {
+		return fmt.Errorf("%w; the previous committed checkpoint stays latest", failed)
+	}
 	// No new checkpoint: make sure the newest complete one is durable.
 	s.mu.Lock()
-	s.emergency = true
-	done := s.bgDone
+	bg := s.bgDone
 	var newest *Checkpoint
 	if n := len(s.seen); n > 0 {
 		ck := s.seen[n-1]
 		newest = &ck
 	}
 	s.mu.Unlock()
-	if done != nil {
+	if bg != nil {
 		select {
-		case <-done:
+		case <-bg:
 		case <-ctx.Done():
 		}
 	}
@@ -346,12 +390,68 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		s.mu.Unlock()
 		if !committed {
 			if err := s.commit(ctx, *newest, "emergency"); err != nil {
-				return fmt.Errorf("no new checkpoint by %s, and %s not committed: %w", waitUntil.Format(time.RFC3339), newest.Name, err)
+				return fmt.Errorf("no new checkpoint by %s, and %s not committed: %w", waitUntil().Format(time.RFC3339), newest.Name, err)
 			}
 		}
 	}
+	deadline, _ := ctx.Deadline()
 	return fmt.Errorf("no new complete checkpoint by %s (deadline %s less %s estimated upload and %s margin); the newest committed checkpoint stays latest",
-		waitUntil.Format(time.RFC3339), deadline.Format(time.RFC3339), est.Round(time.Millisecond), s.Margin)
+		waitUntil().Format(time.RFC3339), deadline.Format(time.RFC3339), s.estimate(lastSize).Round(time.Millisecond), s.Margin)
+}
+
+// commitNewest commits ck; when a newer checkpoint completes meanwhile and
+// there is not time for both before waitUntil, it abandons ck for the newer
+// one (the newest wins). It returns the checkpoint it ended with.
+func (s *Syncer) commitNewest(ctx context.Context, ck Checkpoint, before map[string]string, waitUntil func() time.Time) (Checkpoint, error) {
+	for {
+		cctx, cancel := context.WithCancel(ctx)
+		res := make(chan error, 1)
+		go func() { res <- s.commit(cctx, ck, "emergency") }()
+		var superseded *Checkpoint
+	wait:
+		for {
+			_, changed := s.newest(before, &ck)
+			select {
+			case err := <-res:
+				cancel()
+				return ck, err
+			case <-changed:
+				newer, _ := s.newest(before, &ck)
+				if newer == nil || newer.Step < ck.Step {
+					continue
+				}
+				// Both fit? Let this one finish; the newer follows.
+				if time.Now().Add(s.estimate(ck.Size()) + s.estimate(newer.Size())).Before(waitUntil()) {
+					continue
+				}
+				superseded = newer
+				break wait
+			}
+		}
+		cancel()
+		<-res
+		s.log().Warn("a newer checkpoint completed and there is no time for both; uploading the newer instead",
+			"abandoned", ck.Name, "newer", superseded.Name)
+		ck = *superseded
+	}
+}
+
+// needsQuiet says whether checkpoints may be complete only after the quiet
+// period (layouts without a completion marker).
+func (s *Syncer) needsQuiet() bool {
+	switch s.Layout {
+	case LayoutDCP, LayoutOrbax, LayoutDeepSpeed, LayoutMegatron:
+		return false
+	}
+	return s.Quiet > 0
+}
+
+// poke asks the watcher to scan now.
+func (s *Syncer) poke() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
 }
 
 // estimate is the time to upload size bytes at the last measured rate
@@ -364,17 +464,30 @@ func (s *Syncer) estimate(size int64) time.Duration {
 	return time.Duration(float64(size) / rate * 1.2 * float64(time.Second))
 }
 
-// newer sets *fresh to the newest complete checkpoint not in before (by name
-// and signature), and returns the channel closed at the next scan.
-func (s *Syncer) newer(before map[string]string, fresh **Checkpoint) <-chan struct{} {
+// newest returns the newest complete checkpoint (as the watcher's scans
+// see them) that was not complete, or was different, at the signal and is
+// newer than done (nil for none yet), and the channel closed at the next
+// scan.
+func (s *Syncer) newest(before map[string]string, done *Checkpoint) (*Checkpoint, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i := len(s.seen) - 1; i >= 0; i-- {
-		if sig, was := before[s.seen[i].Name]; !was || sig != s.seen[i].Signature() {
-			ck := s.seen[i]
-			*fresh = &ck
-			break
+		ck := s.seen[i]
+		if sig, was := before[ck.Name]; was && sig == ck.Signature() {
+			continue
 		}
+		if done != nil && (ck.Signature() == done.Signature() || (ck.Name != done.Name && !newerThan(ck, *done))) {
+			return nil, s.changed
+		}
+		return &ck, s.changed
 	}
-	return s.changed
+	return nil, s.changed
+}
+
+// newerThan orders checkpoints by step, then by time.
+func newerThan(a, b Checkpoint) bool {
+	if a.Step != b.Step && a.Step >= 0 && b.Step >= 0 {
+		return a.Step > b.Step
+	}
+	return a.ModTime.After(b.ModTime)
 }

@@ -289,7 +289,15 @@ func (t *Trainer) Signal(ctx context.Context, signal string) (agent.SignalReport
 		ownGroup := unix.Getpgrp()
 		for _, p := range pids {
 			g, err := unix.Getpgid(p)
-			if err != nil || g == ownGroup || slices.Contains(h.groups, g) {
+			if err != nil || slices.Contains(h.groups, g) {
+				continue
+			}
+			if g == ownGroup {
+				// Signalling it would signal preemptd itself: only the
+				// process is signalled, not its group.
+				msg := fmt.Sprintf("trainer.group: process %d is in preemptd's own process group %d; signalling the process alone (start the trainer in its own group, e.g. with setsid)", p, g)
+				t.log.Warn(msg)
+				rep.Problems = append(rep.Problems, msg)
 				continue
 			}
 			h.groups = append(h.groups, g)

@@ -305,3 +305,24 @@ func TestUnitCgroup(t *testing.T) {
 		t.Fatalf("absent unit: %v", err)
 	}
 }
+
+// TestGroupOfPreemptdItselfIsSaidNotSkippedSilently: with trainer.group, a
+// target in preemptd's own process group is signalled alone (signalling the
+// group would signal preemptd) and the report says why.
+func TestGroupOfPreemptdItselfIsSaidNotSkippedSilently(t *testing.T) {
+	p := startHelper(t, false, false) // same process group as this test
+	pidFile := filepath.Join(t.TempDir(), "train.pid")
+	os.WriteFile(pidFile, []byte(strconv.Itoa(p.cmd.Process.Pid)+"\n"), 0o644)
+	tr, err := New(Config{PIDFile: pidFile, Group: true}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := tr.Signal(t.Context(), "SIGUSR1")
+	if err != nil || !slices.Equal(rep.PIDs, []int{p.cmd.Process.Pid}) || len(rep.Groups) != 0 {
+		t.Fatalf("Signal = %+v, %v", rep, err)
+	}
+	if !slices.ContainsFunc(rep.Problems, func(s string) bool { return strings.Contains(s, "own process group") }) {
+		t.Fatalf("problems = %v, want the skipped group named", rep.Problems)
+	}
+	waitFor(t, func() bool { return slices.Equal(p.signals(), []string{"SIGUSR1"}) })
+}

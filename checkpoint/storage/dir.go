@@ -12,7 +12,7 @@ import (
 	"strings"
 )
 
-// tmpPrefix marks files being written; AbortIncomplete removes them.
+// tmpPrefix marks files being written; AbortUploads removes them.
 const tmpPrefix = ".preemptd-tmp-"
 
 // Dir is a store in a local directory: every object is a file written to a
@@ -45,7 +45,7 @@ func (d *Dir) write(ctx context.Context, key string, r io.Reader) error {
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(p), tmpPrefix+"*")
+	tmp, err := os.CreateTemp(filepath.Dir(p), tmpName(filepath.Base(p))+"*")
 	if err != nil {
 		return err
 	}
@@ -106,7 +106,7 @@ func (d *Dir) Copy(ctx context.Context, dst, src string) error {
 	if err := os.MkdirAll(filepath.Dir(dp), 0o755); err != nil {
 		return err
 	}
-	tmp := filepath.Join(filepath.Dir(dp), tmpPrefix+filepath.Base(dp))
+	tmp := filepath.Join(filepath.Dir(dp), tmpName(filepath.Base(dp))+"link")
 	os.Remove(tmp)
 	if err := os.Link(sp, tmp); err == nil {
 		return os.Rename(tmp, dp)
@@ -183,26 +183,27 @@ func (d *Dir) Delete(_ context.Context, keys ...string) error {
 	return nil
 }
 
-// AbortIncomplete implements Store: temporary files left by a crash.
-func (d *Dir) AbortIncomplete(_ context.Context, prefix string) (int, error) {
-	base := d.root
-	if prefix != "" {
-		var err error
-		if base, err = d.path(strings.TrimSuffix(prefix, "/")); err != nil {
-			return 0, err
-		}
-	}
+// AbortUploads implements Store: the temporary files a crash left for
+// these keys (named after the key's file, see write).
+func (d *Dir) AbortUploads(_ context.Context, keys ...string) (int, error) {
 	n := 0
-	err := filepath.WalkDir(base, func(p string, e fs.DirEntry, err error) error {
+	for _, key := range keys {
+		p, err := d.path(key)
 		if err != nil {
-			return nil
+			return n, err
 		}
-		if !e.IsDir() && strings.HasPrefix(e.Name(), tmpPrefix) {
-			if os.Remove(p) == nil {
+		left, _ := filepath.Glob(filepath.Join(filepath.Dir(p), tmpName(filepath.Base(p))+"*"))
+		for _, f := range left {
+			if os.Remove(f) == nil {
 				n++
 			}
 		}
-		return nil
-	})
-	return n, err
+	}
+	return n, nil
+}
+
+// tmpName is the prefix of a temporary file written for an object named
+// base: the key's own name, so that AbortUploads finds it by key.
+func tmpName(base string) string {
+	return tmpPrefix + strings.NewReplacer("*", "_", "?", "_", "[", "_").Replace(base) + "."
 }

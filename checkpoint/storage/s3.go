@@ -187,26 +187,31 @@ func (s *S3) Delete(ctx context.Context, keys ...string) error {
 	return nil
 }
 
-// AbortIncomplete implements Store: multipart uploads left by a crash.
-func (s *S3) AbortIncomplete(ctx context.Context, prefix string) (int, error) {
-	p := s.prefix
-	if prefix != "" {
-		p = path.Join(s.prefix, prefix)
-	}
+// AbortUploads implements Store: the multipart uploads left to these keys
+// by a crash or a cancelled upload, each listed by its exact key.
+func (s *S3) AbortUploads(ctx context.Context, keys ...string) (int, error) {
 	n := 0
-	// MinIO lists multipart uploads only for an exact key or the whole
-	// bucket, so list the bucket and keep what is below the prefix.
-	for u := range s.c.ListIncompleteUploads(ctx, s.bucket, "", true) {
-		if u.Err != nil {
-			return n, fmt.Errorf("storage: list incomplete uploads: %w", u.Err)
+	for _, key := range keys {
+		k, err := s.key(key)
+		if err != nil {
+			return n, err
 		}
-		if !strings.HasPrefix(u.Key, p+"/") && u.Key != p {
+		found := false
+		for u := range s.c.ListIncompleteUploads(ctx, s.bucket, k, false) {
+			if u.Err != nil {
+				return n, fmt.Errorf("storage: list incomplete uploads of %s: %w", key, u.Err)
+			}
+			if u.Key == k {
+				found = true
+				n++
+			}
+		}
+		if !found {
 			continue
 		}
-		if err := s.c.RemoveIncompleteUpload(ctx, s.bucket, u.Key); err != nil {
-			return n, fmt.Errorf("storage: abort %s: %w", u.Key, err)
+		if err := s.c.RemoveIncompleteUpload(ctx, s.bucket, k); err != nil {
+			return n, fmt.Errorf("storage: abort %s: %w", key, err)
 		}
-		n++
 	}
 	return n, nil
 }

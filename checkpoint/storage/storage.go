@@ -37,9 +37,10 @@ type Store interface {
 	List(ctx context.Context, prefix string) ([]Object, error)
 	// Delete removes keys; missing ones are not an error.
 	Delete(ctx context.Context, keys ...string) error
-	// AbortIncomplete removes the leftovers of interrupted uploads below
-	// prefix and says how many.
-	AbortIncomplete(ctx context.Context, prefix string) (int, error)
+	// AbortUploads removes the leftovers of interrupted uploads to exactly
+	// these keys (multipart uploads, temporary files) and says how many. It
+	// never touches another key's upload: nodes of one run share a prefix.
+	AbortUploads(ctx context.Context, keys ...string) (int, error)
 	// String names the store for logs (never with credentials).
 	String() string
 }

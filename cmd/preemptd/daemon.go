@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -49,7 +50,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 
 	det := detect(ctx, &cfg, getenv)
 	log.Info("provider chosen", "provider", det.Provider, "reasons", det.Reasons)
-	gpus := gpu.Open(log)
+	gpus := gpu.WithTimeout(gpu.Open(log), 0) // NVML never blocks the emergency path
 	defer gpus.Close()
 	met := metrics.New(buildVersion(), gpus)
 	met.Provider(det.Provider)
@@ -62,6 +63,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	if err != nil {
 		return err
 	}
+	cm.Journal = filepath.Join(cfg.StateDir, "uploads-in-flight.json") // this node's, for Cleanup after a crash
 	cm.OnCommit = func(r checkpoint.Result) { met.Committed(r.Manifest.SentBytes, r.Took, r.Manifest.CommittedAt) }
 
 	// The emergency steps, in order, and the background services that live
