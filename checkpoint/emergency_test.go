@@ -231,4 +231,3 @@ func TestThroughputNotBehindCommit(t *testing.T) {
 	cancel()
 	wg.Wait()
 }
-
