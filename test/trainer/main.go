@@ -13,6 +13,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -39,7 +41,10 @@ func main() {
 	saveDelay := flag.Duration("save-delay", 0, "time the save on the exit signal takes before its first byte")
 	shards := flag.Int("ckpt-shards", 4, "shard files per checkpoint")
 	keep := flag.Int("ckpt-unchanged", 0, "shards copied unchanged from the previous step (frozen weights)")
+	saveEvery := flag.Duration("save-every", 0, "also save a checkpoint this often (periodic saves); the exit signal lets a save in progress finish, then saves once more")
+	saveTime := flag.Duration("save-time", 0, "how long each save takes, spread over its shards")
 	flag.Parse()
+	shardPause = *saveTime / time.Duration(max(*shards, 1))
 
 	out := os.Stdout
 	if *logPath != "" {
@@ -69,6 +74,26 @@ func main() {
 			os.Exit(1)
 		}
 	}
+	var saveMu sync.Mutex // held for a whole save: the final one waits for a periodic one
+	var stopping atomic.Bool
+	if *ckptDir != "" && *saveEvery > 0 {
+		go func() {
+			for {
+				time.Sleep(*saveEvery)
+				saveMu.Lock()
+				if stopping.Load() {
+					saveMu.Unlock()
+					return
+				}
+				step++
+				if err := saveDCP(*ckptDir, step, *ckptBytes, *shards, *keep, false); err != nil {
+					fmt.Fprintln(os.Stderr, "trainer:", err)
+					os.Exit(1)
+				}
+				saveMu.Unlock()
+			}
+		}()
+	}
 	fmt.Fprintf(os.Stderr, "trainer %d: training\n", os.Getpid())
 	for s := range ch {
 		rec := Record{Signal: unix.SignalName(s.(syscall.Signal)), At: time.Now(), PID: os.Getpid()}
@@ -81,6 +106,8 @@ func main() {
 		fmt.Fprintf(out, "%s\n", b)
 		out.Sync()
 		if exit[rec.Signal] && !*ignore && *ckptDir != "" {
+			stopping.Store(true)
+			saveMu.Lock() // a periodic save in progress finishes first
 			time.Sleep(*saveDelay)
 			step++
 			if err := saveDCP(*ckptDir, step, *ckptBytes, *shards, *keep, *dieMidSave); err != nil {
@@ -94,6 +121,9 @@ func main() {
 		}
 	}
 }
+
+// shardPause is the time each shard of a save takes (--save-time).
+var shardPause time.Duration
 
 // saveDCP writes a checkpoint the way torch.distributed.checkpoint does:
 // shard files first, .metadata (through .metadata.tmp and a rename) last.
@@ -115,6 +145,7 @@ func saveDCP(root string, step int, size int64, shards, unchanged int, die bool)
 				continue
 			}
 		}
+		time.Sleep(shardPause)
 		f, err := os.Create(filepath.Join(dir, name))
 		if err != nil {
 			return err
