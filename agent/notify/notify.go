@@ -8,10 +8,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -139,11 +141,16 @@ func (s *Sender) send(ctx context.Context, h Webhook, ev agent.Event) error {
 	for i := 1; ; i++ {
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.URL, bytes.NewReader(body))
 		if err != nil {
-			return err
+			return fmt.Errorf("webhook %s: not a valid URL", redact(h.URL))
 		}
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("User-Agent", "preemptd")
 		resp, err := client.Do(req)
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			// *url.Error prints the whole URL, and its path is the secret.
+			err = fmt.Errorf("%s %s: %w", ue.Op, redact(h.URL), ue.Err)
+		}
 		if err == nil {
 			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 			resp.Body.Close()

@@ -85,3 +85,13 @@ func TestRedact(t *testing.T) {
 		t.Fatalf("redact = %s", got)
 	}
 }
+
+// TestErrorsNeverCarryTheURLPath: a refused webhook's error names the host
+// but not the path (the secret of a Slack-style URL).
+func TestErrorsNeverCarryTheURLPath(t *testing.T) {
+	s := &Sender{Hooks: []Webhook{{URL: "http://127.0.0.1:1/services/T0/B0/secret-token", Format: "json"}}, Attempts: 1}
+	err := s.send(t.Context(), s.Hooks[0], agent.Event{Phase: agent.PhaseNotice})
+	if err == nil || strings.Contains(err.Error(), "secret-token") || !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Fatalf("error = %v; want the host and no path", err)
+	}
+}

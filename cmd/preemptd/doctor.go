@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/preemptd/preemptd/agent/gpu"
@@ -123,10 +124,26 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 			report("WARN", "trainer", fmt.Sprintf("no process found now %v (fine if the trainer has not started)", problems))
 		} else {
 			report("OK", "trainer", fmt.Sprintf("would signal %v (%v) with %s", pids, sources, cfg.Trainer.Signal))
+			for _, pid := range pids {
+				b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+				if cmd := strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " ")); err == nil && trainer.IsLauncher(cmd) {
+					report("WARN", "trainer", fmt.Sprintf("process %d is a launcher (%s): it forwards the signal and kills its workers "+
+						"30 s later, so target the workers instead: trainer.gpu_processes: true, or trainer.match: '%s' "+
+						"(with your script in place of train.py; torchrun starts each worker as `<python> -u <script>`); trainer.group: true on it signals it too",
+						pid, trimCmd(cmd), trainer.WorkersPattern("train.py")))
+				}
+			}
 		}
 	}
 	if failed {
 		return errDoctor
 	}
 	return nil
+}
+
+func trimCmd(s string) string {
+	if len(s) > 60 {
+		return s[:57] + "..."
+	}
+	return s
 }

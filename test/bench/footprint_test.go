@@ -75,7 +75,7 @@ func TestIdleFootprint(t *testing.T) {
 	fmt.Fprintf(&b, "| measure | value |\n|---|---|\n")
 	fmt.Fprintf(&b, "| RSS at the end / peak | %.1f MiB / %.1f MiB |\n", float64(rss)/1024, float64(peak)/1024)
 	fmt.Fprintf(&b, "| CPU time over %v | %v (%.3f%% of one core) |\n", dur, (cpu1 - cpu0), 100*(cpu1-cpu0).Seconds()/dur.Seconds())
-	fmt.Fprintf(&b, "| metadata requests per minute | %.0f (4 paths a second, plus a token every 5 minutes) |\n", perMin)
+	fmt.Fprintf(&b, "| metadata requests per minute | %.0f (spot notice and rebalance every 1 s; scheduled events and lifecycle state every 5 s; a token every 5 minutes) |\n", perMin)
 	fmt.Fprintf(&b, "| binary size (`-s -w`, cgo, dynamically linked) | %.1f MiB |\n", float64(st.Size())/(1<<20))
 	appendResults(t, b.String())
 }
