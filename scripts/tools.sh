@@ -13,6 +13,7 @@ S5CMD_VERSION=v2.3.0
 NFPM_VERSION=v2.45.2
 TOXIPROXY_VERSION=v2.5.0
 AWSCLI_VERSION=2.9.19-1
+TORCH_VERSION=1.13.1+dfsg-4 # Debian's python3-torch (CPU), for the real torchrun trials
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
 set_=${1:-test}
@@ -49,6 +50,16 @@ install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-moc
 install minio "$MINIO_VERSION" github.com/minio/minio # about 3 minutes to build the first time
 install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
 install toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server
+# PyTorch from Debian, pinned, for /usr/bin/python3 (needs root; skipped with
+# a line saying so otherwise, and the torch tests then say why they skip).
+if ! dpkg-query -W -f='${Version}' python3-torch 2>/dev/null | grep -qx "$TORCH_VERSION"; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "tools: installing python3-torch $TORCH_VERSION from Debian (once; a few minutes)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "python3-torch=$TORCH_VERSION"; } >&2
+  else
+    echo "tools: python3-torch $TORCH_VERSION not installed and not root: the torchrun tests will skip" >&2
+  fi
+fi
 if [ "$set_" = bench ]; then
   install mc "$MC_VERSION" github.com/minio/mc
   install_s5cmd

@@ -184,3 +184,18 @@ func Chaos(t *testing.T, fault, outcome string) {
 		t.Logf("CHAOS|%s|%s|%s", fault, outcome, verdict)
 	})
 }
+
+// Python is the interpreter Debian's python3-torch installs for.
+const Python = "/usr/bin/python3"
+
+// RequireTorch skips (fails under CI) unless Python imports torch.
+func RequireTorch(t testing.TB) {
+	t.Helper()
+	if err := exec.Command(Python, "-c", "import torch").Run(); err == nil {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s cannot import torch; `make tools` (as root) installs Debian's python3-torch", Python)
+	}
+	t.Skipf("%s cannot import torch; run `make tools` as root", Python)
+}
