@@ -20,6 +20,7 @@ import (
 	"github.com/preemptd/preemptd/agent/trainer"
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/fleet"
+	"github.com/preemptd/preemptd/internal/memory"
 	"github.com/preemptd/preemptd/logship"
 	"github.com/preemptd/preemptd/providers"
 	"github.com/preemptd/preemptd/systemd"
@@ -203,6 +204,18 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		go inh.OnShutdown(watchCtx, func() { shutdown("PrepareForShutdown") })
 	}
 	sd.Ready("watching " + det.Provider + " notices")
+	go func() {
+		// Start-up code is done with: let the kernel take its pages back.
+		select {
+		case <-watchCtx.Done():
+		case <-time.After(10 * time.Second):
+			if n, err := memory.DropStartup(); err != nil {
+				log.Debug("could not release start-up pages", "err", err)
+			} else {
+				log.Debug("released start-up pages", "bytes", n)
+			}
+		}
+	}()
 	defer sd.Stopping()
 	log.Info("preemptd running", "version", buildVersion(), "run_dir", cfg.RunDir, "socket", cfg.Socket())
 

@@ -18,17 +18,28 @@ import (
 
 func procStat(t *testing.T, pid int) (rssKB int, cpu time.Duration) {
 	t.Helper()
+	rssKB = statusKB(pid, "VmRSS:")
+	return rssKB, procCPU(pid)
+}
+
+// statusKB reads one kB field of /proc/<pid>/status.
+func statusKB(pid int, field string) int {
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			rssKB, _ = strconv.Atoi(strings.Fields(v)[0])
+		if v, ok := strings.CutPrefix(l, field); ok {
+			n, _ := strconv.Atoi(strings.Fields(v)[0])
+			return n
 		}
 	}
+	return 0
+}
+
+func procCPU(pid int) time.Duration {
 	s, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	f := strings.Fields(string(s)[strings.LastIndexByte(string(s), ')')+2:])
 	ut, _ := strconv.Atoi(f[11])
 	st, _ := strconv.Atoi(f[12])
-	return rssKB, time.Duration(ut+st) * time.Second / 100 // USER_HZ = 100
+	return time.Duration(ut+st) * time.Second / 100 // USER_HZ = 100
 }
 
 // TestIdleFootprint: preemptd polling AEMM (IMDSv2) every second for five
@@ -65,6 +76,7 @@ func TestIdleFootprint(t *testing.T) {
 		peak = max(peak, rss)
 	}
 	rss, cpu1 := procStat(t, pid)
+	anon, file := statusKB(pid, "RssAnon:"), statusKB(pid, "RssFile:")
 	peak = max(peak, rss)
 	perMin := float64(requests.Load()-req0) / dur.Minutes()
 	bin, _ := binaries(t)
@@ -74,6 +86,7 @@ func TestIdleFootprint(t *testing.T) {
 	fmt.Fprintf(&b, "Machine: %s. preemptd polling amazon-ec2-metadata-mock (IMDSv2, no notice due) every 1 s for %v, through a counting proxy.\n\n", machine(), dur)
 	fmt.Fprintf(&b, "| measure | value |\n|---|---|\n")
 	fmt.Fprintf(&b, "| RSS at the end / peak | %.1f MiB / %.1f MiB |\n", float64(rss)/1024, float64(peak)/1024)
+	fmt.Fprintf(&b, "| RSS at the end: anonymous / file-backed (the binary's pages, libc) | %.1f MiB / %.1f MiB |\n", float64(anon)/1024, float64(file)/1024)
 	fmt.Fprintf(&b, "| CPU time over %v | %v (%.3f%% of one core) |\n", dur, (cpu1 - cpu0), 100*(cpu1-cpu0).Seconds()/dur.Seconds())
 	fmt.Fprintf(&b, "| metadata requests per minute | %.0f (spot notice and rebalance every 1 s; scheduled events and lifecycle state every 5 s; a token every 5 minutes) |\n", perMin)
 	fmt.Fprintf(&b, "| binary size (`-s -w`, cgo, dynamically linked) | %.1f MiB |\n", float64(st.Size())/(1<<20))

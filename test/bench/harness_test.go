@@ -38,6 +38,12 @@ func binaries(t *testing.T) (string, string) {
 			if b, err := cmd.CombinedOutput(); err != nil {
 				panic(fmt.Sprintf("build %s: %v\n%s", out, err, b))
 			}
+			// On disk, as an installed binary is: pages still dirty from the
+			// build would stay resident whatever the process does.
+			if f, err := os.Open(out); err == nil {
+				f.Sync()
+				f.Close()
+			}
 		}
 	})
 	return preemptdBin, trainerBn
