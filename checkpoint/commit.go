@@ -3,9 +3,12 @@ package checkpoint
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"math"
@@ -119,7 +122,13 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	for _, f := range ck.Files {
 		mf := ManifestFile{Path: f.Path, Size: f.Size}
 		if reuse.sizes[f.Size] {
-			if err := hashInto(ck, &mf); err != nil {
+			file, err := openScanned(ck, f)
+			if err != nil {
+				return Result{}, err
+			}
+			err = hashInto(ck, &mf, file)
+			file.Close()
+			if err != nil {
 				return Result{}, err
 			}
 		}
@@ -147,16 +156,21 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 				return nil
 			}
 		}
+		file, err := openScanned(ck, ck.Files[i])
+		if err != nil {
+			return err
+		}
+		defer file.Close()
 		hashed := make(chan error, 1)
 		if f.SHA256 == "" {
-			go func() { hashed <- hashInto(ck, f) }()
+			go func() { hashed <- hashInto(ck, f, file) }()
 		} else {
 			hashed <- nil
 		}
 		if err := c.track(key, 1); err != nil {
 			return err
 		}
-		err := c.Store.PutFile(ctx, key, filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+		err = c.Store.PutFile(ctx, key, file, f.Size)
 		if err == nil {
 			c.track(key, -1) // a failed upload stays listed for Cleanup
 		}
@@ -278,9 +292,12 @@ func (c *Committer) reusable(ctx context.Context, name string) reuse {
 	return r
 }
 
-// hashInto fills f's SHA-256 from the file on disk, checking its size.
-func hashInto(ck Checkpoint, f *ManifestFile) error {
-	sum, n, err := hashFile(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+// hashInto fills f's SHA-256 from the open file (read with ReadAt, beside
+// an upload of the same file), checking its size.
+func hashInto(ck Checkpoint, f *ManifestFile, file *os.File) error {
+	h := sha256.New()
+	n, err := io.Copy(h, io.NewSectionReader(file, 0, f.Size+1))
+	sum := hex.EncodeToString(h.Sum(nil))
 	if err != nil {
 		return fmt.Errorf("checkpoint %s: %w", ck.Name, err)
 	}

@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"context"
+	"errors"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -86,12 +87,12 @@ type gate struct {
 	block string
 }
 
-func (g gate) PutFile(ctx context.Context, key, path string) error {
+func (g gate) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
 	if strings.Contains(key, g.block) {
 		<-ctx.Done()
 		return ctx.Err()
 	}
-	return g.Store.PutFile(ctx, key, path)
+	return g.Store.PutFile(ctx, key, f, size)
 }
 
 func startSyncer(t *testing.T, st storage.Store, dir string) (*Syncer, *Committer) {
@@ -230,4 +231,49 @@ func TestThroughputNotBehindCommit(t *testing.T) {
 	}
 	cancel()
 	wg.Wait()
+}
+
+// TestUploadFollowsNoSymlink: a checkpoint file swapped for a symlink (to a
+// file preemptd must never read as root) between the scan and the upload,
+// or a checkpoint folder swapped for one, is refused; nothing of the link's
+// target reaches the store, and the checkpoint is not committed.
+func TestUploadFollowsNoSymlink(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "shadow")
+	os.WriteFile(secret, []byte(strings.Repeat("root:secret-hash:", 64)), 0o600)
+	for _, swap := range []string{"file", "folder"} {
+		t.Run(swap, func(t *testing.T) {
+			storeDir := t.TempDir()
+			st, _ := storage.NewDir(storeDir)
+			root := t.TempDir()
+			dcp(t, root, "step-1", map[string]int{"__0_0.distcp": 1088})
+			ck := scanOne(t, root, "step-1")
+			shard := filepath.Join(root, "step-1", "__0_0.distcp")
+			switch swap {
+			case "file":
+				os.Remove(shard)
+				os.Symlink(secret, shard)
+			case "folder":
+				real := filepath.Join(root, "elsewhere")
+				os.Rename(filepath.Join(root, "step-1"), real)
+				os.WriteFile(filepath.Join(real, "__0_0.distcp"), []byte(strings.Repeat("x", 1088)), 0o644)
+				os.Symlink(real, filepath.Join(root, "step-1"))
+			}
+			c := &Committer{Store: st, Run: "r"}
+			_, err := c.Commit(context.Background(), ck)
+			if !errors.Is(err, ErrNotScanned) && !errors.Is(err, ErrChanged) {
+				t.Fatalf("commit through a symlink: %v, want ErrNotScanned", err)
+			}
+			filepath.WalkDir(storeDir, func(p string, d os.DirEntry, err error) error {
+				if err == nil && !d.IsDir() {
+					if b, _ := os.ReadFile(p); strings.Contains(string(b), "secret-hash") {
+						t.Fatalf("the symlink's target reached the store at %s", p)
+					}
+					if strings.HasSuffix(p, ManifestName) {
+						t.Fatalf("committed: %s", p)
+					}
+				}
+				return nil
+			})
+		})
+	}
 }

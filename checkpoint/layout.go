@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -39,6 +40,9 @@ type File struct {
 	Path    string    `json:"path"`
 	Size    int64     `json:"size"`
 	ModTime time.Time `json:"-"`
+	// Dev and Ino identify the file the scan saw (0 when unknown).
+	Dev uint64 `json:"-"`
+	Ino uint64 `json:"-"`
 }
 
 // Checkpoint is a complete checkpoint found under Root.
@@ -121,7 +125,11 @@ func tree(root, rel string) ([]File, error) {
 			return nil
 		}
 		r, _ := filepath.Rel(root, p)
-		files = append(files, File{Path: filepath.ToSlash(r), Size: info.Size(), ModTime: info.ModTime()})
+		file := File{Path: filepath.ToSlash(r), Size: info.Size(), ModTime: info.ModTime()}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			file.Dev, file.Ino = uint64(st.Dev), st.Ino
+		}
+		files = append(files, file)
 		return nil
 	})
 	slices.SortFunc(files, func(a, b File) int { return strings.Compare(a.Path, b.Path) })

@@ -79,13 +79,8 @@ func (c ctxReader) Read(p []byte) (int, error) {
 }
 
 // PutFile implements Store.
-func (d *Dir) PutFile(ctx context.Context, key, path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return d.write(ctx, key, f)
+func (d *Dir) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
+	return d.write(ctx, key, io.NewSectionReader(f, 0, size))
 }
 
 // PutBytes implements Store.
@@ -111,7 +106,16 @@ func (d *Dir) Copy(ctx context.Context, dst, src string) error {
 	if err := os.Link(sp, tmp); err == nil {
 		return os.Rename(tmp, dp)
 	}
-	return d.PutFile(ctx, dst, sp)
+	f, err := os.Open(sp)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	return d.PutFile(ctx, dst, f, st.Size())
 }
 
 // Get implements Store.

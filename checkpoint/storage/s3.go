@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"os"
 	"path"
 	"strings"
 
@@ -85,17 +86,18 @@ func notFound(err error, key string) error {
 	return err
 }
 
-// PutFile implements Store: parallel multipart from the file, CRC32C per
-// part checked by the server; an error aborts the multipart upload.
-func (s *S3) PutFile(ctx context.Context, key, file string) error {
+// PutFile implements Store: parallel multipart from the file (minio-go reads
+// parts with ReadAt, NumThreads at once); an error aborts the multipart
+// upload.
+func (s *S3) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
 	k, err := s.key(key)
 	if err != nil {
 		return err
 	}
-	_, err = s.c.FPutObject(ctx, s.bucket, k, file, minio.PutObjectOptions{
+	_, err = s.c.PutObject(ctx, s.bucket, k, f, size, minio.PutObjectOptions{
 		PartSize:             s.partSize,
 		NumThreads:           s.threads,
-		DisableContentSha256: true, // preemptd records its own SHA-256; parts carry CRC32C
+		DisableContentSha256: true, // preemptd records its own SHA-256 of every file
 		ContentType:          "application/octet-stream",
 	})
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"os"
 	"strings"
 )
 
@@ -24,9 +25,11 @@ type Object struct {
 
 // Store is an object store.
 type Store interface {
-	// PutFile uploads the local file at path to key; the object appears
-	// only once every byte is there.
-	PutFile(ctx context.Context, key, path string) error
+	// PutFile uploads size bytes of the open file f (read with ReadAt, so
+	// in parallel where the store can) to key; the object appears only once
+	// every byte is there. The caller opened f (never through a symlink)
+	// and checked it is the file it means.
+	PutFile(ctx context.Context, key string, f *os.File, size int64) error
 	// PutBytes stores b at key, replacing what was there.
 	PutBytes(ctx context.Context, key string, b []byte) error
 	// Copy copies src to dst inside the store (server-side where it can).
