@@ -368,3 +368,36 @@ func TestGPUSnapshotInNoticeAndStatus(t *testing.T) {
 		t.Fatalf("status: gpus %+v, xids %+v", st.Emergency.GPUs, st.XIDs)
 	}
 }
+
+// TestHookEnvironmentScrubbed: a hook inherits no secret of preemptd's
+// environment — cloud keys, tokens, webhook URLs, preemptd's own settings —
+// only the ordinary variables and the notice's PREEMPTD_* ones.
+func TestHookEnvironmentScrubbed(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "hook.out")
+	for k, v := range map[string]string{
+		"AWS_SECRET_ACCESS_KEY": "aws-secret", "AWS_SESSION_TOKEN": "aws-token", "AZURE_STORAGE_KEY": "azure-key",
+		"GITHUB_TOKEN": "gh-token", "SLACK_URL": "https://hooks.slack.com/services/T0/B0/slack-secret",
+		"PREEMPTD_STORAGE_URL": "s3://bucket/prefix", "DB_PASSWORD": "db-pass", "HOOK_OUT": out, "KEEP_ME": "kept",
+		"HTTPS_PROXY": "http://proxy.internal:3128",
+	} {
+		t.Setenv(k, v)
+	}
+	a := New(Config{RunDir: dir, Hooks: []string{`env > "$HOOK_OUT"`}}, Deps{})
+	reps := a.runHooks(t.Context(), Notice{Provider: "aws", Kind: KindTerminate, ID: "i"}, time.Now().Add(10*time.Second))
+	if len(reps) != 1 || reps[0].Error != "" {
+		t.Fatalf("hook: %+v", reps)
+	}
+	b, _ := os.ReadFile(out)
+	env := string(b)
+	for _, leak := range []string{"aws-secret", "aws-token", "azure-key", "gh-token", "slack-secret", "s3://bucket", "db-pass"} {
+		if strings.Contains(env, leak) {
+			t.Errorf("hook environment holds %q", leak)
+		}
+	}
+	for _, want := range []string{"KEEP_ME=kept", "HTTPS_PROXY=http://proxy.internal:3128", "PREEMPTD_KIND=terminate", "PATH="} {
+		if !strings.Contains(env, want) {
+			t.Errorf("hook environment lacks %q", want)
+		}
+	}
+}

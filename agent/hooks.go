@@ -3,9 +3,12 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -31,7 +34,7 @@ func (a *Agent) runHooks(ctx context.Context, n Notice, deadline time.Time) []Ho
 	for _, command := range a.cfg.Hooks {
 		start := a.now()
 		cmd := exec.CommandContext(ctx, "/bin/sh", "-c", command)
-		cmd.Env = append(os.Environ(), HookEnv(n, a.cfg.RunDir, start)...)
+		cmd.Env = append(ScrubEnv(os.Environ()), HookEnv(n, a.cfg.RunDir, start)...)
 		cmd.WaitDelay = time.Second
 		out, err := cmd.CombinedOutput()
 		if len(out) > hookOutputMax {
@@ -68,4 +71,37 @@ func HookEnv(n Notice, runDir string, now time.Time) []string {
 		"PREEMPTD_SECONDS_LEFT=" + strconv.Itoa(int(secs)),
 		fmt.Sprintf("PREEMPTD_NOTICE_FILE=%s", noticePath(runDir)),
 	}
+}
+
+// secretWords mark an environment variable a hook must not inherit: cloud
+// keys, tokens, passwords, webhook URLs (the path is the secret).
+var secretWords = []string{"SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "_KEY", "WEBHOOK", "SAS", "AUTH"}
+
+// ScrubEnv returns env without preemptd's own configuration (PREEMPTD_*:
+// the hook gets the notice's PREEMPTD_* variables instead) and without any
+// variable whose name says it holds a secret (AWS_SECRET_ACCESS_KEY,
+// AWS_SESSION_TOKEN, AZURE_STORAGE_KEY, …) or whose value is a URL with
+// credentials or a path (a webhook).
+func ScrubEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		name, value, _ := strings.Cut(kv, "=")
+		upper := strings.ToUpper(name)
+		if strings.HasPrefix(upper, "PREEMPTD_") || secretValue(value) ||
+			slices.ContainsFunc(secretWords, func(w string) bool { return strings.Contains(upper, w) }) {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+// secretValue reports a value that is a URL carrying user info or a path
+// beyond "/" (a webhook or a signed URL), proxies and plain hosts aside.
+func secretValue(v string) bool {
+	u, err := url.Parse(v)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") {
+		return false
+	}
+	return u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != ""
 }

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -121,7 +123,7 @@ func (t *Trainer) Find(ctx context.Context) (pids []int, sources, problems []str
 		}
 	}
 	if t.cfg.PIDFile != "" {
-		p, err := readPIDFile(t.cfg.PIDFile)
+		p, err := readPIDFile(t.cfg.PIDFile, t.cfg.ProcRoot)
 		add("pid_file", p, err)
 	}
 	if t.match != nil {
@@ -142,8 +144,21 @@ func (t *Trainer) Find(ctx context.Context) (pids []int, sources, problems []str
 	return pids, sources, problems
 }
 
-func readPIDFile(path string) ([]int, error) {
-	b, err := os.ReadFile(path)
+// readPIDFile reads the PID in path. It is honoured only when the file's
+// owner may signal that process itself (root, or the process's own user):
+// preemptd runs as root and must not signal, on anyone's say-so, a process
+// its pid file's writer could not.
+func readPIDFile(path, procRoot string) ([]int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 64))
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +170,40 @@ func readPIDFile(path string) ([]int, error) {
 	if err := unix.Kill(pid, 0); errors.Is(err, unix.ESRCH) {
 		return nil, fmt.Errorf("%s names PID %d, which is not running", path, pid)
 	}
+	owner := st.Sys().(*syscall.Stat_t).Uid
+	if owner != 0 {
+		uids, err := procUIDs(procRoot, pid)
+		if err != nil {
+			return nil, fmt.Errorf("%s names PID %d: %w", path, pid, err)
+		}
+		if !slices.Contains(uids, owner) {
+			return nil, fmt.Errorf("%s is owned by uid %d, which may not signal PID %d (uids %v); ignored — "+
+				"write the pid file as the trainer's user or root", path, owner, pid, uids)
+		}
+	}
 	return []int{pid}, nil
+}
+
+// procUIDs returns a process's real and effective uids.
+func procUIDs(procRoot string, pid int) ([]uint32, error) {
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "status"))
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Uid:"); ok {
+			var out []uint32
+			for _, f := range strings.Fields(v)[:2] {
+				u, err := strconv.ParseUint(f, 10, 32)
+				if err != nil {
+					return nil, fmt.Errorf("status: %q", l)
+				}
+				out = append(out, uint32(u))
+			}
+			return out, nil
+		}
+	}
+	return nil, fmt.Errorf("no Uid line in its status")
 }
 
 func truncate(s string, n int) string {

@@ -326,3 +326,25 @@ func TestGroupOfPreemptdItselfIsSaidNotSkippedSilently(t *testing.T) {
 	}
 	waitFor(t, func() bool { return slices.Equal(p.signals(), []string{"SIGUSR1"}) })
 }
+
+// TestPIDFileOwnerMustMaySignal: a pid file written by a user who may not
+// signal the process it names is ignored (root is no confused deputy); the
+// same file owned by root, or by the process's own user, is honoured.
+func TestPIDFileOwnerMustMaySignal(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to own files as another user")
+	}
+	p := startHelper(t, false, false) // runs as root
+	pidFile := filepath.Join(t.TempDir(), "train.pid")
+	os.WriteFile(pidFile, []byte(strconv.Itoa(p.cmd.Process.Pid)+"\n"), 0o644)
+	os.Chown(pidFile, 65534, 65534) // nobody may not signal a root process
+	tr, _ := New(Config{PIDFile: pidFile}, nil, nil)
+	pids, _, problems := tr.Find(t.Context())
+	if len(pids) != 0 || !slices.ContainsFunc(problems, func(s string) bool { return strings.Contains(s, "may not signal") }) {
+		t.Fatalf("a nobody-owned pid file naming a root process: pids %v, problems %v", pids, problems)
+	}
+	os.Chown(pidFile, 0, 0)
+	if pids, _, problems := tr.Find(t.Context()); !slices.Equal(pids, []int{p.cmd.Process.Pid}) {
+		t.Fatalf("root-owned pid file: %v %v", pids, problems)
+	}
+}
