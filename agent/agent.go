@@ -28,6 +28,9 @@ type Config struct {
 	// MinBudget is the least time the emergency path gets when a notice
 	// arrives with its deadline already (nearly) past.
 	MinBudget time.Duration
+	// SimulateGroups are the groups whose members may POST /v1/simulate
+	// beside root and the daemon's own user.
+	SimulateGroups []int
 }
 
 // Deps are the parts the agent drives; nil ones are skipped.

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,7 +12,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // SocketName is the local API's unix socket in run_dir.
@@ -78,6 +84,12 @@ func (a *Agent) serveNotice(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *Agent) serveSimulate(w http.ResponseWriter, r *http.Request) {
+	if p, ok := a.mayChange(r); !ok {
+		a.log.Warn("simulate refused", "peer_uid", p.UID, "peer_pid", p.PID)
+		writeJSON(w, http.StatusForbidden, map[string]string{"error": fmt.Sprintf(
+			"uid %d may not simulate notices: run as root or the daemon's user, or join api.simulate_group", p.UID)})
+		return
+	}
 	var req SimulateRequest
 	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
 	dec.DisallowUnknownFields()
@@ -139,22 +151,28 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	_ = enc.Encode(v)
 }
 
-// ListenSocket listens on the unix socket at path with mode 0600. The socket
-// is made under a temporary name, restricted, then renamed into place, so it
-// is never reachable with looser permissions.
+// ListenSocket listens on the unix socket at path, mode 0666: anyone who
+// can reach run_dir may read the status and long-poll the notice (the
+// trainer often runs as its own user); changing anything (POST
+// /v1/simulate) is checked per connection against the peer's credentials
+// (SO_PEERCRED). The socket is made under an unpredictable temporary name,
+// given its mode, then renamed into place.
 func ListenSocket(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("socket dir: %w", err)
 	}
-	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
-	_ = os.Remove(tmp)
+	var rnd [8]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return nil, fmt.Errorf("socket name: %w", err)
+	}
+	tmp := fmt.Sprintf("%s.%x.tmp", path, rnd)
 	l, err := net.Listen("unix", tmp)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", tmp, err)
 	}
 	ul := l.(*net.UnixListener)
 	ul.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
+	if err := os.Chmod(tmp, 0o666); err != nil {
 		l.Close()
 		os.Remove(tmp)
 		return nil, fmt.Errorf("socket mode: %w", err)
@@ -165,6 +183,69 @@ func ListenSocket(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return &socketListener{Listener: l, path: path}, nil
+}
+
+type peerKey struct{}
+
+// Peer is the process at the other end of a local API connection.
+type Peer struct {
+	PID, UID, GID int
+}
+
+// peerConn stashes the connection's peer credentials in its context.
+func peerConn(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) { cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+	if cred == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerKey{}, Peer{PID: int(cred.Pid), UID: int(cred.Uid), GID: int(cred.Gid)})
+}
+
+// mayChange says whether the peer may change the daemon's state: root, the
+// daemon's own user, or a member of the configured simulate group.
+func (a *Agent) mayChange(r *http.Request) (Peer, bool) {
+	p, ok := r.Context().Value(peerKey{}).(Peer)
+	if !ok {
+		return p, false
+	}
+	if p.UID == 0 || p.UID == os.Geteuid() {
+		return p, true
+	}
+	for _, g := range a.cfg.SimulateGroups {
+		if p.GID == g || slices.Contains(supplementaryGroups(p.PID), g) {
+			return p, true
+		}
+	}
+	return p, false
+}
+
+// supplementaryGroups reads a process's groups from /proc.
+func supplementaryGroups(pid int) []int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Groups:"); ok {
+			var out []int
+			for _, f := range strings.Fields(v) {
+				if g, err := strconv.Atoi(f); err == nil {
+					out = append(out, g)
+				}
+			}
+			return out
+		}
+	}
+	return nil
 }
 
 type socketListener struct {
@@ -181,7 +262,7 @@ func (l *socketListener) Close() error {
 // Serve runs the local API on l until ctx ends; when it returns the socket
 // is closed and removed.
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
-	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second, ConnContext: peerConn}
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)

@@ -33,8 +33,11 @@ func startAPI(t *testing.T, a *Agent) *Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if perm := st.Mode().Perm(); perm != 0o600 {
-		t.Fatalf("socket mode = %o, want 600", perm)
+	if perm := st.Mode().Perm(); perm != 0o666 {
+		t.Fatalf("socket mode = %o, want 666 (reads open; changes checked by peer credentials)", perm)
+	}
+	if left, _ := filepath.Glob(sock + ".*.tmp"); len(left) != 0 {
+		t.Fatalf("temporary socket names left: %v", left)
 	}
 	return NewClient(sock)
 }

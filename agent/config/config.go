@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"os/user"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -58,6 +59,7 @@ type Config struct {
 	Logs    Logs    `yaml:"logs"`
 	Notify  Notify  `yaml:"notify"`
 	Metrics Metrics `yaml:"metrics"`
+	API     API     `yaml:"api"`
 
 	AWS     AWS     `yaml:"aws"`
 	GCP     GCP     `yaml:"gcp"`
@@ -187,6 +189,14 @@ type Webhook struct {
 type Metrics struct {
 	// Listen is host:port for /metrics, /healthz and /readyz; empty disables.
 	Listen string `yaml:"listen"`
+}
+
+// API configures the local API on <run_dir>/preemptd.sock.
+type API struct {
+	// SimulateGroup names a group whose members may simulate notices
+	// (POST /v1/simulate) beside root and preemptd's own user; reads are
+	// open to every local user.
+	SimulateGroup string `yaml:"simulate_group"`
 }
 
 // Hooks are commands run on every notice.
@@ -517,6 +527,13 @@ func (c *Config) Validate() error {
 	if l := c.Metrics.Listen; l != "" {
 		if _, _, err := net.SplitHostPort(l); err != nil {
 			bad("metrics.listen", "%q is not host:port like 127.0.0.1:9477 (empty disables)", l)
+		}
+	}
+	if g := c.API.SimulateGroup; g != "" {
+		if _, err := user.LookupGroup(g); err != nil {
+			if _, err2 := user.LookupGroupId(g); err2 != nil {
+				bad("api.simulate_group", "no group %q on this machine (create it, or leave the key empty)", g)
+			}
 		}
 	}
 	for i, h := range c.Hooks.OnNotice {

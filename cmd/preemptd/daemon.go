@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/signal"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -43,9 +47,11 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		return err
 	}
 	log := newLogger(stderr, cfg.LogLevel)
-	for _, dir := range []string{cfg.RunDir, cfg.StateDir} {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return fmt.Errorf("create %s: %w", dir, err)
+	// run_dir is read by the trainer (notice.json, the socket): 0755;
+	// state_dir holds the store by default: 0700.
+	for dir, mode := range map[string]os.FileMode{cfg.RunDir: 0o755, cfg.StateDir: 0o700} {
+		if err := safeDir(dir, mode); err != nil {
+			return err
 		}
 	}
 
@@ -121,6 +127,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		RebalanceSignal: cfg.Trainer.RebalanceSignal,
 		KillAfter:       cfg.Trainer.KillAfter.D(),
 		Hooks:           cfg.Hooks.OnNotice,
+		SimulateGroups:  simulateGroups(cfg.API.SimulateGroup),
 	}, agent.Deps{
 		Watchers:   []agent.Watcher{prov.Watcher},
 		Trainer:    tr,
@@ -286,4 +293,48 @@ func sigtermIsShutdown(ctx context.Context, mode string) bool {
 		return false
 	}
 	return systemd.ShuttingDown(ctx)
+}
+
+// safeDir creates dir with mode (whatever the umask) if it does not exist,
+// and refuses one that others could write to or that another user owns:
+// whoever could would replace notice.json, the socket or the upload journal
+// under preemptd's feet.
+func safeDir(dir string, mode os.FileMode) error {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		if err := os.MkdirAll(dir, mode); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+		if err := os.Chmod(dir, mode); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Perm()&0o022 != 0 {
+		return usageError{fmt.Errorf("%s is group- or world-writable (mode %04o): anyone could replace preemptd's files there; chmod 755 it or choose another directory", dir, st.Mode().Perm())}
+	}
+	if uid := st.Sys().(*syscall.Stat_t).Uid; int(uid) != os.Geteuid() {
+		return usageError{fmt.Errorf("%s is owned by uid %d, not preemptd's uid %d: chown it or choose another directory", dir, uid, os.Geteuid())}
+	}
+	return nil
+}
+
+// simulateGroups resolves api.simulate_group (a name or a number).
+func simulateGroups(name string) []int {
+	if name == "" {
+		return nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		if g, err = user.LookupGroupId(name); err != nil {
+			return nil
+		}
+	}
+	id, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return nil
+	}
+	return []int{id}
 }

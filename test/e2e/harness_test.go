@@ -35,6 +35,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	os.Chmod(dir, 0o755) // tests run the binaries as other users too
 	bin = filepath.Join(dir, "preemptd")
 	trainerBin = filepath.Join(dir, "trainer")
 	for out, pkg := range map[string]string{bin: "../../cmd/preemptd", trainerBin: "../trainer"} {
