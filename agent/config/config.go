@@ -281,6 +281,9 @@ func Load(path string, getenv func(string) string) (Config, error) {
 			return cfg, fmt.Errorf("config %s: %w", path, err)
 		}
 	case errors.Is(err, fs.ErrNotExist) && !explicit:
+	case errors.Is(err, fs.ErrPermission) && !explicit:
+		// The installed file is 0600 (it may hold secrets): a non-root
+		// user's `preemptd status` runs on the defaults (and --run-dir).
 	case errors.Is(err, fs.ErrNotExist):
 		return cfg, fmt.Errorf("%w: %s (check --config / PREEMPTD_CONFIG)", ErrNoFile, path)
 	default:

@@ -43,9 +43,9 @@ install -m 0755 "$binary" "$root/usr/bin/preemptd"
 install -m 0644 "$units/preemptd.service" "$root/etc/systemd/system/preemptd.service"
 install -m 0644 "$units/logind-preemptd.conf" "$root/etc/systemd/logind.conf.d/preemptd.conf"
 if [ -n "$config" ]; then
-  install -m 0644 "$config" "$root/etc/preemptd/preemptd.yaml"
+  install -m 0600 "$config" "$root/etc/preemptd/preemptd.yaml"
 elif [ ! -f "$root/etc/preemptd/preemptd.yaml" ]; then
-  install -m 0644 "$here/../package/preemptd.yaml" "$root/etc/preemptd/preemptd.yaml"
+  install -m 0600 "$here/../package/preemptd.yaml" "$root/etc/preemptd/preemptd.yaml"
 fi
 chmod 0750 "$root/var/lib/preemptd"
 
