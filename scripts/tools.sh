@@ -3,7 +3,7 @@
 # through the Go module proxy, into a cache outside the clone (reused by
 # every clone and by CI):
 #   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
-# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy); prints the cache path.
+# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, python3-torch); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
@@ -12,6 +12,7 @@ MC_VERSION=v0.0.0-20250313080218-cf909e1063a9
 S5CMD_VERSION=v2.3.0
 NFPM_VERSION=v2.45.2
 TOXIPROXY_VERSION=v2.5.0
+HELM_VERSION=v3.22.0
 AWSCLI_VERSION=2.9.19-1
 TORCH_VERSION=1.13.1+dfsg-4 # Debian's python3-torch (CPU), for the real torchrun trials
 
@@ -50,6 +51,7 @@ install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-moc
 install minio "$MINIO_VERSION" github.com/minio/minio # about 3 minutes to build the first time
 install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
 install toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server
+install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm # lints and renders deploy/helm/preemptd
 # PyTorch from Debian, pinned, for /usr/bin/python3 (needs root; skipped with
 # a line saying so otherwise, and the torch tests then say why they skip).
 if ! dpkg-query -W -f='${Version}' python3-torch 2>/dev/null | grep -qx "$TORCH_VERSION"; then

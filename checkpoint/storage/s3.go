@@ -3,6 +3,8 @@ package storage
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -10,14 +12,18 @@ import (
 	"os"
 	"path"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/preemptd/preemptd/internal/direct"
 )
 
 // Upload tuning: S3 allows about 5 Gbps per connection, so large files go
-// up as parallel parts read straight from the file (FPutObject reads parts
-// concurrently unless SendContentMd5 is set, which preemptd never sets).
+// up as parallel parts read straight from the file, each with its own
+// Content-MD5 (see PutFile).
 const (
 	DefaultPartSize = 64 << 20
 	DefaultThreads  = 8
@@ -51,7 +57,7 @@ func NewS3(scheme, bucket, prefix string, o Options) (*S3, error) {
 	creds := credentials.NewChainCredentials([]credentials.Provider{
 		&credentials.EnvAWS{},
 		&credentials.FileAWSCredentials{},
-		&credentials.IAM{Endpoint: o.IMDSEndpoint},
+		&credentials.IAM{Endpoint: o.IMDSEndpoint, Client: direct.Client(10 * time.Second)}, // never through a proxy
 	})
 	c, err := minio.New(u.Host, &minio.Options{Creds: creds, Secure: u.Scheme == "https", Region: o.Region})
 	if err != nil {
@@ -86,24 +92,99 @@ func notFound(err error, key string) error {
 	return err
 }
 
-// PutFile implements Store: parallel multipart from the file (minio-go reads
-// parts with ReadAt, NumThreads at once); an error aborts the multipart
-// upload.
+// PutFile implements Store. Every part carries its Content-MD5, which every
+// S3-compatible server checks against the bytes it received (a part that
+// does not match is refused with BadDigest): a file no larger than one part
+// goes up in a single PUT, a larger one as a multipart upload whose parts
+// (PartSize) are read with ReadAt and sent Threads at once, each hashed just
+// before it is sent. Any error aborts the multipart upload; nothing is
+// visible under key until every part is there.
 func (s *S3) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
 	k, err := s.key(key)
 	if err != nil {
 		return err
 	}
-	_, err = s.c.PutObject(ctx, s.bucket, k, f, size, minio.PutObjectOptions{
-		PartSize:             s.partSize,
-		NumThreads:           s.threads,
-		DisableContentSha256: true, // preemptd records its own SHA-256 of every file
-		ContentType:          "application/octet-stream",
-	})
+	core := minio.Core{Client: s.c}
+	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true}
+	if size <= int64(s.partSize) {
+		sum, err := md5Of(io.NewSectionReader(f, 0, size))
+		if err != nil {
+			return fmt.Errorf("storage: put %s: %w", key, err)
+		}
+		if _, err := core.PutObject(ctx, s.bucket, k, io.NewSectionReader(f, 0, size), size, sum, "", opts); err != nil {
+			return fmt.Errorf("storage: put %s: %w", key, err)
+		}
+		return nil
+	}
+	id, err := core.NewMultipartUpload(ctx, s.bucket, k, opts)
 	if err != nil {
 		return fmt.Errorf("storage: put %s: %w", key, err)
 	}
+	parts, err := s.putParts(ctx, core, k, id, f, size)
+	if err == nil {
+		_, err = core.CompleteMultipartUpload(ctx, s.bucket, k, id, parts, opts)
+	}
+	if err != nil {
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		_ = core.AbortMultipartUpload(actx, s.bucket, k, id)
+		return fmt.Errorf("storage: put %s: %w", key, err)
+	}
 	return nil
+}
+
+// putParts uploads f's parts, Threads at once, each with its Content-MD5.
+func (s *S3) putParts(ctx context.Context, core minio.Core, k, id string, f *os.File, size int64) ([]minio.CompletePart, error) {
+	ps := int64(s.partSize)
+	n := int((size + ps - 1) / ps)
+	parts := make([]minio.CompletePart, n)
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	next := make(chan int)
+	go func() {
+		defer close(next)
+		for i := range n {
+			select {
+			case next <- i:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for range min(int(s.threads), n) {
+		wg.Go(func() {
+			for i := range next {
+				off := int64(i) * ps
+				length := min(ps, size-off)
+				sum, err := md5Of(io.NewSectionReader(f, off, length))
+				if err == nil {
+					var p minio.ObjectPart
+					p, err = core.PutObjectPart(ctx, s.bucket, k, id, i+1, io.NewSectionReader(f, off, length), length,
+						minio.PutObjectPartOptions{Md5Base64: sum, DisableContentSha256: true})
+					parts[i] = minio.CompletePart{PartNumber: i + 1, ETag: p.ETag}
+				}
+				if err != nil {
+					cancel(fmt.Errorf("part %d: %w", i+1, err))
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return nil, err
+	}
+	return parts, nil
+}
+
+// md5Of is the base64 MD5 of r, as Content-MD5 wants it.
+func md5Of(r io.Reader) (string, error) {
+	h := md5.New()
+	if _, err := io.Copy(h, r); err != nil {
+		return "", err
+	}
+	return base64.StdEncoding.EncodeToString(h.Sum(nil)), nil
 }
 
 // PutBytes implements Store.

@@ -21,6 +21,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/test/peers"
 )
 
 const repo = "../.."
@@ -242,79 +243,155 @@ func strict(doc []byte, v any) error {
 	return dec.Decode(v)
 }
 
-func TestKubernetesManifests(t *testing.T) {
+// checkManifests decodes each document strictly into its Kubernetes type
+// and checks what preemptd needs and what must never be: the sidecar a
+// native sidecar treating SIGTERM as a shutdown, the DaemonSet on the host's
+// network and PID space, no privilege escalation, the runtime's seccomp
+// profile, metrics not on every interface, only PREEMPTD_* variables that
+// exist. It returns how many documents of each kind it saw.
+func checkManifests(t *testing.T, name string, documents [][]byte) map[string]int {
+	t.Helper()
 	envs := config.EnvVars()
-	checkEnv := func(c corev1.Container) {
+	checkContainer := func(where string, c corev1.Container) {
 		if c.Name != "preemptd" {
-			return // the trainer's own environment
+			return // the trainer's own
 		}
 		for _, e := range c.Env {
 			if strings.HasPrefix(e.Name, "PREEMPTD_") {
 				if _, ok := envs[e.Name]; !ok {
-					t.Errorf("container %s sets %s, which preemptd does not read", c.Name, e.Name)
+					t.Errorf("%s: container %s sets %s, which preemptd does not read", where, c.Name, e.Name)
 				}
 			}
+			if e.Name == "PREEMPTD_METRICS_LISTEN" && strings.HasPrefix(e.Value, "0.0.0.0") {
+				t.Errorf("%s: metrics on every interface (%s)", where, e.Value)
+			}
+		}
+		sc := c.SecurityContext
+		if sc == nil || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation ||
+			sc.SeccompProfile == nil || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault ||
+			sc.Capabilities == nil || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" {
+			t.Errorf("%s: preemptd's securityContext must drop ALL, forbid privilege escalation and use RuntimeDefault seccomp: %+v", where, sc)
 		}
 	}
+	kinds := map[string]int{}
+	for i, d := range documents {
+		var meta struct{ Kind string }
+		yaml.Unmarshal(d, &meta)
+		kinds[meta.Kind]++
+		where := fmt.Sprintf("%s#%d (%s)", name, i, meta.Kind)
+		switch meta.Kind {
+		case "Pod":
+			var p corev1.Pod
+			if err := strict(d, &p); err != nil {
+				t.Fatalf("%s: %v", where, err)
+			}
+			if p.Spec.ShareProcessNamespace == nil || !*p.Spec.ShareProcessNamespace {
+				t.Errorf("%s: the sidecar needs shareProcessNamespace", where)
+			}
+			if g := p.Spec.TerminationGracePeriodSeconds; g == nil || *g < 120 {
+				t.Errorf("%s: terminationGracePeriodSeconds must cover a 2-minute notice", where)
+			}
+			sidecar := false
+			for _, c := range p.Spec.InitContainers {
+				checkContainer(where, c)
+				if c.Name == "preemptd" && c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+					sidecar = true
+				}
+			}
+			if !sidecar {
+				t.Errorf("%s: preemptd is not a native sidecar (an init container with restartPolicy: Always)", where)
+			}
+			for _, c := range p.Spec.Containers {
+				if c.Name == "preemptd" {
+					t.Errorf("%s: preemptd among the ordinary containers: it must outlive the trainer", where)
+				}
+				checkContainer(where, c)
+			}
+		case "DaemonSet":
+			var ds appsv1.DaemonSet
+			if err := strict(d, &ds); err != nil {
+				t.Fatalf("%s: %v", where, err)
+			}
+			if !ds.Spec.Template.Spec.HostPID || !ds.Spec.Template.Spec.HostNetwork {
+				t.Errorf("%s: the DaemonSet needs hostPID and hostNetwork (IMDSv2 at hop limit 1)", where)
+			}
+			for _, c := range ds.Spec.Template.Spec.Containers {
+				checkContainer(where, c)
+			}
+		case "ConfigMap":
+			var cm corev1.ConfigMap
+			if err := strict(d, &cm); err != nil {
+				t.Fatalf("%s: %v", where, err)
+			}
+			p := filepath.Join(t.TempDir(), "preemptd.yaml")
+			os.WriteFile(p, []byte(cm.Data["preemptd.yaml"]), 0o644)
+			c, err := config.Load(p, func(string) string { return "" })
+			if err == nil {
+				err = c.Validate()
+			}
+			if err != nil {
+				t.Errorf("%s: its preemptd.yaml: %v", where, err)
+			}
+			if strings.HasPrefix(c.Metrics.Listen, "0.0.0.0") || strings.HasPrefix(c.Metrics.Listen, ":") {
+				t.Errorf("%s: metrics.listen %q is on every interface", where, c.Metrics.Listen)
+			}
+		default:
+			t.Errorf("%s: no check for this kind", where)
+		}
+	}
+	return kinds
+}
+
+func TestKubernetesManifests(t *testing.T) {
 	files, _ := filepath.Glob(filepath.Join(repo, "deploy/kubernetes/*.yaml"))
 	if len(files) < 2 {
 		t.Fatalf("found %d manifests", len(files))
 	}
 	kinds := map[string]int{}
 	for _, f := range files {
-		for i, d := range docs(t, f) {
-			var meta struct{ Kind string }
-			yaml.Unmarshal(d, &meta)
-			kinds[meta.Kind]++
-			where := fmt.Sprintf("%s#%d (%s)", filepath.Base(f), i, meta.Kind)
-			switch meta.Kind {
-			case "Pod":
-				var p corev1.Pod
-				if err := strict(d, &p); err != nil {
-					t.Fatalf("%s: %v", where, err)
-				}
-				if p.Spec.ShareProcessNamespace == nil || !*p.Spec.ShareProcessNamespace {
-					t.Errorf("%s: the sidecar needs shareProcessNamespace", where)
-				}
-				if g := p.Spec.TerminationGracePeriodSeconds; g == nil || *g < 120 {
-					t.Errorf("%s: terminationGracePeriodSeconds must cover a 2-minute notice", where)
-				}
-				for _, c := range p.Spec.Containers {
-					checkEnv(c)
-				}
-			case "DaemonSet":
-				var ds appsv1.DaemonSet
-				if err := strict(d, &ds); err != nil {
-					t.Fatalf("%s: %v", where, err)
-				}
-				if !ds.Spec.Template.Spec.HostPID {
-					t.Errorf("%s: the DaemonSet needs hostPID", where)
-				}
-				for _, c := range ds.Spec.Template.Spec.Containers {
-					checkEnv(c)
-				}
-			case "ConfigMap":
-				var cm corev1.ConfigMap
-				if err := strict(d, &cm); err != nil {
-					t.Fatalf("%s: %v", where, err)
-				}
-				p := filepath.Join(t.TempDir(), "preemptd.yaml")
-				os.WriteFile(p, []byte(cm.Data["preemptd.yaml"]), 0o644)
-				c, err := config.Load(p, func(string) string { return "" })
-				if err == nil {
-					err = c.Validate()
-				}
-				if err != nil {
-					t.Errorf("%s: its preemptd.yaml: %v", where, err)
-				}
-			default:
-				t.Errorf("%s: no check for this kind", where)
-			}
+		for k, n := range checkManifests(t, filepath.Base(f), docs(t, f)) {
+			kinds[k] += n
+		}
+		if b, _ := os.ReadFile(f); bytes.Contains(b, []byte("Pod\n")) && !bytes.Contains(b, []byte("on_sigterm: shutdown")) {
+			t.Errorf("%s: the sidecar's config must say on_sigterm: shutdown (in a Pod, SIGTERM is the eviction)", f)
 		}
 	}
 	if kinds["Pod"] != 1 || kinds["DaemonSet"] != 1 || kinds["ConfigMap"] != 1 {
 		t.Fatalf("kinds = %v", kinds)
 	}
+}
+
+// TestHelmChart: `helm lint` passes on deploy/helm/preemptd, and what `helm
+// template` renders (defaults, and values a user would set) passes the same
+// strict checks as the plain manifests.
+func TestHelmChart(t *testing.T) {
+	helm := peers.Require(t, "helm", peers.HelmVersion)
+	chart := filepath.Join(repo, "deploy/helm/preemptd")
+	if out, err := exec.Command(helm, "lint", "--strict", chart).CombinedOutput(); err != nil {
+		t.Fatalf("helm lint: %v\n%s", err, out)
+	}
+	for name, args := range map[string][]string{
+		"defaults": nil,
+		"values":   {"--set", "config.storage.url=s3://bucket/ckpt", "--set", "config.run_id=llama", "--set", "image.tag=0.2.1"},
+	} {
+		out, err := exec.Command(helm, append([]string{"template", "preemptd", chart, "--namespace", "kube-system"}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("helm template (%s): %v", name, err)
+		}
+		kinds := checkManifests(t, "helm "+name, docs(t, writeTemp(t, out)))
+		if kinds["DaemonSet"] != 1 || kinds["ConfigMap"] != 1 || len(kinds) != 2 {
+			t.Fatalf("helm template (%s) kinds = %v", name, kinds)
+		}
+	}
+}
+
+func writeTemp(t *testing.T, b []byte) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "rendered.yaml")
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // TestDockerfile: no engine here, so check what can be reasoned about: two

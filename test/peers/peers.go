@@ -28,6 +28,8 @@ const (
 const (
 	MinIOUser     = "preemptd-test"
 	MinIOPassword = "preemptd-test-secret"
+	// HelmVersion is scripts/tools.sh's HELM_VERSION.
+	HelmVersion = "v3.22.0"
 )
 
 // Tool returns the cached binary name@version, or "" when not installed.
