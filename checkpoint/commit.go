@@ -3,7 +3,9 @@ package checkpoint
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -23,6 +25,13 @@ import (
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/checkpoint/storage"
 )
+
+// ErrUnsigned is returned, with storage.verify_key set, for a checkpoint
+// whose manifest is not signed by the matching sign key.
+var ErrUnsigned = errors.New("not signed by storage.sign_key")
+
+// SignatureName is the manifest's ed25519 signature (base64) beside it.
+const SignatureName = ".preemptd-manifest.sig"
 
 // ErrChanged is returned when a checkpoint's files changed while it was
 // being uploaded: it is not committed.
@@ -53,6 +62,15 @@ type Committer struct {
 	Now func() time.Time
 	// OnCommit, if set, is told of every commit (metrics).
 	OnCommit func(Result)
+
+	// SignKey, if set, signs every manifest (ed25519; the signature is
+	// stored beside it); VerifyKey, if set, makes every manifest read —
+	// restore, ls, reuse — count only when its signature verifies.
+	// Checkpoints are code (torch.load unpickles): a verify key keeps a
+	// checkpoint planted by anyone who can write to the bucket off the next
+	// machine.
+	SignKey   ed25519.PrivateKey
+	VerifyKey ed25519.PublicKey
 
 	// Journal, if set, is a file (in state_dir) listing the keys whose
 	// uploads are in flight, so that after a crash Cleanup aborts exactly
@@ -197,6 +215,12 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	m.SentBytes = sent
 	m.CommittedAt = c.now().UTC()
 	b, _ := json.MarshalIndent(m, "", "  ")
+	if c.SignKey != nil { // the signature first: the manifest commits
+		sig := base64.StdEncoding.EncodeToString(ed25519.Sign(c.SignKey, b))
+		if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+SignatureName, []byte(sig+"\n")); err != nil {
+			return Result{}, fmt.Errorf("checkpoint %s: signature: %w", ck.Name, err)
+		}
+	}
 	if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+ManifestName, b); err != nil {
 		return Result{}, fmt.Errorf("checkpoint %s: manifest: %w", ck.Name, err)
 	}
@@ -330,6 +354,20 @@ func (c *Committer) manifest(ctx context.Context, name string) (Manifest, error)
 	var buf bytes.Buffer
 	if err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+ManifestName, &buf); err != nil {
 		return Manifest{}, err
+	}
+	if c.VerifyKey != nil {
+		var sig bytes.Buffer
+		err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+SignatureName, &sig)
+		if errors.Is(err, storage.ErrNotFound) {
+			return Manifest{}, fmt.Errorf("checkpoint %s: %w: no signature", name, ErrUnsigned)
+		}
+		if err != nil {
+			return Manifest{}, err
+		}
+		raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(sig.String()))
+		if err != nil || !ed25519.Verify(c.VerifyKey, buf.Bytes(), raw) {
+			return Manifest{}, fmt.Errorf("checkpoint %s: %w: the signature does not verify", name, ErrUnsigned)
+		}
 	}
 	return ParseManifest(buf.Bytes())
 }

@@ -2,8 +2,8 @@ package checkpoint
 
 import (
 	"context"
-	"errors"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -275,5 +275,70 @@ func TestUploadFollowsNoSymlink(t *testing.T) {
 				return nil
 			})
 		})
+	}
+}
+
+// TestSignedManifests: with a sign key every manifest is signed; with a
+// verify key an unsigned checkpoint (planted by anyone who can write to
+// the bucket), one signed by another key, or one whose manifest was edited
+// after signing is refused by restore and left out of ls.
+func TestSignedManifests(t *testing.T) {
+	keys := t.TempDir()
+	signPath, verifyPath, err := GenerateKeys(keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signKey, err := LoadSignKey(signPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	verifyKey, err := LoadVerifyKey(verifyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(signPath); st.Mode().Perm() != 0o600 {
+		t.Fatalf("sign.key mode %04o", st.Mode().Perm())
+	}
+	other, _, _ := GenerateKeys(t.TempDir())
+	otherKey, _ := LoadSignKey(other)
+
+	storeDir := t.TempDir()
+	st, _ := storage.NewDir(storeDir)
+	ctx := context.Background()
+	root := t.TempDir()
+	writer := &Committer{Store: st, Run: "r", SignKey: signKey}
+	dcp(t, root, "step-1", map[string]int{"a": 4096})
+	if _, err := writer.Commit(ctx, scanOne(t, root, "step-1")); err != nil {
+		t.Fatal(err)
+	}
+	planter := &Committer{Store: st, Run: "r"} // no key: what an attacker with bucket access writes
+	dcp(t, root, "step-2", map[string]int{"a": 4096})
+	if _, err := planter.Commit(ctx, scanOne(t, root, "step-2")); err != nil {
+		t.Fatal(err)
+	}
+	forger := &Committer{Store: st, Run: "r", SignKey: otherKey}
+	dcp(t, root, "step-3", map[string]int{"a": 4096})
+	if _, err := forger.Commit(ctx, scanOne(t, root, "step-3")); err != nil {
+		t.Fatal(err)
+	}
+
+	reader := &Committer{Store: st, Run: "r", VerifyKey: verifyKey}
+	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); err != nil {
+		t.Fatalf("signed checkpoint: %v", err)
+	}
+	for _, name := range []string{"step-2", "step-3", ""} { // "" is latest: step-3
+		if _, _, err := reader.Restore(ctx, t.TempDir(), name); !errors.Is(err, ErrUnsigned) {
+			t.Errorf("restore %q: %v, want ErrUnsigned", name, err)
+		}
+	}
+	// An edited manifest no longer matches its signature.
+	mp := filepath.Join(storeDir, "r", "step-1", ManifestName)
+	b, _ := os.ReadFile(mp)
+	os.WriteFile(mp, []byte(strings.Replace(string(b), `"step": 1`, `"step": 7`, 1)), 0o644)
+	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); !errors.Is(err, ErrUnsigned) {
+		t.Errorf("edited manifest: %v, want ErrUnsigned", err)
+	}
+	if ms, _, _ := reader.List(ctx); len(ms) != 0 {
+		t.Errorf("ls with a verify key lists %d unverified checkpoints", len(ms))
 	}
 }

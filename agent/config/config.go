@@ -164,6 +164,11 @@ type Storage struct {
 	Region   string `yaml:"region"`
 	// Threads is how many parts of one file upload at once.
 	Threads int `yaml:"threads"`
+	// SignKey is an ed25519 private key (PEM) that signs every manifest
+	// this machine commits; VerifyKey an ed25519 public key (PEM) without
+	// whose signature no checkpoint is restored, listed or reused.
+	SignKey   string `yaml:"sign_key"`
+	VerifyKey string `yaml:"verify_key"`
 }
 
 // Logs are the trainer's log files kept in the store.

@@ -24,7 +24,18 @@ func newCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logg
 		return nil, usageError{err}
 	}
 	host, _ := os.Hostname()
-	return &checkpoint.Committer{Store: st, Run: cfg.Run(getenv), Instance: host, Keep: cfg.Checkpoint.Keep, Log: log}, nil
+	c := &checkpoint.Committer{Store: st, Run: cfg.Run(getenv), Instance: host, Keep: cfg.Checkpoint.Keep, Log: log}
+	if p := cfg.Storage.SignKey; p != "" {
+		if c.SignKey, err = checkpoint.LoadSignKey(p); err != nil {
+			return nil, usageError{fmt.Errorf("storage.sign_key: %w", err)}
+		}
+	}
+	if p := cfg.Storage.VerifyKey; p != "" {
+		if c.VerifyKey, err = checkpoint.LoadVerifyKey(p); err != nil {
+			return nil, usageError{fmt.Errorf("storage.verify_key: %w", err)}
+		}
+	}
+	return c, nil
 }
 
 // runCommitter loads the configuration, names the run (--run over run_id)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/providers"
 )
 
@@ -76,6 +77,7 @@ Commands:
   upload     commit one checkpoint folder to the store now
   report     the fleet report: interruptions, lifetimes, time to durable, cost and savings
   doctor     check metadata reach, the store (write/read/delete), NVML and the trainer target
+  keygen     make an ed25519 key pair for signed checkpoints (storage.sign_key, storage.verify_key)
   version    print the version
 
 Every command takes --config FILE (default $PREEMPTD_CONFIG, then
@@ -113,6 +115,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return cmdReport(ctx, rest, getenv, stdout, stderr)
 	case "doctor":
 		return cmdDoctor(ctx, rest, getenv, stdout, stderr)
+	case "keygen":
+		return cmdKeygen(rest, stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "preemptd", buildVersion())
 		return nil
@@ -149,11 +153,11 @@ func newFlags(name, synopsis string, stderr io.Writer, daemon bool) *common {
 		c.fs.PrintDefaults()
 	}
 	c.fs.StringVar(&c.configPath, "config", "", "configuration file (default $PREEMPTD_CONFIG, then "+config.DefaultPath+")")
-	c.fs.StringVar(&c.runDir, "run-dir", "", "run_dir: socket and notice.json")
+	c.fs.StringVar(&c.runDir, "run-dir", "", "run_dir: where the daemon keeps its socket and notice.json")
+	c.fs.StringVar(&c.stateDir, "state-dir", "", "state_dir: the daemon's state, and the default store (file://<state_dir>/store)")
 	if daemon {
 		c.fs.StringVar(&c.provider, "provider", "", "provider: auto, aws, gcp, azure or local")
 		c.fs.StringVar(&c.pollInterval, "poll-interval", "", "poll_interval, e.g. 1s")
-		c.fs.StringVar(&c.stateDir, "state-dir", "", "state_dir")
 		c.fs.StringVar(&c.logLevel, "log-level", "", "log_level: debug, info, warn, error")
 		c.fs.StringVar(&c.pidFile, "trainer-pid-file", "", "trainer.pid_file")
 		c.fs.StringVar(&c.match, "trainer-match", "", "trainer.match: regexp on the command line")
@@ -386,4 +390,27 @@ func detect(ctx context.Context, cfg *config.Config, getenv func(string) string)
 		GCPEndpoint:   cfg.GCP.Endpoint,
 		AzureEndpoint: cfg.Azure.Endpoint,
 	})
+}
+
+func cmdKeygen(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("keygen", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	dir := fs.String("out", ".", "folder for sign.key (0600) and verify.pub")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: preemptd keygen [--out DIR]\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	signPath, verifyPath, err := checkpoint.GenerateKeys(*dir)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "wrote %s (storage.sign_key, on the machines that commit; keep it secret)\n", signPath)
+	fmt.Fprintf(stdout, "wrote %s (storage.verify_key, on the machines that restore)\n", verifyPath)
+	return nil
 }
