@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -97,7 +98,12 @@ func Detect(ctx context.Context, cfg DetectConfig) Detection {
 	}
 	if d.Provider == "" {
 		d.Provider = "local"
-		d.Reasons = append(d.Reasons, "no metadata service answered; using local")
+		answered := slices.ContainsFunc(why, func(w string) bool { return strings.Contains(w, "answered") })
+		if answered {
+			d.Reasons = append(d.Reasons, "something answered at the metadata address, but not as any cloud's metadata service; using local")
+		} else {
+			d.Reasons = append(d.Reasons, "no metadata service answered; using local")
+		}
 	}
 	return d
 }

@@ -301,12 +301,109 @@ func Load(path string, getenv func(string) string) (Config, error) {
 }
 
 func decodeYAML(b []byte, cfg *Config) error {
+	var root yaml.Node
+	if err := yaml.Unmarshal(b, &root); err != nil {
+		return err
+	}
+	if len(root.Content) > 0 {
+		if errs := checkNode(root.Content[0], reflect.TypeOf(*cfg), ""); len(errs) > 0 {
+			return joinLines(errs)
+		}
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("%w (keys are listed in the README's configuration reference)", err)
 	}
 	return nil
+}
+
+var durationType = reflect.TypeOf(Duration(0))
+
+// checkNode walks a YAML mapping against the struct type t before decoding,
+// so that an error names the whole key and the fix: an unknown key with the
+// nearest known one, a value that is not a duration, a mapping where a value
+// belongs.
+func checkNode(n *yaml.Node, t reflect.Type, prefix string) []error {
+	if t.Kind() != reflect.Struct || n.Kind != yaml.MappingNode {
+		return nil
+	}
+	fields := map[string]reflect.Type{}
+	var names []string
+	for i := range t.NumField() {
+		tag := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]
+		if tag != "" && tag != "-" {
+			fields[tag] = t.Field(i).Type
+			names = append(names, tag)
+		}
+	}
+	var errs []error
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		key := k.Value
+		if prefix != "" {
+			key = prefix + "." + k.Value
+		}
+		ft, ok := fields[k.Value]
+		if !ok {
+			msg := fmt.Sprintf("line %d: unknown key %s", k.Line, key)
+			if near := nearest(k.Value, names); near != "" {
+				msg += fmt.Sprintf(" (did you mean %s?)", near)
+			} else {
+				msg += " (keys are listed in the README's configuration reference)"
+			}
+			errs = append(errs, errors.New(msg))
+			continue
+		}
+		switch {
+		case ft == durationType:
+			if v.Kind != yaml.ScalarNode {
+				errs = append(errs, fmt.Errorf("line %d: %s: want a duration like 30s", v.Line, key))
+			} else if _, err := ParseDuration(v.Value); err != nil {
+				errs = append(errs, fmt.Errorf("line %d: %s: %w", v.Line, key, err))
+			}
+		case ft.Kind() == reflect.Struct:
+			if v.Kind != yaml.MappingNode && !(v.Kind == yaml.ScalarNode && v.Tag == "!!null") {
+				errs = append(errs, fmt.Errorf("line %d: %s holds keys (%s: {…}), not a value", v.Line, key, key))
+				continue
+			}
+			errs = append(errs, checkNode(v, ft, key)...)
+		}
+	}
+	return errs
+}
+
+// nearest is the known name closest to s (edit distance at most 2, or a
+// prefix of it), or "".
+func nearest(s string, names []string) string {
+	best, bestD := "", 3
+	for _, n := range names {
+		d := editDistance(s, n)
+		if d < bestD || (strings.HasPrefix(n, s) && len(s) >= 3 && bestD > 2) {
+			best, bestD = n, min(d, bestD)
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
 }
 
 // EnvVars lists every PREEMPTD_* variable Load understands, with its key.
@@ -502,8 +599,13 @@ func (c *Config) Validate() error {
 	}
 	if u := c.Storage.URL; u != "" {
 		pu, err := url.Parse(u)
-		if err != nil || (pu.Scheme != "file" && pu.Scheme != "s3" && pu.Scheme != "gs") {
-			bad("storage.url", "%q is not a URL like file:///var/lib/preemptd/store or s3://bucket/prefix", u)
+		switch {
+		case err != nil || (pu.Scheme != "file" && pu.Scheme != "s3" && pu.Scheme != "gs"):
+			bad("storage.url", "%q is not a URL like file:///var/lib/preemptd/store, s3://bucket/prefix or gs://bucket/prefix", u)
+		case pu.Scheme != "file" && pu.Host == "":
+			bad("storage.url", "%q names no bucket; write %s://bucket/prefix", u, pu.Scheme)
+		case pu.Scheme == "file" && (pu.Path == "" || (pu.Host != "" && pu.Host != "localhost")):
+			bad("storage.url", "%q names no directory; write file:///path/to/store (three slashes)", u)
 		}
 	}
 	checkURL("storage.endpoint", c.Storage.Endpoint, false)

@@ -271,3 +271,32 @@ func TestLayoutsMatchCheckpoint(t *testing.T) {
 		t.Fatalf("config accepts %v, checkpoint knows %v", layouts, checkpoint.Layouts)
 	}
 }
+
+// TestErrorsNameTheKeyAndTheFix: what a first-time user gets wrong, said in
+// the configuration's own words.
+func TestErrorsNameTheKeyAndTheFix(t *testing.T) {
+	for _, tc := range []struct{ name, yaml, want string }{
+		{"typo", "trainer:\n  kil_after: 90s\n", "unknown key trainer.kil_after (did you mean kill_after?)"},
+		{"typo at the top", "poll_intervall: 2s\n", "unknown key poll_intervall (did you mean poll_interval?)"},
+		{"bad duration", "trainer: {kill_after: 90 seconds}\n", `trainer.kill_after: "90 seconds" is not a duration`},
+		{"bad top duration", "poll_interval: soon\n", `poll_interval: "soon" is not a duration`},
+		{"value for a section", "storage: s3://bucket\n", "storage holds keys"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			err := decodeYAML([]byte(tc.yaml), &c)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "config.") {
+				t.Fatalf("error = %v, want %q and no Go type names", err, tc.want)
+			}
+		})
+	}
+	for _, tc := range []struct{ url, want string }{
+		{"s3://", "names no bucket"}, {"gs://", "names no bucket"}, {"ftp://x/y", "gs://bucket/prefix"}, {"file://", "names no directory"},
+	} {
+		c := Default()
+		c.Storage.URL = tc.url
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("storage.url %q: %v, want %q", tc.url, err, tc.want)
+		}
+	}
+}

@@ -196,7 +196,9 @@ func (c *common) load(getenv func(string) string) (config.Config, error) {
 			cfg.Provider = v
 		case "poll-interval":
 			d, err := config.ParseDuration(v)
-			errs = append(errs, err)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("--poll-interval (poll_interval): %w", err))
+			}
 			cfg.PollInterval = config.Duration(d)
 		case "run-dir":
 			cfg.RunDir = v
@@ -214,7 +216,9 @@ func (c *common) load(getenv func(string) string) (config.Config, error) {
 			cfg.Trainer.Signal = v
 		case "trainer-kill-after":
 			d, err := config.ParseDuration(v)
-			errs = append(errs, err)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("--trainer-kill-after (trainer.kill_after): %w", err))
+			}
 			cfg.Trainer.KillAfter = config.Duration(d)
 		}
 	})
