@@ -24,6 +24,8 @@ type EmergencyReport struct {
 	LastCommitBefore time.Time         `json:"last_commit_before,omitzero"`
 	Acked            bool              `json:"acked,omitempty"`
 	AckError         string            `json:"ack_error,omitempty"`
+	// Plan names the steps the path runs, in order.
+	Plan []string `json:"plan,omitempty"`
 	// FinishedAt is zero while the path runs.
 	FinishedAt time.Time `json:"finished_at,omitzero"`
 	// Outcome is "running", "completed", or "deadline" when the deadline cut it.
@@ -58,6 +60,9 @@ func (a *Agent) startEmergency(n Notice) {
 		return
 	}
 	rep := &EmergencyReport{Notice: n, StartedAt: now, Deadline: deadline, Outcome: "running"}
+	for _, s := range a.deps.Steps {
+		rep.Plan = append(rep.Plan, s.Name())
+	}
 	if a.emergency != nil { // the last path's channel is closed: a new one
 		a.emDone = make(chan struct{})
 	}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"slices"
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
@@ -41,6 +42,9 @@ type Record struct {
 	LastCommitBefore time.Time `json:"last_commit_before,omitzero"`
 	Checkpoint       string    `json:"checkpoint,omitempty"`
 	Bytes            int64     `json:"bytes,omitempty"`
+	// Watched says the machine watched checkpoints (checkpoint.dir was set):
+	// only then can a notice lose one. Version-1 records lack it.
+	Watched bool `json:"checkpoints_watched,omitempty"`
 	// Outcome is "pending" until the emergency path ends, then "completed"
 	// or "deadline"; advisory and informational notices stay "notice".
 	Outcome   string             `json:"outcome"`
@@ -68,7 +72,7 @@ func Key(r Record) string {
 // FromEvent builds the record of ev.
 func FromEvent(ev agent.Event) Record {
 	n := ev.Notice
-	r := Record{Version: 1, Run: ev.Run, Instance: ev.Instance, Provider: n.Provider, Kind: n.Kind, NoticeID: n.ID,
+	r := Record{Version: 2, Run: ev.Run, Instance: ev.Instance, Provider: n.Provider, Kind: n.Kind, NoticeID: n.ID,
 		Action: n.Action, Class: ev.Class, Simulated: n.Provider == "simulate", NoticedAt: n.NoticedAt.UTC(),
 		Deadline: n.Deadline.UTC(), Outcome: "notice", UpdatedAt: ev.At.UTC()}
 	if n.Deadline.IsZero() {
@@ -83,6 +87,7 @@ func FromEvent(ev agent.Event) Record {
 			r.SignalledAt = e.Signal.At.UTC()
 		}
 		r.GPUs = e.GPUs
+		r.Watched = slices.Contains(e.Plan, "checkpoint")
 		r.LastCommitBefore = e.LastCommitBefore.UTC()
 		if e.LastCommitBefore.IsZero() {
 			r.LastCommitBefore = time.Time{}

@@ -78,7 +78,9 @@ type Report struct {
 	Lifetime        Stats     `json:"lifetime_before_interruption"`
 	NoticeToDurable Stats     `json:"notice_to_durable"`
 	CheckpointsLost int       `json:"checkpoints_lost"`
-	Cost            *Cost     `json:"cost,omitempty"`
+	// SimulatedLeftOut counts the records of drills not in the report.
+	SimulatedLeftOut int   `json:"simulated_left_out,omitempty"`
+	Cost             *Cost `json:"cost,omitempty"`
 }
 
 // Interruption reports whether r is a record of the cloud taking the machine.
@@ -101,7 +103,11 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 	}
 	unpriced := map[string]bool{}
 	for _, r := range records {
-		if r.NoticedAt.Before(since) || (r.Simulated && !withSimulated) {
+		if r.NoticedAt.Before(since) {
+			continue
+		}
+		if r.Simulated && !withSimulated {
+			rep.SimulatedLeftOut++
 			continue
 		}
 		rep.Records++
@@ -118,7 +124,8 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			life = append(life, lifetime)
 		}
 		lost := 0.0
-		if r.CommittedAt.IsZero() {
+		watched := r.Watched || r.Version < 2
+		if r.CommittedAt.IsZero() && watched {
 			rep.CheckpointsLost++
 			switch {
 			case !r.LastCommitBefore.IsZero() && r.NoticedAt.After(r.LastCommitBefore):
@@ -126,7 +133,7 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			default:
 				lost = lifetime // nothing durable: all of it
 			}
-		} else {
+		} else if !r.CommittedAt.IsZero() {
 			durable = append(durable, r.CommittedAt.Sub(r.NoticedAt).Seconds())
 		}
 		if rep.Cost != nil {
@@ -208,6 +215,9 @@ func Print(w io.Writer, r Report) error {
 	fmt.Fprintf(tw, "records\t%d\n", r.Records)
 	fmt.Fprintf(tw, "interruptions\t%d\n", r.Interruptions)
 	fmt.Fprintf(tw, "checkpoints lost\t%d\n", r.CheckpointsLost)
+	if r.SimulatedLeftOut > 0 {
+		fmt.Fprintf(tw, "simulated notices\t%d left out (--all shows them)\n", r.SimulatedLeftOut)
+	}
 	if r.Lifetime.N > 0 {
 		fmt.Fprintf(tw, "lifetime before interruption\tp50 %s\tp95 %s\tmean %s\t(n=%d)\n", dur(r.Lifetime.P50), dur(r.Lifetime.P95), dur(r.Lifetime.Mean), r.Lifetime.N)
 	}

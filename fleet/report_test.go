@@ -151,3 +151,31 @@ func TestLoadPrices(t *testing.T) {
 		t.Fatal("a misspelt key was accepted")
 	}
 }
+
+// TestReportSaysWhatItLeftOut: simulated records are counted as left out
+// (and --all includes them); an interruption on a machine that watched no
+// checkpoints loses none.
+func TestReportSaysWhatItLeftOut(t *testing.T) {
+	recs := fleetRecords()
+	rep := Build(recs, time.Time{}, nil, false)
+	if rep.SimulatedLeftOut != 1 {
+		t.Fatalf("simulated left out = %d, want 1", rep.SimulatedLeftOut)
+	}
+	var b bytes.Buffer
+	Print(&b, rep)
+	if !strings.Contains(b.String(), "--all shows them") {
+		t.Fatalf("the report does not say drills were left out:\n%s", b.String())
+	}
+	if all := Build(recs, time.Time{}, nil, true); all.SimulatedLeftOut != 0 {
+		t.Fatalf("--all left out %d", all.SimulatedLeftOut)
+	}
+	noDir := Record{Version: 2, Instance: agent.Instance{ID: "i-9", Type: "p5.48xlarge"}, Provider: "aws", Kind: agent.KindTerminate,
+		NoticeID: "x", Class: agent.ClassFatal, NoticedAt: t0, Outcome: "completed"}
+	if r := Build([]Record{noDir}, time.Time{}, nil, false); r.Interruptions != 1 || r.CheckpointsLost != 0 {
+		t.Fatalf("no checkpoint.dir: %d interruptions, %d lost; want 1, 0", r.Interruptions, r.CheckpointsLost)
+	}
+	noDir.Watched = true
+	if r := Build([]Record{noDir}, time.Time{}, nil, false); r.CheckpointsLost != 1 {
+		t.Fatalf("watched, nothing committed: %d lost, want 1", r.CheckpointsLost)
+	}
+}
