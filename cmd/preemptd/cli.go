@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"regexp"
 	"runtime/debug"
 	"strings"
 	"text/tabwriter"
@@ -87,6 +88,33 @@ Exit codes: 0 ok; 1 failure; 2 bad usage or configuration;
 3 no daemon answering on the socket (status, simulate).
 `
 
+var bracketed = regexp.MustCompile(`\[[^\]]*\]`)
+
+// placeholders name what a flag takes in usage lines.
+var placeholders = map[string]string{"config": "FILE", "prices": "FILE", "run-dir": "DIR", "state-dir": "DIR", "to": "DIR",
+	"out": "DIR", "run": "RUN", "name": "CKPT", "in": "DUR", "since": "DUR", "poll-interval": "DUR",
+	"trainer-kill-after": "DUR", "kind": "KIND", "provider": "NAME", "log-level": "LEVEL", "trainer-pid-file": "FILE",
+	"trainer-match": "REGEXP", "trainer-unit": "UNIT", "trainer-signal": "SIGNAL"}
+
+// usageLine is a command's synopsis with every flag it takes, made from
+// its flag set so that it never falls behind.
+func usageLine(fs *flag.FlagSet, args string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Usage: preemptd %s", fs.Name())
+	fs.VisitAll(func(f *flag.Flag) {
+		if _, isBool := f.Value.(interface{ IsBoolFlag() bool }); isBool {
+			fmt.Fprintf(&b, " [--%s]", f.Name)
+			return
+		}
+		ph := placeholders[f.Name]
+		if ph == "" {
+			ph = "VALUE"
+		}
+		fmt.Fprintf(&b, " [--%s %s]", f.Name, ph)
+	})
+	return b.String() + args
+}
+
 // run is the whole program; main maps its error to an exit code.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -118,6 +146,20 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	case "keygen":
 		return cmdKeygen(rest, stdout, stderr)
 	case "version", "--version", "-v":
+		if len(rest) > 0 {
+			fs := flag.NewFlagSet("version", flag.ContinueOnError)
+			fs.SetOutput(stderr)
+			fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nPrints preemptd's version.\n", usageLine(fs, "")) }
+			if err := fs.Parse(rest); err != nil {
+				if errors.Is(err, flag.ErrHelp) {
+					return err
+				}
+				return usageError{err}
+			}
+			if fs.NArg() > 0 {
+				return usagef("version takes no arguments")
+			}
+		}
 		fmt.Fprintln(stdout, "preemptd", buildVersion())
 		return nil
 	case "help", "-h", "--help":
@@ -148,10 +190,14 @@ type common struct {
 func newFlags(name, synopsis string, stderr io.Writer, daemon bool) *common {
 	c := &common{fs: flag.NewFlagSet(name, flag.ContinueOnError)}
 	c.fs.SetOutput(stderr)
-	c.fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: preemptd %s\n\nFlags:\n", synopsis)
-		c.fs.PrintDefaults()
+	// The synopsis's positional arguments (e.g. upload's DIR); the flags
+	// come from the flag set itself.
+	_, rest, _ := strings.Cut(synopsis, " ")
+	args := strings.Join(strings.Fields(bracketed.ReplaceAllString(rest, "")), " ")
+	if args != "" {
+		args = " " + args
 	}
+	c.fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nFlags:\n", usageLine(c.fs, args)); c.fs.PrintDefaults() }
 	c.fs.StringVar(&c.configPath, "config", "", "configuration file (default $PREEMPTD_CONFIG, then "+config.DefaultPath+")")
 	c.fs.StringVar(&c.runDir, "run-dir", "", "run_dir: where the daemon keeps its socket and notice.json")
 	c.fs.StringVar(&c.stateDir, "state-dir", "", "state_dir: the daemon's state, and the default store (file://<state_dir>/store)")
@@ -274,7 +320,11 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	}
 	if s := st.LastSignal; s != nil {
 		if len(s.PIDs) == 0 {
-			fmt.Fprintf(tw, "last signal:\t%s reached no process %s\n", s.Signal, strings.Join(s.Problems, "; "))
+			why := "none was found"
+			if len(s.Problems) > 0 {
+				why = strings.Join(s.Problems, "; ")
+			}
+			fmt.Fprintf(tw, "last signal:\t%s reached no process: %s\n", s.Signal, why)
 		} else {
 			fmt.Fprintf(tw, "last signal:\t%s to %v at %s\n", s.Signal, s.PIDs, s.At.Format(time.RFC3339Nano))
 		}

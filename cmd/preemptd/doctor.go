@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -58,20 +60,39 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		}
 	}
 
-	// Run dir.
-	if err := os.MkdirAll(cfg.RunDir, 0o755); err != nil {
+	// Run dir. Doctor creates nothing: a missing folder is for `preemptd
+	// run` to make.
+	switch st, err := os.Stat(cfg.RunDir); {
+	case errors.Is(err, fs.ErrNotExist):
+		parent := nearestDir(cfg.RunDir)
+		if unix.Access(parent, unix.W_OK) != nil {
+			report("FAIL", "run_dir", fmt.Sprintf("%s does not exist and %s is not writable for this user: run as root, or pass --run-dir DIR (and --state-dir DIR)", cfg.RunDir, parent))
+		} else {
+			report("OK", "run_dir", fmt.Sprintf("%s does not exist yet; `preemptd run` creates it", cfg.RunDir))
+		}
+	case err != nil:
 		report("FAIL", "run_dir", err.Error())
-	} else if f, err := os.CreateTemp(cfg.RunDir, ".doctor-*"); err != nil {
-		report("FAIL", "run_dir", fmt.Sprintf("%s is not writable: %v", cfg.RunDir, err))
-	} else {
-		f.Close()
-		os.Remove(f.Name())
+	case !st.IsDir():
+		report("FAIL", "run_dir", fmt.Sprintf("%s is not a directory", cfg.RunDir))
+	case unix.Access(cfg.RunDir, unix.W_OK) != nil:
+		report("FAIL", "run_dir", fmt.Sprintf("%s is not writable for this user: run as root, or pass --run-dir DIR", cfg.RunDir))
+	case st.Mode().Perm()&0o022 != 0:
+		report("FAIL", "run_dir", fmt.Sprintf("%s is group- or world-writable (mode %04o): chmod 755 it", cfg.RunDir, st.Mode().Perm()))
+	default:
 		report("OK", "run_dir", cfg.RunDir)
 	}
 
-	// Store: write, read back, delete.
-	cm, err := newCommitter(&cfg, getenv, nil)
-	if err != nil {
+	// Store: write, read back, delete — but a local store that does not
+	// exist yet is not created here.
+	storeDir := strings.TrimPrefix(cfg.StorageURL(), "file://")
+	_, statErr := os.Stat(storeDir)
+	if strings.HasPrefix(cfg.StorageURL(), "file://") && errors.Is(statErr, fs.ErrNotExist) {
+		if unix.Access(nearestDir(storeDir), unix.W_OK) != nil {
+			report("FAIL", "store", fmt.Sprintf("%s does not exist and cannot be created by this user: run as root, or pass --state-dir DIR", storeDir))
+		} else {
+			report("OK", "store", fmt.Sprintf("%s does not exist yet; `preemptd run` creates it", storeDir))
+		}
+	} else if cm, err := newCommitter(&cfg, getenv, nil); err != nil {
 		report("FAIL", "store", err.Error())
 	} else {
 		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -146,4 +167,16 @@ func trimCmd(s string) string {
 		return s[:57] + "..."
 	}
 	return s
+}
+
+// nearestDir is path's nearest existing ancestor.
+func nearestDir(path string) string {
+	for p := filepath.Dir(path); ; p = filepath.Dir(p) {
+		if st, err := os.Stat(p); err == nil && st.IsDir() {
+			return p
+		}
+		if p == filepath.Dir(p) {
+			return p
+		}
+	}
 }
