@@ -42,16 +42,17 @@ test: tools lint
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...
 
-## package: .deb and .rpm in dist/ (nfpm, pinned)
+## package: .deb and .rpm in $(DIST) (nfpm, pinned; default dist/, the tests use a temp dir)
+DIST        ?= dist
 ARCH        := $(shell go env GOARCH)
 PKG_VERSION ?= $(shell git describe --tags --match 'v[0-9]*' 2>/dev/null | sed 's/^v//' | grep . || echo 0.1.0~git$$(git rev-parse --short HEAD 2>/dev/null || echo dev))
 package: build
-	@mkdir -p dist
+	@mkdir -p $(DIST)
 	for p in deb rpm; do \
 		PREEMPTD_VERSION=$(PKG_VERSION) PREEMPTD_ARCH=$(ARCH) $$(scripts/tools.sh)/nfpm-v2.45.2/nfpm pkg \
-			--config deploy/package/nfpm.yaml --packager $$p --target dist/ || exit 1; \
+			--config deploy/package/nfpm.yaml --packager $$p --target $(DIST)/ || exit 1; \
 	done
-	@ls -l dist/
+	@ls -l $(DIST)/
 
 ## bench: preemptd against its peers on this machine; writes test/bench/RESULTS.md
 bench:

@@ -114,9 +114,8 @@ func TestSystemdUnits(t *testing.T) {
 // CI (root) it is installed with dpkg, checked, and purged.
 func TestPackage(t *testing.T) {
 	need(t, "dpkg-deb")
-	dist := filepath.Join(repo, "dist")
-	os.RemoveAll(dist)
-	cmd := exec.Command("make", "package", "PKG_VERSION=0.0.0~test")
+	dist := t.TempDir() // never the repo's dist/: a user's packages stay
+	cmd := exec.Command("make", "package", "PKG_VERSION=0.0.0~test", "DIST="+dist)
 	cmd.Dir = repo
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("make package: %v\n%s", err, out)
