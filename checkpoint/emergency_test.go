@@ -342,3 +342,33 @@ func TestSignedManifests(t *testing.T) {
 		t.Errorf("ls with a verify key lists %d unverified checkpoints", len(ms))
 	}
 }
+
+// TestQuietLayoutFinalSaveAtExit: a Lightning-style trainer writes its
+// final .ckpt and exits at once; complete only after the quiet period, it
+// is still the emergency step's checkpoint, not one left to background
+// sync after the path.
+func TestQuietLayoutFinalSaveAtExit(t *testing.T) {
+	dir := t.TempDir()
+	st, _ := storage.NewDir(t.TempDir())
+	c := &Committer{Store: st, Run: "r"}
+	s := &Syncer{Dir: dir, Layout: LayoutLightning, Quiet: time.Second, Committer: c, Background: true, Margin: time.Second}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	exited := make(chan struct{})
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		randomFile(t, filepath.Join(dir, "step-12.ckpt"), 4096)
+		close(exited)
+	}()
+	ectx, ecancel := context.WithTimeout(agent.WithTrainerExited(context.Background(), exited), 20*time.Second)
+	defer ecancel()
+	step := s.Emergency()
+	if err := step.Run(ectx, agent.Notice{}); err != nil {
+		t.Fatal(err)
+	}
+	if res := step.(agent.CheckpointReporter).Committed(); res == nil || res.Name != "step-12.ckpt" {
+		t.Fatalf("emergency result = %+v, want step-12.ckpt", res)
+	}
+}

@@ -315,7 +315,7 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 
 	var done *Checkpoint // the newest committed by this step
 	var failed error
-	trainerGone := false
+	trainerGone, settled := false, false
 	var settle time.Time
 	for ctx.Err() == nil {
 		fresh, changed := s.newest(before, done)
@@ -336,6 +336,12 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		until := waitUntil()
 		if trainerGone {
 			if !time.Now().Before(settle) {
+				if !settled {
+					// One last look once the quiet period has passed.
+					settled = true
+					s.scan(ctx)
+					continue
+				}
 				break // nothing newer completed after its exit
 			}
 			if settle.Before(until) {
