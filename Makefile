@@ -16,13 +16,17 @@ TOOLS        = $(shell scripts/tools.sh)
 all: build
 
 build:
+	@[ -x $(BIN) ] || echo "build: compiling $(BIN) with cgo (the first build compiles NVML's bindings and the cloud clients: one to three minutes on 2 cores)"
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/preemptd
 
-## run: the daemon on embedded defaults — local provider, state under ./.preemptd
+## run: the daemon on embedded defaults — local provider, state under
+## ./.preemptd, described by ./.preemptd/preemptd.yaml so that every other
+## command finds the same socket and store with --config .preemptd/preemptd.yaml
 run: build
-	mkdir -p $(LOCAL)
-	PREEMPTD_PROVIDER=local PREEMPTD_RUN_DIR=$(LOCAL)/run PREEMPTD_STATE_DIR=$(LOCAL)/state \
-		$(BIN) run $(ARGS)
+	@mkdir -p $(LOCAL)
+	@printf '# written by make run\nprovider: local\nrun_dir: %s\nstate_dir: %s\n' $(LOCAL)/run $(LOCAL)/state > $(LOCAL)/preemptd.yaml
+	@echo "run: config $(LOCAL)/preemptd.yaml; in another shell: $(BIN) simulate --config .preemptd/preemptd.yaml (likewise status, ls, restore, report)"
+	$(BIN) run --config $(LOCAL)/preemptd.yaml $(ARGS)
 
 ## demo: a scripted preemption — daemon, a sample trainer, `preemptd simulate`
 demo: build
@@ -37,7 +41,7 @@ lint:
 
 ## test: every test, after installing the pinned peers they run against
 test: tools lint
-	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -race -count=1 ./...
+	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -race -count=1 -json ./... | $(GO) run ./scripts/testsum
 
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...

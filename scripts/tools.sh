@@ -24,7 +24,7 @@ install() {
   local name=$1 version=$2 pkg=$3
   local dir="$cache/$name-$version"
   [ -x "$dir/$name" ] && return 0
-  echo "tools: installing $name $version (once; cached in $dir)" >&2
+  echo "tools: installing $name $version through the Go module proxy (once; then cached in $dir)" >&2
   rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
   GOBIN="$dir.tmp" GOFLAGS=-mod=mod go install "$pkg@$version" >&2
   local built
@@ -48,7 +48,7 @@ install_s5cmd() {
 }
 
 install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
-install minio "$MINIO_VERSION" github.com/minio/minio # about 3 minutes to build the first time
+install minio "$MINIO_VERSION" github.com/minio/minio # 3 to 13 minutes to build the first time on 2 cores
 install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
 install toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server
 install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm # lints and renders deploy/helm/preemptd
