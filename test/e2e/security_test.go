@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // asNobody runs preemptd as uid/gid 65534.
@@ -64,5 +65,45 @@ func TestRunDirMustNotBeWritableByOthers(t *testing.T) {
 	out, code := runCLI(t, "run", "--config", cfg)
 	if code == 0 || !strings.Contains(out, "world-writable") || !strings.Contains(out, "chmod 755") {
 		t.Fatalf("run with a world-writable run_dir: exit %d\n%s", code, out)
+	}
+}
+
+// TestWebhookSecretNowhere: a webhook URL's path (its secret) reaches
+// neither the log, nor the status, nor the event record in the store, when
+// the webhook fails and when it succeeds.
+func TestWebhookSecretNowhere(t *testing.T) {
+	const token = "T0/B0/webhook-secret-path"
+	dir := shortDir(t)
+	d := startDaemonIn(t, dir, "provider: local\nnotify: {webhooks: [{url: \"http://127.0.0.1:1/services/"+token+"\", format: slack}]}\n")
+	if out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "terminate", "--in", "8s", "--wait"); code != 0 {
+		t.Fatal(out)
+	}
+	waitFor(t, 20*time.Second, "the webhook's failure to be logged", func() bool {
+		b, _ := os.ReadFile(d.logf)
+		return strings.Count(string(b), "webhook not delivered") >= 2 // notice and outcome
+	})
+	status, _ := runCLI(t, "status", "--config", d.config, "--json")
+	log, _ := os.ReadFile(d.logf)
+	if strings.Contains(status, "webhook-secret") || strings.Contains(string(log), "webhook-secret") {
+		t.Fatal("the webhook's secret path is in the status or the log")
+	}
+	records := 0
+	filepath.WalkDir(filepath.Join(dir, "state"), func(p string, e os.DirEntry, err error) error {
+		if err == nil && !e.IsDir() {
+			b, _ := os.ReadFile(p)
+			if strings.Contains(string(b), "webhook-secret") {
+				t.Errorf("the webhook's secret path is in %s", p)
+			}
+			if strings.Contains(p, "_events") {
+				records++
+			}
+		}
+		return nil
+	})
+	if records == 0 {
+		t.Fatal("no event record written: nothing was checked")
+	}
+	if !strings.Contains(string(log), "webhook not delivered") {
+		t.Fatal("the webhook failure was not exercised")
 	}
 }
