@@ -117,3 +117,23 @@ func TestBuild(t *testing.T) {
 		t.Error("Build(oracle) succeeded")
 	}
 }
+
+// TestDetectSaysSomethingAnswered: when the metadata address answers (a
+// 403 from a sandbox or proxy) but as no cloud, detect does not claim that
+// nothing answered.
+func TestDetectSaysSomethingAnswered(t *testing.T) {
+	forbidden := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "no", 403) }))
+	defer forbidden.Close()
+	d := Detect(t.Context(), DetectConfig{DMIRoot: dmi(t, map[string]string{"sys_vendor": "LENOVO"}), AWSEndpoint: forbidden.URL,
+		GCPEndpoint: forbidden.URL, AzureEndpoint: forbidden.URL, Timeout: time.Second})
+	last := d.Reasons[len(d.Reasons)-1]
+	if d.Provider != "local" || strings.Contains(last, "no metadata service answered") || !strings.Contains(last, "not as any cloud") {
+		t.Fatalf("Detect = %+v", d)
+	}
+	dead := closedURL(t)
+	d = Detect(t.Context(), DetectConfig{DMIRoot: dmi(t, map[string]string{"sys_vendor": "LENOVO"}), AWSEndpoint: dead,
+		GCPEndpoint: dead, AzureEndpoint: dead, Timeout: 200 * time.Millisecond})
+	if last := d.Reasons[len(d.Reasons)-1]; !strings.Contains(last, "no metadata service answered") {
+		t.Fatalf("nothing answering: %+v", d)
+	}
+}
