@@ -164,6 +164,9 @@ type Storage struct {
 	Region   string `yaml:"region"`
 	// Threads is how many parts of one file upload at once.
 	Threads int `yaml:"threads"`
+	// Checksum is what every part carries for the server to check: auto
+	// (CRC32C where the server checks it, else Content-MD5), md5 or crc32c.
+	Checksum string `yaml:"checksum"`
 	// SignKey is an ed25519 private key (PEM) that signs every manifest
 	// this machine commits; VerifyKey an ed25519 public key (PEM) without
 	// whose signature no checkpoint is restored, listed or reused.
@@ -225,7 +228,7 @@ func Default() Config {
 		Azure:         Azure{Endpoint: "http://169.254.169.254", Ack: AckMine},
 		Trainer:       Trainer{Signal: "SIGTERM"},
 		Checkpoint:    Checkpoint{Layout: "auto", QuietPeriod: Duration(5 * time.Second), Sync: true, Keep: 3},
-		Storage:       Storage{Threads: 8},
+		Storage:       Storage{Threads: 8, Checksum: "auto"},
 		Logs:          Logs{Interval: Duration(30 * time.Second)},
 		Metrics:       Metrics{Listen: "127.0.0.1:9477"},
 	}
@@ -609,6 +612,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	checkURL("storage.endpoint", c.Storage.Endpoint, false)
+	if !slices.Contains([]string{"auto", "md5", "crc32c"}, c.Storage.Checksum) {
+		bad("storage.checksum", "%q is not one of auto, md5, crc32c", c.Storage.Checksum)
+	}
 	if c.Storage.Threads < 1 || c.Storage.Threads > 64 {
 		bad("storage.threads", "%d is out of range; use 1 to 64 (default 8)", c.Storage.Threads)
 	}

@@ -7,7 +7,9 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"path"
@@ -38,6 +40,10 @@ type S3 struct {
 	endpoint string
 	partSize uint64
 	threads  uint
+	checksum string // "auto", "md5" or "crc32c"
+
+	once sync.Once
+	crc  bool // the server checks x-amz-checksum-crc32c (decided once)
 }
 
 // NewS3 builds the client: credentials from the AWS environment variables,
@@ -63,7 +69,15 @@ func NewS3(scheme, bucket, prefix string, o Options) (*S3, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
-	s := &S3{c: c, bucket: bucket, prefix: prefix, scheme: scheme, endpoint: u.Host, partSize: o.PartSize, threads: o.Threads}
+	s := &S3{c: c, bucket: bucket, prefix: prefix, scheme: scheme, endpoint: u.Host, partSize: o.PartSize, threads: o.Threads,
+		checksum: o.Checksum}
+	switch s.checksum {
+	case "", "auto":
+		s.checksum = "auto"
+	case "md5", "crc32c":
+	default:
+		return nil, fmt.Errorf("storage.checksum: %q is not auto, md5 or crc32c", o.Checksum)
+	}
 	if s.partSize == 0 {
 		s.partSize = DefaultPartSize
 	}
@@ -92,31 +106,44 @@ func notFound(err error, key string) error {
 	return err
 }
 
-// PutFile implements Store. Every part carries its Content-MD5, which every
-// S3-compatible server checks against the bytes it received (a part that
-// does not match is refused with BadDigest): a file no larger than one part
-// goes up in a single PUT, a larger one as a multipart upload whose parts
-// (PartSize) are read with ReadAt and sent Threads at once, each hashed just
-// before it is sent. Any error aborts the multipart upload; nothing is
-// visible under key until every part is there.
+// PutFile implements Store. Every part carries a checksum of its bytes
+// that the server checks (a part that does not match is refused, the
+// upload aborted): CRC32C in x-amz-checksum-crc32c where the server checks
+// it (AWS S3, MinIO; cheap to compute), else Content-MD5, which every
+// S3-compatible server checks (storage.checksum chooses; auto asks the
+// server once, see crc32cChecked). A file no larger than one part goes up in
+// a single PUT, a larger one as a multipart upload whose parts (PartSize)
+// are read with ReadAt and sent Threads at once, each hashed just before it
+// is sent. Nothing is visible under key until every part is there.
 func (s *S3) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
 	k, err := s.key(key)
 	if err != nil {
 		return err
 	}
+	s.once.Do(func() { s.crc = s.checksum == "crc32c" || (s.checksum == "auto" && s.crc32cChecked(ctx)) })
 	core := minio.Core{Client: s.c}
 	opts := minio.PutObjectOptions{ContentType: "application/octet-stream", DisableContentSha256: true}
 	if size <= int64(s.partSize) {
-		sum, err := md5Of(io.NewSectionReader(f, 0, size))
+		md5sum, hdr, err := s.partSum(io.NewSectionReader(f, 0, size))
 		if err != nil {
 			return fmt.Errorf("storage: put %s: %w", key, err)
 		}
-		if _, err := core.PutObject(ctx, s.bucket, k, io.NewSectionReader(f, 0, size), size, sum, "", opts); err != nil {
+		if hdr != nil {
+			opts.UserMetadata = map[string]string{}
+			for h := range hdr {
+				opts.UserMetadata[h] = hdr.Get(h)
+			}
+		}
+		if _, err := core.PutObject(ctx, s.bucket, k, io.NewSectionReader(f, 0, size), size, md5sum, "", opts); err != nil {
 			return fmt.Errorf("storage: put %s: %w", key, err)
 		}
 		return nil
 	}
-	id, err := core.NewMultipartUpload(ctx, s.bucket, k, opts)
+	create := opts
+	if s.crc {
+		create.UserMetadata = map[string]string{"X-Amz-Checksum-Algorithm": "CRC32C"}
+	}
+	id, err := core.NewMultipartUpload(ctx, s.bucket, k, create)
 	if err != nil {
 		return fmt.Errorf("storage: put %s: %w", key, err)
 	}
@@ -133,7 +160,46 @@ func (s *S3) PutFile(ctx context.Context, key string, f *os.File, size int64) er
 	return nil
 }
 
-// putParts uploads f's parts, Threads at once, each with its Content-MD5.
+// partSum hashes a part: its Content-MD5, or its CRC32C headers.
+func (s *S3) partSum(r io.Reader) (md5sum string, hdr http.Header, err error) {
+	if !s.crc {
+		md5sum, err = md5Of(r)
+		return md5sum, nil, err
+	}
+	h := crc32.New(crc32.MakeTable(crc32.Castagnoli))
+	if _, err := io.Copy(h, r); err != nil {
+		return "", nil, err
+	}
+	hdr = http.Header{}
+	hdr.Set("X-Amz-Checksum-Crc32c", base64.StdEncoding.EncodeToString(h.Sum(nil)))
+	hdr.Set("X-Amz-Sdk-Checksum-Algorithm", "CRC32C")
+	return "", hdr, nil
+}
+
+// crc32cChecked asks the server, once, whether it checks
+// x-amz-checksum-crc32c: a tiny object sent with a deliberately wrong one
+// must be refused. A server that stores it anyway ignores the header, and
+// Content-MD5 is used instead.
+func (s *S3) crc32cChecked(ctx context.Context) bool {
+	k, err := s.key(fmt.Sprintf("_preemptd/checksum-probe-%d", time.Now().UnixNano()))
+	if err != nil {
+		return false
+	}
+	body := []byte("preemptd checksum probe")
+	core := minio.Core{Client: s.c}
+	_, err = core.PutObject(ctx, s.bucket, k, bytes.NewReader(body), int64(len(body)), "", "", minio.PutObjectOptions{
+		DisableContentSha256: true,
+		UserMetadata:         map[string]string{"X-Amz-Checksum-Crc32c": "AAAAAA==", "X-Amz-Sdk-Checksum-Algorithm": "CRC32C"},
+	})
+	if err == nil { // stored despite a wrong checksum: the server ignores it
+		_ = s.c.RemoveObject(ctx, s.bucket, k, minio.RemoveObjectOptions{})
+		return false
+	}
+	var resp minio.ErrorResponse
+	return errors.As(err, &resp) && resp.StatusCode/100 == 4
+}
+
+// putParts uploads f's parts, Threads at once, each with its checksum.
 func (s *S3) putParts(ctx context.Context, core minio.Core, k, id string, f *os.File, size int64) ([]minio.CompletePart, error) {
 	ps := int64(s.partSize)
 	n := int((size + ps - 1) / ps)
@@ -157,12 +223,15 @@ func (s *S3) putParts(ctx context.Context, core minio.Core, k, id string, f *os.
 			for i := range next {
 				off := int64(i) * ps
 				length := min(ps, size-off)
-				sum, err := md5Of(io.NewSectionReader(f, off, length))
+				sum, hdr, err := s.partSum(io.NewSectionReader(f, off, length))
 				if err == nil {
 					var p minio.ObjectPart
 					p, err = core.PutObjectPart(ctx, s.bucket, k, id, i+1, io.NewSectionReader(f, off, length), length,
-						minio.PutObjectPartOptions{Md5Base64: sum, DisableContentSha256: true})
+						minio.PutObjectPartOptions{Md5Base64: sum, CustomHeader: hdr, DisableContentSha256: true})
 					parts[i] = minio.CompletePart{PartNumber: i + 1, ETag: p.ETag}
+					if hdr != nil {
+						parts[i].ChecksumCRC32C = hdr.Get("X-Amz-Checksum-Crc32c")
+					}
 				}
 				if err != nil {
 					cancel(fmt.Errorf("part %d: %w", i+1, err))

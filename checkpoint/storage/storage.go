@@ -58,6 +58,9 @@ type Options struct {
 	// PartSize and Threads tune multipart uploads.
 	PartSize uint64
 	Threads  uint
+	// Checksum is the per-part check the server makes: auto (CRC32C where
+	// the server checks it, else Content-MD5), md5 or crc32c.
+	Checksum string
 }
 
 // Open returns the store named by rawURL: file:///path, s3://bucket/prefix

@@ -19,7 +19,7 @@ import (
 // newCommitter opens the configured store for the run.
 func newCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logger) (*checkpoint.Committer, error) {
 	st, err := storage.Open(cfg.StorageURL(), storage.Options{Endpoint: cfg.Storage.Endpoint, Region: cfg.Storage.Region,
-		IMDSEndpoint: cfg.AWS.Endpoint, Threads: uint(cfg.Storage.Threads)})
+		IMDSEndpoint: cfg.AWS.Endpoint, Threads: uint(cfg.Storage.Threads), Checksum: cfg.Storage.Checksum})
 	if err != nil {
 		return nil, usageError{err}
 	}

@@ -146,6 +146,6 @@ func uploadBench(t *testing.T, sizeGiB, rounds int) {
 		fmt.Fprintf(&b, "| %s | %v | %.0f | %.2f | %s |\n", tool, m.Round(time.Millisecond), float64(size)/m.Seconds()/1e6,
 			m.Seconds()/base.Seconds(), strings.Join(rs, ", "))
 	}
-	fmt.Fprintf(&b, "\npreemptd's time includes what the others do not do: a SHA-256 of every byte (recorded in the manifest and checked on restore), an MD5 of every part sent as its Content-MD5 (checked by the server), the manifest and the run's latest pointer. Parts: 64 MiB, 8 threads. Peers at their defaults: s5cmd v2.3.0, mc %s, aws-cli 2.9.19 (Debian).\n", "v0.0.0-20250313080218-cf909e1063a9")
+	fmt.Fprintf(&b, "\npreemptd's time includes what the others do not do: a SHA-256 of every byte (recorded in the manifest and checked on restore), a CRC32C of every part sent for the server to check (storage.checksum auto, which MinIO takes), the manifest and the run's latest pointer. Parts: 64 MiB, 8 threads. Peers at their defaults: s5cmd v2.3.0, mc %s, aws-cli 2.9.19 (Debian).\n", "v0.0.0-20250313080218-cf909e1063a9")
 	appendResults(t, b.String())
 }
