@@ -27,6 +27,7 @@ func main() {
 	var skips []string
 	passed, failed, skipped := 0, 0, 0
 	bad := false
+	failedTests := map[string]int{} // package → its failed tests
 	sc := bufio.NewScanner(os.Stdin)
 	sc.Buffer(make([]byte, 1<<20), 16<<20)
 	for sc.Scan() {
@@ -62,12 +63,16 @@ func main() {
 		case "fail":
 			if e.Test != "" {
 				failed++
+				failedTests[e.Package]++
 				fmt.Printf("--- FAIL: %s %s (%.2fs)\n", e.Package, e.Test, e.Elapsed)
 				for _, o := range output[key] {
 					fmt.Print("    " + o)
 				}
 			} else {
 				bad = true
+				if failedTests[e.Package] == 0 {
+					failed++ // a package that failed without a failing test: its build, a panic, a timeout
+				}
 			}
 			delete(output, key)
 		case "skip":
