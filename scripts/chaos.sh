@@ -7,7 +7,7 @@ short=""
 [ "${1:-}" = --short ] && short=-short
 log=$(mktemp)
 PREEMPTD_TOOLS=${PREEMPTD_TOOLS:-$(scripts/tools.sh)} go test $short -count=1 -v -timeout 30m \
-  -run 'Chaos|Faults|Connection|Bandwidth|SlowDown|DiskFull|MidSave|MidUpload|Escalation' \
+  -run 'Chaos|Faults|Connection|Bandwidth|SlowDown|DiskFull|MidSave|MidUpload|Escalation|Integrity|SlowLink' \
   ./test/chaos ./test/e2e > "$log" 2>&1
 rc=$?
 grep -E -- '^(--- |ok|FAIL)' "$log"

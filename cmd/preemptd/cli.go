@@ -199,8 +199,21 @@ func newFlags(name, synopsis string, stderr io.Writer, daemon bool) *common {
 	}
 	c.fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nFlags:\n", usageLine(c.fs, args)); c.fs.PrintDefaults() }
 	c.fs.StringVar(&c.configPath, "config", "", "configuration file (default $PREEMPTD_CONFIG, then "+config.DefaultPath+")")
-	c.fs.StringVar(&c.runDir, "run-dir", "", "run_dir: where the daemon keeps its socket and notice.json")
-	c.fs.StringVar(&c.stateDir, "state-dir", "", "state_dir: the daemon's state, and the default store (file://<state_dir>/store)")
+	runDir, stateDir := "run_dir: where the daemon keeps its socket, notice.json and trigger file",
+		"state_dir: the daemon's state, and the default store (file://<state_dir>/store)"
+	switch name {
+	case "status", "simulate":
+		runDir = "run_dir of the daemon to ask: its socket is <run-dir>/preemptd.sock"
+		stateDir = "state_dir (not used by " + name + "; accepted like every command's)"
+	case "ls", "restore", "upload", "report":
+		runDir = "run_dir (not used by " + name + "; accepted like every command's)"
+		stateDir = "state_dir whose default store to use (file://<state_dir>/store, when storage.url is not set)"
+	case "gpu", "detect":
+		runDir = "run_dir (not used by " + name + "; accepted like every command's)"
+		stateDir = "state_dir (not used by " + name + "; accepted like every command's)"
+	}
+	c.fs.StringVar(&c.runDir, "run-dir", "", runDir)
+	c.fs.StringVar(&c.stateDir, "state-dir", "", stateDir)
 	if daemon {
 		c.fs.StringVar(&c.provider, "provider", "", "provider: auto, aws, gcp, azure or local")
 		c.fs.StringVar(&c.pollInterval, "poll-interval", "", "poll_interval, e.g. 1s")
