@@ -82,16 +82,7 @@ func TestFinalCheckpointOnSlowLink(t *testing.T) {
 		// Let it train and save a while, then catch it in the middle of a save.
 		time.Sleep(3 * time.Second)
 		waitFor(t, 10*time.Second, "a save in progress", func() bool { return midSave(ckpt) })
-		noticed := time.Now()
-		n, err := d.client().Simulate(t.Context(), agent.SimulateRequest{Kind: "terminate", In: "90s"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st agent.Status
-		waitFor(t, 100*time.Second, "the emergency path to finish", func() bool {
-			st = d.status()
-			return st.Emergency != nil && st.Emergency.Notice.ID == n.ID && !st.Emergency.FinishedAt.IsZero()
-		})
+		st, noticed := d.drill(agent.SimulateRequest{Kind: "terminate", In: "90s"})
 		cmd.Wait()
 		last, _ := newestComplete(ckpt)
 		t.Logf("notice → path done in %v; trainer's last checkpoint %s; committed %+v",

@@ -212,6 +212,24 @@ func (d *daemon) waitEmergencyDone() agent.Status {
 	return st
 }
 
+// drill simulates a notice and waits until its own emergency path has
+// finished (an earlier drill's path may be in the status); it returns the
+// status then and when the notice was sent.
+func (d *daemon) drill(req agent.SimulateRequest) (agent.Status, time.Time) {
+	d.t.Helper()
+	noticed := time.Now()
+	n, err := d.client().Simulate(d.t.Context(), req)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	var st agent.Status
+	waitFor(d.t, 100*time.Second, "the emergency path to finish", func() bool {
+		st = d.status()
+		return st.Emergency != nil && st.Emergency.Notice.ID == n.ID && !st.Emergency.FinishedAt.IsZero()
+	})
+	return st, noticed
+}
+
 // logLines parses the daemon's log: every line must be a JSON object.
 func (d *daemon) logLines() []map[string]any {
 	d.t.Helper()

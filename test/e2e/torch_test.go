@@ -73,16 +73,7 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 			_, err := os.Stat(filepath.Join(ckpt, first, ".metadata"))
 			return err == nil
 		})
-		noticed := time.Now()
-		n, err := d.client().Simulate(t.Context(), agent.SimulateRequest{Kind: "terminate", In: "90s"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st agent.Status
-		waitFor(t, 100*time.Second, "the emergency path to finish", func() bool {
-			st = d.status()
-			return st.Emergency != nil && st.Emergency.Notice.ID == n.ID && !st.Emergency.FinishedAt.IsZero()
-		})
+		st, noticed := d.drill(agent.SimulateRequest{Kind: "terminate", In: "90s"})
 		select {
 		case <-done:
 		case <-time.After(30 * time.Second):
