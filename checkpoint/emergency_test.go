@@ -197,14 +197,12 @@ func TestEmergencyAheadOfBackgroundUpload(t *testing.T) {
 		dcp(t, dir, "step-2", map[string]int{"__0_0.distcp": 64 << 10})
 		close(exited)
 	}()
-	start := time.Now()
+	// The stuck upload never ends by itself: a step that waited on it would
+	// still be waiting at its deadline, and commit nothing.
 	ctx, cancel := context.WithTimeout(agent.WithTrainerExited(context.Background(), exited), 20*time.Second)
 	defer cancel()
-	if err := s.Emergency().Run(ctx, agent.Notice{}); err != nil {
-		t.Fatal(err)
-	}
-	if took := time.Since(start); took > 5*time.Second {
-		t.Fatalf("the emergency step took %v behind a stuck background upload", took)
+	if err := s.Emergency().Run(ctx, agent.Notice{}); err != nil || ctx.Err() != nil {
+		t.Fatalf("emergency step: %v (deadline passed: %v)", err, ctx.Err() != nil)
 	}
 	if got := latestName(t, c); got != "step-2" {
 		t.Fatalf("latest = %s, want step-2", got)
