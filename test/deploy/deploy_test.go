@@ -272,6 +272,30 @@ func checkManifests(t *testing.T, name string, documents [][]byte) map[string]in
 			t.Errorf("%s: preemptd's securityContext must drop ALL, forbid privilege escalation and use RuntimeDefault seccomp: %+v", where, sc)
 		}
 	}
+	// The mount points of emptyDir volumes (world-writable), from every Pod.
+	emptyDirs := map[string]bool{}
+	for _, d := range documents {
+		var p corev1.Pod
+		if yaml.Unmarshal(d, &p) != nil || p.Kind != "Pod" {
+			continue
+		}
+		empty := map[string]bool{}
+		for _, v := range p.Spec.Volumes {
+			if v.EmptyDir != nil {
+				empty[v.Name] = true
+			}
+		}
+		for _, c := range append(p.Spec.InitContainers, p.Spec.Containers...) {
+			if c.Name != "preemptd" {
+				continue
+			}
+			for _, m := range c.VolumeMounts {
+				if empty[m.Name] {
+					emptyDirs[m.MountPath] = true
+				}
+			}
+		}
+	}
 	kinds := map[string]int{}
 	for i, d := range documents {
 		var meta struct{ Kind string }
@@ -333,6 +357,9 @@ func checkManifests(t *testing.T, name string, documents [][]byte) map[string]in
 			}
 			if strings.HasPrefix(c.Metrics.Listen, "0.0.0.0") || strings.HasPrefix(c.Metrics.Listen, ":") {
 				t.Errorf("%s: metrics.listen %q is on every interface", where, c.Metrics.Listen)
+			}
+			if emptyDirs[c.RunDir] {
+				t.Errorf("%s: run_dir %s is an emptyDir's mount point, which is world-writable: preemptd refuses it; use a folder inside it", where, c.RunDir)
 			}
 		default:
 			t.Errorf("%s: no check for this kind", where)
