@@ -189,11 +189,17 @@ func (a *Agent) EmergencyRunning() (bool, <-chan struct{}) {
 func (a *Agent) FatalHandled() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	return a.handledLocked() != nil
+}
+
+// handledLocked returns the notice of the last emergency path when that
+// path has finished and its notice is still active (the machine is going
+// away), else nil.
+func (a *Agent) handledLocked() *tracked {
 	if a.path != nil || a.emergency == nil {
-		return false
+		return nil
 	}
-	_, active := a.active[a.emergency.Notice.Key()]
-	return active
+	return a.active[a.emergency.Notice.Key()]
 }
 
 // Run watches until ctx ends. An emergency path it started goes on after
@@ -299,10 +305,9 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 		a.notifyChangeLocked()
 		a.mu.Unlock()
 		a.log.Info("notice deadline moved", "provider", n.Provider, "id", n.ID, "from", from, "to", n.Deadline)
-		if !from.IsZero() && n.Deadline.After(from) {
-			a.rescheduled(ctx, key)
-		} else {
-			a.reclassify(ctx, key)
+		a.rearm(ctx, key)
+		if from.IsZero() || n.Deadline.Before(from) {
+			a.reclassify(ctx, key) // it may be fatal now, or shorten the running path
 		}
 		a.publishUnlessEmergency()
 		return
@@ -372,10 +377,10 @@ func (a *Agent) publishUnlessEmergency() {
 	}
 }
 
-// rescheduled handles a notice whose deadline moved later (an AWS scheduled
-// event rescheduled): an advisory notice's escalation moves with it. A path
-// already running keeps its deadline: the earlier one is the safe one.
-func (a *Agent) rescheduled(ctx context.Context, key string) {
+// rearm moves an advisory notice's escalation with its deadline (an AWS
+// scheduled event rescheduled, either way). A path already running keeps
+// its deadline unless the new one is earlier (reclassify shortens it).
+func (a *Agent) rearm(ctx context.Context, key string) {
 	a.mu.Lock()
 	t, ok := a.active[key]
 	if !ok || t.class != ClassAdvisory {
@@ -492,10 +497,8 @@ func (a *Agent) current() (Notice, Class, bool) {
 	if a.path != nil {
 		return a.emergency.Notice, ClassFatal, true
 	}
-	if a.emergency != nil { // handled, and the machine still going away
-		if t, ok := a.active[a.emergency.Notice.Key()]; ok {
-			return t.n, ClassFatal, true
-		}
+	if t := a.handledLocked(); t != nil { // handled, and the machine still going away
+		return t.n, ClassFatal, true
 	}
 	if len(a.order) == 0 {
 		return Notice{}, "", false

@@ -208,11 +208,7 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 
 	// 3. The steps later parts add: checkpoint, upload, log flush. They
 	// learn when the trainer is gone through TrainerExited.
-	var exitCh <-chan struct{}
-	if exited != nil {
-		exitCh = exited
-	}
-	stepCtx := WithTrainerExited(ctx, exitCh)
+	stepCtx := WithTrainerExited(ctx, exited)
 	for _, s := range a.deps.Steps {
 		if cr, ok := s.(CheckpointReporter); ok {
 			last := cr.LastCommitBefore()

@@ -207,3 +207,31 @@ func TestRescheduledLater(t *testing.T) {
 		<-a.EmergencyDone()
 	})
 }
+
+// TestRescheduledEarlier: an advisory notice whose deadline moves earlier,
+// still beyond fatal_within, escalates fatal_within before the new
+// deadline, not the old one.
+func TestRescheduledEarlier(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		w := make(chanWatcher, 1)
+		a := New(Config{FatalWithin: 2 * time.Minute, RunDir: t.TempDir()}, Deps{Watchers: []Watcher{w}})
+		ctx, cancel := context.WithCancel(t.Context())
+		ran := make(chan struct{})
+		go func() { a.Run(ctx); close(ran) }()
+		defer func() { cancel(); <-ran }()
+		start := time.Now()
+		n := Notice{Provider: "aws", Kind: KindReboot, ID: "instance-event-2", Scheduled: true, NoticedAt: start,
+			Deadline: start.Add(30 * time.Minute)}
+		w <- n
+		synctest.Wait()
+		n.Deadline = start.Add(10 * time.Minute)
+		w <- n
+		synctest.Wait()
+		time.Sleep(8*time.Minute + time.Second)
+		synctest.Wait()
+		if !a.EmergencyStarted() {
+			t.Fatal("not escalated fatal_within before the earlier deadline")
+		}
+		<-a.EmergencyDone()
+	})
+}

@@ -65,7 +65,7 @@ func (a *Agent) Status() Status {
 		s.Emergency = &e
 		if a.path != nil {
 			s.State = "emergency"
-		} else if _, active := a.active[e.Notice.Key()]; active {
+		} else if a.handledLocked() != nil {
 			s.State = "done"
 		}
 	}
