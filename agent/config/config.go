@@ -18,6 +18,7 @@ import (
 	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -645,12 +646,8 @@ func (c *Config) Validate() error {
 			bad("metrics.listen", "%q is not host:port like 127.0.0.1:9477 (empty disables)", l)
 		}
 	}
-	if g := c.API.SimulateGroup; g != "" {
-		if _, err := user.LookupGroup(g); err != nil {
-			if _, err2 := user.LookupGroupId(g); err2 != nil {
-				bad("api.simulate_group", "no group %q on this machine (create it, or leave the key empty)", g)
-			}
-		}
+	if _, err := c.SimulateGroups(); err != nil {
+		bad("api.simulate_group", "%v", err)
 	}
 	for i, h := range c.Hooks.OnNotice {
 		if strings.TrimSpace(h) == "" {
@@ -678,6 +675,26 @@ func (c *Config) TriggerFile() string {
 		return c.Local.TriggerFile
 	}
 	return filepath.Join(c.RunDir, "trigger")
+}
+
+// SimulateGroups resolves api.simulate_group (a group name or number) to
+// the gids the local API lets simulate notices; none when it is empty.
+func (c *Config) SimulateGroups() ([]int, error) {
+	name := c.API.SimulateGroup
+	if name == "" {
+		return nil, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		if g, err = user.LookupGroupId(name); err != nil {
+			return nil, fmt.Errorf("no group %q on this machine (create it, or leave the key empty)", name)
+		}
+	}
+	id, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return nil, fmt.Errorf("group %q has the non-numeric gid %q", name, g.Gid)
+	}
+	return []int{id}, nil
 }
 
 // Socket is the local API's socket path.

@@ -213,6 +213,16 @@ func truncate(s string, n int) string {
 	return s
 }
 
+// Cmdline is a process's command line with its arguments joined by
+// spaces, as trainer.match sees it ("" for a kernel thread).
+func Cmdline(procRoot string, pid int) (string, error) {
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "cmdline"))
+	if err != nil {
+		return "", err
+	}
+	return string(bytes.ReplaceAll(bytes.TrimRight(b, "\x00"), []byte{0}, []byte{' '})), nil
+}
+
 func (t *Trainer) matchProcs() ([]int, error) {
 	ents, err := os.ReadDir(t.cfg.ProcRoot)
 	if err != nil {
@@ -224,11 +234,10 @@ func (t *Trainer) matchProcs() ([]int, error) {
 		if err != nil || pid == t.self {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(t.cfg.ProcRoot, e.Name(), "cmdline"))
-		if err != nil || len(b) == 0 {
+		cmdline, err := Cmdline(t.cfg.ProcRoot, pid)
+		if err != nil || cmdline == "" {
 			continue // gone, or a kernel thread
 		}
-		cmdline := string(bytes.ReplaceAll(bytes.TrimRight(b, "\x00"), []byte{0}, []byte{' '}))
 		if t.match.MatchString(cmdline) {
 			pids = append(pids, pid)
 		}

@@ -9,9 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -119,7 +117,12 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		log.Warn("no trainer target configured: notices will be published (notice.json, hooks, API) but no process signalled; set trainer.pid_file, trainer.match or trainer.unit")
 	}
 
-	var onDone func(agent.EmergencyReport) // set below, once the shutdown lock is held
+	// A logind delay lock, so that a shutdown waits for the emergency path;
+	// released when a path ends while the machine is shutting down.
+	inh := systemd.Inhibit(log)
+	defer inh.Release()
+	var shuttingDown atomic.Bool
+	simulateGroups, _ := cfg.SimulateGroups() // checked by Validate
 	a := agent.New(agent.Config{
 		FatalWithin:     cfg.FatalWithin.D(),
 		RunDir:          cfg.RunDir,
@@ -127,7 +130,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		RebalanceSignal: cfg.Trainer.RebalanceSignal,
 		KillAfter:       cfg.Trainer.KillAfter.D(),
 		Hooks:           cfg.Hooks.OnNotice,
-		SimulateGroups:  simulateGroups(cfg.API.SimulateGroup),
+		SimulateGroups:  simulateGroups,
 	}, agent.Deps{
 		Watchers:   []agent.Watcher{prov.Watcher},
 		Trainer:    tr,
@@ -141,9 +144,9 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		Logger:     log,
 		Provider:   det.Provider,
 		Version:    buildVersion(),
-		OnEmergencyDone: func(r agent.EmergencyReport) {
-			if onDone != nil {
-				onDone(r)
+		OnEmergencyDone: func(agent.EmergencyReport) {
+			if shuttingDown.Load() {
+				inh.Release() // the machine may go now
 			}
 		},
 	})
@@ -179,18 +182,10 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	signal.Notify(term, syscall.SIGTERM)
 	defer signal.Stop(term)
 
-	// systemd: READY once watching, watchdog pings, a logind delay lock so
-	// that a shutdown waits for the emergency path.
+	// systemd: READY once watching, watchdog pings; logind's shutdown
+	// announcement becomes a shutdown notice.
 	sd := systemd.Notifier{Log: log}
 	go sd.Watchdog(watchCtx)
-	inh := systemd.Inhibit(log)
-	defer inh.Release()
-	var shuttingDown atomic.Bool
-	onDone = func(agent.EmergencyReport) {
-		if shuttingDown.Load() {
-			inh.Release() // the machine may go now
-		}
-	}
 	shutdown := func(source string) {
 		shuttingDown.Store(true)
 		if running, _ := a.EmergencyRunning(); running {
@@ -308,33 +303,27 @@ func safeDir(dir string, mode os.FileMode) error {
 			return fmt.Errorf("create %s: %w", dir, err)
 		}
 	}
-	st, err := os.Stat(dir)
-	if err != nil {
-		return err
-	}
-	if st.Mode().Perm()&0o022 != 0 {
-		return usageError{fmt.Errorf("%s is group- or world-writable (mode %04o): anyone could replace preemptd's files there; chmod 755 it or choose another directory", dir, st.Mode().Perm())}
-	}
-	if uid := st.Sys().(*syscall.Stat_t).Uid; int(uid) != os.Geteuid() {
-		return usageError{fmt.Errorf("%s is owned by uid %d, not preemptd's uid %d: chown it or choose another directory", dir, uid, os.Geteuid())}
+	if err := checkDir(dir); err != nil {
+		return usageError{err}
 	}
 	return nil
 }
 
-// simulateGroups resolves api.simulate_group (a name or a number).
-func simulateGroups(name string) []int {
-	if name == "" {
-		return nil
-	}
-	g, err := user.LookupGroup(name)
+// checkDir refuses a directory that others could write to or that another
+// user owns (preemptd run, and doctor, which creates nothing).
+func checkDir(dir string) error {
+	st, err := os.Stat(dir)
 	if err != nil {
-		if g, err = user.LookupGroupId(name); err != nil {
-			return nil
-		}
+		return err
 	}
-	id, err := strconv.Atoi(g.Gid)
-	if err != nil {
-		return nil
+	if !st.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
 	}
-	return []int{id}
+	if st.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("%s is group- or world-writable (mode %04o): anyone could replace preemptd's files there; chmod 755 it or choose another directory", dir, st.Mode().Perm())
+	}
+	if uid := st.Sys().(*syscall.Stat_t).Uid; int(uid) != os.Geteuid() {
+		return fmt.Errorf("%s is owned by uid %d, not this user's (%d): chown it, run as its owner, or choose another directory", dir, uid, os.Geteuid())
+	}
+	return nil
 }

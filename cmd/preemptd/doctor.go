@@ -5,13 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/preemptd/preemptd/agent/gpu"
 	"github.com/preemptd/preemptd/agent/trainer"
@@ -62,7 +63,7 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 
 	// Run dir. Doctor creates nothing: a missing folder is for `preemptd
 	// run` to make.
-	switch st, err := os.Stat(cfg.RunDir); {
+	switch _, err := os.Stat(cfg.RunDir); {
 	case errors.Is(err, fs.ErrNotExist):
 		parent := nearestDir(cfg.RunDir)
 		if unix.Access(parent, unix.W_OK) != nil {
@@ -72,14 +73,12 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		}
 	case err != nil:
 		report("FAIL", "run_dir", err.Error())
-	case !st.IsDir():
-		report("FAIL", "run_dir", fmt.Sprintf("%s is not a directory", cfg.RunDir))
-	case unix.Access(cfg.RunDir, unix.W_OK) != nil:
-		report("FAIL", "run_dir", fmt.Sprintf("%s is not writable for this user: run as root, or pass --run-dir DIR", cfg.RunDir))
-	case st.Mode().Perm()&0o022 != 0:
-		report("FAIL", "run_dir", fmt.Sprintf("%s is group- or world-writable (mode %04o): chmod 755 it", cfg.RunDir, st.Mode().Perm()))
 	default:
-		report("OK", "run_dir", cfg.RunDir)
+		if err := checkDir(cfg.RunDir); err != nil {
+			report("FAIL", "run_dir", err.Error()+"; or pass --run-dir DIR")
+		} else {
+			report("OK", "run_dir", cfg.RunDir)
+		}
 	}
 
 	// Store: write, read back, delete — but a local store that does not
@@ -146,12 +145,11 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		} else {
 			report("OK", "trainer", fmt.Sprintf("would signal %v (%v) with %s", pids, sources, cfg.Trainer.Signal))
 			for _, pid := range pids {
-				b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-				if cmd := strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " ")); err == nil && trainer.IsLauncher(cmd) {
-					report("WARN", "trainer", fmt.Sprintf("process %d is a launcher (%s): it forwards the signal and kills its workers "+
+				if cmd, err := trainer.Cmdline("/proc", pid); err == nil && trainer.IsLauncher(cmd) {
+					report("WARN", "trainer", fmt.Sprintf("process %d is a launcher (%.60s): it forwards the signal and kills its workers "+
 						"30 s later, so target the workers instead: trainer.gpu_processes: true, or trainer.match: '%s' "+
 						"(with your script in place of train.py; torchrun starts each worker as `<python> -u <script>`); trainer.group: true on it signals it too",
-						pid, trimCmd(cmd), trainer.WorkersPattern("train.py")))
+						pid, cmd, trainer.WorkersPattern("train.py")))
 				}
 			}
 		}
@@ -160,13 +158,6 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		return errDoctor
 	}
 	return nil
-}
-
-func trimCmd(s string) string {
-	if len(s) > 60 {
-		return s[:57] + "..."
-	}
-	return s
 }
 
 // nearestDir is path's nearest existing ancestor.
