@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"path"
 	"path/filepath"
 	"strings"
@@ -148,19 +146,4 @@ func (m Manifest) Validate() error {
 		return fmt.Errorf("manifest: files add up to %d bytes, manifest says %d", total, m.Bytes)
 	}
 	return nil
-}
-
-// hashFile returns the SHA-256 and size of a file.
-func hashFile(p string) (string, int64, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return "", 0, err
-	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return "", 0, err
-	}
-	return hex.EncodeToString(h.Sum(nil)), n, nil
 }

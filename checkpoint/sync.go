@@ -422,8 +422,8 @@ func (s *Syncer) commitNewest(ctx context.Context, ck Checkpoint, before map[str
 				cancel()
 				return ck, err
 			case <-changed:
-				newer, _ := s.newest(before, &ck)
-				if newer == nil || newer.Step < ck.Step {
+				newer, _ := s.newest(before, &ck) // newer than ck, or nil
+				if newer == nil {
 					continue
 				}
 				// Both fit? Let this one finish; the newer follows.

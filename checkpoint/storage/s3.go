@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -24,8 +25,8 @@ import (
 )
 
 // Upload tuning: S3 allows about 5 Gbps per connection, so large files go
-// up as parallel parts read straight from the file, each with its own
-// Content-MD5 (see PutFile).
+// up as parallel parts read straight from the file, each with a checksum
+// the server checks (see PutFile).
 const (
 	DefaultPartSize = 64 << 20
 	DefaultThreads  = 8
@@ -109,7 +110,7 @@ func notFound(err error, key string) error {
 // PutFile implements Store. Every part carries a checksum of its bytes
 // that the server checks (a part that does not match is refused, the
 // upload aborted): CRC32C in x-amz-checksum-crc32c where the server checks
-// it (AWS S3, MinIO; cheap to compute), else Content-MD5, which every
+// it (cheap to compute), else Content-MD5, which every
 // S3-compatible server checks (storage.checksum chooses; auto asks the
 // server once, see crc32cChecked). A file no larger than one part goes up in
 // a single PUT, a larger one as a multipart upload whose parts (PartSize)
@@ -160,13 +161,15 @@ func (s *S3) PutFile(ctx context.Context, key string, f *os.File, size int64) er
 	return nil
 }
 
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
 // partSum hashes a part: its Content-MD5, or its CRC32C headers.
 func (s *S3) partSum(r io.Reader) (md5sum string, hdr http.Header, err error) {
 	if !s.crc {
 		md5sum, err = md5Of(r)
 		return md5sum, nil, err
 	}
-	h := crc32.New(crc32.MakeTable(crc32.Castagnoli))
+	h := crc32.New(castagnoli)
 	if _, err := io.Copy(h, r); err != nil {
 		return "", nil, err
 	}
@@ -195,9 +198,15 @@ func (s *S3) crc32cChecked(ctx context.Context) bool {
 		_ = s.c.RemoveObject(ctx, s.bucket, k, minio.RemoveObjectOptions{})
 		return false
 	}
+	// Only a refusal for the checksum itself says the server checks it (an
+	// AccessDenied or a network error says nothing, and MD5 is kept).
 	var resp minio.ErrorResponse
-	return errors.As(err, &resp) && resp.StatusCode/100 == 4
+	return errors.As(err, &resp) && slices.Contains(checksumRefusals, resp.Code)
 }
+
+// checksumRefusals are the error codes of a PUT refused for its checksum:
+// MinIO's (seen in its tests here) and S3's documented BadDigest.
+var checksumRefusals = []string{"XAmzContentChecksumMismatch", "BadDigest", "InvalidDigest"}
 
 // putParts uploads f's parts, Threads at once, each with its checksum.
 func (s *S3) putParts(ctx context.Context, core minio.Core, k, id string, f *os.File, size int64) ([]minio.CompletePart, error) {
