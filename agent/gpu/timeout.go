@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -36,7 +37,10 @@ func WithTimeout(r Reader, d time.Duration) *Timeout {
 	return &Timeout{R: r, D: d}
 }
 
-// call runs f in its own goroutine and waits at most D (and ctx).
+// call runs f in its own goroutine and waits at most D (and ctx). A call
+// given up on while still in the driver counts as stuck until it returns;
+// calls merely running at the same time (status, metrics, the emergency
+// path) do not.
 func call[T any](t *Timeout, ctx context.Context, f func(context.Context) (T, error)) (T, error) {
 	var zero T
 	if t.stuck.Load() > 0 {
@@ -49,16 +53,28 @@ func call[T any](t *Timeout, ctx context.Context, f func(context.Context) (T, er
 		err error
 	}
 	ch := make(chan result, 1)
-	t.stuck.Add(1)
+	var mu sync.Mutex
+	finished, gaveUp := false, false
 	go func() {
 		v, err := f(ctx)
-		t.stuck.Add(-1)
+		mu.Lock()
+		finished = true
+		if gaveUp {
+			t.stuck.Add(-1)
+		}
+		mu.Unlock()
 		ch <- result{v, err}
 	}()
 	select {
 	case r := <-ch:
 		return r.v, r.err
 	case <-ctx.Done():
+		mu.Lock()
+		if !finished {
+			gaveUp = true
+			t.stuck.Add(1)
+		}
+		mu.Unlock()
 		return zero, fmt.Errorf("%w within %s", ErrHung, t.D)
 	}
 }
