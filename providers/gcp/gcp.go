@@ -118,14 +118,10 @@ func New(cfg Config) *Provider {
 	return p
 }
 
-// NewClient returns a metadata client whose HTTP client has no overall
-// timeout (the long-poll needs none; each call carries its own context) and
-// that sends to endpoint when it is set. track, if not nil, sees every
-// response's outcome.
-func NewClient(endpoint string, track *outage.Tracker) *metadata.Client {
-	return newClient(endpoint, track, DefaultLongPoll+HangSlack)
-}
-
+// newClient returns a metadata client whose HTTP client has no overall
+// timeout (each call carries its own context; a hanging GET is bounded by
+// hangLimit) and that sends to endpoint when it is set. track, if not nil,
+// sees every response's outcome.
 func newClient(endpoint string, track *outage.Tracker, hangLimit time.Duration) *metadata.Client {
 	base := direct.Transport() // never through HTTP(S)_PROXY
 	base.ResponseHeaderTimeout = 0
