@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -43,22 +45,37 @@ func torchrun(t *testing.T, env ...string) (*exec.Cmd, *bytes.Buffer, chan struc
 	return cmd, &out, done
 }
 
+// inProgress is a step folder whose save has begun and not ended (no
+// .metadata yet), or "".
+func inProgress(dir string) string {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if _, err := os.Stat(filepath.Join(dir, e.Name(), ".metadata")); err != nil && strings.HasPrefix(e.Name(), "step-") {
+			return e.Name()
+		}
+	}
+	return ""
+}
+
 var finalLine = regexp.MustCompile(`final (step-[0-9]+) checksum (-?[0-9.]+)`)
 
-// TestTorchrunFinalCheckpoint: a real torchrun job (2 ranks, CPU) saving
-// torch.distributed.checkpoint every 20 steps, with a bandwidth-capped store
-// (toxiproxy) so that a background upload is in flight when the notice
-// comes. preemptd signals the workers only (the documented pattern), they
-// agree to stop, finish, save their final checkpoint and exit; that final
-// checkpoint is the one committed, and restored on a "new machine" it
-// loads to the same weights. Twice in a row on the same daemon.
+// TestTorchrunFinalCheckpoint: a real torchrun job (2 ranks, CPU, DDP)
+// saving 64 MiB torch.distributed.checkpoint checkpoints every 5 steps, with
+// a bandwidth-capped store (toxiproxy, 8 MB/s per connection) so that a
+// background upload is in flight when the notice comes, and the notice sent
+// while a save is in progress. preemptd signals the workers only (the
+// documented pattern); they finish that save, agree to stop, save their
+// final checkpoint and exit. Both are committed, the final one is latest,
+// and restored on a "new machine" it loads to the same weights. Twice in a
+// row on the same daemon. (The test logs whether each notice really landed
+// mid-save: the save may finish before the signal reaches the ranks.)
 func TestTorchrunFinalCheckpoint(t *testing.T) {
 	peers.RequireTorch(t)
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
 	u, _ := url.Parse(s3.Endpoint)
 	proxy := x.Proxy(t, "minio", u.Host)
-	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 1024}) // KB/s per connection
+	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 8192}) // KB/s per connection
 	dir := shortDir(t)
 	ckpt := filepath.Join(dir, "ckpt")
 	cfg := fmt.Sprintf("provider: local\ntrainer: {match: %q}\nrun_id: torch-final\n"+
@@ -66,14 +83,27 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 		trainerpkg.WorkersPattern("train_dcp.py"), ckpt, s3.Bucket, proxy)
 	d := startDaemonIn(t, dir, cfg, s3.Env()...)
 
+	midSaves := 0
 	for round, start := range []int{0, 1000} {
-		_, out, done := torchrun(t, "CKPT_DIR="+ckpt, "SAVE_EVERY=20", fmt.Sprintf("START_STEP=%d", start))
-		first := fmt.Sprintf("step-%d", start+40)
-		waitFor(t, 60*time.Second, first+" saved", func() bool {
+		// 64 MiB checkpoints (WIDTH 2048): a save takes long enough that the
+		// notice can land in the middle of one.
+		_, out, done := torchrun(t, "CKPT_DIR="+ckpt, "SAVE_EVERY=5", "WIDTH=2048", fmt.Sprintf("START_STEP=%d", start))
+		first := fmt.Sprintf("step-%d", start+10)
+		waitFor(t, 120*time.Second, first+" saved", func() bool {
 			_, err := os.Stat(filepath.Join(ckpt, first, ".metadata"))
 			return err == nil
 		})
+		var saving string
+		waitFor(t, 30*time.Second, "a save in progress", func() bool { saving = inProgress(ckpt); return saving != "" })
 		st, noticed := d.drill(agent.SimulateRequest{Kind: "terminate", In: "90s"})
+		if fi, err := os.Stat(filepath.Join(ckpt, saving, ".metadata")); err == nil && fi.ModTime().After(noticed) {
+			midSaves++
+			t.Logf("round %d: the notice landed while %s was being saved (complete %v after it)", round, saving,
+				fi.ModTime().Sub(noticed).Round(time.Millisecond))
+			if _, names := lsJSON(t, d.config, s3.Env()); !slices.Contains(names, saving) {
+				t.Errorf("round %d: %s, completed after the notice, was not committed as well: %v", round, saving, names)
+			}
+		}
 		select {
 		case <-done:
 		case <-time.After(30 * time.Second):
@@ -103,7 +133,7 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 		if b, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("restore: %v\n%s", err, b)
 		}
-		_, check, checked := torchrun(t, "CKPT_DIR="+restoreDir, "CHECK_DIR="+filepath.Join(restoreDir, final))
+		_, check, checked := torchrun(t, "CKPT_DIR="+restoreDir, "WIDTH=2048", "CHECK_DIR="+filepath.Join(restoreDir, final))
 		select {
 		case <-checked:
 		case <-time.After(60 * time.Second):
@@ -113,4 +143,5 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 			t.Fatalf("round %d: restored weights differ: want %q in\n%s", round, want, check.String())
 		}
 	}
+	t.Logf("%d of 2 notices landed in the middle of a save", midSaves)
 }
