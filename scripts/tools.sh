@@ -48,7 +48,7 @@ install_s5cmd() {
 }
 
 install ec2-metadata-mock "$AEMM_VERSION" github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
-install minio "$MINIO_VERSION" github.com/minio/minio # 3 to 13 minutes to build the first time on 2 cores
+install minio "$MINIO_VERSION" github.com/minio/minio # 5 to 13 minutes to build the first time on 2 cores (idle to loaded)
 install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
 install toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server
 install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm # lints and renders deploy/helm/preemptd
@@ -56,7 +56,7 @@ install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm # lints and renders deploy
 # a line saying so otherwise, and the torch tests then say why they skip).
 if ! dpkg-query -W -f='${Version}' python3-torch 2>/dev/null | grep -qx "$TORCH_VERSION"; then
   if [ "$(id -u)" = 0 ]; then
-    echo "tools: installing python3-torch $TORCH_VERSION from Debian (once; a few minutes)" >&2
+    echo "tools: installing python3-torch $TORCH_VERSION from Debian (once; about 4 minutes)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "python3-torch=$TORCH_VERSION"; } >&2
   else
     echo "tools: python3-torch $TORCH_VERSION not installed and not root: the torchrun tests will skip" >&2
