@@ -324,6 +324,9 @@ func decodeYAML(b []byte, cfg *Config) error {
 
 var durationType = reflect.TypeOf(Duration(0))
 
+// yamlKey is a field's key in the file ("" or "-" for none).
+func yamlKey(f reflect.StructField) string { return strings.Split(f.Tag.Get("yaml"), ",")[0] }
+
 // checkNode walks a YAML mapping against the struct type t before decoding,
 // so that an error names the whole key and the fix: an unknown key with the
 // nearest known one, a value that is not a duration, a mapping where a value
@@ -335,7 +338,7 @@ func checkNode(n *yaml.Node, t reflect.Type, prefix string) []error {
 	fields := map[string]reflect.Type{}
 	var names []string
 	for i := range t.NumField() {
-		tag := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]
+		tag := yamlKey(t.Field(i))
 		if tag != "" && tag != "-" {
 			fields[tag] = t.Field(i).Type
 			names = append(names, tag)
@@ -445,7 +448,7 @@ func applyEnv(cfg *Config, getenv func(string) string) error {
 func walk(v reflect.Value, prefix string, f func(key string, v reflect.Value) error) error {
 	t := v.Type()
 	for i := range t.NumField() {
-		tag := strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0]
+		tag := yamlKey(t.Field(i))
 		if tag == "" || tag == "-" {
 			continue
 		}
