@@ -72,6 +72,20 @@ type Committer struct {
 	SignKey   ed25519.PrivateKey
 	VerifyKey ed25519.PublicKey
 
+	// Node and Nodes make commits a multi-node job's (Nodes > 1): this
+	// node uploads its part of each checkpoint and the checkpoint commits
+	// once every node's part is in the store (see parts.go).
+	Node  string
+	Nodes int
+	// Members, if set, returns the job's live nodes (its registry): only
+	// their parts count, so that a part an earlier incarnation of the job
+	// left never completes a checkpoint.
+	Members func(ctx context.Context) (map[string]bool, error)
+	// PartPoll is how often other nodes' parts are looked for (default
+	// 500ms); PartWait bounds a background commit's wait for them (default
+	// 2m; an emergency commit waits until its deadline).
+	PartPoll, PartWait time.Duration
+
 	// Journal, if set, is a file (in state_dir) listing the keys whose
 	// uploads are in flight, so that after a crash Cleanup aborts exactly
 	// this node's interrupted uploads and never another node's.
@@ -126,9 +140,16 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	}
 	m := Manifest{Version: ManifestVersion, Run: c.Run, Name: ck.Name, Layout: ck.Layout, Step: ck.Step,
 		Markers: ck.Markers, Instance: c.Instance, WrittenAt: ck.ModTime.UTC()}
+	node := "" // a job's files are stored below their node's part folder
+	if c.job() {
+		if err := SafeNode(c.Node); err != nil {
+			return Result{}, err
+		}
+		m.Version, m.Node, node = JobManifestVersion, c.Node, c.Node
+	}
 	objects := map[string]string{}
 	for _, f := range ck.Files {
-		obj := m.ObjectName(f.Path)
+		obj := m.Object(ManifestFile{Path: f.Path, Node: node})
 		if other, dup := objects[obj]; dup {
 			return Result{}, fmt.Errorf("checkpoint %s: %s and %s would be stored under the same name %s", ck.Name, other, f.Path, obj)
 		}
@@ -138,7 +159,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	// A file that may be reused (an earlier one has its size) is hashed
 	// first, to decide; every other file is hashed while it uploads.
 	for _, f := range ck.Files {
-		mf := ManifestFile{Path: f.Path, Size: f.Size}
+		mf := ManifestFile{Path: f.Path, Size: f.Size, Node: node}
 		if reuse.sizes[f.Size] {
 			file, err := openScanned(ck, f)
 			if err != nil {
@@ -167,7 +188,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	var sentMu sync.Mutex
 	put := func(ctx context.Context, i int) error {
 		f := &m.Files[i]
-		key := runKey(c.Run, ck.Name) + "/" + m.ObjectName(f.Path)
+		key := runKey(c.Run, ck.Name) + "/" + m.Object(*f)
 		if src, ok := reuse.keys[f.SHA256+"/"+fmt.Sprint(f.Size)]; ok && f.SHA256 != "" {
 			if err := c.Store.Copy(ctx, key, src); err == nil {
 				f.Reused = true
@@ -209,11 +230,22 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	if err := c.each(ctx, markers, put); err != nil {
 		return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
 	}
+	if c.job() && ck.Part {
+		// This node's files have no completion marker of their own: they
+		// are whole once the job's marker is (DCP writes .metadata on the
+		// coordinator only after every rank's files), and unchanged since.
+		if err := c.waitMarker(ctx, ck); err != nil {
+			return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
+		}
+	}
 	if err := unchanged(ck); err != nil {
 		return Result{}, err
 	}
 	m.SentBytes = sent
 	m.CommittedAt = c.now().UTC()
+	if c.job() {
+		return c.commitPart(ctx, m, start)
+	}
 	b, _ := json.MarshalIndent(m, "", "  ")
 	if c.SignKey != nil { // the signature first: the manifest commits
 		sig := base64.StdEncoding.EncodeToString(ed25519.Sign(c.SignKey, b))
@@ -229,21 +261,31 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		return Result{}, fmt.Errorf("checkpoint %s: latest: %w", ck.Name, err)
 	}
 	took := c.now().Sub(start)
+	c.measured(sent, took)
+	return c.committed(ctx, m, took), nil
+}
+
+// measured keeps the upload rate of sent bytes in took.
+func (c *Committer) measured(sent int64, took time.Duration) {
 	if sent > 0 && took > 0 {
 		c.throughput.Store(math.Float64bits(float64(sent) / took.Seconds()))
 	}
-	c.log().Info("checkpoint committed", "name", ck.Name, "step", ck.Step, "bytes", m.Bytes, "sent", sent,
-		"took", took.Round(time.Millisecond).String(), "store", c.Store.String())
+}
+
+// committed logs, reports and prunes after m's commit.
+func (c *Committer) committed(ctx context.Context, m Manifest, took time.Duration) Result {
+	c.log().Info("checkpoint committed", "name", m.Name, "step", m.Step, "bytes", m.Bytes, "sent", m.SentBytes,
+		"took", took.Round(time.Millisecond).String(), "store", c.Store.String(), "parts", len(m.Parts))
 	res := Result{Manifest: m, Took: took}
 	if c.OnCommit != nil {
 		c.OnCommit(res)
 	}
 	if c.Keep > 0 {
-		if err := c.prune(ctx, ck.Name); err != nil {
+		if err := c.prune(ctx, m.Name); err != nil {
 			c.log().Warn("pruning old checkpoints", "err", err)
 		}
 	}
-	return res, nil
+	return res
 }
 
 // each runs f over idx with at most Parallel at once; the first error
@@ -310,7 +352,7 @@ func (c *Committer) reusable(ctx context.Context, name string) reuse {
 		return r
 	}
 	for _, f := range m.Files {
-		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + m.ObjectName(f.Path)
+		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + m.Object(f)
 		r.sizes[f.Size] = true
 	}
 	return r
@@ -442,6 +484,14 @@ func (c *Committer) prune(ctx context.Context, latest string) error {
 // against its SHA-256, then moved into place. It returns the manifest and
 // the restored checkpoint's path.
 func (c *Committer) Restore(ctx context.Context, dir, name string) (Manifest, string, error) {
+	return c.RestorePart(ctx, dir, name, "")
+}
+
+// RestorePart is Restore of one node's part of a job's checkpoint: the
+// files node held, and the layout's markers (DCP's .metadata), which is
+// what its ranks read back at the same world size. An empty node restores
+// the whole checkpoint.
+func (c *Committer) RestorePart(ctx context.Context, dir, name, node string) (Manifest, string, error) {
 	if name == "" {
 		l, err := c.latest(ctx)
 		if errors.Is(err, storage.ErrNotFound) {
@@ -458,6 +508,22 @@ func (c *Committer) Restore(ctx context.Context, dir, name string) (Manifest, st
 	}
 	if err != nil {
 		return m, "", err
+	}
+	if node != "" {
+		var nodes []string
+		for _, p := range m.Parts {
+			nodes = append(nodes, p.Node)
+		}
+		if !slices.Contains(nodes, node) {
+			return m, "", fmt.Errorf("restore --part: checkpoint %s has no part of node %q (its parts: %s)", m.Name, node, strings.Join(nodes, ", "))
+		}
+		m.Files = slices.DeleteFunc(slices.Clone(m.Files), func(f ManifestFile) bool {
+			return f.Node != node && !slices.Contains(m.Markers, f.Path)
+		})
+		m.Bytes = 0
+		for _, f := range m.Files {
+			m.Bytes += f.Size
+		}
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return m, "", err
@@ -507,7 +573,7 @@ func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp s
 		return err
 	}
 	h := newHashWriter(out)
-	err = c.Store.Get(ctx, runKey(c.Run, m.Name)+"/"+m.ObjectName(f.Path), h)
+	err = c.Store.Get(ctx, runKey(c.Run, m.Name)+"/"+m.Object(f), h)
 	if cerr := out.Close(); err == nil {
 		err = cerr
 	}

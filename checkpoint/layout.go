@@ -59,6 +59,10 @@ type Checkpoint struct {
 	Markers []string
 	// ModTime is the newest file's modification time.
 	ModTime time.Time
+	// Part marks a multi-node job's share of a checkpoint whose completion
+	// marker another node writes (a DCP folder of .distcp files without
+	// .metadata): whole only once the job's marker is (see ScanJob).
+	Part bool
 }
 
 // Size is the total of the files' sizes.
@@ -291,7 +295,8 @@ func Detect(root string, ents []fs.DirEntry) string {
 		case e.IsDir() && orbaxStep.MatchString(n) && (exists(filepath.Join(root, n, "_CHECKPOINT_METADATA")) ||
 			exists(filepath.Join(root, n, "commit_success.txt"))):
 			orbax = true
-		case e.IsDir() && (exists(filepath.Join(root, n, ".metadata")) || exists(filepath.Join(root, n, ".metadata.tmp"))):
+		case e.IsDir() && (exists(filepath.Join(root, n, ".metadata")) || exists(filepath.Join(root, n, ".metadata.tmp")) ||
+			hasDistcp(filepath.Join(root, n))):
 			dcp = true
 		case e.IsDir() && hfCheckpoint.MatchString(n):
 			hf = true
@@ -310,4 +315,52 @@ func Detect(root string, ents []fs.DirEntry) string {
 		return LayoutLightning
 	}
 	return LayoutFiles
+}
+
+// hasDistcp says whether dir holds a DCP shard file: a job node other than
+// the coordinator has those without .metadata.
+func hasDistcp(dir string) bool {
+	m, _ := filepath.Glob(filepath.Join(dir, "*.distcp"))
+	return len(m) > 0
+}
+
+// ScanJob is Scan for one node of a multi-node job: beside the complete
+// checkpoints, the DCP folders of .distcp shards without .metadata (the
+// coordinator, on another node, writes it), once unwritten for quiet, as
+// Parts: the committer takes them as whole only after the job's marker is.
+func ScanJob(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint, error) {
+	out, err := Scan(root, layout, quiet, now)
+	if err != nil {
+		return nil, err
+	}
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint dir: %w", err)
+	}
+	if layout == LayoutAuto || layout == "" {
+		layout = Detect(root, ents)
+	}
+	if layout != LayoutDCP {
+		return out, nil
+	}
+	for _, e := range ents {
+		name := e.Name()
+		dir := filepath.Join(root, name)
+		if hidden(name) || !e.IsDir() || exists(filepath.Join(dir, ".metadata")) || exists(filepath.Join(dir, ".metadata.tmp")) ||
+			!hasDistcp(dir) {
+			continue
+		}
+		files, err := tree(root, name)
+		if err != nil {
+			return nil, err
+		}
+		mt := newest(files)
+		if len(files) == 0 || now.Sub(mt) < quiet {
+			continue
+		}
+		out = append(out, Checkpoint{Name: name, Layout: layout, Step: stepOf(name), Root: root, Files: files,
+			ModTime: mt, Part: true})
+	}
+	slices.SortFunc(out, func(a, b Checkpoint) int { return a.ModTime.Compare(b.ModTime) })
+	return out, nil
 }

@@ -18,6 +18,16 @@ import (
 // files sat at <name>/<name>/…) and is still read for restore.
 const ManifestVersion = 2
 
+// JobManifestVersion is the format of a multi-node job's manifests (a
+// node's part, and the checkpoint's, merged from every part): each file
+// names the node that holds it and is stored below that node's own prefix,
+// <run>/<name>/.preemptd-parts/<node>/<its path inside the folder>, so that
+// nodes never write one another's objects.
+const JobManifestVersion = 3
+
+// PartsDir is the folder of a job checkpoint's parts inside its prefix.
+const PartsDir = ".preemptd-parts"
+
 // ManifestName is the manifest's object name inside a checkpoint's prefix.
 const ManifestName = ".preemptd-manifest.json"
 
@@ -33,8 +43,13 @@ type Manifest struct {
 	// copied server-side from an earlier checkpoint of the run.
 	Files []ManifestFile `json:"files"`
 	// Markers are the framework's completion markers among Files.
-	Markers     []string  `json:"markers,omitempty"`
-	Instance    string    `json:"instance,omitempty"`
+	Markers  []string `json:"markers,omitempty"`
+	Instance string   `json:"instance,omitempty"`
+	// Node is set on a job node's part manifest: the node whose part it is.
+	Node string `json:"node,omitempty"`
+	// Parts lists, on a job's checkpoint manifest, the node parts it was
+	// merged from.
+	Parts       []Part    `json:"parts,omitempty"`
 	WrittenAt   time.Time `json:"written_at"`
 	CommittedAt time.Time `json:"committed_at"`
 	Bytes       int64     `json:"bytes"`
@@ -48,6 +63,16 @@ type ManifestFile struct {
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
 	Reused bool   `json:"reused,omitempty"`
+	// Node is the job node that holds the file (version 3).
+	Node string `json:"node,omitempty"`
+}
+
+// Part is one node's share of a job's checkpoint.
+type Part struct {
+	Node     string `json:"node"`
+	Instance string `json:"instance,omitempty"`
+	Files    int    `json:"files"`
+	Bytes    int64  `json:"bytes"`
 }
 
 // reserved names cannot be checkpoint names: they are the run's own keys.
@@ -61,6 +86,20 @@ func safeName(n string) error {
 	for _, r := range reserved {
 		if n == r {
 			return fmt.Errorf("checkpoint name %q is reserved", n)
+		}
+	}
+	return nil
+}
+
+// SafeNode checks a job node's name: letters, digits, '.', '_' and '-',
+// as instance ids and hostnames are, and not starting with a dot.
+func SafeNode(n string) error {
+	if n == "" || len(n) > 128 || strings.HasPrefix(n, ".") {
+		return fmt.Errorf("node name %q must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'", n)
+	}
+	for _, r := range n {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return fmt.Errorf("node name %q must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'", n)
 		}
 	}
 	return nil
@@ -91,15 +130,19 @@ func ParseManifest(b []byte) (Manifest, error) {
 	return m, m.Validate()
 }
 
-// ObjectName is where file path p of the checkpoint is stored, below the
+// Object is where file f of the checkpoint is stored, below the
 // checkpoint's own prefix: its path inside the checkpoint's folder, or, for
 // a file outside it (a single-file checkpoint, a framework's pointer file
-// beside the folder), its path under checkpoint.dir.
-func (m Manifest) ObjectName(p string) string {
+// beside the folder), its path under checkpoint.dir; a job's file sits
+// below its node's part folder.
+func (m Manifest) Object(f ManifestFile) string {
 	if m.Version < 2 {
-		return p
+		return f.Path
 	}
-	return objectName(m.Name, p)
+	if f.Node != "" {
+		return PartsDir + "/" + f.Node + "/" + objectName(m.Name, f.Path)
+	}
+	return objectName(m.Name, f.Path)
 }
 
 func objectName(name, p string) string {
@@ -111,8 +154,13 @@ func objectName(name, p string) string {
 
 // Validate refuses a manifest restore must not trust.
 func (m Manifest) Validate() error {
-	if m.Version != 1 && m.Version != ManifestVersion {
-		return fmt.Errorf("manifest: version %d, want %d (or 1)", m.Version, ManifestVersion)
+	if m.Version < 1 || m.Version > JobManifestVersion {
+		return fmt.Errorf("manifest: version %d, want 1 to %d", m.Version, JobManifestVersion)
+	}
+	if m.Node != "" {
+		if err := SafeNode(m.Node); err != nil {
+			return fmt.Errorf("manifest: %w", err)
+		}
 	}
 	if err := safeName(m.Name); err != nil {
 		return fmt.Errorf("manifest: %w", err)
@@ -126,12 +174,20 @@ func (m Manifest) Validate() error {
 		if err := SafePath(f.Path); err != nil {
 			return fmt.Errorf("manifest: %w", err)
 		}
-		obj := m.ObjectName(f.Path)
+		if (m.Version == JobManifestVersion) != (f.Node != "") {
+			return fmt.Errorf("manifest: %s: a node is named on every file of a job's manifest (version %d) and on no other", f.Path, JobManifestVersion)
+		}
+		if f.Node != "" {
+			if err := SafeNode(f.Node); err != nil {
+				return fmt.Errorf("manifest: %s: %w", f.Path, err)
+			}
+		}
+		obj := m.Object(f)
 		if seen[obj] {
 			return fmt.Errorf("manifest: %s listed twice (object %s)", f.Path, obj)
 		}
 		seen[obj] = true
-		if strings.HasPrefix(obj, ".preemptd-") {
+		if strings.HasPrefix(objectName(m.Name, f.Path), ".preemptd-") {
 			return fmt.Errorf("manifest: %s: object names starting .preemptd- are preemptd's own", f.Path)
 		}
 		if f.Size < 0 {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -43,6 +44,14 @@ type Syncer struct {
 	// what the emergency step committed.
 	lastCommit      time.Time
 	emergencyResult *agent.CheckpointResult
+}
+
+// scanDir scans the folder: a job node's scan includes its parts.
+func (s *Syncer) scanDir() ([]Checkpoint, error) {
+	if s.Committer.job() {
+		return ScanJob(s.Dir, s.Layout, s.Quiet, time.Now())
+	}
+	return Scan(s.Dir, s.Layout, s.Quiet, time.Now())
 }
 
 func (s *Syncer) log() *slog.Logger {
@@ -148,7 +157,7 @@ func (s *Syncer) loadCommitted(ctx context.Context) {
 		s.log().Warn("listing committed checkpoints", "err", err)
 		return
 	}
-	cks, err := Scan(s.Dir, s.Layout, s.Quiet, time.Now())
+	cks, err := s.scanDir()
 	if err != nil {
 		return
 	}
@@ -156,6 +165,9 @@ func (s *Syncer) loadCommitted(ctx context.Context) {
 	defer s.mu.Unlock()
 	for _, ck := range cks {
 		for _, m := range ms {
+			if s.Committer.job() { // this node's part of it
+				m.Files = slices.DeleteFunc(m.Files, func(f ManifestFile) bool { return f.Node != s.Committer.Node })
+			}
 			if m.Name == ck.Name && sameFiles(m, ck) {
 				s.committed[ck.Name] = ck.Signature()
 			}
@@ -178,7 +190,7 @@ func sameFiles(m Manifest, ck Checkpoint) bool {
 // scan looks for complete checkpoints and starts a background commit of
 // the newest when it is not committed yet.
 func (s *Syncer) scan(ctx context.Context) {
-	cks, err := Scan(s.Dir, s.Layout, s.Quiet, time.Now())
+	cks, err := s.scanDir()
 	if err != nil {
 		s.log().Warn("scanning checkpoints", "err", err)
 		return
@@ -296,7 +308,7 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	// scan here rather than trust the watcher, which may not have looked yet.
 	before := map[string]string{}
 	var lastSize int64
-	if cks, err := Scan(s.Dir, s.Layout, s.Quiet, time.Now()); err == nil {
+	if cks, err := s.scanDir(); err == nil {
 		for _, ck := range cks {
 			before[ck.Name] = ck.Signature()
 			lastSize = ck.Size()
@@ -445,6 +457,9 @@ func (s *Syncer) commitNewest(ctx context.Context, ck Checkpoint, before map[str
 // needsQuiet says whether checkpoints may be complete only after the quiet
 // period (layouts without a completion marker).
 func (s *Syncer) needsQuiet() bool {
+	if s.Committer.job() {
+		return s.Quiet > 0 // a part has no marker of its own
+	}
 	switch s.Layout {
 	case LayoutDCP, LayoutOrbax, LayoutDeepSpeed, LayoutMegatron:
 		return false

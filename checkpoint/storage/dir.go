@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"strings"
 )
@@ -86,6 +87,28 @@ func (d *Dir) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 // PutBytes implements Store.
 func (d *Dir) PutBytes(ctx context.Context, key string, b []byte) error {
 	return d.write(ctx, key, bytes.NewReader(b))
+}
+
+// Create implements Store: the bytes go to a temporary file, which is then
+// hard-linked to key (link(2) fails when key exists, so one writer wins).
+func (d *Dir) Create(ctx context.Context, key string, b []byte) error {
+	p, err := d.path(key)
+	if err != nil {
+		return err
+	}
+	tmpKey := path.Join(path.Dir(key), tmpName(path.Base(key))+"create")
+	if err := d.write(ctx, tmpKey, bytes.NewReader(b)); err != nil {
+		return err
+	}
+	tp, _ := d.path(tmpKey)
+	defer os.Remove(tp)
+	if err := os.Link(tp, p); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("storage: create %s: %w", key, ErrExists)
+		}
+		return fmt.Errorf("storage: create %s: %w", key, err)
+	}
+	return nil
 }
 
 // Copy implements Store: a hard link where it can, else a copy.

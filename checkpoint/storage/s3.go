@@ -279,6 +279,27 @@ func (s *S3) PutBytes(ctx context.Context, key string, b []byte) error {
 	return nil
 }
 
+// Create implements Store with If-None-Match: * (S3 since 2024, MinIO):
+// 412 Precondition Failed, or 409 when another create of the key is in
+// flight, means the key exists.
+func (s *S3) Create(ctx context.Context, key string, b []byte) error {
+	k, err := s.key(key)
+	if err != nil {
+		return err
+	}
+	opts := minio.PutObjectOptions{ContentType: "application/json", DisableMultipart: true}
+	opts.SetMatchETagExcept("*")
+	_, err = s.c.PutObject(ctx, s.bucket, k, bytes.NewReader(b), int64(len(b)), opts)
+	var resp minio.ErrorResponse
+	if errors.As(err, &resp) && (resp.StatusCode == http.StatusPreconditionFailed || resp.StatusCode == http.StatusConflict) {
+		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("storage: create %s: %w", key, err)
+	}
+	return nil
+}
+
 // Copy implements Store with a server-side copy.
 func (s *S3) Copy(ctx context.Context, dst, src string) error {
 	dk, err := s.key(dst)

@@ -17,6 +17,9 @@ import (
 // ErrNotFound is returned for a key that does not exist.
 var ErrNotFound = errors.New("not found")
 
+// ErrExists is returned by Create for a key that already exists.
+var ErrExists = errors.New("already exists")
+
 // Object is one stored object.
 type Object struct {
 	Key  string
@@ -32,6 +35,10 @@ type Store interface {
 	PutFile(ctx context.Context, key string, f *os.File, size int64) error
 	// PutBytes stores b at key, replacing what was there.
 	PutBytes(ctx context.Context, key string, b []byte) error
+	// Create stores b at key only if nothing is there (a conditional
+	// create: S3's If-None-Match: *), else returns ErrExists: of nodes
+	// racing to write one key, exactly one wins.
+	Create(ctx context.Context, key string, b []byte) error
 	// Copy copies src to dst inside the store (server-side where it can).
 	Copy(ctx context.Context, dst, src string) error
 	// Get streams key into w.

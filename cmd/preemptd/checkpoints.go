@@ -94,7 +94,8 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 }
 
 func cmdRestore(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--config FILE]", stderr, false)
+	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--part NODE] [--config FILE]", stderr, false)
+	part := c.fs.String("part", "", "restore only this job node's part of a multi-node checkpoint, and its markers (nodes are listed by ls)")
 	to := c.fs.String("to", "", "folder to restore into (default: checkpoint.dir)")
 	name := c.fs.String("name", "", "checkpoint to restore (default: the run's latest)")
 	run := c.fs.String("run", "", "the run to restore from (default: run_id)")
@@ -112,7 +113,7 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 	if dir == "" {
 		return usagef("restore: give --to DIR or set checkpoint.dir")
 	}
-	m, path, err := cm.Restore(ctx, dir, *name)
+	m, path, err := cm.RestorePart(ctx, dir, *name, *part)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,276 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// jobNodes makes n committers of one run sharing st, each with its own
+// checkpoint folder, as the nodes of a job.
+func jobNodes(t *testing.T, st storage.Store, n int, members ...string) ([]*Committer, []string) {
+	t.Helper()
+	var cs []*Committer
+	var roots []string
+	for i := range n {
+		node := "node" + string(rune('0'+i))
+		c := &Committer{Store: st, Run: "job", Instance: "i-" + node, Node: node, Nodes: n, PartPoll: 20 * time.Millisecond,
+			PartWait: 20 * time.Second, Journal: filepath.Join(t.TempDir(), "journal.json")}
+		if len(members) > 0 {
+			c.Members = func(context.Context) (map[string]bool, error) {
+				m := map[string]bool{}
+				for _, x := range members {
+					m[x] = true
+				}
+				return m, nil
+			}
+		}
+		cs = append(cs, c)
+		roots = append(roots, t.TempDir())
+	}
+	return cs, roots
+}
+
+// shardsOf writes node i's share of a DCP checkpoint: its rank's shard, and
+// on node 0 the .metadata (written last, as the coordinator does).
+func shardsOf(t *testing.T, root, name string, i, size int) {
+	t.Helper()
+	randomFile(t, filepath.Join(root, name, "__"+string(rune('0'+i))+"_0.distcp"), size)
+	if i == 0 {
+		randomFile(t, filepath.Join(root, name, ".metadata"), 300)
+	}
+}
+
+func scanJobOne(t *testing.T, root, name string) Checkpoint {
+	t.Helper()
+	cks, err := ScanJob(root, LayoutAuto, 0, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cks {
+		if c.Name == name {
+			return c
+		}
+	}
+	t.Fatalf("%s not found in %s", name, root)
+	return Checkpoint{}
+}
+
+func TestJobCheckpointCommitsOnceWithEveryPart(t *testing.T) {
+	stores(t, func(t *testing.T, st storage.Store) {
+		ctx := context.Background()
+		cs, roots := jobNodes(t, st, 3, "node0", "node1", "node2")
+		for i, r := range roots {
+			shardsOf(t, r, "step-10", i, 200<<10+i)
+		}
+		// Nodes 1 and 2 hold parts without a marker: they wait for node 0's.
+		if ck := scanJobOne(t, roots[1], "step-10"); !ck.Part || ck.Layout != LayoutDCP {
+			t.Fatalf("node1's folder: part %v layout %s; want a DCP part", ck.Part, ck.Layout)
+		}
+		var wg sync.WaitGroup
+		res := make([]Result, 3)
+		errs := make([]error, 3)
+		for _, i := range []int{2, 1, 0} { // the coordinator last
+			wg.Go(func() { res[i], errs[i] = cs[i].Commit(ctx, scanJobOne(t, roots[i], "step-10")) })
+			time.Sleep(50 * time.Millisecond)
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("node%d: %v", i, err)
+			}
+			if len(res[i].Manifest.Parts) != 3 || len(res[i].Manifest.Files) != 4 {
+				t.Fatalf("node%d sees %d parts, %d files; want 3 and 4", i, len(res[i].Manifest.Parts), len(res[i].Manifest.Files))
+			}
+		}
+		if l := latestName(t, cs[0]); l != "step-10" {
+			t.Fatalf("latest %q", l)
+		}
+		// The whole checkpoint on a fresh node, byte for byte.
+		want := map[string][32]byte{}
+		for _, r := range roots {
+			maps.Copy(want, sumTree(t, r))
+		}
+		dst := t.TempDir()
+		if _, _, err := cs[0].Restore(ctx, dst, ""); err != nil {
+			t.Fatal(err)
+		}
+		if got := sumTree(t, dst); !maps.Equal(got, want) {
+			t.Fatalf("restored %v, want %v", slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(want)))
+		}
+		// One node's part: its shard and the marker.
+		dst = t.TempDir()
+		if _, _, err := cs[0].RestorePart(ctx, dst, "step-10", "node1"); err != nil {
+			t.Fatal(err)
+		}
+		got := slices.Sorted(maps.Keys(sumTree(t, dst)))
+		if !slices.Equal(got, []string{"step-10/.metadata", "step-10/__1_0.distcp"}) {
+			t.Fatalf("--part node1 restored %v", got)
+		}
+		if _, _, err := cs[0].RestorePart(ctx, t.TempDir(), "step-10", "node9"); err == nil {
+			t.Fatal("a part of a node not in the checkpoint restored")
+		}
+	})
+}
+
+func TestJobCheckpointMissingPartNotCommitted(t *testing.T) {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, roots := jobNodes(t, st, 3, "node0", "node1", "node2")
+	// A committed checkpoint first.
+	for i, r := range roots {
+		shardsOf(t, r, "step-1", i, 1000)
+	}
+	var wg sync.WaitGroup
+	for i := range cs {
+		wg.Go(func() {
+			if _, err := cs[i].Commit(context.Background(), scanJobOne(t, roots[i], "step-1")); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	// Step 2: node 1 never uploads its part (it died); the others wait to
+	// their deadline.
+	for i, r := range roots {
+		shardsOf(t, r, "step-2", i, 1000)
+	}
+	for _, i := range []int{0, 2} {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_, err := cs[i].Commit(ctx, scanJobOne(t, roots[i], "step-2"))
+			var pe *PartsError
+			if !errors.As(err, &pe) || !errors.Is(err, ErrPartsMissing) || !slices.Equal(pe.Missing, []string{"node1"}) {
+				t.Errorf("node%d: %v; want node1's part missing", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if l := latestName(t, cs[0]); l != "step-1" {
+		t.Fatalf("latest %q; the previous checkpoint must stay latest", l)
+	}
+	if _, _, err := cs[0].Restore(context.Background(), t.TempDir(), "step-2"); err == nil {
+		t.Fatal("step-2 restorable without node1's part")
+	}
+}
+
+func TestJobPartOfAnotherIncarnationIgnored(t *testing.T) {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An earlier incarnation's node "old0" left its part of step-5.
+	old, oldRoots := jobNodes(t, st, 2, "node0", "node1")
+	old[0].Node = "old0"
+	shardsOf(t, oldRoots[0], "step-5", 0, 500)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	old[0].Members = func(context.Context) (map[string]bool, error) {
+		return map[string]bool{"old0": true, "old1": true}, nil
+	}
+	if _, err := old[0].Commit(ctx, scanJobOne(t, oldRoots[0], "step-5")); !errors.Is(err, ErrPartsMissing) {
+		t.Fatalf("old0: %v", err)
+	}
+	// The new job's node1 alone must not complete step-5 with it.
+	cs, roots := jobNodes(t, st, 2, "node0", "node1")
+	shardsOf(t, roots[1], "step-5", 1, 500)
+	shardsOf(t, roots[0], "step-5", 0, 500)
+	done := make(chan error, 1)
+	go func() {
+		_, err := cs[1].Commit(context.Background(), scanJobOne(t, roots[1], "step-5"))
+		done <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if _, err := cs[1].manifest(context.Background(), "step-5"); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("step-5 committed with a part of a node not in the job (manifest: %v)", err)
+	}
+	if _, err := cs[0].Commit(context.Background(), scanJobOne(t, roots[0], "step-5")); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m, _, err := cs[0].Restore(context.Background(), t.TempDir(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range m.Parts {
+		if p.Node == "old0" {
+			t.Fatal("old0's part merged")
+		}
+	}
+}
+
+func TestJobConflictingFilesRefused(t *testing.T) {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, roots := jobNodes(t, st, 2)
+	for _, r := range roots {
+		shardsOf(t, r, "step-3", 0, 700) // both nodes write rank 0's shard and .metadata, differently
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i := range cs {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_, errs[i] = cs[i].Commit(ctx, scanJobOne(t, roots[i], "step-3"))
+		})
+	}
+	wg.Wait()
+	if errs[0] == nil || errs[1] == nil {
+		t.Fatalf("conflicting parts committed: %v / %v", errs[0], errs[1])
+	}
+	if _, _, err := cs[0].Restore(context.Background(), t.TempDir(), "step-3"); err == nil {
+		t.Fatal("a checkpoint with conflicting parts is restorable")
+	}
+}
+
+// Create is the conditional create (If-None-Match: *) the job's commit and
+// fan-out rely on: of writers racing for one key, exactly one wins.
+func TestCreateIsConditional(t *testing.T) {
+	stores(t, func(t *testing.T, st storage.Store) {
+		ctx := context.Background()
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		won, lost := 0, 0
+		for i := range 8 {
+			wg.Go(func() {
+				err := st.Create(ctx, "job/_job/notices/x.json", []byte{byte('a' + i)})
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case err == nil:
+					won++
+				case errors.Is(err, storage.ErrExists):
+					lost++
+				default:
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		if won != 1 || lost != 7 {
+			t.Fatalf("%d creates won, %d lost; want 1 and 7", won, lost)
+		}
+		if err := st.Create(ctx, "job/_job/notices/x.json", []byte("z")); !errors.Is(err, storage.ErrExists) {
+			t.Fatalf("create over an existing key: %v", err)
+		}
+		objs, err := st.List(ctx, "job")
+		if err != nil || len(objs) != 1 {
+			t.Fatalf("list after creates: %v %v (no temporary left behind)", objs, err)
+		}
+	})
+}
