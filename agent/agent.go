@@ -36,9 +36,11 @@ type Config struct {
 // Deps are the parts the agent drives; nil ones are skipped.
 type Deps struct {
 	Watchers []Watcher
-	Trainer  Trainer
-	Acker    Acker
-	Steps    []Step
+	// Relay, if set, is told of fatal and withdrawn notices (job fan-out).
+	Relay   Relay
+	Trainer Trainer
+	Acker   Acker
+	Steps   []Step
 	// GPUs, if set, is snapshotted into the notice and status, and watched
 	// for critical XID events.
 	GPUs   GPUs
@@ -54,6 +56,8 @@ type Deps struct {
 	// OnEmergencyDone, if set, is called when an emergency path has
 	// finished (the daemon releases its shutdown lock there).
 	OnEmergencyDone func(EmergencyReport)
+	// Job, if set, describes the multi-node job for status.
+	Job func() *JobStatus
 	// Run names the training run.
 	Run string
 	// Provider names the notice source for status.
@@ -287,6 +291,7 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 		}
 		a.dropLocked(key, t)
 		a.mu.Unlock()
+		a.relayWithdrawn(t.n)
 		a.log.Info("notice withdrawn", "provider", n.Provider, "kind", n.Kind, "id", n.ID)
 		a.publishUnlessEmergency()
 		return
@@ -362,8 +367,15 @@ func (a *Agent) expireNotice(key string) {
 	}
 	a.dropLocked(key, t)
 	a.mu.Unlock()
+	a.relayWithdrawn(t.n)
 	a.log.Info("simulated notice expired at its deadline", "id", t.n.ID, "kind", t.n.Kind)
 	a.publishUnlessEmergency()
+}
+
+func (a *Agent) relayWithdrawn(n Notice) {
+	if a.deps.Relay != nil {
+		a.deps.Relay.Withdrawn(n)
+	}
 }
 
 // publishUnlessEmergency rewrites notice.json from the active notices; while
@@ -399,6 +411,12 @@ func (a *Agent) rearm(ctx context.Context, key string) {
 func (a *Agent) act(ctx context.Context, t *tracked) {
 	switch t.class {
 	case ClassFatal:
+		if a.deps.Relay != nil {
+			a.mu.Lock()
+			n := t.n
+			a.mu.Unlock()
+			a.deps.Relay.Fatal(n) // the job's other nodes first: they have saving to do too
+		}
 		a.startEmergency(t.n)
 	case ClassAdvisory:
 		a.publishFile()

@@ -29,6 +29,9 @@ type SimulateRequest struct {
 	// In is the time to the deadline, a Go duration ("2m").
 	In string `json:"in"`
 	ID string `json:"id,omitempty"`
+	// Job makes the drill stop the whole multi-node job (its other nodes
+	// get a job notice), as a cloud's notice would.
+	Job bool `json:"job,omitempty"`
 }
 
 const maxNoticeWait = 10 * time.Minute
@@ -136,7 +139,7 @@ func SimulatedNotice(req SimulateRequest, now time.Time) (Notice, error) {
 	if id == "" {
 		id = fmt.Sprintf("sim-%d", now.UnixNano())
 	}
-	n := Notice{Provider: ProviderSimulate, Kind: kind, ID: id, Action: string(kind), NoticedAt: now}
+	n := Notice{Provider: ProviderSimulate, Kind: kind, ID: id, Action: string(kind), NoticedAt: now, Job: req.Job}
 	if kind != KindRebalance {
 		n.Deadline = now.Add(in)
 	}

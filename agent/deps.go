@@ -13,6 +13,14 @@ type Watcher interface {
 	Watch(ctx context.Context, out chan<- Notice) error
 }
 
+// Relay hears, as it happens, of every notice that turns fatal and of
+// every notice withdrawn or expired: a multi-node job's fan-out. It must
+// return at once.
+type Relay interface {
+	Fatal(n Notice)
+	Withdrawn(n Notice)
+}
+
 // Acker acknowledges a notice once the emergency path is over, letting the
 // platform proceed early (Azure Scheduled Events).
 type Acker interface {

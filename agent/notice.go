@@ -32,10 +32,13 @@ const (
 	KindDisruption  Kind = "disruption"
 	KindFreeze      Kind = "freeze"
 	KindMigrate     Kind = "migrate"
+	// KindJob is a multi-node job's stop: a fatal notice on another node of
+	// the job, fanned out to this one (its provider is "job").
+	KindJob Kind = "job"
 )
 
 var allKinds = []Kind{KindTerminate, KindStop, KindHibernate, KindPreempt, KindShutdown,
-	KindRebalance, KindMaintenance, KindReboot, KindDisruption, KindFreeze, KindMigrate}
+	KindRebalance, KindMaintenance, KindReboot, KindDisruption, KindFreeze, KindMigrate, KindJob}
 
 // ProviderSimulate is the provider of notices made by `preemptd simulate`;
 // they end at their deadline, since no cloud withdraws them.
@@ -74,6 +77,8 @@ const (
 func Classify(n Notice, now time.Time, fatalWithin time.Duration) Class {
 	soon := !n.Deadline.IsZero() && n.Deadline.Sub(now) <= fatalWithin
 	switch n.Kind {
+	case KindJob:
+		return ClassFatal
 	case KindTerminate, KindStop, KindHibernate, KindPreempt, KindShutdown:
 		if n.Scheduled && !soon {
 			return ClassAdvisory
@@ -115,6 +120,9 @@ type Notice struct {
 	Scheduled bool `json:"scheduled,omitempty"`
 	// Withdrawn marks a notice the provider took back.
 	Withdrawn bool `json:"withdrawn,omitempty"`
+	// Job asks that a simulated notice stop the whole multi-node job
+	// (simulate --job); a cloud's fatal notice always does.
+	Job bool `json:"job,omitempty"`
 	// Raw is the provider's document, for the record.
 	Raw json.RawMessage `json:"raw,omitempty"`
 }

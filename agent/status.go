@@ -25,6 +25,26 @@ type Status struct {
 	// critical GPU events.
 	GPUs *GPUSnapshot `json:"gpus,omitempty"`
 	XIDs []XIDEvent   `json:"xid_events,omitempty"`
+	// Job is the multi-node job this node is part of.
+	Job *JobStatus `json:"job,omitempty"`
+}
+
+// JobStatus is a multi-node job as this node sees it.
+type JobStatus struct {
+	Node  string `json:"node"`
+	Nodes int    `json:"nodes"`
+	// Members are the nodes registered in the store, live or not.
+	Members []JobMember `json:"members"`
+}
+
+// JobMember is one node of the job's registry.
+type JobMember struct {
+	Node        string    `json:"node"`
+	Instance    string    `json:"instance,omitempty"`
+	Host        string    `json:"host,omitempty"`
+	Push        string    `json:"push,omitempty"`
+	RefreshedAt time.Time `json:"refreshed_at"`
+	Live        bool      `json:"live"`
 }
 
 // NoticeStatus is an active notice and how it is handled.
@@ -37,6 +57,10 @@ type NoticeStatus struct {
 // Status returns a snapshot of the agent's state.
 func (a *Agent) Status() Status {
 	now := a.now()
+	var job *JobStatus
+	if a.deps.Job != nil {
+		job = a.deps.Job()
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	s := Status{
@@ -47,6 +71,7 @@ func (a *Agent) Status() Status {
 		StartedAt: a.started,
 		State:     "watching",
 		Notices:   []NoticeStatus{},
+		Job:       job,
 	}
 	for _, k := range a.order {
 		t := a.active[k]

@@ -76,7 +76,7 @@ type Part struct {
 }
 
 // reserved names cannot be checkpoint names: they are the run's own keys.
-var reserved = []string{"latest", "_events", "logs"}
+var reserved = []string{"latest", "_events", "logs", "_job"}
 
 // safeName checks a checkpoint name: one path element, not reserved.
 func safeName(n string) error {

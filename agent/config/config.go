@@ -27,6 +27,8 @@ import (
 	"github.com/preemptd/preemptd/agent/trainer"
 )
 
+var nodeName = regexp.MustCompile(`^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$`)
+
 // DefaultPath is read when no --config or PREEMPTD_CONFIG names a file and it exists.
 const DefaultPath = "/etc/preemptd/preemptd.yaml"
 
@@ -68,6 +70,28 @@ type Config struct {
 	Local   Local   `yaml:"local"`
 	Trainer Trainer `yaml:"trainer"`
 	Hooks   Hooks   `yaml:"hooks"`
+	Job     Job     `yaml:"job"`
+}
+
+// Job makes this daemon one node of a multi-node job: the nodes of a job
+// share run_id and the store.
+type Job struct {
+	// Nodes is how many nodes the job has; 0 or 1 is a single node.
+	Nodes int `yaml:"nodes"`
+	// Node names this node in the job; default the cloud's instance id,
+	// else the hostname.
+	Node string `yaml:"node"`
+	// Poll is how often each node lists the job's notices in the store.
+	Poll Duration `yaml:"poll"`
+	// Listen (host:port, e.g. ":9478") takes notices pushed by the other
+	// nodes, the fast path; empty: the store path only.
+	Listen string `yaml:"listen"`
+	// Advertise is the host:port the other nodes push to; default the
+	// listen address's host, else this machine's hostname, and its port.
+	Advertise string `yaml:"advertise"`
+	// Token is the secret every node of the job shares: it signs each
+	// push. Required with listen.
+	Token string `yaml:"token"`
 }
 
 // AWS configures the EC2 instance metadata provider.
@@ -232,6 +256,7 @@ func Default() Config {
 		Storage:       Storage{Threads: 8, Checksum: "auto"},
 		Logs:          Logs{Interval: Duration(30 * time.Second)},
 		Metrics:       Metrics{Listen: "127.0.0.1:9477"},
+		Job:           Job{Poll: Duration(500 * time.Millisecond)},
 	}
 }
 
@@ -657,6 +682,26 @@ func (c *Config) Validate() error {
 			bad(fmt.Sprintf("hooks.on_notice[%d]", i), "is empty; remove it or give a command")
 		}
 	}
+	if c.Job.Nodes < 0 || c.Job.Nodes > 4096 {
+		bad("job.nodes", "%d is out of range; use 0 or 1 for a single node, up to 4096", c.Job.Nodes)
+	}
+	if n := c.Job.Node; n != "" && !nodeName.MatchString(n) {
+		bad("job.node", "%q must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'", n)
+	}
+	if d := c.Job.Poll.D(); d < 100*time.Millisecond || d > time.Minute {
+		bad("job.poll", "%s is out of range; use 100ms to 1m (default 500ms)", d)
+	}
+	for key, addr := range map[string]string{"job.listen": c.Job.Listen, "job.advertise": c.Job.Advertise} {
+		if addr == "" {
+			continue
+		}
+		if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
+			bad(key, "%q is not host:port like :9478 (empty disables)", addr)
+		}
+	}
+	if c.Job.Listen != "" && len(c.Job.Token) < 16 {
+		bad("job.token", "job.listen takes pushes that stop the job: set a shared secret of 16 characters or more on every node (e.g. PREEMPTD_JOB_TOKEN=$(openssl rand -hex 24))")
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid configuration:\n  %w", joinLines(errs))
 	}
@@ -698,6 +743,25 @@ func (c *Config) SimulateGroups() ([]int, error) {
 		return nil, fmt.Errorf("group %q has the non-numeric gid %q", name, g.Gid)
 	}
 	return []int{id}, nil
+}
+
+// JobAdvertise is the host:port the job's other nodes push to: job.advertise,
+// else job.listen's host (this machine's hostname when it names every
+// interface) and port; empty without job.listen.
+func (c *Config) JobAdvertise() string {
+	if c.Job.Advertise != "" || c.Job.Listen == "" {
+		return c.Job.Advertise
+	}
+	host, port, err := net.SplitHostPort(c.Job.Listen)
+	if err != nil {
+		return ""
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		if host, err = os.Hostname(); err != nil {
+			return ""
+		}
+	}
+	return net.JoinHostPort(host, port)
 }
 
 // Socket is the local API's socket path.

@@ -163,6 +163,12 @@ func TestValidateNamesKeyAndFix(t *testing.T) {
 		{"empty hook", func(c *Config) { c.Hooks.OnNotice = []string{" "} }, "hooks.on_notice[0]: is empty"},
 		{"on_sigterm", func(c *Config) { c.OnSIGTERM = "maybe" }, "on_sigterm"},
 		{"long run_dir", func(c *Config) { c.RunDir = "/" + strings.Repeat("x", 120) }, "too long for a unix socket"},
+		{"job push without token", func(c *Config) { c.Job.Nodes, c.Job.Listen = 2, ":9478" }, "job.token: job.listen takes pushes that stop the job"},
+		{"job short token", func(c *Config) { c.Job.Listen, c.Job.Token = ":9478", "short" }, "job.token"},
+		{"job nodes", func(c *Config) { c.Job.Nodes = -1 }, "job.nodes: -1 is out of range"},
+		{"job node", func(c *Config) { c.Job.Node = "a/b" }, "job.node: \"a/b\" must be"},
+		{"job listen", func(c *Config) { c.Job.Listen = "9478" }, "job.listen: \"9478\" is not host:port"},
+		{"job poll", func(c *Config) { c.Job.Poll = Duration(time.Millisecond) }, "job.poll: 1ms is out of range"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -189,7 +195,8 @@ func TestEnvVarsCoverContract(t *testing.T) {
 	for _, name := range []string{"PREEMPTD_PROVIDER", "PREEMPTD_POLL_INTERVAL", "PREEMPTD_FATAL_WITHIN", "PREEMPTD_RUN_DIR",
 		"PREEMPTD_STATE_DIR", "PREEMPTD_AWS_ENDPOINT", "PREEMPTD_GCP_ENDPOINT", "PREEMPTD_AZURE_ENDPOINT", "PREEMPTD_AZURE_ACK",
 		"PREEMPTD_TRAINER_PID_FILE", "PREEMPTD_TRAINER_MATCH", "PREEMPTD_TRAINER_UNIT", "PREEMPTD_TRAINER_SIGNAL",
-		"PREEMPTD_TRAINER_REBALANCE_SIGNAL", "PREEMPTD_TRAINER_KILL_AFTER", "PREEMPTD_HOOKS_ON_NOTICE"} {
+		"PREEMPTD_TRAINER_REBALANCE_SIGNAL", "PREEMPTD_TRAINER_KILL_AFTER", "PREEMPTD_HOOKS_ON_NOTICE",
+		"PREEMPTD_JOB_NODES", "PREEMPTD_JOB_NODE", "PREEMPTD_JOB_POLL", "PREEMPTD_JOB_LISTEN", "PREEMPTD_JOB_TOKEN"} {
 		if _, ok := vars[name]; !ok {
 			t.Errorf("no environment override %s", name)
 		}

@@ -34,6 +34,7 @@ type Metrics struct {
 	lastCommit     prometheus.Gauge
 	lastCommitNs   atomic.Int64
 	emergencies    *prometheus.CounterVec
+	jobFanOut      *prometheus.HistogramVec
 }
 
 var latencyBuckets = []float64{.001, .005, .01, .05, .1, .25, .5, 1, 2, 5, 10}
@@ -60,6 +61,9 @@ func New(version string, gpus agent.GPUs) *Metrics {
 			Help: "When the newest checkpoint was committed (Unix time); 0 before any."}),
 		emergencies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "preemptd_emergency_paths_total",
 			Help: "Emergency paths finished, by outcome and whether a checkpoint was committed."}, []string{"outcome", "checkpoint"}),
+		jobFanOut: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "preemptd_job_fanout_seconds",
+			Help:    "From another node's fatal notice to its job notice here, by the way it came (store or push).",
+			Buckets: latencyBuckets}, []string{"via"}),
 	}
 	age := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "preemptd_last_checkpoint_age_seconds",
 		Help: "Seconds since the newest checkpoint was committed; -1 before any."}, m.age)
@@ -67,7 +71,7 @@ func New(version string, gpus agent.GPUs) *Metrics {
 		Help: "preemptd's version; always 1."}, []string{"version", "goversion"})
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	r.MustRegister(m.notices, m.metadataErrors, m.noticeToSignal, m.uploadBytes, m.uploadSeconds, m.timeToDurable,
-		m.lastCommit, m.emergencies, age, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.lastCommit, m.emergencies, m.jobFanOut, age, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if gpus != nil {
 		r.MustRegister(&gpuCollector{gpus: gpus})
 	}
@@ -85,6 +89,11 @@ func (m *Metrics) age() float64 {
 // Provider makes the per-provider series exist (at zero) before anything
 // happens, so that dashboards and alerts see them.
 func (m *Metrics) Provider(name string) { m.metadataErrors.WithLabelValues(name) }
+
+// JobFanOut records a job notice's latency from its node's notice.
+func (m *Metrics) JobFanOut(d time.Duration, via string) {
+	m.jobFanOut.WithLabelValues(via).Observe(max(d, 0).Seconds())
+}
 
 // MetadataError counts one failed metadata request of provider.
 func (m *Metrics) MetadataError(provider string) { m.metadataErrors.WithLabelValues(provider).Inc() }

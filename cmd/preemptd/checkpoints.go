@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/job"
 )
 
 // newCommitter opens the configured store for the run.
@@ -67,6 +69,10 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err != nil {
 		return err
 	}
+	nodes, err := job.ReadMembers(ctx, cm.Store, cm.Run)
+	if err != nil {
+		return err
+	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -74,7 +80,12 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 			Run         string                `json:"run"`
 			Latest      string                `json:"latest"`
 			Checkpoints []checkpoint.Manifest `json:"checkpoints"`
-		}{cm.Run, latest, ms})
+			JobNodes    []job.Member          `json:"job_nodes,omitempty"`
+		}{cm.Run, latest, ms, nodes})
+	}
+	for _, n := range nodes {
+		fmt.Fprintf(stdout, "job node %s: instance %s, host %s, registered %s, refreshed %s\n", n.Node, n.Instance, n.Host,
+			n.StartedAt.Format(time.RFC3339), n.RefreshedAt.Format(time.RFC3339))
 	}
 	if len(ms) == 0 {
 		fmt.Fprintf(stdout, "run %s has no committed checkpoint in %s\n", cm.Run, cm.Store)
@@ -86,6 +97,13 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 		mark := ""
 		if m.Name == latest {
 			mark = "latest"
+		}
+		if len(m.Parts) > 0 {
+			var ps []string
+			for _, p := range m.Parts {
+				ps = append(ps, p.Node)
+			}
+			mark = strings.TrimSpace(mark + " parts: " + strings.Join(ps, ","))
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%s\t%s\n", m.Name, m.Step, m.Layout, len(m.Files), m.Bytes,
 			m.CommittedAt.Format(time.RFC3339), mark)

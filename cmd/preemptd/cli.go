@@ -321,6 +321,16 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	fmt.Fprintf(tw, "provider:\t%s\n", st.Provider)
 	fmt.Fprintf(tw, "version:\t%s\n", st.Version)
 	fmt.Fprintf(tw, "up since:\t%s\n", st.StartedAt.Format(time.RFC3339))
+	if j := st.Job; j != nil {
+		fmt.Fprintf(tw, "job:\tnode %s of %d\n", j.Node, j.Nodes)
+		for _, m := range j.Members {
+			live := "live"
+			if !m.Live {
+				live = "not refreshed since " + m.RefreshedAt.Format(time.RFC3339)
+			}
+			fmt.Fprintf(tw, "  node %s:\t%s %s %s\n", m.Node, m.Instance, m.Host, live)
+		}
+	}
 	if len(st.Notices) == 0 {
 		fmt.Fprintf(tw, "notices:\tnone\n")
 	}
@@ -369,7 +379,8 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 }
 
 func cmdSimulate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	c := newFlags("simulate", "simulate [--kind KIND] [--in DUR] [--wait] [--config FILE]", stderr, false)
+	c := newFlags("simulate", "simulate [--kind KIND] [--in DUR] [--job] [--wait] [--config FILE]", stderr, false)
+	jobWide := c.fs.Bool("job", false, "a job drill: the notice stops every node of the multi-node job, as a cloud's would")
 	kind := c.fs.String("kind", "terminate", "notice kind: terminate, stop, hibernate, preempt, shutdown, rebalance, maintenance, reboot, disruption, freeze, migrate")
 	in := c.fs.String("in", "", "time from now to the deadline (default 2m; a rebalance has none)")
 	wait := c.fs.Bool("wait", false, "wait for the emergency path to finish and print its outcome")
@@ -379,7 +390,7 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 	if _, err := agent.ParseKind(*kind); err != nil {
 		return usageError{fmt.Errorf("--kind: %w", err)}
 	}
-	req := agent.SimulateRequest{Kind: *kind}
+	req := agent.SimulateRequest{Kind: *kind, Job: *jobWide}
 	if *in != "" {
 		d, err := config.ParseDuration(*in)
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/agent/gpu"
 	"github.com/preemptd/preemptd/agent/metrics"
 	"github.com/preemptd/preemptd/agent/notify"
@@ -23,6 +24,7 @@ import (
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/fleet"
 	"github.com/preemptd/preemptd/internal/memory"
+	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/logship"
 	"github.com/preemptd/preemptd/providers"
 	"github.com/preemptd/preemptd/systemd"
@@ -70,11 +72,22 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	}
 	cm.Journal = filepath.Join(cfg.StateDir, "uploads-in-flight.json") // this node's, for Cleanup after a crash
 	cm.OnCommit = func(r checkpoint.Result) { met.Committed(r.Manifest.SentBytes, r.Took, r.Manifest.CommittedAt) }
+	jb := newJob(ctx, &cfg, run, det.Provider, prov.Identifier, cm, log)
 
 	// The emergency steps, in order, and the background services that live
 	// as long as the watch.
 	var steps []agent.Step
 	var services []func(context.Context) error
+	watchers := []agent.Watcher{prov.Watcher}
+	var relay agent.Relay
+	var jobStatus func() *agent.JobStatus
+	if jb != nil {
+		jb.OnFanOut = met.JobFanOut
+		watchers = append(watchers, jb)
+		relay, jobStatus = jb, jb.Status
+		services = append(services, jb.Run)
+		defer jb.Wait()
+	}
 	if cfg.Checkpoint.Dir != "" {
 		syncer := &checkpoint.Syncer{Dir: cfg.Checkpoint.Dir, Layout: cfg.Checkpoint.Layout, Quiet: cfg.Checkpoint.QuietPeriod.D(),
 			Committer: cm, Background: cfg.Checkpoint.Sync, Margin: 3 * time.Second, Log: log.With("part", "checkpoint")}
@@ -132,7 +145,9 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		Hooks:           cfg.Hooks.OnNotice,
 		SimulateGroups:  simulateGroups,
 	}, agent.Deps{
-		Watchers:   []agent.Watcher{prov.Watcher},
+		Watchers:   watchers,
+		Relay:      relay,
+		Job:        jobStatus,
 		Trainer:    tr,
 		Acker:      prov.Acker,
 		Steps:      steps,
@@ -326,4 +341,41 @@ func checkDir(dir string) error {
 		return fmt.Errorf("%s is owned by uid %d, not this user's (%d): chown it, run as its owner, or choose another directory", dir, uid, os.Geteuid())
 	}
 	return nil
+}
+
+// newJob makes this daemon a node of its multi-node job when job.nodes > 1
+// (nil otherwise): its name, its registration (written now, so that the
+// other nodes count it from the start) and the committer's part settings.
+func newJob(ctx context.Context, cfg *config.Config, run, provider string, id agent.Identifier, cm *checkpoint.Committer, log *slog.Logger) *job.Job {
+	if cfg.Job.Nodes <= 1 {
+		return nil
+	}
+	host, _ := os.Hostname()
+	inst := ""
+	if id != nil {
+		ictx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		if in, err := id.Identity(ictx); err == nil {
+			inst = in.ID
+		}
+		cancel()
+	}
+	node := cfg.Job.Node
+	if node == "" {
+		node = inst
+	}
+	if node == "" || checkpoint.SafeNode(node) != nil {
+		node = host
+	}
+	jb := job.New(job.Config{Run: run, Node: node, Instance: inst, Host: host, Nodes: cfg.Job.Nodes, Poll: cfg.Job.Poll.D(),
+		Listen: cfg.Job.Listen, Advertise: cfg.JobAdvertise(), Token: cfg.Job.Token, Version: buildVersion()},
+		cm.Store, log.With("part", "job"))
+	cm.Node, cm.Nodes, cm.Members, cm.PartPoll = node, cfg.Job.Nodes, jb.Members, cfg.Job.Poll.D()
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := jb.Register(rctx); err != nil {
+		log.Warn("job registration not written yet; retrying in the background", "err", err)
+	}
+	log.Info("node of a multi-node job", "run", run, "node", node, "nodes", cfg.Job.Nodes, "provider", provider,
+		"push", cfg.JobAdvertise())
+	return jb
 }

@@ -1,0 +1,367 @@
+// Package job makes the daemons of one multi-node job act as one. Each node
+// registers itself in the store (<run>/_job/nodes/<node>.json, refreshed);
+// a fatal notice on any node is published as
+// <run>/_job/notices/<id>.json (a conditional create) and, when job.listen
+// is set, pushed to the peers the registry names (signed with job.token);
+// every node watches both and turns what it finds into one fatal "job"
+// notice for its agent, with the earliest deadline. The checkpoint
+// committer learns from the registry which nodes' parts make a checkpoint.
+package job
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// Config is one node's view of its job.
+type Config struct {
+	Run string
+	// Node names this node in the job; Instance and Host are recorded.
+	Node, Instance, Host string
+	// Nodes is how many nodes the job has.
+	Nodes int
+	// Poll is how often the store's notices are listed (one LIST each).
+	Poll time.Duration
+	// Refresh is how often this node's registration is rewritten; a node
+	// unrefreshed for three of them is no longer live.
+	Refresh time.Duration
+	// Listen, if set, serves pushed notices; Advertise is the host:port the
+	// peers push to. Token signs and checks every push.
+	Listen, Advertise, Token string
+	Version                  string
+}
+
+// Member is a node's registration.
+type Member struct {
+	Run         string    `json:"run"`
+	Node        string    `json:"node"`
+	Instance    string    `json:"instance,omitempty"`
+	Host        string    `json:"host,omitempty"`
+	Push        string    `json:"push,omitempty"`
+	Version     string    `json:"version,omitempty"`
+	StartedAt   time.Time `json:"started_at"`
+	RefreshedAt time.Time `json:"refreshed_at"`
+}
+
+// Published is a fatal notice of one node as the job's other nodes see it.
+type Published struct {
+	Run string `json:"run"`
+	// ID names it in the store: <node>--<provider>-<notice id>.
+	ID        string     `json:"id"`
+	Node      string     `json:"node"`
+	Provider  string     `json:"provider"`
+	Kind      agent.Kind `json:"kind"`
+	NoticeID  string     `json:"notice_id"`
+	NoticedAt time.Time  `json:"noticed_at"`
+	Deadline  time.Time  `json:"deadline,omitzero"`
+	// Withdrawn travels in pushes only (the store deletes the object).
+	Withdrawn bool `json:"withdrawn,omitempty"`
+}
+
+// Job is one node's part in the job: a Watcher, a Relay and the registry.
+type Job struct {
+	cfg   Config
+	store storage.Store
+	log   *slog.Logger
+	now   func() time.Time
+	// OnFanOut, if set, is told how long each job notice took to arrive
+	// (from the originating node's notice) and by which way: store or push.
+	OnFanOut func(d time.Duration, via string)
+	client   *http.Client
+
+	pushed chan Published
+
+	mu        sync.Mutex
+	started   time.Time
+	members   []Member
+	membersAt time.Time
+	mine      map[string]Published // this node's published notices, by agent key
+	wg        sync.WaitGroup
+}
+
+// New returns the job of cfg over store.
+func New(cfg Config, store storage.Store, log *slog.Logger) *Job {
+	if cfg.Poll <= 0 {
+		cfg.Poll = 500 * time.Millisecond
+	}
+	if cfg.Refresh <= 0 {
+		cfg.Refresh = 30 * time.Second
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Job{cfg: cfg, store: store, log: log, now: time.Now, client: &http.Client{Timeout: 2 * time.Second},
+		pushed: make(chan Published, 64), mine: map[string]Published{}}
+}
+
+func (j *Job) prefix() string               { return j.cfg.Run + "/_job/" }
+func (j *Job) memberKey(node string) string { return j.prefix() + "nodes/" + node + ".json" }
+func (j *Job) noticeKey(id string) string   { return j.prefix() + "notices/" + id + ".json" }
+
+// ttl is how long a registration stays live unrefreshed.
+func (j *Job) ttl() time.Duration { return 3 * j.cfg.Refresh }
+
+// Register writes this node's registration now.
+func (j *Job) Register(ctx context.Context) error {
+	j.mu.Lock()
+	if j.started.IsZero() {
+		j.started = j.now().UTC()
+	}
+	m := Member{Run: j.cfg.Run, Node: j.cfg.Node, Instance: j.cfg.Instance, Host: j.cfg.Host, Push: j.cfg.Advertise,
+		Version: j.cfg.Version, StartedAt: j.started, RefreshedAt: j.now().UTC()}
+	j.mu.Unlock()
+	b, _ := json.Marshal(m)
+	if err := j.store.PutBytes(ctx, j.memberKey(j.cfg.Node), b); err != nil {
+		return fmt.Errorf("job: register %s: %w", j.cfg.Node, err)
+	}
+	return nil
+}
+
+// Run keeps this node registered and the member list fresh, and serves
+// pushes when job.listen is set, until ctx ends. The registration is left
+// in place at exit: a node's part of a checkpoint counts until it expires.
+func (j *Job) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	if j.cfg.Listen != "" {
+		go func() { errc <- j.serve(ctx) }()
+	}
+	tick := time.NewTicker(j.cfg.Refresh)
+	defer tick.Stop()
+	for {
+		if err := j.Register(ctx); err != nil && ctx.Err() == nil {
+			j.log.Warn("job registration not refreshed; retrying", "err", err)
+		}
+		if _, err := j.refreshMembers(ctx); err != nil && ctx.Err() == nil {
+			j.log.Warn("job members not read; retrying", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			j.wg.Wait()
+			return nil
+		case err := <-errc:
+			return err
+		case <-tick.C:
+		}
+	}
+}
+
+// ReadMembers lists the registrations of run's nodes in st.
+func ReadMembers(ctx context.Context, st storage.Store, run string) ([]Member, error) {
+	prefix := run + "/_job/nodes/"
+	objs, err := st.List(ctx, strings.TrimSuffix(prefix, "/"))
+	if err != nil {
+		return nil, err
+	}
+	var out []Member
+	for _, o := range objs {
+		name, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
+		if !ok || strings.Contains(name, "/") {
+			continue
+		}
+		var buf bytes.Buffer
+		if err := st.Get(ctx, o.Key, &buf); err != nil {
+			if errors.Is(err, storage.ErrNotFound) {
+				continue
+			}
+			return nil, err
+		}
+		var m Member
+		if json.Unmarshal(buf.Bytes(), &m) != nil || m.Node != name {
+			continue
+		}
+		out = append(out, m)
+	}
+	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.Node, b.Node) })
+	return out, nil
+}
+
+func (j *Job) refreshMembers(ctx context.Context) ([]Member, error) {
+	ms, err := ReadMembers(ctx, j.store, j.cfg.Run)
+	if err != nil {
+		return nil, err
+	}
+	j.mu.Lock()
+	j.members, j.membersAt = ms, j.now()
+	j.mu.Unlock()
+	return ms, nil
+}
+
+// live says whether m was refreshed within the TTL.
+func (j *Job) live(m Member) bool { return j.now().Sub(m.RefreshedAt) <= j.ttl() }
+
+// Members returns the job's live nodes, for the committer: read again
+// when the list is more than a few seconds old.
+func (j *Job) Members(ctx context.Context) (map[string]bool, error) {
+	j.mu.Lock()
+	ms, at := j.members, j.membersAt
+	j.mu.Unlock()
+	if j.now().Sub(at) > 5*time.Second {
+		var err error
+		if ms, err = j.refreshMembers(ctx); err != nil {
+			return nil, err
+		}
+	}
+	out := map[string]bool{j.cfg.Node: true}
+	for _, m := range ms {
+		if j.live(m) {
+			out[m.Node] = true
+		}
+	}
+	return out, nil
+}
+
+// Status is the job for `preemptd status`.
+func (j *Job) Status() *agent.JobStatus {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	s := &agent.JobStatus{Node: j.cfg.Node, Nodes: j.cfg.Nodes, Members: []agent.JobMember{}}
+	for _, m := range j.members {
+		s.Members = append(s.Members, agent.JobMember{Node: m.Node, Instance: m.Instance, Host: m.Host, Push: m.Push,
+			RefreshedAt: m.RefreshedAt, Live: j.live(m)})
+	}
+	return s
+}
+
+// peers are the live members that take pushes, this node aside.
+func (j *Job) peers() []Member {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var out []Member
+	for _, m := range j.members {
+		if m.Node != j.cfg.Node && m.Push != "" && j.live(m) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// noticeID names a published notice: its node, provider and id, made
+// safe for a key (and hashed when long).
+func noticeID(node string, n agent.Notice) string {
+	var b strings.Builder
+	for _, r := range n.Provider + "-" + n.ID {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('_')
+		}
+	}
+	s := b.String()
+	if len(s) > 100 {
+		sum := sha256.Sum256([]byte(s))
+		s = s[:60] + "-" + hex.EncodeToString(sum[:8])
+	}
+	return node + "--" + s
+}
+
+// fansOut says whether this node's notice n stops the job: a fatal notice
+// from a cloud, the machine's shutdown or the local provider, or a drill
+// made with --job; never a job notice itself.
+func fansOut(n agent.Notice) bool {
+	switch n.Provider {
+	case "job":
+		return false
+	case agent.ProviderSimulate:
+		return n.Job
+	}
+	return true
+}
+
+// Fatal implements agent.Relay: the notice goes to the store and to the
+// peers at once, in the background.
+func (j *Job) Fatal(n agent.Notice) {
+	if !fansOut(n) {
+		return
+	}
+	p := Published{Run: j.cfg.Run, ID: noticeID(j.cfg.Node, n), Node: j.cfg.Node, Provider: n.Provider, Kind: n.Kind,
+		NoticeID: n.ID, NoticedAt: n.NoticedAt.UTC(), Deadline: n.Deadline.UTC()}
+	j.mu.Lock()
+	if _, done := j.mine[n.Key()]; done {
+		j.mu.Unlock()
+		return
+	}
+	j.mine[n.Key()] = p
+	j.mu.Unlock()
+	j.log.Warn("stopping the job: publishing this node's fatal notice to its other nodes", "id", p.ID, "deadline", p.Deadline)
+	ctx, cancel := context.WithDeadline(context.Background(), j.until(p))
+	j.wg.Go(func() {
+		defer cancel()
+		var both sync.WaitGroup
+		both.Go(func() { j.push(ctx, p) })
+		both.Go(func() { j.publish(ctx, p) })
+		both.Wait()
+	})
+}
+
+// until is how long a publication keeps trying: the notice's deadline, or
+// two minutes without one.
+func (j *Job) until(p Published) time.Time {
+	if p.Deadline.IsZero() || p.Deadline.Before(j.now().Add(5*time.Second)) {
+		return j.now().Add(2 * time.Minute)
+	}
+	return p.Deadline
+}
+
+// publish creates the notice's object, retrying until the deadline.
+func (j *Job) publish(ctx context.Context, p Published) {
+	b, _ := json.Marshal(p)
+	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
+		err := j.store.Create(ctx, j.noticeKey(p.ID), b)
+		if err == nil || errors.Is(err, storage.ErrExists) {
+			return
+		}
+		j.log.Warn("job notice not in the store yet; retrying", "id", p.ID, "err", err)
+		select {
+		case <-ctx.Done():
+			j.log.Error("job notice never reached the store", "id", p.ID, "err", err)
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// Withdrawn implements agent.Relay: a withdrawn notice of this node's
+// withdraws the job notice it made.
+func (j *Job) Withdrawn(n agent.Notice) {
+	j.mu.Lock()
+	p, ok := j.mine[n.Key()]
+	delete(j.mine, n.Key())
+	j.mu.Unlock()
+	if !ok {
+		return
+	}
+	j.log.Info("this node's notice withdrawn: withdrawing the job notice", "id", p.ID)
+	p.Withdrawn = true
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	j.wg.Go(func() {
+		defer cancel()
+		var both sync.WaitGroup
+		both.Go(func() { j.push(ctx, p) })
+		both.Go(func() {
+			for ctx.Err() == nil {
+				if err := j.store.Delete(ctx, j.noticeKey(p.ID)); err == nil {
+					return
+				}
+				time.Sleep(time.Second)
+			}
+		})
+		both.Wait()
+	})
+}
+
+// Wait waits for publications in flight (at exit).
+func (j *Job) Wait() { j.wg.Wait() }

@@ -1,0 +1,300 @@
+package job
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// flaky is a store that fails every call while down is set: an outage.
+type flaky struct {
+	storage.Store
+	down atomic.Bool
+}
+
+var errDown = errors.New("store unreachable")
+
+func (f *flaky) List(ctx context.Context, prefix string) ([]storage.Object, error) {
+	if f.down.Load() {
+		return nil, errDown
+	}
+	return f.Store.List(ctx, prefix)
+}
+
+func (f *flaky) Create(ctx context.Context, key string, b []byte) error {
+	if f.down.Load() {
+		return errDown
+	}
+	return f.Store.Create(ctx, key, b)
+}
+
+// node is one Job watching, its notices collected.
+type node struct {
+	*Job
+	notices chan agent.Notice
+	srv     *httptest.Server
+}
+
+func startNodes(t *testing.T, st storage.Store, run string, names []string, token string) []*node {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	var nodes []*node
+	for _, name := range names {
+		j := New(Config{Run: run, Node: name, Nodes: len(names), Poll: 20 * time.Millisecond, Token: token}, st, nil)
+		n := &node{Job: j, notices: make(chan agent.Notice, 16)}
+		if token != "" {
+			n.srv = httptest.NewServer(j.Handler())
+			t.Cleanup(n.srv.Close)
+			j.cfg.Advertise = strings.TrimPrefix(n.srv.URL, "http://")
+		}
+		if err := j.Register(ctx); err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		if _, err := n.refreshMembers(ctx); err != nil {
+			t.Fatal(err)
+		}
+		go n.Watch(ctx, n.notices)
+	}
+	return nodes
+}
+
+func next(t *testing.T, n *node, within time.Duration) (agent.Notice, bool) {
+	t.Helper()
+	select {
+	case got := <-n.notices:
+		return got, true
+	case <-time.After(within):
+		return agent.Notice{}, false
+	}
+}
+
+func fatal(id string, in time.Duration) agent.Notice {
+	now := time.Now()
+	return agent.Notice{Provider: "aws", Kind: agent.KindTerminate, ID: id, NoticedAt: now, Deadline: now.Add(in)}
+}
+
+func newDir(t *testing.T) storage.Store {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func TestFanOutThroughStore(t *testing.T) {
+	nodes := startNodes(t, newDir(t), "run", []string{"n0", "n1", "n2"}, "")
+	n := fatal("i-abc", 2*time.Minute)
+	nodes[2].Fatal(n)
+	for _, i := range []int{0, 1} {
+		got, ok := next(t, nodes[i], 5*time.Second)
+		if !ok {
+			t.Fatalf("n%d: no job notice", i)
+		}
+		if got.Provider != "job" || got.Kind != agent.KindJob || agent.Classify(got, time.Now(), 0) != agent.ClassFatal {
+			t.Fatalf("n%d: %+v; want a fatal job notice", i, got)
+		}
+		if !got.Deadline.Equal(n.Deadline.UTC()) {
+			t.Fatalf("n%d: deadline %s, want the origin's %s", i, got.Deadline, n.Deadline)
+		}
+		if !bytes.Contains(got.Raw, []byte(`"node":"n2"`)) || !bytes.Contains(got.Raw, []byte(`"notice_id":"i-abc"`)) {
+			t.Fatalf("n%d: raw %s does not name the origin", i, got.Raw)
+		}
+	}
+	if got, ok := next(t, nodes[2], 300*time.Millisecond); ok {
+		t.Fatalf("the noticed node got its own notice back: %+v", got)
+	}
+	// Withdrawn at the origin → withdrawn everywhere.
+	nodes[2].Withdrawn(n)
+	for _, i := range []int{0, 1} {
+		got, ok := next(t, nodes[i], 5*time.Second)
+		if !ok || !got.Withdrawn {
+			t.Fatalf("n%d: %+v, %v; want the job notice withdrawn", i, got, ok)
+		}
+	}
+}
+
+func TestTwoNodesNoticedAtOnceOneJobNotice(t *testing.T) {
+	nodes := startNodes(t, newDir(t), "run", []string{"n0", "n1", "n2"}, "")
+	a, b := fatal("i-1", 2*time.Minute), fatal("i-2", 90*time.Second)
+	nodes[1].Fatal(a)
+	nodes[2].Fatal(b)
+	got, ok := next(t, nodes[0], 5*time.Second)
+	if !ok {
+		t.Fatal("no job notice")
+	}
+	// Maybe a second send with the earlier deadline, but the same notice.
+	deadline := got.Deadline
+	for {
+		more, ok := next(t, nodes[0], 500*time.Millisecond)
+		if !ok {
+			break
+		}
+		if more.Key() != got.Key() {
+			t.Fatalf("two job notices: %s and %s", got.Key(), more.Key())
+		}
+		deadline = more.Deadline
+	}
+	if !deadline.Equal(b.Deadline.UTC()) {
+		t.Fatalf("deadline %s; want the earliest, %s", deadline, b.Deadline)
+	}
+}
+
+func TestSimulatedNoticeFansOutOnlyWithJob(t *testing.T) {
+	nodes := startNodes(t, newDir(t), "run", []string{"n0", "n1"}, "")
+	drill := fatal("sim-1", time.Minute)
+	drill.Provider = agent.ProviderSimulate
+	nodes[1].Fatal(drill)
+	if got, ok := next(t, nodes[0], 300*time.Millisecond); ok {
+		t.Fatalf("a one-node drill stopped the job: %+v", got)
+	}
+	drill.ID, drill.Job = "sim-2", true
+	nodes[1].Fatal(drill)
+	if _, ok := next(t, nodes[0], 5*time.Second); !ok {
+		t.Fatal("simulate --job did not reach the other node")
+	}
+	// A job notice is never relayed again.
+	nodes[0].Fatal(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: "x", Deadline: time.Now().Add(time.Minute)})
+	if got, ok := next(t, nodes[1], 300*time.Millisecond); ok {
+		t.Fatalf("a job notice was relayed back: %+v", got)
+	}
+}
+
+func TestOtherRunAndStaleNoticesIgnored(t *testing.T) {
+	st := newDir(t)
+	ours := startNodes(t, st, "run-a", []string{"n0", "n1"}, "")
+	theirs := startNodes(t, st, "run-b", []string{"m0"}, "")
+	ours[1].Fatal(fatal("i-1", time.Minute))
+	if _, ok := next(t, ours[0], 5*time.Second); !ok {
+		t.Fatal("no job notice in run-a")
+	}
+	if got, ok := next(t, theirs[0], 300*time.Millisecond); ok {
+		t.Fatalf("a daemon of another run got run-a's notice: %+v", got)
+	}
+	// A notice whose deadline passed (its node died before deleting it)
+	// must not stop a job started after.
+	old := fatal("i-old", -time.Minute)
+	old.NoticedAt = time.Now().Add(-3 * time.Minute)
+	ours[1].Fatal(old)
+	fresh := startNodes(t, st, "run-a", []string{"n5"}, "")
+	for {
+		got, ok := next(t, fresh[0], 500*time.Millisecond)
+		if !ok {
+			break
+		}
+		if strings.Contains(string(got.Raw), "i-old") {
+			t.Fatalf("a notice past its deadline stopped a new node: %+v", got)
+		}
+	}
+}
+
+func TestStoreOutageNoFalseAlarmNoWithdrawal(t *testing.T) {
+	st := &flaky{Store: newDir(t)}
+	nodes := startNodes(t, st, "run", []string{"n0", "n1"}, "")
+	st.down.Store(true)
+	time.Sleep(200 * time.Millisecond)
+	if got, ok := next(t, nodes[0], 200*time.Millisecond); ok {
+		t.Fatalf("an outage made a notice: %+v", got)
+	}
+	st.down.Store(false)
+	nodes[1].Fatal(fatal("i-1", time.Minute))
+	if _, ok := next(t, nodes[0], 5*time.Second); !ok {
+		t.Fatal("no job notice")
+	}
+	st.down.Store(true) // the listing fails: the notice must stay
+	if got, ok := next(t, nodes[0], 300*time.Millisecond); ok {
+		t.Fatalf("an outage changed the job notice: %+v", got)
+	}
+}
+
+func TestPushWhenStoreUnreachable(t *testing.T) {
+	st := &flaky{Store: newDir(t)}
+	nodes := startNodes(t, st, "run", []string{"n0", "n1", "n2"}, "a-shared-job-token-0123")
+	st.down.Store(true) // nobody reaches the store: only the push can carry it
+	nodes[2].Fatal(fatal("i-9", time.Minute))
+	for _, i := range []int{0, 1} {
+		got, ok := next(t, nodes[i], 2*time.Second)
+		if !ok || got.Kind != agent.KindJob {
+			t.Fatalf("n%d: %+v, %v; want the pushed job notice", i, got, ok)
+		}
+	}
+}
+
+func TestPushRefusedWithoutTheToken(t *testing.T) {
+	nodes := startNodes(t, newDir(t), "run", []string{"n0", "n1"}, "a-shared-job-token-0123")
+	body := []byte(`{"run":"run","id":"n1--aws-x","node":"n1","provider":"aws","kind":"terminate","notice_id":"x"}`)
+	for name, auth := range map[string]string{
+		"none":      "",
+		"bad token": Authorization("not-the-job-token-at-all", time.Now(), body),
+		"stale":     Authorization("a-shared-job-token-0123", time.Now().Add(-5*time.Minute), body),
+		"malformed": "PREEMPTD-HMAC t=1",
+	} {
+		req, _ := http.NewRequest(http.MethodPost, nodes[0].srv.URL+pushPath, bytes.NewReader(body))
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("%s: %s; want 401", name, resp.Status)
+		}
+	}
+	// Signed right but for another run: refused too.
+	other := []byte(`{"run":"other","id":"n1--aws-x","node":"n1","provider":"aws","kind":"terminate","notice_id":"x"}`)
+	req, _ := http.NewRequest(http.MethodPost, nodes[0].srv.URL+pushPath, bytes.NewReader(other))
+	req.Header.Set("Authorization", Authorization("a-shared-job-token-0123", time.Now(), other))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("another run's push: %s; want 403", resp.Status)
+	}
+	if got, ok := next(t, nodes[0], 300*time.Millisecond); ok {
+		t.Fatalf("a refused push made a notice: %+v", got)
+	}
+	// A node with the wrong token: its push is refused, the store delivers.
+	nodes[1].cfg.Token = "not-the-job-token-at-all"
+	nodes[1].Fatal(fatal("i-7", time.Minute))
+	got, ok := next(t, nodes[0], 5*time.Second)
+	if !ok || got.Kind != agent.KindJob {
+		t.Fatalf("%+v, %v; the store path must deliver when the push is refused", got, ok)
+	}
+}
+
+func TestMembersLiveOnly(t *testing.T) {
+	st := newDir(t)
+	nodes := startNodes(t, st, "run", []string{"n0", "n1"}, "")
+	old := New(Config{Run: "run", Node: "gone", Refresh: 30 * time.Second}, st, nil)
+	old.now = func() time.Time { return time.Now().Add(-time.Hour) }
+	if err := old.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	nodes[0].membersAt = time.Time{} // read again
+	m, err := nodes[0].Members(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !m["n0"] || !m["n1"] || m["gone"] {
+		t.Fatalf("members %v; want n0 and n1, not the node unrefreshed for an hour", m)
+	}
+	if s := nodes[0].Status(); len(s.Members) != 3 || s.Nodes != 2 {
+		t.Fatalf("status %+v", s)
+	}
+}

@@ -1,0 +1,205 @@
+package job
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// grace is how long past its deadline a job notice stays: the machine
+// that sent it is gone by then, and a notice the store still holds (its
+// node died before deleting it) must not stop the next incarnation of the
+// job. Objects older than housekeep past their deadline are deleted.
+const (
+	grace     = 5 * time.Second
+	housekeep = 10 * time.Minute
+)
+
+// entry is one other node's notice as this node knows it.
+type entry struct {
+	p       Published
+	inStore bool // seen in the store's listing (so its absence withdraws it)
+	arrived time.Time
+}
+
+// watchState turns the notices seen into the agent's one job notice.
+type watchState struct {
+	entries map[string]*entry
+	episode string    // the job notice's id while one is active
+	sent    time.Time // the deadline last sent
+	failing bool      // the store listing fails (logged once)
+}
+
+// Watch implements agent.Watcher: it lists <run>/_job/notices every
+// job.poll and takes pushes as they come; while any other node's notice is
+// active it sends one fatal job notice (its id the first one's, its
+// deadline the earliest), withdrawn when they all are. A store outage
+// changes nothing it has seen: no notice is made up, none withdrawn.
+func (j *Job) Watch(ctx context.Context, out chan<- agent.Notice) error {
+	st := &watchState{entries: map[string]*entry{}}
+	tick := time.NewTicker(j.cfg.Poll)
+	defer tick.Stop()
+	j.log.Info("watching the job's notices", "run", j.cfg.Run, "node", j.cfg.Node, "nodes", j.cfg.Nodes,
+		"poll", j.cfg.Poll.String(), "push", j.cfg.Listen != "")
+	j.pollStore(ctx, st)
+	for {
+		j.emit(ctx, st, out)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+			j.pollStore(ctx, st)
+		case p := <-j.pushed:
+			j.apply(st, p, "push")
+		}
+	}
+}
+
+// apply takes a notice from a push or the store.
+func (j *Job) apply(st *watchState, p Published, via string) {
+	if p.Node == j.cfg.Node || p.Run != j.cfg.Run {
+		return
+	}
+	e, ok := st.entries[p.ID]
+	if p.Withdrawn {
+		if ok {
+			delete(st.entries, p.ID)
+			j.log.Info("job notice withdrawn by its node", "id", p.ID, "node", p.Node, "via", via)
+		}
+		return
+	}
+	if !p.Deadline.IsZero() && j.now().After(p.Deadline.Add(grace)) {
+		return // over: its node is gone
+	}
+	if ok {
+		e.inStore = e.inStore || via == "store"
+		return
+	}
+	now := j.now()
+	st.entries[p.ID] = &entry{p: p, inStore: via == "store", arrived: now}
+	d := now.Sub(p.NoticedAt)
+	j.log.Warn("job notice from another node", "id", p.ID, "node", p.Node, "provider", p.Provider, "kind", p.Kind,
+		"deadline", p.Deadline, "via", via, "latency", d.Round(time.Millisecond).String())
+	if j.OnFanOut != nil {
+		j.OnFanOut(d, via)
+	}
+}
+
+// pollStore lists the notices once: new ones are read and applied, those
+// gone from the store are withdrawn.
+func (j *Job) pollStore(ctx context.Context, st *watchState) {
+	lctx, cancel := context.WithTimeout(ctx, max(4*j.cfg.Poll, 2*time.Second))
+	defer cancel()
+	prefix := j.prefix() + "notices"
+	objs, err := j.store.List(lctx, prefix)
+	if err != nil {
+		if !st.failing && ctx.Err() == nil {
+			j.log.Warn("job notices not readable from the store; pushes still arrive, nothing seen is dropped", "err", err)
+		}
+		st.failing = true
+		return
+	}
+	if st.failing {
+		j.log.Info("job notices readable from the store again")
+		st.failing = false
+	}
+	listed := map[string]bool{}
+	for _, o := range objs {
+		id, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix+"/"), ".json")
+		if !ok || strings.Contains(id, "/") {
+			continue
+		}
+		listed[id] = true
+		if e, ok := st.entries[id]; ok {
+			e.inStore = true
+			continue
+		}
+		if strings.HasPrefix(id, j.cfg.Node+"--") {
+			continue // this node's own
+		}
+		var buf bytes.Buffer
+		if err := j.store.Get(lctx, o.Key, &buf); err != nil {
+			if !errors.Is(err, storage.ErrNotFound) {
+				j.log.Warn("job notice not read", "key", o.Key, "err", err)
+			}
+			continue
+		}
+		var p Published
+		if err := json.Unmarshal(buf.Bytes(), &p); err != nil || p.ID != id {
+			j.log.Warn("ignoring a malformed job notice", "key", o.Key)
+			continue
+		}
+		if !p.Deadline.IsZero() && j.now().After(p.Deadline.Add(housekeep)) {
+			_ = j.store.Delete(lctx, o.Key) // long over: nobody needs it
+			continue
+		}
+		j.apply(st, p, "store")
+	}
+	for id, e := range st.entries {
+		if e.inStore && !listed[id] {
+			delete(st.entries, id)
+			j.log.Info("job notice withdrawn (gone from the store)", "id", id, "node", e.p.Node)
+		}
+	}
+}
+
+// emit sends the agent the job notice the entries make, when it changed.
+func (j *Job) emit(ctx context.Context, st *watchState, out chan<- agent.Notice) {
+	now := j.now()
+	var active []*entry
+	for id, e := range st.entries {
+		if !e.p.Deadline.IsZero() && now.After(e.p.Deadline.Add(grace)) {
+			delete(st.entries, id)
+			continue
+		}
+		active = append(active, e)
+	}
+	send := func(n agent.Notice) {
+		select {
+		case out <- n:
+		case <-ctx.Done():
+		}
+	}
+	if len(active) == 0 {
+		if st.episode != "" {
+			send(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: st.episode, NoticedAt: now, Withdrawn: true})
+			st.episode, st.sent = "", time.Time{}
+		}
+		return
+	}
+	slices.SortFunc(active, func(a, b *entry) int {
+		if c := a.arrived.Compare(b.arrived); c != 0 {
+			return c
+		}
+		return strings.Compare(a.p.ID, b.p.ID)
+	})
+	first := active[0]
+	deadline := time.Time{}
+	var origins []Published
+	for _, e := range active {
+		if !e.p.Deadline.IsZero() && (deadline.IsZero() || e.p.Deadline.Before(deadline)) {
+			deadline = e.p.Deadline
+		}
+		origins = append(origins, e.p)
+	}
+	if st.episode != "" && deadline.Equal(st.sent) {
+		return
+	}
+	if st.episode == "" {
+		st.episode = first.p.ID
+	}
+	st.sent = deadline
+	raw, _ := json.Marshal(struct {
+		Node    string      `json:"node"`
+		Origins []Published `json:"origins"`
+	}{first.p.Node, origins})
+	send(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: st.episode, Action: string(first.p.Kind),
+		NoticedAt: first.arrived, Deadline: deadline, Raw: raw})
+}
