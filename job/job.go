@@ -139,22 +139,28 @@ func (j *Job) Run(ctx context.Context) error {
 	if j.cfg.Listen != "" {
 		go func() { errc <- j.serve(ctx) }()
 	}
-	tick := time.NewTicker(j.cfg.Refresh)
-	defer tick.Stop()
+	// Until every node has registered, the members are read every few
+	// seconds (the nodes of a job start in any order); then every refresh.
+	next := time.Duration(0)
 	for {
-		if err := j.Register(ctx); err != nil && ctx.Err() == nil {
-			j.log.Warn("job registration not refreshed; retrying", "err", err)
-		}
-		if _, err := j.refreshMembers(ctx); err != nil && ctx.Err() == nil {
-			j.log.Warn("job members not read; retrying", "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			j.wg.Wait()
 			return nil
 		case err := <-errc:
 			return err
-		case <-tick.C:
+		case <-time.After(next):
+		}
+		if err := j.Register(ctx); err != nil && ctx.Err() == nil {
+			j.log.Warn("job registration not refreshed; retrying", "err", err)
+		}
+		ms, err := j.refreshMembers(ctx)
+		if err != nil && ctx.Err() == nil {
+			j.log.Warn("job members not read; retrying", "err", err)
+		}
+		next = j.cfg.Refresh
+		if live := j.liveCount(ms); live < j.cfg.Nodes {
+			next = min(j.cfg.Refresh, 5*time.Second)
 		}
 	}
 }
@@ -198,6 +204,16 @@ func (j *Job) refreshMembers(ctx context.Context) ([]Member, error) {
 	j.members, j.membersAt = ms, j.now()
 	j.mu.Unlock()
 	return ms, nil
+}
+
+func (j *Job) liveCount(ms []Member) int {
+	n := 0
+	for _, m := range ms {
+		if j.live(m) {
+			n++
+		}
+	}
+	return n
 }
 
 // live says whether m was refreshed within the TTL.

@@ -42,6 +42,7 @@ type node struct {
 	*Job
 	notices chan agent.Notice
 	srv     *httptest.Server
+	ahead   atomic.Int64 // how far this node's clock runs ahead
 }
 
 func startNodes(t *testing.T, st storage.Store, run string, names []string, token string) []*node {
@@ -52,6 +53,7 @@ func startNodes(t *testing.T, st storage.Store, run string, names []string, toke
 	for _, name := range names {
 		j := New(Config{Run: run, Node: name, Nodes: len(names), Poll: 20 * time.Millisecond, Token: token}, st, nil)
 		n := &node{Job: j, notices: make(chan agent.Notice, 16)}
+		j.now = func() time.Time { return time.Now().Add(time.Duration(n.ahead.Load())) }
 		if token != "" {
 			n.srv = httptest.NewServer(j.Handler())
 			t.Cleanup(n.srv.Close)
@@ -149,6 +151,23 @@ func TestTwoNodesNoticedAtOnceOneJobNotice(t *testing.T) {
 	}
 	if !deadline.Equal(b.Deadline.UTC()) {
 		t.Fatalf("deadline %s; want the earliest, %s", deadline, b.Deadline)
+	}
+}
+
+// A notice more than the join window after a stop is a new stop: its own
+// job notice (the agent, armed again, acts on it), while the first stays.
+func TestLaterNoticeIsANewStop(t *testing.T) {
+	nodes := startNodes(t, newDir(t), "run", []string{"n0", "n1", "n2"}, "")
+	nodes[1].Fatal(fatal("i-1", 2*time.Minute))
+	first, ok := next(t, nodes[0], 5*time.Second)
+	if !ok {
+		t.Fatal("no job notice")
+	}
+	nodes[0].ahead.Store(int64(join + time.Second))
+	nodes[2].Fatal(fatal("i-2", 2*time.Minute))
+	second, ok := next(t, nodes[0], 5*time.Second)
+	if !ok || second.Key() == first.Key() || second.Withdrawn {
+		t.Fatalf("%+v, %v; want a second job notice", second, ok)
 	}
 }
 

@@ -73,20 +73,37 @@ func checkAuth(token, header string, now time.Time, body []byte) error {
 	return nil
 }
 
-// push sends p to every live peer at once; failures are logged, the store
+// push sends p to every live peer at once — those known now, then any
+// that a fresh read of the registry adds; failures are logged, the store
 // path carries the notice anyway.
 func (j *Job) push(ctx context.Context, p Published) {
-	if j.cfg.Token == "" {
+	if j.cfg.Token == "" || j.cfg.Listen == "" && j.cfg.Advertise == "" {
 		return
 	}
 	body, _ := json.Marshal(p)
 	var wg sync.WaitGroup
-	for _, m := range j.peers() {
-		wg.Go(func() {
-			if err := j.pushTo(ctx, m.Push, body); err != nil {
-				j.log.Warn("job notice not pushed; the store carries it", "peer", m.Node, "addr", m.Push, "err", err)
+	sent := map[string]bool{}
+	send := func(peers []Member) {
+		for _, m := range peers {
+			if sent[m.Node+"@"+m.Push] {
+				continue
 			}
-		})
+			sent[m.Node+"@"+m.Push] = true
+			wg.Go(func() {
+				if err := j.pushTo(ctx, m.Push, body); err != nil {
+					j.log.Warn("job notice not pushed; the store carries it", "peer", m.Node, "addr", m.Push, "err", err)
+				}
+			})
+		}
+	}
+	send(j.peers())
+	j.mu.Lock()
+	stale := j.now().Sub(j.membersAt) > 5*time.Second
+	j.mu.Unlock()
+	if stale {
+		if _, err := j.refreshMembers(ctx); err == nil {
+			send(j.peers())
+		}
 	}
 	wg.Wait()
 }

@@ -17,9 +17,14 @@ import (
 // that sent it is gone by then, and a notice the store still holds (its
 // node died before deleting it) must not stop the next incarnation of the
 // job. Objects older than housekeep past their deadline are deleted.
+//
+// Notices that arrive within join of the first of a stop make one job
+// notice (nodes interrupted together); a notice after that is a new stop,
+// with its own job notice (a later drill, the job's next incarnation).
 const (
 	grace     = 5 * time.Second
 	housekeep = 10 * time.Minute
+	join      = 10 * time.Second
 )
 
 // entry is one other node's notice as this node knows it.
@@ -27,14 +32,21 @@ type entry struct {
 	p       Published
 	inStore bool // seen in the store's listing (so its absence withdraws it)
 	arrived time.Time
+	episode *episode
 }
 
-// watchState turns the notices seen into the agent's one job notice.
+// episode is one job notice: the notices of one stop.
+type episode struct {
+	id    string
+	start time.Time
+	sent  time.Time // the deadline last sent
+}
+
+// watchState turns the notices seen into the agent's job notices.
 type watchState struct {
-	entries map[string]*entry
-	episode string    // the job notice's id while one is active
-	sent    time.Time // the deadline last sent
-	failing bool      // the store listing fails (logged once)
+	entries  map[string]*entry
+	episodes []*episode
+	failing  bool // the store listing fails (logged once)
 }
 
 // Watch implements agent.Watcher: it lists <run>/_job/notices every
@@ -83,7 +95,14 @@ func (j *Job) apply(st *watchState, p Published, via string) {
 		return
 	}
 	now := j.now()
-	st.entries[p.ID] = &entry{p: p, inStore: via == "store", arrived: now}
+	var ep *episode
+	if n := len(st.episodes); n > 0 && now.Sub(st.episodes[n-1].start) <= join {
+		ep = st.episodes[n-1]
+	} else {
+		ep = &episode{id: p.ID, start: now}
+		st.episodes = append(st.episodes, ep)
+	}
+	st.entries[p.ID] = &entry{p: p, inStore: via == "store", arrived: now, episode: ep}
 	d := now.Sub(p.NoticedAt)
 	j.log.Warn("job notice from another node", "id", p.ID, "node", p.Node, "provider", p.Provider, "kind", p.Kind,
 		"deadline", p.Deadline, "via", via, "latency", d.Round(time.Millisecond).String())
@@ -150,16 +169,22 @@ func (j *Job) pollStore(ctx context.Context, st *watchState) {
 	}
 }
 
-// emit sends the agent the job notice the entries make, when it changed.
+// emit sends the agent the job notices the entries make, when they change:
+// one per episode, its deadline the earliest of its notices, withdrawn when
+// they all are.
 func (j *Job) emit(ctx context.Context, st *watchState, out chan<- agent.Notice) {
 	now := j.now()
-	var active []*entry
+	active := map[*episode][]*entry{}
 	for id, e := range st.entries {
-		if !e.p.Deadline.IsZero() && now.After(e.p.Deadline.Add(grace)) {
+		end := e.p.Deadline
+		if end.IsZero() {
+			end = e.arrived.Add(2 * time.Minute)
+		}
+		if now.After(end.Add(grace)) {
 			delete(st.entries, id)
 			continue
 		}
-		active = append(active, e)
+		active[e.episode] = append(active[e.episode], e)
 	}
 	send := func(n agent.Notice) {
 		select {
@@ -167,39 +192,44 @@ func (j *Job) emit(ctx context.Context, st *watchState, out chan<- agent.Notice)
 		case <-ctx.Done():
 		}
 	}
-	if len(active) == 0 {
-		if st.episode != "" {
-			send(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: st.episode, NoticedAt: now, Withdrawn: true})
-			st.episode, st.sent = "", time.Time{}
+	kept := st.episodes[:0]
+	for _, ep := range st.episodes {
+		es := active[ep]
+		if len(es) == 0 {
+			if !ep.sent.IsZero() {
+				send(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: ep.id, NoticedAt: now, Withdrawn: true})
+			}
+			continue
 		}
-		return
-	}
-	slices.SortFunc(active, func(a, b *entry) int {
-		if c := a.arrived.Compare(b.arrived); c != 0 {
-			return c
+		kept = append(kept, ep)
+		slices.SortFunc(es, func(a, b *entry) int {
+			if c := a.arrived.Compare(b.arrived); c != 0 {
+				return c
+			}
+			return strings.Compare(a.p.ID, b.p.ID)
+		})
+		deadline := time.Time{}
+		var origins []Published
+		for _, e := range es {
+			if !e.p.Deadline.IsZero() && (deadline.IsZero() || e.p.Deadline.Before(deadline)) {
+				deadline = e.p.Deadline
+			}
+			origins = append(origins, e.p)
 		}
-		return strings.Compare(a.p.ID, b.p.ID)
-	})
-	first := active[0]
-	deadline := time.Time{}
-	var origins []Published
-	for _, e := range active {
-		if !e.p.Deadline.IsZero() && (deadline.IsZero() || e.p.Deadline.Before(deadline)) {
-			deadline = e.p.Deadline
+		if deadline.IsZero() { // a fatal notice always has one; never leave it open
+			deadline = es[0].arrived.Add(2 * time.Minute)
 		}
-		origins = append(origins, e.p)
+		if deadline.Equal(ep.sent) {
+			continue
+		}
+		ep.sent = deadline
+		first := es[0]
+		raw, _ := json.Marshal(struct {
+			Node    string      `json:"node"`
+			Origins []Published `json:"origins"`
+		}{first.p.Node, origins})
+		send(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: ep.id, Action: string(first.p.Kind),
+			NoticedAt: first.arrived, Deadline: deadline, Raw: raw})
 	}
-	if st.episode != "" && deadline.Equal(st.sent) {
-		return
-	}
-	if st.episode == "" {
-		st.episode = first.p.ID
-	}
-	st.sent = deadline
-	raw, _ := json.Marshal(struct {
-		Node    string      `json:"node"`
-		Origins []Published `json:"origins"`
-	}{first.p.Node, origins})
-	send(agent.Notice{Provider: "job", Kind: agent.KindJob, ID: st.episode, Action: string(first.p.Kind),
-		NoticedAt: first.arrived, Deadline: deadline, Raw: raw})
+	st.episodes = kept
 }

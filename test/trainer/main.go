@@ -43,7 +43,14 @@ func main() {
 	keep := flag.Int("ckpt-unchanged", 0, "shards copied unchanged from the previous step (frozen weights)")
 	saveEvery := flag.Duration("save-every", 0, "also save a checkpoint this often (periodic saves); the exit signal lets a save in progress finish, then saves once more")
 	saveTime := flag.Duration("save-time", 0, "how long each save takes, spread over its shards")
+	rank := flag.Int("rank", -1, "a multi-node job's rank: its shards are __<rank>_<i>.distcp, and only rank 0 (the coordinator) writes .metadata")
+	peers := flag.String("peers", "", "rank 0: the other ranks' checkpoint folders (comma-separated); .metadata waits until each has saved the step, as DCP's collective save does")
+	startStep := flag.Int("start-step", 1, "the step saved at start")
 	flag.Parse()
+	job = jobRole{rank: *rank}
+	if *peers != "" {
+		job.peers = strings.Split(*peers, ",")
+	}
 	shardPause = *saveTime / time.Duration(max(*shards, 1))
 
 	out := os.Stdout
@@ -67,7 +74,7 @@ func main() {
 			os.Exit(1)
 		}
 	}
-	step := 1
+	step := *startStep
 	if *ckptDir != "" {
 		if err := saveDCP(*ckptDir, step, *ckptBytes, *shards, 0, false); err != nil {
 			fmt.Fprintln(os.Stderr, "trainer:", err)
@@ -125,6 +132,44 @@ func main() {
 // shardPause is the time each shard of a save takes (--save-time).
 var shardPause time.Duration
 
+// jobRole is this trainer's place in a multi-node job (rank -1: none).
+type jobRole struct {
+	rank  int
+	peers []string
+}
+
+var job jobRole
+
+// shardName is shard i's file name.
+func shardName(i int) string {
+	if job.rank < 0 {
+		return fmt.Sprintf("__%d_0.distcp", i)
+	}
+	return fmt.Sprintf("__%d_%d.distcp", job.rank, i)
+}
+
+// finishJob ends a rank's share of a save: a rank other than 0 marks its
+// shards written (a hidden file beside the checkpoints, which no layout
+// reads); rank 0 waits for every peer's mark, then writes .metadata. It
+// says whether this rank writes .metadata.
+func finishJob(root string, step int) (bool, error) {
+	done := fmt.Sprintf(".done-step-%d", step)
+	if job.rank > 0 {
+		return false, os.WriteFile(filepath.Join(root, done), nil, 0o644)
+	}
+	for _, p := range job.peers {
+		for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(20 * time.Millisecond) {
+			if _, err := os.Stat(filepath.Join(p, done)); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return false, fmt.Errorf("peer %s never saved step %d", p, step)
+			}
+		}
+	}
+	return true, nil
+}
+
 // saveDCP writes a checkpoint the way torch.distributed.checkpoint does:
 // shard files first, .metadata (through .metadata.tmp and a rename) last.
 // Dying mid-save leaves half the shards and no .metadata.
@@ -135,7 +180,7 @@ func saveDCP(root string, step int, size int64, shards, unchanged int, die bool)
 	}
 	buf := make([]byte, 1<<20)
 	for i := range shards {
-		name := fmt.Sprintf("__%d_0.distcp", i)
+		name := shardName(i)
 		if i < unchanged {
 			b, err := os.ReadFile(filepath.Join(root, fmt.Sprintf("step-%d", step-1), name))
 			if err == nil {
@@ -165,6 +210,12 @@ func saveDCP(root string, step int, size int64, shards, unchanged int, die bool)
 			fmt.Fprintf(os.Stderr, "trainer %d: dying in the middle of saving step-%d\n", os.Getpid(), step)
 			os.Exit(3)
 		}
+	}
+	if meta, err := finishJob(root, step); err != nil || !meta {
+		if err == nil {
+			fmt.Fprintf(os.Stderr, "trainer %d: saved rank %d's part of step-%d\n", os.Getpid(), job.rank, step)
+		}
+		return err
 	}
 	tmp := filepath.Join(dir, ".metadata.tmp")
 	if err := os.WriteFile(tmp, []byte(fmt.Sprintf(`{"step":%d}`, step)), 0o644); err != nil {
