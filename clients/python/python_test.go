@@ -1,0 +1,30 @@
+// Package python holds preemptd's trainer-side helper (preemptd.py, one
+// stdlib module); this test runs its unittest suite with the interpreter
+// that has Debian's python3-torch, so that `make test` covers it.
+package python
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+const interpreter = "/usr/bin/python3"
+
+func TestHelper(t *testing.T) {
+	if _, err := os.Stat(interpreter); err != nil {
+		t.Skipf("%s not found", interpreter)
+	}
+	cmd := exec.Command(interpreter, "-m", "unittest", "-v", "test_preemptd")
+	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
+	if os.Getenv("CI") != "" {
+		// CI has python3-torch (scripts/tools.sh installs it): the
+		// agreement across ranks must run, not skip.
+		cmd.Env = append(cmd.Env, "PREEMPTD_REQUIRE_TORCH=1")
+	}
+	out, err := cmd.CombinedOutput()
+	t.Logf("%s", out)
+	if err != nil {
+		t.Fatalf("python helper tests: %v", err)
+	}
+}

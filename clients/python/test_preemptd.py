@@ -1,0 +1,180 @@
+"""Tests of preemptd.py; run with `python3 -m unittest` in this folder (the
+Go test beside it runs them in `make test`)."""
+
+import http.server
+import json
+import os
+import signal
+import socket
+import socketserver
+import tempfile
+import threading
+import time
+import unittest
+
+import preemptd
+
+
+def write_notice(d, doc):
+    tmp = os.path.join(d, ".notice.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, os.path.join(d, "notice.json"))
+
+
+FATAL = {"provider": "job", "kind": "job", "id": "node2--aws-i-1", "class": "fatal",
+         "noticed_at": "2026-11-30T07:00:00.123456789Z", "deadline": "2026-11-30T07:02:00.5Z", "seconds_left": 120}
+
+
+class NoticeFileTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+
+    def test_none_bad_and_good(self):
+        self.assertIsNone(preemptd.read_notice(self.dir))
+        with open(os.path.join(self.dir, "notice.json"), "w") as f:
+            f.write("{not json")
+        self.assertIsNone(preemptd.read_notice(self.dir))
+        write_notice(self.dir, FATAL)
+        self.assertEqual(preemptd.read_notice(self.dir)["id"], "node2--aws-i-1")
+
+    def test_seconds_left(self):
+        deadline = preemptd._parse_time(FATAL["deadline"])
+        self.assertAlmostEqual(preemptd.seconds_left(FATAL, now=deadline - 30.25), 30.25, places=3)
+        self.assertEqual(preemptd.seconds_left(FATAL, now=deadline + 5), 0.0)
+        self.assertIsNone(preemptd.seconds_left({"class": "advisory", "deadline": None}))
+        # Go writes nanoseconds; they are cut to microseconds, not misread.
+        self.assertAlmostEqual(preemptd._parse_time("2026-11-30T07:00:00.123456789Z") % 1, 0.123456, places=5)
+
+    def test_requested_by_fatal_notice_only(self):
+        p = preemptd.Preemption(self.dir, install=False)
+        self.assertFalse(p.requested())
+        write_notice(self.dir, dict(FATAL, **{"class": "advisory", "kind": "rebalance", "deadline": None}))
+        self.assertFalse(p.requested(), "an advisory notice is not a stop")
+        time.sleep(0.01)
+        write_notice(self.dir, FATAL)
+        self.assertTrue(p.requested())
+        self.assertTrue(p.should_stop(), "without a process group, this process decides alone")
+        os.remove(os.path.join(self.dir, "notice.json"))
+        self.assertFalse(p.requested(), "a notice gone (a drill over) is no stop")
+
+
+class SignalTest(unittest.TestCase):
+    def test_signal_sets_the_flag_and_does_not_kill(self):
+        old = signal.getsignal(signal.SIGUSR1)
+        try:
+            p = preemptd.Preemption(tempfile.mkdtemp(), signals=(signal.SIGUSR1,))
+            self.assertFalse(p.requested())
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(100):
+                if p.requested():
+                    break
+                time.sleep(0.01)
+            self.assertTrue(p.requested())
+            self.assertEqual(p.signal_received, signal.SIGUSR1)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    answers = []
+
+    def do_GET(self):
+        status, body = self.answers.pop(0)
+        self.server.paths.append(self.path)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    def get_request(self):
+        conn, _ = super().get_request()
+        return conn, ("local", 0)
+
+
+class SocketTest(unittest.TestCase):
+    def test_long_poll(self):
+        d = tempfile.mkdtemp()
+        srv = _UnixServer(os.path.join(d, "preemptd.sock"), _Handler)
+        srv.paths = []
+        _Handler.answers = [(204, b""), (200, json.dumps(FATAL).encode())]
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            self.assertIsNone(preemptd.wait_notice(1, d))
+            self.assertEqual(preemptd.wait_notice(30, d)["kind"], "job")
+            self.assertEqual(srv.paths, ["/v1/notice?wait=1s", "/v1/notice?wait=30s"])
+        finally:
+            srv.shutdown()
+            srv.server_close()
+
+    def test_no_daemon(self):
+        with self.assertRaises(OSError):
+            preemptd.wait_notice(1, tempfile.mkdtemp())
+
+
+def _rank(rank, port, told, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank, world_size=2)
+    p = preemptd.Preemption(tempfile.mkdtemp(), install=False)
+    out = []
+    for step in range(5):
+        if step == 2 and rank in told:
+            p._signalled.set()  # as the signal handler does
+        out.append(p.should_stop())
+    results.put((rank, out))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class AgreementTest(unittest.TestCase):
+    """Two ranks (gloo): one told at step 2, both stop at step 2."""
+
+    def setUp(self):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            if os.environ.get("PREEMPTD_REQUIRE_TORCH") == "1":
+                raise
+            self.skipTest("torch not installed")
+
+    def run_ranks(self, told):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_rank, args=(r, port, told, q)) for r in range(2)]
+        for p in procs:
+            p.start()
+        got = dict(q.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(30)
+            self.assertEqual(p.exitcode, 0)
+        return got
+
+    def test_one_rank_told_all_stop_at_the_same_step(self):
+        got = self.run_ranks(told={1})
+        self.assertEqual(got[0], [False, False, True, True, True])
+        self.assertEqual(got[1], got[0])
+
+    def test_nobody_told_nobody_stops(self):
+        got = self.run_ranks(told=set())
+        self.assertEqual(got[0], [False] * 5)
+        self.assertEqual(got[1], [False] * 5)
+
+
+if __name__ == "__main__":
+    unittest.main()
