@@ -99,6 +99,10 @@ type Committer struct {
 	jmu      sync.Mutex
 	inflight map[string]int // key → uploads in flight
 	loaded   bool
+
+	// waiting names the job checkpoint whose other parts (or marker) a
+	// commit is waiting for, with its data sent: "" when none.
+	waiting atomic.Value
 }
 
 // Result says what a commit did.

@@ -50,6 +50,20 @@ func (e *PartsError) Unwrap() error { return ErrPartsMissing }
 
 func (c *Committer) job() bool { return c.Nodes > 1 }
 
+// WaitingOn says whether a commit of checkpoint name has sent this node's
+// part and is waiting on the other nodes: a newer checkpoint should
+// replace it then (every node moves to the newest; a part the others skip
+// never completes).
+func (c *Committer) WaitingOn(name string) bool {
+	w, _ := c.waiting.Load().(string)
+	return w != "" && w == name
+}
+
+func (c *Committer) setWaiting(name string) func() {
+	c.waiting.Store(name)
+	return func() { c.waiting.Store("") }
+}
+
 func partKey(run, name, node string) string {
 	return runKey(run, name) + "/" + PartsDir + "/" + node + ".json"
 }
@@ -94,6 +108,7 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 
 	wctx, cancel := c.partCtx(ctx)
 	defer cancel()
+	defer c.setWaiting(m.Name)()
 	tick := time.NewTicker(c.poll())
 	defer tick.Stop()
 	for {
@@ -337,6 +352,7 @@ func (c *Committer) waitMarker(ctx context.Context, ck Checkpoint) error {
 	name := ck.Name
 	wctx, cancel := c.partCtx(ctx)
 	defer cancel()
+	defer c.setWaiting(name)()
 	tick := time.NewTicker(c.poll())
 	defer tick.Stop()
 	for {

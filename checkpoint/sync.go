@@ -39,6 +39,7 @@ type Syncer struct {
 	emergency bool
 	bgCancel  context.CancelFunc
 	bgDone    chan struct{}
+	bgCkpt    *Checkpoint // the background commit's checkpoint
 	kick      chan struct{}
 	// lastCommit is when the newest commit happened; emergencyResult is
 	// what the emergency step committed.
@@ -199,13 +200,21 @@ func (s *Syncer) scan(ctx context.Context) {
 	s.seen = cks
 	close(s.changed)
 	s.changed = make(chan struct{})
+	if s.bgDone != nil && s.bgCkpt != nil && len(cks) > 0 && newerThan(cks[len(cks)-1], *s.bgCkpt) &&
+		s.Committer.WaitingOn(s.bgCkpt.Name) {
+		// A job's background commit waiting on the other nodes for an
+		// older checkpoint: they move to the newest, and so does this one.
+		s.log().Info("a newer checkpoint replaces the one waiting on the job's other nodes", "waiting", s.bgCkpt.Name,
+			"newer", cks[len(cks)-1].Name)
+		s.bgCancel()
+	}
 	start := s.Background && !s.emergency && s.bgDone == nil && len(cks) > 0 &&
 		s.committed[cks[len(cks)-1].Name] != cks[len(cks)-1].Signature()
 	var ck Checkpoint
 	if start {
 		ck = cks[len(cks)-1]
 		bctx, cancel := context.WithCancel(ctx)
-		s.bgCancel, s.bgDone = cancel, make(chan struct{})
+		s.bgCancel, s.bgDone, s.bgCkpt = cancel, make(chan struct{}), &ck
 		done := s.bgDone
 		s.mu.Unlock()
 		go func() {
@@ -213,7 +222,7 @@ func (s *Syncer) scan(ctx context.Context) {
 			defer cancel()
 			s.commit(bctx, ck, "background")
 			s.mu.Lock()
-			s.bgDone, s.bgCancel = nil, nil
+			s.bgDone, s.bgCancel, s.bgCkpt = nil, nil, nil
 			s.mu.Unlock()
 			select {
 			case s.kick <- struct{}{}: // a newer one may have come meanwhile
@@ -315,6 +324,7 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		}
 	}
 	exited := agent.TrainerExited(ctx)
+	trainerKnown := exited != nil // exited is set to nil once it has fired
 	waitUntil := func() time.Time {
 		deadline, ok := ctx.Deadline()
 		if !ok {
@@ -342,7 +352,7 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 			lastSize = max(lastSize, ck.Size())
 			continue // look again at once: a newer one may have completed meanwhile
 		}
-		if done != nil && exited == nil {
+		if done != nil && !trainerKnown {
 			break // no trainer to wait for: its first new checkpoint is the one
 		}
 		until := waitUntil()
@@ -438,8 +448,9 @@ func (s *Syncer) commitNewest(ctx context.Context, ck Checkpoint, before map[str
 				if newer == nil {
 					continue
 				}
-				// Both fit? Let this one finish; the newer follows.
-				if time.Now().Add(s.estimate(ck.Size()) + s.estimate(newer.Size())).Before(waitUntil()) {
+				// Both fit? Let this one finish; the newer follows — unless
+				// it waits on the job's other nodes, which go to the newer.
+				if !s.Committer.WaitingOn(ck.Name) && time.Now().Add(s.estimate(ck.Size())+s.estimate(newer.Size())).Before(waitUntil()) {
 					continue
 				}
 				superseded = newer

@@ -145,3 +145,134 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 	}
 	t.Logf("%d of 2 notices landed in the middle of a save", midSaves)
 }
+
+// torchrunNode runs one node of a two-node torchrun job on this machine
+// (test/torch/train_job.py, --nnodes 2, one rank a node, gloo), with env
+// added; its output goes to a buffer.
+func torchrunNode(t *testing.T, rank, port int, env ...string) (*bytes.Buffer, chan struct{}) {
+	t.Helper()
+	script, _ := filepath.Abs("../torch/train_job.py")
+	cmd := exec.Command(peers.Python, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", fmt.Sprint(rank),
+		"--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", fmt.Sprint(port),
+		"--redirects", "2", "--tee", "2", script, "--node", fmt.Sprintf("node%d", rank))
+	cmd.Env = append(os.Environ(), env...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		if t.Failed() {
+			t.Logf("torchrun node%d output:\n%s", rank, out.String())
+		}
+	})
+	return &out, done
+}
+
+var jobFinal = regexp.MustCompile(`final (step-[0-9]+) rank ([0-9]) (model \S+ table \S+)`)
+
+// TestTorchrunJobTwoNodes: a real two-node torchrun job on this machine —
+// two "nodes", each its own torchrun (--nnodes 2, gloo), checkpoint folder,
+// run_dir and preemptd daemon, one MinIO. The state is a DDP model and a
+// table sharded across the ranks (torch.distributed.checkpoint: each node
+// writes its rank's shard to its own folder, node 0 the .metadata too);
+// the loop asks the Python helper every step whether to stop. A job drill on
+// node 1 signals node 1's worker; node 0's daemon gets the job notice and
+// signals its own; the ranks agree, save the same step and exit; the job's
+// checkpoint commits with both parts, and restored on two fresh nodes it
+// loads to the same weights and shards.
+func TestTorchrunJobTwoNodes(t *testing.T) {
+	peers.RequireTorch(t)
+	s3 := peers.StartMinIO(t)
+	var nodes []*jobNode
+	for i := range 2 {
+		n := newJobNode(t, fmt.Sprintf("node%d", i))
+		n.config, n.env = filepath.Join(n.dir, "preemptd.yaml"), s3.Env()
+		match := `^\S*python[0-9.]* -u \S*train_job\.py --node ` + n.name + `( |$)`
+		cfg := fmt.Sprintf("provider: local\nrun_id: torch-job\ntrainer: {match: %q}\nmetrics: {listen: \"\"}\n"+
+			"checkpoint: {dir: %q, layout: dcp, quiet_period: 1s, keep: 0}\n"+
+			"storage: {url: \"s3://%s/runs\", endpoint: %q, region: us-east-1}\n"+
+			"job: {nodes: 2, node: %s, listen: \"127.0.0.1:%d\", token: %q}\n",
+			match, n.ckpt, s3.Bucket, s3.Endpoint, n.name, peers.FreePort(t), jobToken)
+		n.d = startDaemonIn(t, n.dir, cfg, n.env...)
+		nodes = append(nodes, n)
+	}
+	port := peers.FreePort(t)
+	var outs []*bytes.Buffer
+	var dones []chan struct{}
+	for i, n := range nodes {
+		out, done := torchrunNode(t, i, port, "CKPT_DIR="+n.ckpt, "PREEMPTD_RUN_DIR="+n.d.runDir, "SAVE_EVERY=10")
+		outs, dones = append(outs, out), append(dones, done)
+	}
+	waitFor(t, 120*time.Second, "a periodic checkpoint of the job committed", func() bool {
+		l, _ := lsJSON(t, nodes[0].config, nodes[0].env)
+		return l != ""
+	})
+	noticed := time.Now()
+	if _, err := nodes[1].d.client().Simulate(t.Context(), agent.SimulateRequest{Kind: "terminate", In: "90s", Job: true}); err != nil {
+		t.Fatal(err)
+	}
+	for i, done := range dones {
+		select {
+		case <-done:
+		case <-time.After(40 * time.Second):
+			t.Fatalf("node%d's torchrun did not exit", i)
+		}
+	}
+	finals := map[string]string{}
+	final := ""
+	for i, out := range outs {
+		m := jobFinal.FindStringSubmatch(out.String())
+		if m == nil {
+			t.Fatalf("node%d: no final checkpoint line", i)
+		}
+		if final != "" && m[1] != final {
+			t.Fatalf("the ranks saved different steps: %s and %s", final, m[1])
+		}
+		final = m[1]
+		finals[m[2]] = m[3]
+	}
+	for i, n := range nodes {
+		st := n.d.waitEmergencyDone()
+		e := st.Emergency
+		t.Logf("node%d: %s notice → path done %v; signalled %v; committed %+v", i, e.Notice.Provider,
+			e.FinishedAt.Sub(noticed).Round(time.Millisecond), e.Signal.PIDs, e.Checkpoint)
+		if e.Outcome != "completed" || e.Checkpoint == nil || e.Checkpoint.Name != final || len(e.Signal.PIDs) != 1 {
+			t.Fatalf("node%d: outcome %s, signalled %v, committed %+v; want its worker signalled and %s", i, e.Outcome, e.Signal.PIDs, e.Checkpoint, final)
+		}
+	}
+	if l, _ := lsJSON(t, nodes[0].config, nodes[0].env); l != final {
+		t.Fatalf("latest %s, want %s", l, final)
+	}
+	if m := jobManifest(t, nodes[0], final); len(m.Parts) != 2 {
+		t.Fatalf("%s has %d parts; want both nodes'", final, len(m.Parts))
+	}
+	// Two fresh nodes: restore, then load under a two-node torchrun.
+	port = peers.FreePort(t)
+	var checks []*bytes.Buffer
+	for i, n := range nodes {
+		fresh := filepath.Join(shortDir(t), "ckpt")
+		if out, code := runCLIEnv(t, n.env, "restore", "--config", n.config, "--to", fresh); code != 0 {
+			t.Fatalf("restore on fresh node%d: %s", i, out)
+		}
+		out, done := torchrunNode(t, i, port, "CKPT_DIR="+fresh, "CHECK_DIR="+filepath.Join(fresh, final))
+		checks, dones[i] = append(checks, out), done
+	}
+	for i := range nodes {
+		select {
+		case <-dones[i]:
+		case <-time.After(60 * time.Second):
+			t.Fatalf("node%d's verifying load did not finish", i)
+		}
+		want := fmt.Sprintf("check rank %d %s", i, finals[fmt.Sprint(i)])
+		if !bytes.Contains(checks[i].Bytes(), []byte(want)) {
+			t.Fatalf("node%d: restored state differs: want %q in\n%s", i, want, checks[i].String())
+		}
+	}
+	t.Logf("both ranks saved %s and loaded it back on fresh nodes: %v", final, finals)
+}
