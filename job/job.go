@@ -72,6 +72,12 @@ type Published struct {
 	Withdrawn bool `json:"withdrawn,omitempty"`
 }
 
+// mine is a notice of this node's, published (or being published).
+type mine struct {
+	p         Published
+	published chan struct{} // closed once the store's object is created (or given up on)
+}
+
 // Job is one node's part in the job: a Watcher, a Relay and the registry.
 type Job struct {
 	cfg   Config
@@ -89,7 +95,7 @@ type Job struct {
 	started   time.Time
 	members   []Member
 	membersAt time.Time
-	mine      map[string]Published // this node's published notices, by agent key
+	mine      map[string]mine // this node's published notices, by agent key
 	wg        sync.WaitGroup
 }
 
@@ -105,7 +111,7 @@ func New(cfg Config, store storage.Store, log *slog.Logger) *Job {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Job{cfg: cfg, store: store, log: log, now: time.Now, client: &http.Client{Timeout: 2 * time.Second},
-		pushed: make(chan Published, 64), mine: map[string]Published{}}
+		pushed: make(chan Published, 64), mine: map[string]mine{}}
 }
 
 func (j *Job) prefix() string               { return j.cfg.Run + "/_job/" }
@@ -310,7 +316,8 @@ func (j *Job) Fatal(n agent.Notice) {
 		j.mu.Unlock()
 		return
 	}
-	j.mine[n.Key()] = p
+	published := make(chan struct{})
+	j.mine[n.Key()] = mine{p: p, published: published}
 	j.mu.Unlock()
 	j.log.Warn("stopping the job: publishing this node's fatal notice to its other nodes", "id", p.ID, "deadline", p.Deadline)
 	ctx, cancel := context.WithDeadline(context.Background(), j.until(p))
@@ -318,7 +325,7 @@ func (j *Job) Fatal(n agent.Notice) {
 		defer cancel()
 		var both sync.WaitGroup
 		both.Go(func() { j.push(ctx, p) })
-		both.Go(func() { j.publish(ctx, p) })
+		both.Go(func() { defer close(published); j.publish(ctx, p) })
 		both.Wait()
 	})
 }
@@ -354,12 +361,13 @@ func (j *Job) publish(ctx context.Context, p Published) {
 // withdraws the job notice it made.
 func (j *Job) Withdrawn(n agent.Notice) {
 	j.mu.Lock()
-	p, ok := j.mine[n.Key()]
+	m, ok := j.mine[n.Key()]
 	delete(j.mine, n.Key())
 	j.mu.Unlock()
 	if !ok {
 		return
 	}
+	p := m.p
 	j.log.Info("this node's notice withdrawn: withdrawing the job notice", "id", p.ID)
 	p.Withdrawn = true
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -368,6 +376,10 @@ func (j *Job) Withdrawn(n agent.Notice) {
 		var both sync.WaitGroup
 		both.Go(func() { j.push(ctx, p) })
 		both.Go(func() {
+			select { // a delete before the create lands would leave the notice in the store
+			case <-m.published:
+			case <-ctx.Done():
+			}
 			for ctx.Err() == nil {
 				if err := j.store.Delete(ctx, j.noticeKey(p.ID)); err == nil {
 					return

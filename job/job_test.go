@@ -317,3 +317,26 @@ func TestMembersLiveOnly(t *testing.T) {
 		t.Fatalf("status %+v", s)
 	}
 }
+
+// slowCreate delays every Create: a store far away.
+type slowCreate struct{ storage.Store }
+
+func (s slowCreate) Create(ctx context.Context, key string, b []byte) error {
+	time.Sleep(200 * time.Millisecond)
+	return s.Store.Create(ctx, key, b)
+}
+
+// A notice withdrawn while its object is still being created must not be
+// left in the store (the delete waits for the create).
+func TestWithdrawnBeforeCreateLands(t *testing.T) {
+	st := slowCreate{newDir(t)}
+	j := New(Config{Run: "run", Node: "n1", Nodes: 2}, st, nil)
+	n := fatal("i-1", time.Minute)
+	j.Fatal(n)
+	j.Withdrawn(n)
+	j.Wait()
+	objs, err := st.List(context.Background(), "run/_job/notices")
+	if err != nil || len(objs) != 0 {
+		t.Fatalf("notices left in the store: %v %v", objs, err)
+	}
+}
