@@ -369,7 +369,8 @@ func (c *Committer) waitMarker(ctx context.Context, ck Checkpoint) error {
 		select {
 		case <-tick.C:
 		case <-wctx.Done():
-			return fmt.Errorf("the job's completion marker (another node's part with it) is not in the store: %w", context.Cause(wctx))
+			return fmt.Errorf("the job's completion marker (the part of the node that writes it) is not in the store: %w (%w)",
+				ErrPartsMissing, context.Cause(wctx))
 		}
 	}
 }

@@ -46,28 +46,28 @@ type episode struct {
 type watchState struct {
 	entries  map[string]*entry
 	episodes []*episode
-	failing  bool // the store listing fails (logged once)
 }
 
 // Watch implements agent.Watcher: it lists <run>/_job/notices every
 // job.poll and takes pushes as they come; while any other node's notice is
 // active it sends one fatal job notice (its id the first one's, its
 // deadline the earliest), withdrawn when they all are. A store outage
-// changes nothing it has seen: no notice is made up, none withdrawn.
+// changes nothing it has seen: no notice is made up, none withdrawn. The
+// store is read in a goroutine of its own, so that a store that hangs
+// never holds up a push.
 func (j *Job) Watch(ctx context.Context, out chan<- agent.Notice) error {
 	st := &watchState{entries: map[string]*entry{}}
-	tick := time.NewTicker(j.cfg.Poll)
-	defer tick.Stop()
 	j.log.Info("watching the job's notices", "run", j.cfg.Run, "node", j.cfg.Node, "nodes", j.cfg.Nodes,
 		"poll", j.cfg.Poll.String(), "push", j.cfg.Listen != "")
-	j.pollStore(ctx, st)
+	listings := make(chan map[string]Published)
+	go j.pollLoop(ctx, listings)
 	for {
 		j.emit(ctx, st, out)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-tick.C:
-			j.pollStore(ctx, st)
+		case listed := <-listings:
+			j.applyListing(st, listed)
 		case p := <-j.pushed:
 			j.apply(st, p, "push")
 		}
@@ -111,44 +111,82 @@ func (j *Job) apply(st *watchState, p Published, via string) {
 	}
 }
 
-// pollStore lists the notices once: new ones are read and applied, those
-// gone from the store are withdrawn.
-func (j *Job) pollStore(ctx context.Context, st *watchState) {
+// applyListing takes one listing of the store: new notices applied, those
+// gone from it withdrawn.
+func (j *Job) applyListing(st *watchState, listed map[string]Published) {
+	for _, p := range listed {
+		j.apply(st, p, "store")
+	}
+	for id, e := range st.entries {
+		if _, ok := listed[id]; e.inStore && !ok {
+			delete(st.entries, id)
+			j.log.Info("job notice withdrawn (gone from the store)", "id", id, "node", e.p.Node)
+		}
+	}
+}
+
+// pollLoop lists the store's notices every job.poll and sends each
+// complete listing (the other nodes' notices, each read once); a listing
+// that fails sends nothing.
+func (j *Job) pollLoop(ctx context.Context, listings chan<- map[string]Published) {
+	known := map[string]Published{}
+	failing := false
+	tick := time.NewTicker(j.cfg.Poll)
+	defer tick.Stop()
+	for {
+		listed, err := j.list(ctx, known)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			if !failing {
+				j.log.Warn("job notices not readable from the store; pushes still arrive, nothing seen is dropped", "err", err)
+			}
+			failing = true
+		case err == nil:
+			if failing {
+				j.log.Info("job notices readable from the store again")
+				failing = false
+			}
+			known = listed
+			select {
+			case listings <- listed:
+			case <-ctx.Done():
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// list reads the notices in the store: one LIST, and a GET of each notice
+// not known from an earlier listing.
+func (j *Job) list(ctx context.Context, known map[string]Published) (map[string]Published, error) {
 	lctx, cancel := context.WithTimeout(ctx, max(4*j.cfg.Poll, 2*time.Second))
 	defer cancel()
 	prefix := j.prefix() + "notices"
 	objs, err := j.store.List(lctx, prefix)
 	if err != nil {
-		if !st.failing && ctx.Err() == nil {
-			j.log.Warn("job notices not readable from the store; pushes still arrive, nothing seen is dropped", "err", err)
-		}
-		st.failing = true
-		return
+		return nil, err
 	}
-	if st.failing {
-		j.log.Info("job notices readable from the store again")
-		st.failing = false
-	}
-	listed := map[string]bool{}
+	listed := map[string]Published{}
 	for _, o := range objs {
 		id, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix+"/"), ".json")
-		if !ok || strings.Contains(id, "/") {
-			continue
+		if !ok || strings.Contains(id, "/") || strings.HasPrefix(id, j.cfg.Node+"--") {
+			continue // not a notice, or this node's own
 		}
-		listed[id] = true
-		if e, ok := st.entries[id]; ok {
-			e.inStore = true
+		if p, ok := known[id]; ok {
+			listed[id] = p
 			continue
-		}
-		if strings.HasPrefix(id, j.cfg.Node+"--") {
-			continue // this node's own
 		}
 		var buf bytes.Buffer
 		if err := j.store.Get(lctx, o.Key, &buf); err != nil {
-			if !errors.Is(err, storage.ErrNotFound) {
-				j.log.Warn("job notice not read", "key", o.Key, "err", err)
+			if errors.Is(err, storage.ErrNotFound) {
+				continue // withdrawn meanwhile
 			}
-			continue
+			return nil, err
 		}
 		var p Published
 		if err := json.Unmarshal(buf.Bytes(), &p); err != nil || p.ID != id {
@@ -159,14 +197,9 @@ func (j *Job) pollStore(ctx context.Context, st *watchState) {
 			_ = j.store.Delete(lctx, o.Key) // long over: nobody needs it
 			continue
 		}
-		j.apply(st, p, "store")
+		listed[id] = p
 	}
-	for id, e := range st.entries {
-		if e.inStore && !listed[id] {
-			delete(st.entries, id)
-			j.log.Info("job notice withdrawn (gone from the store)", "id", id, "node", e.p.Node)
-		}
-	}
+	return listed, nil
 }
 
 // emit sends the agent the job notices the entries make, when they change:
