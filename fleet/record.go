@@ -31,8 +31,13 @@ type Record struct {
 	NoticeID string         `json:"notice_id"`
 	Action   string         `json:"action,omitempty"`
 	Class    agent.Class    `json:"class"`
-	// Simulated marks records of `preemptd simulate` (left out of reports by default).
-	Simulated          bool      `json:"simulated,omitempty"`
+	// Simulated marks records of `preemptd simulate` (left out of reports
+	// by default), and of job notices a drill started.
+	Simulated bool `json:"simulated,omitempty"`
+	// JobOrigin, on a job notice's record, is the node whose notice stopped
+	// the job, and JobOrigins every node's notice of that stop.
+	JobOrigin  string            `json:"job_origin,omitempty"`
+	JobOrigins []json.RawMessage `json:"job_origins,omitempty"`
 	NoticedAt          time.Time `json:"noticed_at"`
 	Deadline           time.Time `json:"deadline,omitzero"`
 	SignalledAt        time.Time `json:"signalled_at,omitzero"`
@@ -77,6 +82,21 @@ func FromEvent(ev agent.Event) Record {
 		Deadline: n.Deadline.UTC(), Outcome: "notice", UpdatedAt: ev.At.UTC()}
 	if n.Deadline.IsZero() {
 		r.Deadline = time.Time{}
+	}
+	if n.Kind == agent.KindJob {
+		var raw struct {
+			Node    string            `json:"node"`
+			Origins []json.RawMessage `json:"origins"`
+		}
+		if json.Unmarshal(n.Raw, &raw) == nil {
+			r.JobOrigin, r.JobOrigins = raw.Node, raw.Origins
+			for _, o := range raw.Origins {
+				var p struct{ Provider string }
+				if json.Unmarshal(o, &p) == nil && p.Provider == agent.ProviderSimulate {
+					r.Simulated = true
+				}
+			}
+		}
 	}
 	if e := ev.Emergency; e != nil {
 		r.Outcome = "pending"

@@ -179,3 +179,24 @@ func TestReportSaysWhatItLeftOut(t *testing.T) {
 		t.Fatalf("watched, nothing committed: %d lost, want 1", r.CheckpointsLost)
 	}
 }
+
+// A job notice's record names the node that stopped the job; one a drill
+// started is a drill's record, and no job notice counts as an interruption
+// of this machine (the noticed node's own record does).
+func TestJobNoticeRecord(t *testing.T) {
+	raw := []byte(`{"node":"node2","origins":[{"run":"r","id":"node2--simulate-sim-1","node":"node2","provider":"simulate","kind":"terminate","notice_id":"sim-1"}]}`)
+	now := time.Now()
+	ev := agent.Event{Phase: agent.PhaseNotice, Class: agent.ClassFatal, At: now,
+		Notice: agent.Notice{Provider: "job", Kind: agent.KindJob, ID: "node2--simulate-sim-1", NoticedAt: now, Deadline: now.Add(time.Minute), Raw: raw}}
+	r := FromEvent(ev)
+	if r.JobOrigin != "node2" || len(r.JobOrigins) != 1 || !r.Simulated {
+		t.Fatalf("record %+v: want job origin node2, simulated", r)
+	}
+	if Interruption(r) {
+		t.Fatal("a job notice counted as this machine's interruption")
+	}
+	ev.Notice.Raw = []byte(`{"node":"node1","origins":[{"provider":"aws","kind":"terminate"}]}`)
+	if r := FromEvent(ev); r.Simulated || r.JobOrigin != "node1" {
+		t.Fatalf("a cloud's job notice: %+v", r)
+	}
+}
