@@ -36,13 +36,13 @@ type Record struct {
 	Simulated bool `json:"simulated,omitempty"`
 	// JobOrigin, on a job notice's record, is the node whose notice stopped
 	// the job, and JobOrigins every node's notice of that stop.
-	JobOrigin  string            `json:"job_origin,omitempty"`
-	JobOrigins []json.RawMessage `json:"job_origins,omitempty"`
-	NoticedAt          time.Time `json:"noticed_at"`
-	Deadline           time.Time `json:"deadline,omitzero"`
-	SignalledAt        time.Time `json:"signalled_at,omitzero"`
-	CheckpointComplete time.Time `json:"checkpoint_complete_at,omitzero"`
-	CommittedAt        time.Time `json:"committed_at,omitzero"`
+	JobOrigin          string            `json:"job_origin,omitempty"`
+	JobOrigins         []json.RawMessage `json:"job_origins,omitempty"`
+	NoticedAt          time.Time         `json:"noticed_at"`
+	Deadline           time.Time         `json:"deadline,omitzero"`
+	SignalledAt        time.Time         `json:"signalled_at,omitzero"`
+	CheckpointComplete time.Time         `json:"checkpoint_complete_at,omitzero"`
+	CommittedAt        time.Time         `json:"committed_at,omitzero"`
 	// LastCommitBefore is the newest checkpoint committed before the notice.
 	LastCommitBefore time.Time `json:"last_commit_before,omitzero"`
 	Checkpoint       string    `json:"checkpoint,omitempty"`
