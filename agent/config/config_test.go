@@ -219,14 +219,16 @@ func FuzzLoad(f *testing.F) {
 	})
 }
 
-// TestExampleConfigs: every preemptd.yaml under examples/ loads and validates.
+// TestExampleConfigs: every preemptd.yaml under examples/ loads and
+// validates, with the secrets they say come from the environment set there.
 func TestExampleConfigs(t *testing.T) {
 	paths, _ := filepath.Glob("../../examples/*/preemptd.yaml")
-	if len(paths) < 3 {
+	if len(paths) < 4 {
 		t.Fatalf("found %d example configs", len(paths))
 	}
+	env := map[string]string{"PREEMPTD_JOB_TOKEN": "0123456789abcdef0123456789abcdef"}
 	for _, p := range paths {
-		c, err := Load(p, nil)
+		c, err := Load(p, func(k string) string { return env[k] })
 		if err == nil {
 			err = c.Validate()
 		}
