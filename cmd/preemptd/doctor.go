@@ -14,8 +14,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/agent/gpu"
 	"github.com/preemptd/preemptd/agent/trainer"
+	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/providers"
 )
 
@@ -116,6 +118,11 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		}
 	}
 
+	// A multi-node job: every node must reach the same store.
+	if cfg.Job.Nodes > 1 {
+		doctorJob(ctx, &cfg, getenv, report)
+	}
+
 	// NVML.
 	g := gpu.Open(nil)
 	snap := g.Snapshot(ctx)
@@ -170,4 +177,43 @@ func nearestDir(path string) string {
 			return p
 		}
 	}
+}
+
+// doctorJob checks what a node of a multi-node job needs: a store the other
+// nodes share, and who has registered in it.
+func doctorJob(ctx context.Context, cfg *config.Config, getenv func(string) string, report func(level, what, detail string)) {
+	if strings.HasPrefix(cfg.StorageURL(), "file://") {
+		report("WARN", "job", fmt.Sprintf("job.nodes is %d but the store is a local folder (%s): the nodes must share one store (s3://, gs://) unless that folder is shared",
+			cfg.Job.Nodes, cfg.StorageURL()))
+	}
+	if cfg.Job.Listen != "" && cfg.JobAdvertise() == "" {
+		report("FAIL", "job", "job.listen is set but no address to advertise to the other nodes: set job.advertise")
+	}
+	cm, err := newCommitter(cfg, getenv, nil)
+	if err != nil {
+		return // the store check said why
+	}
+	jctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	ms, err := job.ReadMembers(jctx, cm.Store, cm.Run)
+	if err != nil {
+		report("FAIL", "job", fmt.Sprintf("the job's registry in %s: %v", cm.Store, err))
+		return
+	}
+	names := []string{"none yet"}
+	if len(ms) > 0 {
+		names = nil
+	}
+	for _, m := range ms {
+		names = append(names, fmt.Sprintf("%s (refreshed %s)", m.Node, m.RefreshedAt.Format(time.RFC3339)))
+	}
+	report("OK", "job", fmt.Sprintf("run %s: %d of %d nodes registered: %s; push: %s", cm.Run, len(ms), cfg.Job.Nodes,
+		strings.Join(names, ", "), orNone(cfg.JobAdvertise())))
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "off (store only)"
+	}
+	return s
 }
