@@ -111,8 +111,12 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 	defer c.setWaiting(m.Name)()
 	tick := time.NewTicker(c.poll())
 	defer tick.Stop()
+	var lastPerr *PartsError // what was missing the last time it could be told
 	for {
 		merged, won, perr, err := c.complete(wctx, m.Name)
+		if perr != nil {
+			lastPerr = perr
+		}
 		if err == nil && perr == nil {
 			took := c.now().Sub(start)
 			if !won {
@@ -127,8 +131,8 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 		select {
 		case <-tick.C:
 		case <-wctx.Done():
-			if perr != nil {
-				return Result{}, perr
+			if lastPerr != nil {
+				return Result{}, lastPerr
 			}
 			return Result{}, fmt.Errorf("checkpoint %s not committed: %w", m.Name, err)
 		}
