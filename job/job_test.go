@@ -340,3 +340,34 @@ func TestWithdrawnBeforeCreateLands(t *testing.T) {
 		t.Fatalf("notices left in the store: %v %v", objs, err)
 	}
 }
+
+// A listing read before its node deleted a withdrawn notice (the push of
+// the withdrawal outran the delete) must not bring the notice back: that
+// would stop the job again for a notice already taken back.
+func TestWithdrawnNoticeNotBroughtBack(t *testing.T) {
+	j := New(Config{Run: "run", Node: "n0", Nodes: 2}, newDir(t), nil)
+	st := &watchState{entries: map[string]*entry{}, gone: map[string]time.Time{}}
+	now := time.Now()
+	p := Published{Run: "run", ID: "n1--aws-x", Node: "n1", Provider: "aws", Kind: agent.KindTerminate, NoticeID: "x",
+		NoticedAt: now, Deadline: now.Add(time.Minute)}
+	out := make(chan agent.Notice, 8)
+	j.apply(st, p, "push")
+	j.emit(context.Background(), st, out)
+	if n := <-out; n.Withdrawn || n.Kind != agent.KindJob {
+		t.Fatalf("first: %+v", n)
+	}
+	w := p
+	w.Withdrawn = true
+	j.apply(st, w, "push")
+	j.emit(context.Background(), st, out)
+	if n := <-out; !n.Withdrawn {
+		t.Fatalf("after the withdrawal: %+v", n)
+	}
+	j.applyListing(st, map[string]Published{p.ID: p}) // listed before the delete
+	j.emit(context.Background(), st, out)
+	select {
+	case n := <-out:
+		t.Fatalf("a stale listing brought the withdrawn notice back: %+v", n)
+	default:
+	}
+}

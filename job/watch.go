@@ -46,6 +46,9 @@ type episode struct {
 type watchState struct {
 	entries  map[string]*entry
 	episodes []*episode
+	// gone are the notices withdrawn, and when: a listing read before the
+	// withdrawal (the push outran the delete) must not bring one back.
+	gone map[string]time.Time
 }
 
 // Watch implements agent.Watcher: it lists <run>/_job/notices every
@@ -56,7 +59,7 @@ type watchState struct {
 // store is read in a goroutine of its own, so that a store that hangs
 // never holds up a push.
 func (j *Job) Watch(ctx context.Context, out chan<- agent.Notice) error {
-	st := &watchState{entries: map[string]*entry{}}
+	st := &watchState{entries: map[string]*entry{}, gone: map[string]time.Time{}}
 	j.log.Info("watching the job's notices", "run", j.cfg.Run, "node", j.cfg.Node, "nodes", j.cfg.Nodes,
 		"poll", j.cfg.Poll.String(), "push", j.cfg.Listen != "")
 	listings := make(chan map[string]Published)
@@ -79,8 +82,12 @@ func (j *Job) apply(st *watchState, p Published, via string) {
 	if p.Node == j.cfg.Node || p.Run != j.cfg.Run {
 		return
 	}
+	if _, withdrawn := st.gone[p.ID]; withdrawn {
+		return
+	}
 	e, ok := st.entries[p.ID]
 	if p.Withdrawn {
+		st.gone[p.ID] = j.now()
 		if ok {
 			delete(st.entries, p.ID)
 			j.log.Info("job notice withdrawn by its node", "id", p.ID, "node", p.Node, "via", via)
@@ -120,7 +127,13 @@ func (j *Job) applyListing(st *watchState, listed map[string]Published) {
 	for id, e := range st.entries {
 		if _, ok := listed[id]; e.inStore && !ok {
 			delete(st.entries, id)
+			st.gone[id] = j.now()
 			j.log.Info("job notice withdrawn (gone from the store)", "id", id, "node", e.p.Node)
+		}
+	}
+	for id, at := range st.gone {
+		if _, ok := listed[id]; !ok && j.now().Sub(at) > housekeep {
+			delete(st.gone, id) // long gone from the store too
 		}
 	}
 }
