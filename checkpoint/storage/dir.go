@@ -8,7 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path"
 	"path/filepath"
 	"strings"
 )
@@ -89,23 +88,36 @@ func (d *Dir) PutBytes(ctx context.Context, key string, b []byte) error {
 	return d.write(ctx, key, bytes.NewReader(b))
 }
 
-// Create implements Store: the bytes go to a temporary file, which is then
-// hard-linked to key (link(2) fails when key exists, so one writer wins).
+// Create implements Store: the bytes go to a temporary file of this call's
+// own, which is then hard-linked to key (link(2) fails when key exists, so
+// one writer wins) and removed.
 func (d *Dir) Create(ctx context.Context, key string, b []byte) error {
 	p, err := d.path(key)
 	if err != nil {
 		return err
 	}
-	tmpKey := path.Join(path.Dir(key), tmpName(path.Base(key))+"create")
-	if err := d.write(ctx, tmpKey, bytes.NewReader(b)); err != nil {
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return err
 	}
-	tp, _ := d.path(tmpKey)
-	defer os.Remove(tp)
-	if err := os.Link(tp, p); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("storage: create %s: %w", key, ErrExists)
-		}
+	tmp, err := os.CreateTemp(filepath.Dir(p), tmpName(filepath.Base(p))+"*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = io.Copy(tmp, ctxReader{ctx, bytes.NewReader(b)})
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Link(tmp.Name(), p)
+	}
+	switch {
+	case errors.Is(err, fs.ErrExist):
+		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
+	case err != nil:
 		return fmt.Errorf("storage: create %s: %w", key, err)
 	}
 	return nil
