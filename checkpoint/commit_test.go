@@ -50,7 +50,13 @@ func randomFile(t *testing.T, p string, n int) {
 
 func scanOne(t *testing.T, root, name string) Checkpoint {
 	t.Helper()
-	cks, err := Scan(root, LayoutDCP, 0, time.Now())
+	return findScanned(t, Scan, LayoutDCP, root, name)
+}
+
+// findScanned is the checkpoint name as scan finds it complete in root.
+func findScanned(t *testing.T, scan func(string, string, time.Duration, time.Time) ([]Checkpoint, error), layout, root, name string) Checkpoint {
+	t.Helper()
+	cks, err := scan(root, layout, 0, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}

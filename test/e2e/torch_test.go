@@ -24,8 +24,16 @@ import (
 func torchrun(t *testing.T, env ...string) (*exec.Cmd, *bytes.Buffer, chan struct{}) {
 	t.Helper()
 	script, _ := filepath.Abs("../torch/train_dcp.py")
-	cmd := exec.Command(peers.Python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", fmt.Sprint(peers.FreePort(t)),
-		"--redirects", "2", "--tee", "2", script)
+	return startTorchrun(t, "torchrun", []string{"--nproc_per_node", "2", "--master_port", fmt.Sprint(peers.FreePort(t)),
+		"--redirects", "2", "--tee", "2", script}, env)
+}
+
+// startTorchrun starts `python -m torch.distributed.run args…` in its own
+// process group (killed whole at the test's end), its output in a buffer
+// (logged as label when the test fails).
+func startTorchrun(t *testing.T, label string, args, env []string) (*exec.Cmd, *bytes.Buffer, chan struct{}) {
+	t.Helper()
+	cmd := exec.Command(peers.Python, append([]string{"-m", "torch.distributed.run"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -39,7 +47,7 @@ func torchrun(t *testing.T, env ...string) (*exec.Cmd, *bytes.Buffer, chan struc
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-done
 		if t.Failed() {
-			t.Logf("torchrun output:\n%s", out.String())
+			t.Logf("%s output:\n%s", label, out.String())
 		}
 	})
 	return cmd, &out, done
@@ -152,26 +160,10 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 func torchrunNode(t *testing.T, rank, port int, env ...string) (*bytes.Buffer, chan struct{}) {
 	t.Helper()
 	script, _ := filepath.Abs("../torch/train_job.py")
-	cmd := exec.Command(peers.Python, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", fmt.Sprint(rank),
+	_, out, done := startTorchrun(t, fmt.Sprintf("torchrun node%d", rank), []string{"--nnodes", "2", "--node_rank", fmt.Sprint(rank),
 		"--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", fmt.Sprint(port),
-		"--redirects", "2", "--tee", "2", script, "--node", fmt.Sprintf("node%d", rank))
-	cmd.Env = append(os.Environ(), env...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-done
-		if t.Failed() {
-			t.Logf("torchrun node%d output:\n%s", rank, out.String())
-		}
-	})
-	return &out, done
+		"--redirects", "2", "--tee", "2", script, "--node", fmt.Sprintf("node%d", rank)}, env)
+	return out, done
 }
 
 var jobFinal = regexp.MustCompile(`final (step-[0-9]+) rank ([0-9]) (model \S+ table \S+)`)
