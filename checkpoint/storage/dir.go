@@ -36,8 +36,15 @@ func (d *Dir) path(key string) (string, error) {
 	return filepath.Join(d.root, filepath.FromSlash(key)), nil
 }
 
-// write streams r to key through a temporary file.
+// write streams r to key through a temporary file, renamed into place.
 func (d *Dir) write(ctx context.Context, key string, r io.Reader) error {
+	return d.through(ctx, key, r, "write", os.Rename)
+}
+
+// through writes r to a temporary file of its own beside key's path,
+// synced, then hands it to place (rename, or link for a create); the
+// temporary name is removed either way.
+func (d *Dir) through(ctx context.Context, key string, r io.Reader, verb string, place func(tmp, p string) error) error {
 	p, err := d.path(key)
 	if err != nil {
 		return err
@@ -57,11 +64,11 @@ func (d *Dir) write(ctx context.Context, key string, r io.Reader) error {
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}
-	if err != nil {
-		return fmt.Errorf("storage: write %s: %w", key, err)
+	if err == nil {
+		err = place(tmp.Name(), p)
 	}
-	if err := os.Rename(tmp.Name(), p); err != nil {
-		return fmt.Errorf("storage: write %s: %w", key, err)
+	if err != nil {
+		return fmt.Errorf("storage: %s %s: %w", verb, key, err)
 	}
 	return nil
 }
@@ -90,37 +97,13 @@ func (d *Dir) PutBytes(ctx context.Context, key string, b []byte) error {
 
 // Create implements Store: the bytes go to a temporary file of this call's
 // own, which is then hard-linked to key (link(2) fails when key exists, so
-// one writer wins) and removed.
+// one writer wins).
 func (d *Dir) Create(ctx context.Context, key string, b []byte) error {
-	p, err := d.path(key)
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(p), tmpName(filepath.Base(p))+"*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	_, err = io.Copy(tmp, ctxReader{ctx, bytes.NewReader(b)})
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Link(tmp.Name(), p)
-	}
-	switch {
-	case errors.Is(err, fs.ErrExist):
+	err := d.through(ctx, key, bytes.NewReader(b), "create", os.Link)
+	if errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
-	case err != nil:
-		return fmt.Errorf("storage: create %s: %w", key, err)
 	}
-	return nil
+	return err
 }
 
 // Copy implements Store: a hard link where it can, else a copy.
