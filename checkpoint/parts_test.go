@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -263,4 +264,55 @@ func TestCreateIsConditional(t *testing.T) {
 			t.Fatalf("list after creates: %v %v (no temporary left behind)", objs, err)
 		}
 	})
+}
+
+// Incremental reuse works per node in a job: a shard unchanged since the
+// job's last checkpoint is copied inside the store, not sent again.
+func TestJobIncrementalReuse(t *testing.T) {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, roots := jobNodes(t, st, 2, "node0", "node1")
+	commitAll := func(name string) []Result {
+		var wg sync.WaitGroup
+		res := make([]Result, len(cs))
+		for i := range cs {
+			wg.Go(func() {
+				r, err := cs[i].Commit(context.Background(), scanJobOne(t, roots[i], name))
+				if err != nil {
+					t.Error(err)
+				}
+				res[i] = r
+			})
+		}
+		wg.Wait()
+		return res
+	}
+	for i, r := range roots {
+		shardsOf(t, r, "step-1", i, 1<<20)
+	}
+	commitAll("step-1")
+	// step-2: node 1's shard unchanged (a frozen layer), node 0's new.
+	shardsOf(t, roots[0], "step-2", 0, 1<<20)
+	if err := os.MkdirAll(filepath.Join(roots[1], "step-2"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(filepath.Join(roots[1], "step-1", "__1_0.distcp"))
+	os.WriteFile(filepath.Join(roots[1], "step-2", "__1_0.distcp"), b, 0o644)
+	res := commitAll("step-2")
+	m := res[0].Manifest
+	var reused []string
+	for _, f := range m.Files {
+		if f.Reused {
+			reused = append(reused, f.Node+":"+f.Path)
+		}
+	}
+	if !slices.Equal(reused, []string{"node1:step-2/__1_0.distcp"}) || m.SentBytes != m.Bytes-int64(len(b)) {
+		t.Fatalf("reused %v, sent %d of %d; want node1's unchanged shard copied, the rest sent", reused, m.SentBytes, m.Bytes)
+	}
+	dst := t.TempDir()
+	if _, _, err := cs[0].Restore(context.Background(), dst, "step-2"); err != nil {
+		t.Fatal(err)
+	}
 }
