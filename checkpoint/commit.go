@@ -252,8 +252,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	}
 	b, _ := json.MarshalIndent(m, "", "  ")
 	if c.SignKey != nil { // the signature first: the manifest commits
-		sig := base64.StdEncoding.EncodeToString(ed25519.Sign(c.SignKey, b))
-		if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+SignatureName, []byte(sig+"\n")); err != nil {
+		if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+SignatureName, []byte(sign(c.SignKey, b))); err != nil {
 			return Result{}, fmt.Errorf("checkpoint %s: signature: %w", ck.Name, err)
 		}
 	}
@@ -402,20 +401,34 @@ func (c *Committer) manifest(ctx context.Context, name string) (Manifest, error)
 		return Manifest{}, err
 	}
 	if c.VerifyKey != nil {
-		var sig bytes.Buffer
-		err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+SignatureName, &sig)
-		if errors.Is(err, storage.ErrNotFound) {
-			return Manifest{}, fmt.Errorf("checkpoint %s: %w: no signature", name, ErrUnsigned)
-		}
-		if err != nil {
-			return Manifest{}, err
-		}
-		raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(sig.String()))
-		if err != nil || !ed25519.Verify(c.VerifyKey, buf.Bytes(), raw) {
-			return Manifest{}, fmt.Errorf("checkpoint %s: %w: the signature does not verify", name, ErrUnsigned)
+		if err := c.verify(ctx, c.VerifyKey, runKey(c.Run, name)+"/"+SignatureName, buf.Bytes()); err != nil {
+			return Manifest{}, fmt.Errorf("checkpoint %s: %w", name, err)
 		}
 	}
 	return ParseManifest(buf.Bytes())
+}
+
+// sign is the ed25519 signature of b as stored beside what it signs.
+func sign(key ed25519.PrivateKey, b []byte) string {
+	return base64.StdEncoding.EncodeToString(ed25519.Sign(key, b)) + "\n"
+}
+
+// verify checks the signature stored at sigKey over body with pub
+// (ErrUnsigned when it is missing or does not verify).
+func (c *Committer) verify(ctx context.Context, pub ed25519.PublicKey, sigKey string, body []byte) error {
+	var sig bytes.Buffer
+	err := c.Store.Get(ctx, sigKey, &sig)
+	if errors.Is(err, storage.ErrNotFound) {
+		return fmt.Errorf("%w: no signature", ErrUnsigned)
+	}
+	if err != nil {
+		return err
+	}
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(sig.String()))
+	if err != nil || !ed25519.Verify(pub, body, raw) {
+		return fmt.Errorf("%w: the signature does not verify", ErrUnsigned)
+	}
+	return nil
 }
 
 // List returns the run's committed checkpoints (valid manifests), oldest

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -64,8 +63,13 @@ func (c *Committer) setWaiting(name string) func() {
 	return func() { c.waiting.Store("") }
 }
 
+// partKey and partSigKey are a node's part manifest and its signature.
 func partKey(run, name, node string) string {
 	return runKey(run, name) + "/" + PartsDir + "/" + node + ".json"
+}
+
+func partSigKey(run, name, node string) string {
+	return runKey(run, name) + "/" + PartsDir + "/" + node + ".sig"
 }
 
 func (c *Committer) poll() time.Duration {
@@ -95,7 +99,7 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 	b, _ := json.MarshalIndent(m, "", "  ")
 	key := partKey(c.Run, m.Name, c.Node)
 	if c.SignKey != nil {
-		if err := c.Store.PutBytes(ctx, strings.TrimSuffix(key, ".json")+".sig", []byte(sign(c.SignKey, b))); err != nil {
+		if err := c.Store.PutBytes(ctx, partSigKey(c.Run, m.Name, c.Node), []byte(sign(c.SignKey, b))); err != nil {
 			return Result{}, fmt.Errorf("checkpoint %s: part signature: %w", m.Name, err)
 		}
 	}
@@ -259,14 +263,9 @@ func (c *Committer) readPart(ctx context.Context, name, node string) (Manifest, 
 	if err := c.Store.Get(ctx, key, &buf); err != nil {
 		return Manifest{}, err
 	}
-	if pub := c.partKey(); pub != nil {
-		var sig bytes.Buffer
-		if err := c.Store.Get(ctx, strings.TrimSuffix(key, ".json")+".sig", &sig); err != nil {
-			return Manifest{}, fmt.Errorf("part %s: %w: no signature", node, ErrUnsigned)
-		}
-		raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(sig.String()))
-		if err != nil || !ed25519.Verify(pub, buf.Bytes(), raw) {
-			return Manifest{}, fmt.Errorf("part %s: %w: the signature does not verify", node, ErrUnsigned)
+	if pub := c.partVerifyKey(); pub != nil {
+		if err := c.verify(ctx, pub, partSigKey(c.Run, name, node), buf.Bytes()); err != nil {
+			return Manifest{}, fmt.Errorf("part %s: %w", node, err)
 		}
 	}
 	m, err := ParseManifest(buf.Bytes())
@@ -284,9 +283,9 @@ func (c *Committer) readPart(ctx context.Context, name, node string) (Manifest, 
 	return m, nil
 }
 
-// partKey is the key parts are verified with: the verify key, else the
-// sign key's own public half (every node of a job signs).
-func (c *Committer) partKey() ed25519.PublicKey {
+// partVerifyKey is the key parts are verified with: the verify key, else
+// the sign key's own public half (every node of a job signs).
+func (c *Committer) partVerifyKey() ed25519.PublicKey {
 	if c.VerifyKey != nil {
 		return c.VerifyKey
 	}
@@ -294,10 +293,6 @@ func (c *Committer) partKey() ed25519.PublicKey {
 		return c.SignKey.Public().(ed25519.PublicKey)
 	}
 	return nil
-}
-
-func sign(key ed25519.PrivateKey, b []byte) string {
-	return base64.StdEncoding.EncodeToString(ed25519.Sign(key, b)) + "\n"
 }
 
 // mergeParts is the job checkpoint's manifest from its parts: every file

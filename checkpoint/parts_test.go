@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"maps"
 	"os"
@@ -314,5 +315,44 @@ func TestJobIncrementalReuse(t *testing.T) {
 	dst := t.TempDir()
 	if _, _, err := cs[0].Restore(context.Background(), dst, "step-2"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Signed jobs: every part is signed and verified before it is merged, and
+// the merged manifest verifies; a part planted without the key never counts.
+func TestJobPartsSigned(t *testing.T) {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	cs, roots := jobNodes(t, st, 2, "node0", "node1")
+	for i, c := range cs {
+		c.SignKey, c.VerifyKey = priv, pub
+		shardsOf(t, roots[i], "step-1", i, 1000)
+	}
+	// A forged part of node1 (no signature) is there first.
+	forged := &Committer{Store: st, Run: "job", Node: "node1", Nodes: 2, PartPoll: 20 * time.Millisecond}
+	fctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	forged.Commit(fctx, scanJobOne(t, roots[1], "step-1"))
+	cancel()
+	ctx, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	_, err = cs[0].Commit(ctx, scanJobOne(t, roots[0], "step-1"))
+	cancel2()
+	if !errors.Is(err, ErrPartsMissing) {
+		t.Fatalf("node0 with only a forged part of node1: %v; want node1's part missing", err)
+	}
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Go(func() {
+			if _, err := c.Commit(context.Background(), scanJobOne(t, roots[i], "step-1")); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	reader := &Committer{Store: st, Run: "job", VerifyKey: pub}
+	if m, _, err := reader.Restore(context.Background(), t.TempDir(), "step-1"); err != nil || len(m.Parts) != 2 {
+		t.Fatalf("signed job checkpoint: %v (%d parts)", err, len(m.Parts))
 	}
 }
