@@ -159,6 +159,18 @@ func exists(p string) bool {
 // chooses by what it sees). quiet is how long a checkpoint must have gone
 // unwritten where the layout has no marker.
 func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint, error) {
+	return scan(root, layout, quiet, now, false)
+}
+
+// ScanJob is Scan for one node of a multi-node job: beside the complete
+// checkpoints, the DCP folders of .distcp shards without .metadata (the
+// coordinator, on another node, writes it), once unwritten for quiet, as
+// Parts: the committer takes them as whole only after the job's marker is.
+func ScanJob(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint, error) {
+	return scan(root, layout, quiet, now, true)
+}
+
+func scan(root, layout string, quiet time.Duration, now time.Time, parts bool) ([]Checkpoint, error) {
 	ents, err := os.ReadDir(root)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint dir: %w", err)
@@ -167,7 +179,7 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 		layout = Detect(root, ents)
 	}
 	var out []Checkpoint
-	add := func(name, rel string, markers []string, needQuiet bool) error {
+	add := func(name, rel string, markers []string, needQuiet, part bool) error {
 		var files []File
 		var err error
 		if rel == "" {
@@ -196,7 +208,7 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 			return nil
 		}
 		out = append(out, Checkpoint{Name: name, Layout: layout, Step: stepOf(name), Root: root, Files: files,
-			Markers: markers, ModTime: mt})
+			Markers: markers, ModTime: mt, Part: part})
 		return nil
 	}
 	for _, e := range ents {
@@ -207,8 +219,13 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 		var err error
 		switch layout {
 		case LayoutDCP:
-			if e.IsDir() && exists(filepath.Join(root, name, ".metadata")) {
-				err = add(name, "", []string{name + "/.metadata"}, false)
+			dir := filepath.Join(root, name)
+			switch {
+			case !e.IsDir():
+			case exists(filepath.Join(dir, ".metadata")):
+				err = add(name, "", []string{name + "/.metadata"}, false, false)
+			case parts && !exists(filepath.Join(dir, ".metadata.tmp")) && hasDistcp(dir):
+				err = add(name, "", nil, true, true) // another node writes .metadata
 			}
 		case LayoutOrbax:
 			if e.IsDir() && orbaxStep.MatchString(name) {
@@ -218,7 +235,7 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 						markers = append(markers, name+"/"+m)
 					}
 				}
-				err = add(name, "", markers, false)
+				err = add(name, "", markers, false, false)
 			}
 		case LayoutHF:
 			if e.IsDir() && hfCheckpoint.MatchString(name) && !exists(filepath.Join(root, name, "checkpoint-is-incomplete.txt")) {
@@ -226,14 +243,14 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 				if exists(filepath.Join(root, name, "trainer_state.json")) {
 					markers = []string{name + "/trainer_state.json"}
 				}
-				err = add(name, "", markers, true)
+				err = add(name, "", markers, true, false)
 			}
 		case LayoutLightning:
 			if e.Type().IsRegular() && strings.HasSuffix(name, ".ckpt") {
-				err = add(name, "", nil, true)
+				err = add(name, "", nil, true, false)
 			}
 		case LayoutFiles:
-			err = add(name, "", nil, true)
+			err = add(name, "", nil, true, false)
 		}
 		if err != nil {
 			return nil, err
@@ -243,7 +260,7 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 	case LayoutDeepSpeed:
 		if tag, ok := readMarker(filepath.Join(root, "latest")); ok && safeName(tag) == nil {
 			if st, err := os.Stat(filepath.Join(root, tag)); err == nil && st.IsDir() {
-				if err := add(tag, "", []string{"latest"}, false); err != nil {
+				if err := add(tag, "", []string{"latest"}, false, false); err != nil {
 					return nil, err
 				}
 			}
@@ -259,7 +276,7 @@ func Scan(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint
 				dir = fmt.Sprintf("iter_%07d", n)
 			}
 			if st, err := os.Stat(filepath.Join(root, dir)); err == nil && st.IsDir() {
-				if err := add(dir, "", []string{"latest_checkpointed_iteration.txt"}, false); err != nil {
+				if err := add(dir, "", []string{"latest_checkpointed_iteration.txt"}, false, false); err != nil {
 					return nil, err
 				}
 			}
@@ -295,14 +312,18 @@ func Detect(root string, ents []fs.DirEntry) string {
 		case e.IsDir() && orbaxStep.MatchString(n) && (exists(filepath.Join(root, n, "_CHECKPOINT_METADATA")) ||
 			exists(filepath.Join(root, n, "commit_success.txt"))):
 			orbax = true
-		case e.IsDir() && (exists(filepath.Join(root, n, ".metadata")) || exists(filepath.Join(root, n, ".metadata.tmp")) ||
-			hasDistcp(filepath.Join(root, n))):
+		case e.IsDir() && (exists(filepath.Join(root, n, ".metadata")) || exists(filepath.Join(root, n, ".metadata.tmp"))):
 			dcp = true
 		case e.IsDir() && hfCheckpoint.MatchString(n):
 			hf = true
 		case e.Type().IsRegular() && strings.HasSuffix(n, ".ckpt"):
 			ckpt = true
 		}
+	}
+	if !dcp && !orbax && !hf && !ckpt {
+		// Nothing else recognised: a job node's DCP folders hold shards
+		// without .metadata (looked for only now: it reads each folder).
+		dcp = slices.ContainsFunc(ents, func(e fs.DirEntry) bool { return e.IsDir() && hasDistcp(filepath.Join(root, e.Name())) })
 	}
 	switch {
 	case dcp:
@@ -322,45 +343,4 @@ func Detect(root string, ents []fs.DirEntry) string {
 func hasDistcp(dir string) bool {
 	m, _ := filepath.Glob(filepath.Join(dir, "*.distcp"))
 	return len(m) > 0
-}
-
-// ScanJob is Scan for one node of a multi-node job: beside the complete
-// checkpoints, the DCP folders of .distcp shards without .metadata (the
-// coordinator, on another node, writes it), once unwritten for quiet, as
-// Parts: the committer takes them as whole only after the job's marker is.
-func ScanJob(root, layout string, quiet time.Duration, now time.Time) ([]Checkpoint, error) {
-	out, err := Scan(root, layout, quiet, now)
-	if err != nil {
-		return nil, err
-	}
-	ents, err := os.ReadDir(root)
-	if err != nil {
-		return nil, fmt.Errorf("checkpoint dir: %w", err)
-	}
-	if layout == LayoutAuto || layout == "" {
-		layout = Detect(root, ents)
-	}
-	if layout != LayoutDCP {
-		return out, nil
-	}
-	for _, e := range ents {
-		name := e.Name()
-		dir := filepath.Join(root, name)
-		if hidden(name) || !e.IsDir() || exists(filepath.Join(dir, ".metadata")) || exists(filepath.Join(dir, ".metadata.tmp")) ||
-			!hasDistcp(dir) {
-			continue
-		}
-		files, err := tree(root, name)
-		if err != nil {
-			return nil, err
-		}
-		mt := newest(files)
-		if len(files) == 0 || now.Sub(mt) < quiet {
-			continue
-		}
-		out = append(out, Checkpoint{Name: name, Layout: layout, Step: stepOf(name), Root: root, Files: files,
-			ModTime: mt, Part: true})
-	}
-	slices.SortFunc(out, func(a, b Checkpoint) int { return a.ModTime.Compare(b.ModTime) })
-	return out, nil
 }
