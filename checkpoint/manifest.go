@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -94,16 +95,14 @@ func safeName(n string) error {
 // SafeNode checks a job node's name: letters, digits, '.', '_' and '-',
 // as instance ids and hostnames are, and not starting with a dot.
 func SafeNode(n string) error {
-	if n == "" || len(n) > 128 || strings.HasPrefix(n, ".") {
+	if !NodeName.MatchString(n) {
 		return fmt.Errorf("node name %q must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'", n)
-	}
-	for _, r := range n {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
-			return fmt.Errorf("node name %q must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'", n)
-		}
 	}
 	return nil
 }
+
+// NodeName matches the valid job node names.
+var NodeName = regexp.MustCompile(`^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$`)
 
 // SafePath checks that p is a relative, clean, slash-separated path that
 // stays inside its folder.

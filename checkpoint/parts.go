@@ -110,37 +110,36 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 	c.log().Info("checkpoint part uploaded", "name", m.Name, "node", c.Node, "files", len(m.Files), "bytes", m.Bytes,
 		"sent", m.SentBytes, "took", c.now().Sub(start).Round(time.Millisecond).String())
 
-	wctx, cancel := c.partCtx(ctx)
-	defer cancel()
-	defer c.setWaiting(m.Name)()
-	tick := time.NewTicker(c.poll())
-	defer tick.Stop()
+	var res Result
 	var lastPerr *PartsError // what was missing the last time it could be told
-	for {
+	var lastErr error
+	err := c.await(ctx, m.Name, func(wctx context.Context) bool {
 		merged, won, perr, err := c.complete(wctx, m.Name)
 		if perr != nil {
 			lastPerr = perr
 		}
-		if err == nil && perr == nil {
-			took := c.now().Sub(start)
-			if !won {
-				c.log().Info("job checkpoint committed by another node", "name", m.Name, "parts", len(merged.Parts))
-				return Result{Manifest: merged, Took: took}, nil
-			}
-			return c.committed(ctx, merged, took), nil
-		}
-		if err != nil && wctx.Err() == nil {
+		if lastErr = err; err != nil && wctx.Err() == nil {
 			c.log().Warn("checking the job checkpoint's parts", "name", m.Name, "err", err)
 		}
-		select {
-		case <-tick.C:
-		case <-wctx.Done():
-			if lastPerr != nil {
-				return Result{}, lastPerr
-			}
-			return Result{}, fmt.Errorf("checkpoint %s not committed: %w", m.Name, err)
+		if err != nil || perr != nil {
+			return false
 		}
+		took := c.now().Sub(start)
+		if won {
+			res = c.committed(ctx, merged, took)
+		} else {
+			c.log().Info("job checkpoint committed by another node", "name", m.Name, "parts", len(merged.Parts))
+			res = Result{Manifest: merged, Took: took}
+		}
+		return true
+	})
+	switch {
+	case err == nil:
+		return res, nil
+	case lastPerr != nil:
+		return Result{}, lastPerr
 	}
+	return Result{}, fmt.Errorf("checkpoint %s not committed: %w", m.Name, lastErr)
 }
 
 // complete looks at the job checkpoint's parts: when the checkpoint is
@@ -348,30 +347,44 @@ func mergeParts(parts []Manifest) (Manifest, error) {
 // committed checkpoint itself). A marker appearing here instead means this
 // node's copy is the coordinator's, and changed: ErrChanged.
 func (c *Committer) waitMarker(ctx context.Context, ck Checkpoint) error {
-	name := ck.Name
+	changed := false
+	err := c.await(ctx, ck.Name, func(wctx context.Context) bool {
+		if _, err := c.manifest(wctx, ck.Name); err == nil {
+			return true
+		}
+		if changed = localMarker(ck); changed {
+			return true
+		}
+		parts, err := c.parts(wctx, ck.Name)
+		return err == nil && slices.ContainsFunc(parts, func(p Manifest) bool { return len(p.Markers) > 0 })
+	})
+	switch {
+	case changed:
+		return ErrChanged
+	case err != nil:
+		return fmt.Errorf("the job's completion marker (the part of the node that writes it) is not in the store: %w (%w)",
+			ErrPartsMissing, err)
+	}
+	return nil
+}
+
+// await calls try every PartPoll until it says done, marking this
+// committer as waiting on the job's other nodes for name, until the
+// caller's deadline (else PartWait); it returns why the wait ended early.
+func (c *Committer) await(ctx context.Context, name string, try func(ctx context.Context) bool) error {
 	wctx, cancel := c.partCtx(ctx)
 	defer cancel()
 	defer c.setWaiting(name)()
 	tick := time.NewTicker(c.poll())
 	defer tick.Stop()
-	for {
-		if _, err := c.manifest(wctx, name); err == nil {
-			return nil
-		}
-		if localMarker(ck) {
-			return ErrChanged
-		}
-		parts, err := c.parts(wctx, name)
-		if err == nil && slices.ContainsFunc(parts, func(p Manifest) bool { return len(p.Markers) > 0 }) {
-			return nil
-		}
+	for !try(wctx) {
 		select {
 		case <-tick.C:
 		case <-wctx.Done():
-			return fmt.Errorf("the job's completion marker (the part of the node that writes it) is not in the store: %w (%w)",
-				ErrPartsMissing, context.Cause(wctx))
+			return context.Cause(wctx)
 		}
 	}
+	return nil
 }
 
 // localMarker says whether a part's folder has grown its own marker.

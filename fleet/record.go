@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"regexp"
 	"slices"
 	"time"
 
@@ -58,8 +57,6 @@ type Record struct {
 	UpdatedAt time.Time          `json:"updated_at"`
 }
 
-var unsafeKey = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
-
 // Key is the record's object key: _events/<day>/<instance>-<notice>.json.
 func Key(r Record) string {
 	inst := r.Instance.ID
@@ -70,8 +67,7 @@ func Key(r Record) string {
 		inst = "unknown"
 	}
 	return fmt.Sprintf("%s/%s/%s-%s-%s.json", EventsPrefix, r.NoticedAt.UTC().Format("2006-01-02"),
-		unsafeKey.ReplaceAllString(inst, "_"), unsafeKey.ReplaceAllString(r.Provider, "_"),
-		unsafeKey.ReplaceAllString(r.NoticeID, "_"))
+		storage.SafeElement(inst), storage.SafeElement(r.Provider), storage.SafeElement(r.NoticeID))
 }
 
 // FromEvent builds the record of ev.

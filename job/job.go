@@ -274,15 +274,7 @@ func (j *Job) peers() []Member {
 // noticeID names a published notice: its node, provider and id, made
 // safe for a key (and hashed when long).
 func noticeID(node string, n agent.Notice) string {
-	var b strings.Builder
-	for _, r := range n.Provider + "-" + n.ID {
-		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
-			b.WriteRune(r)
-		} else {
-			b.WriteByte('_')
-		}
-	}
-	s := b.String()
+	s := storage.SafeElement(n.Provider + "-" + n.ID)
 	if len(s) > 100 {
 		sum := sha256.Sum256([]byte(s))
 		s = s[:60] + "-" + hex.EncodeToString(sum[:8])
@@ -384,7 +376,10 @@ func (j *Job) Withdrawn(n agent.Notice) {
 				if err := j.store.Delete(ctx, j.noticeKey(p.ID)); err == nil {
 					return
 				}
-				time.Sleep(time.Second)
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
 			}
 		})
 		both.Wait()

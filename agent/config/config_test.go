@@ -275,6 +275,14 @@ func TestCheckpointKeys(t *testing.T) {
 
 // TestLayoutsMatchCheckpoint: config's list of layouts (kept here so that
 // config does not pull in the store's client) is exactly checkpoint's.
+// TestNodeNamesMatchCheckpoint: job.node is validated here by the same
+// rule the store's keys are (kept here for the same reason as layouts).
+func TestNodeNamesMatchCheckpoint(t *testing.T) {
+	if nodeName.String() != checkpoint.NodeName.String() {
+		t.Fatalf("config accepts job.node %s, checkpoint %s", nodeName, checkpoint.NodeName)
+	}
+}
+
 func TestLayoutsMatchCheckpoint(t *testing.T) {
 	if !slices.Equal(layouts, checkpoint.Layouts) {
 		t.Fatalf("config accepts %v, checkpoint knows %v", layouts, checkpoint.Layouts)

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/url"
 	"os"
+	"regexp"
 	"strings"
 )
 
@@ -94,6 +95,12 @@ func Open(rawURL string, o Options) (Store, error) {
 	}
 	return nil, fmt.Errorf("storage.url: %q: scheme must be file, s3 or gs", rawURL)
 }
+
+var unsafeElement = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
+
+// SafeElement makes s usable as one element of a key: every run of
+// characters other than letters, digits, '.', '_' and '-' becomes '_'.
+func SafeElement(s string) string { return unsafeElement.ReplaceAllString(s, "_") }
 
 // checkKey refuses keys that would leave the store's prefix.
 func checkKey(key string) error {
