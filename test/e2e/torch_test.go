@@ -170,17 +170,24 @@ var jobFinal = regexp.MustCompile(`final (step-[0-9]+) rank ([0-9]) (model \S+ t
 
 // TestTorchrunJobTwoNodes: a real two-node torchrun job on this machine —
 // two "nodes", each its own torchrun (--nnodes 2, gloo), checkpoint folder,
-// run_dir and preemptd daemon, one MinIO. The state is a DDP model and a
-// table sharded across the ranks (torch.distributed.checkpoint: each node
-// writes its rank's shard to its own folder, node 0 the .metadata too);
-// the loop asks the Python helper every step whether to stop. A job drill on
-// node 1 signals node 1's worker; node 0's daemon gets the job notice and
-// signals its own; the ranks agree, save the same step and exit; the job's
-// checkpoint commits with both parts, and restored on two fresh nodes it
-// loads to the same weights and shards.
+// run_dir and preemptd daemon, one MinIO behind a bandwidth cap (toxiproxy,
+// 8 MB/s per connection, so background uploads are in flight). The state is
+// a DDP model and a table sharded across the ranks (torch.distributed.
+// checkpoint: each node writes its rank's 64 MiB shard to its own folder,
+// node 0 the .metadata too), saved every 5 steps; the loop asks the Python
+// helper every step whether to stop. Twice on the same daemons, a job drill
+// on one node (node 1, then node 0) sent while a save is in progress: the
+// noticed node signals its worker, the other node's daemon gets the job
+// notice and signals its own; the ranks agree, save the same step and exit;
+// that step commits with both parts and is latest, and restored on two fresh
+// nodes it loads to the same weights and shards.
 func TestTorchrunJobTwoNodes(t *testing.T) {
 	peers.RequireTorch(t)
 	s3 := peers.StartMinIO(t)
+	x := peers.StartToxiproxy(t)
+	u, _ := url.Parse(s3.Endpoint)
+	proxy := x.Proxy(t, "minio", u.Host)
+	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 8192}) // KB/s per connection
 	var nodes []*jobNode
 	for i := range 2 {
 		n := newJobNode(t, fmt.Sprintf("node%d", i))
@@ -188,83 +195,110 @@ func TestTorchrunJobTwoNodes(t *testing.T) {
 		match := `^\S*python[0-9.]* -u \S*train_job\.py --node ` + n.name + `( |$)`
 		cfg := fmt.Sprintf("provider: local\nrun_id: torch-job\ntrainer: {match: %q}\nmetrics: {listen: \"\"}\n"+
 			"checkpoint: {dir: %q, layout: dcp, quiet_period: 1s, keep: 0}\n"+
-			"storage: {url: \"s3://%s/runs\", endpoint: %q, region: us-east-1}\n"+
+			"storage: {url: \"s3://%s/runs\", endpoint: \"http://%s\", region: us-east-1}\n"+
 			"job: {nodes: 2, node: %s, listen: \"127.0.0.1:%d\", token: %q}\n",
-			match, n.ckpt, s3.Bucket, s3.Endpoint, n.name, peers.FreePort(t), jobToken)
+			match, n.ckpt, s3.Bucket, proxy, n.name, peers.FreePort(t), jobToken)
 		n.d = startDaemonIn(t, n.dir, cfg, n.env...)
 		nodes = append(nodes, n)
 	}
-	port := peers.FreePort(t)
-	var outs []*bytes.Buffer
-	var dones []chan struct{}
-	for i, n := range nodes {
-		out, done := torchrunNode(t, i, port, "CKPT_DIR="+n.ckpt, "PREEMPTD_RUN_DIR="+n.d.runDir, "SAVE_EVERY=10")
-		outs, dones = append(outs, out), append(dones, done)
-	}
-	waitFor(t, 120*time.Second, "a periodic checkpoint of the job committed", func() bool {
-		l, _ := lsJSON(t, nodes[0].config, nodes[0].env)
-		return l != ""
-	})
-	noticed := time.Now()
-	if _, err := nodes[1].d.client().Simulate(t.Context(), agent.SimulateRequest{Kind: "terminate", In: "90s", Job: true}); err != nil {
-		t.Fatal(err)
-	}
-	for i, done := range dones {
-		select {
-		case <-done:
-		case <-time.After(40 * time.Second):
-			t.Fatalf("node%d's torchrun did not exit", i)
+	midSaves := 0
+	for round, noticed := range []int{1, 0} {
+		// A drill's notice stays until its deadline, and a trainer started
+		// while it does stops at once (the helper reads notice.json).
+		for _, n := range nodes {
+			waitFor(t, 60*time.Second, n.name+"'s last drill over", func() bool { return len(n.d.status().Notices) == 0 })
 		}
-	}
-	finals := map[string]string{}
-	final := ""
-	for i, out := range outs {
-		m := jobFinal.FindStringSubmatch(out.String())
-		if m == nil {
-			t.Fatalf("node%d: no final checkpoint line", i)
+		start := round * 1000
+		port := peers.FreePort(t)
+		var outs []*bytes.Buffer
+		var dones []chan struct{}
+		for i, n := range nodes {
+			out, done := torchrunNode(t, i, port, "CKPT_DIR="+n.ckpt, "PREEMPTD_RUN_DIR="+n.d.runDir, "SAVE_EVERY=5",
+				"ROWS=65536", fmt.Sprintf("START_STEP=%d", start))
+			outs, dones = append(outs, out), append(dones, done)
 		}
-		if final != "" && m[1] != final {
-			t.Fatalf("the ranks saved different steps: %s and %s", final, m[1])
+		first := fmt.Sprintf("step-%d", start+5)
+		waitFor(t, 120*time.Second, first+" saved on node0", func() bool {
+			_, err := os.Stat(filepath.Join(nodes[0].ckpt, first, ".metadata"))
+			return err == nil
+		})
+		var saving string
+		waitFor(t, 60*time.Second, "a save in progress", func() bool { saving = inProgress(nodes[0].ckpt); return saving != "" })
+		at := time.Now()
+		if _, err := nodes[noticed].d.client().Simulate(t.Context(), agent.SimulateRequest{Kind: "terminate", In: "30s", Job: true}); err != nil {
+			t.Fatal(err)
 		}
-		final = m[1]
-		finals[m[2]] = m[3]
-	}
-	for i, n := range nodes {
-		st := n.d.waitEmergencyDone()
-		e := st.Emergency
-		t.Logf("node%d: %s notice → path done %v; signalled %v; committed %+v", i, e.Notice.Provider,
-			e.FinishedAt.Sub(noticed).Round(time.Millisecond), e.Signal.PIDs, e.Checkpoint)
-		if e.Outcome != "completed" || e.Checkpoint == nil || e.Checkpoint.Name != final || len(e.Signal.PIDs) != 1 {
-			t.Fatalf("node%d: outcome %s, signalled %v, committed %+v; want its worker signalled and %s", i, e.Outcome, e.Signal.PIDs, e.Checkpoint, final)
+		for i, done := range dones {
+			select {
+			case <-done:
+			case <-time.After(40 * time.Second):
+				t.Fatalf("round %d: node%d's torchrun did not exit", round, i)
+			}
 		}
-	}
-	if l, _ := lsJSON(t, nodes[0].config, nodes[0].env); l != final {
-		t.Fatalf("latest %s, want %s", l, final)
-	}
-	if m := jobManifest(t, nodes[0], final); len(m.Parts) != 2 {
-		t.Fatalf("%s has %d parts; want both nodes'", final, len(m.Parts))
-	}
-	// Two fresh nodes: restore, then load under a two-node torchrun.
-	port = peers.FreePort(t)
-	var checks []*bytes.Buffer
-	for i, n := range nodes {
-		fresh := filepath.Join(shortDir(t), "ckpt")
-		if out, code := runCLIEnv(t, n.env, "restore", "--config", n.config, "--to", fresh); code != 0 {
-			t.Fatalf("restore on fresh node%d: %s", i, out)
+		if fi, err := os.Stat(filepath.Join(nodes[0].ckpt, saving, ".metadata")); err == nil && fi.ModTime().After(at) {
+			midSaves++
+			t.Logf("round %d: the notice landed while %s was being saved (complete %v after it)", round, saving,
+				fi.ModTime().Sub(at).Round(time.Millisecond))
 		}
-		out, done := torchrunNode(t, i, port, "CKPT_DIR="+fresh, "CHECK_DIR="+filepath.Join(fresh, final))
-		checks, dones[i] = append(checks, out), done
-	}
-	for i := range nodes {
-		select {
-		case <-dones[i]:
-		case <-time.After(60 * time.Second):
-			t.Fatalf("node%d's verifying load did not finish", i)
+		finals := map[string]string{}
+		final := ""
+		for i, out := range outs {
+			m := jobFinal.FindStringSubmatch(out.String())
+			if m == nil {
+				t.Fatalf("round %d: node%d: no final checkpoint line", round, i)
+			}
+			if final != "" && m[1] != final {
+				t.Fatalf("round %d: the ranks saved different steps: %s and %s", round, final, m[1])
+			}
+			final = m[1]
+			finals[m[2]] = m[3]
 		}
-		want := fmt.Sprintf("check rank %d %s", i, finals[fmt.Sprint(i)])
-		if !bytes.Contains(checks[i].Bytes(), []byte(want)) {
-			t.Fatalf("node%d: restored state differs: want %q in\n%s", i, want, checks[i].String())
+		for i, n := range nodes {
+			var e *agent.EmergencyReport
+			waitFor(t, 100*time.Second, n.name+"'s emergency path of this round", func() bool {
+				st := n.d.status()
+				e = st.Emergency
+				return e != nil && e.StartedAt.After(at.Add(-time.Second)) && !e.FinishedAt.IsZero()
+			})
+			t.Logf("round %d node%d: %s notice → path done %v; signalled %v; committed %+v", round, i, e.Notice.Provider,
+				e.FinishedAt.Sub(at).Round(time.Millisecond), e.Signal.PIDs, e.Checkpoint)
+			if e.Outcome != "completed" || e.Checkpoint == nil || e.Checkpoint.Name != final || len(e.Signal.PIDs) != 1 {
+				t.Fatalf("round %d node%d: outcome %s, signalled %v, committed %+v; want its worker signalled and %s",
+					round, i, e.Outcome, e.Signal.PIDs, e.Checkpoint, final)
+			}
+			if want := map[bool]string{true: agent.ProviderSimulate, false: "job"}[i == noticed]; e.Notice.Provider != want {
+				t.Fatalf("round %d node%d: notice from %s, want %s", round, i, e.Notice.Provider, want)
+			}
 		}
+		if l, _ := lsJSON(t, nodes[0].config, nodes[0].env); l != final {
+			t.Fatalf("round %d: latest %s, want %s", round, l, final)
+		}
+		if m := jobManifest(t, nodes[0], final); len(m.Parts) != 2 {
+			t.Fatalf("round %d: %s has %d parts; want both nodes'", round, final, len(m.Parts))
+		}
+		// Two fresh nodes: restore, then load under a two-node torchrun.
+		port = peers.FreePort(t)
+		var checks []*bytes.Buffer
+		for i, n := range nodes {
+			fresh := filepath.Join(shortDir(t), "ckpt")
+			if out, code := runCLIEnv(t, n.env, "restore", "--config", n.config, "--to", fresh); code != 0 {
+				t.Fatalf("round %d: restore on fresh node%d: %s", round, i, out)
+			}
+			out, done := torchrunNode(t, i, port, "CKPT_DIR="+fresh, "ROWS=65536", "CHECK_DIR="+filepath.Join(fresh, final))
+			checks, dones[i] = append(checks, out), done
+		}
+		for i := range nodes {
+			select {
+			case <-dones[i]:
+			case <-time.After(60 * time.Second):
+				t.Fatalf("round %d: node%d's verifying load did not finish", round, i)
+			}
+			want := fmt.Sprintf("check rank %d %s", i, finals[fmt.Sprint(i)])
+			if !bytes.Contains(checks[i].Bytes(), []byte(want)) {
+				t.Fatalf("round %d: node%d: restored state differs: want %q in\n%s", round, i, want, checks[i].String())
+			}
+		}
+		t.Logf("round %d: both ranks saved %s and loaded it back on fresh nodes: %v", round, final, finals)
 	}
-	t.Logf("both ranks saved %s and loaded it back on fresh nodes: %v", final, finals)
+	t.Logf("%d of 2 notices landed in the middle of a save", midSaves)
 }

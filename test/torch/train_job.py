@@ -45,13 +45,14 @@ STEP_SLEEP = float(os.environ.get("STEP_SLEEP", "0.05"))
 stop = preemptd.Preemption()  # SIGTERM and notice.json, agreed across ranks
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-torch.manual_seed(0)
+START_STEP = int(os.environ.get("START_STEP", "0"))
+torch.manual_seed(START_STEP)  # each run its own weights (a load replaces them)
 model = torch.nn.parallel.DistributedDataParallel(
     torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(3)]))
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
 table = sharded_tensor.zeros(spec, ROWS * world, WIDTH)
-gen = torch.Generator().manual_seed(1000 + rank)
+gen = torch.Generator().manual_seed(START_STEP + 1000 + rank)
 table.local_shards()[0].tensor.normal_(generator=gen)
 
 
@@ -84,7 +85,7 @@ if os.environ.get("CHECK_DIR"):
     dist.destroy_process_group()
     sys.exit(0)
 
-step = int(os.environ.get("START_STEP", "0"))
+step = START_STEP
 while True:
     x = torch.randn(16, WIDTH)
     loss = model(x).pow(2).mean()
