@@ -93,8 +93,7 @@ func intact(t *testing.T, c *checkpoint.Committer, want string) {
 func TestConnectionResetsMidUpload(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
+	proxy := x.Front(t, "minio", s3, 0)
 	st := s3Store(t, s3, "http://"+proxy)
 	root := t.TempDir()
 	c := &checkpoint.Committer{Store: st, Run: "reset"}
@@ -131,9 +130,7 @@ func TestConnectionResetsMidUpload(t *testing.T) {
 func TestBandwidthCap(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
-	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 16 * 1024})
+	proxy := x.Front(t, "minio", s3, 16*1024)
 	c := &checkpoint.Committer{Store: s3Store(t, s3, "http://"+proxy), Run: "slow"}
 	res, err := c.Commit(context.Background(), dcp(t, t.TempDir(), "step-1", 24<<20))
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -26,8 +25,7 @@ import (
 func TestChaosJobStoreDownPushDelivers(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
+	proxy := x.Front(t, "minio", s3, 0)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var nodes []*job.Job
@@ -102,9 +100,7 @@ func TestChaosJobStoreDownPushDelivers(t *testing.T) {
 func TestChaosJobNodeKilledMidCommit(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
-	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 4096})
+	proxy := x.Front(t, "minio", s3, 4096)
 	st := s3Store(t, s3, "http://"+proxy)
 	members := func(context.Context) (map[string]bool, error) {
 		return map[string]bool{"n0": true, "n1": true, "n2": true}, nil

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,9 +52,7 @@ func midSave(dir string) bool {
 func TestFinalCheckpointOnSlowLink(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
-	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 2048}) // KB/s per connection
+	proxy := x.Front(t, "minio", s3, 2048) // KB/s per connection
 	dir := shortDir(t)
 	ckpt := filepath.Join(dir, "ckpt")
 	pidFile := filepath.Join(dir, "trainer.pid")

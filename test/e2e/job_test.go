@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -135,8 +134,7 @@ func jobManifest(t *testing.T, n *jobNode, name string) checkpoint.Manifest {
 func TestJobStopsEveryNodeAndCommitsOnce(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio-node1", u.Host) // node 1's link, capped in part 3
+	proxy := x.Front(t, "minio-node1", s3, 0) // node 1's link, capped in part 3
 	var nodes []*jobNode
 	for i := range 3 {
 		n := newJobNode(t, fmt.Sprintf("node%d", i))

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"fmt"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,9 +80,7 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 	peers.RequireTorch(t)
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
-	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 8192}) // KB/s per connection
+	proxy := x.Front(t, "minio", s3, 8192) // KB/s per connection
 	dir := shortDir(t)
 	ckpt := filepath.Join(dir, "ckpt")
 	cfg := fmt.Sprintf("provider: local\ntrainer: {match: %q}\nrun_id: torch-final\n"+
@@ -185,9 +182,7 @@ func TestTorchrunJobTwoNodes(t *testing.T) {
 	peers.RequireTorch(t)
 	s3 := peers.StartMinIO(t)
 	x := peers.StartToxiproxy(t)
-	u, _ := url.Parse(s3.Endpoint)
-	proxy := x.Proxy(t, "minio", u.Host)
-	x.Toxic(t, "minio", "slow", "bandwidth", map[string]any{"rate": 8192}) // KB/s per connection
+	proxy := x.Front(t, "minio", s3, 8192) // KB/s per connection
 	var nodes []*jobNode
 	for i := range 2 {
 		n := newJobNode(t, fmt.Sprintf("node%d", i))

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os/exec"
 	"testing"
 	"time"
@@ -56,6 +57,22 @@ func (x *Toxiproxy) Proxy(t testing.TB, name, upstream string) string {
 	listen := fmt.Sprintf("127.0.0.1:%d", FreePort(t))
 	x.call(t, http.MethodPost, "/proxies", map[string]any{"name": name, "listen": listen, "upstream": upstream, "enabled": true})
 	return listen
+}
+
+// Front is a proxy named name in front of the S3 server, for faults on
+// the way to it; with rate > 0 its upload direction is capped at rate KB/s
+// per connection (a bandwidth toxic named "slow", which Remove takes off).
+func (x *Toxiproxy) Front(t testing.TB, name string, s3 *S3, rate int) string {
+	t.Helper()
+	u, err := url.Parse(s3.Endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := x.Proxy(t, name, u.Host)
+	if rate > 0 {
+		x.Toxic(t, name, "slow", "bandwidth", map[string]any{"rate": rate})
+	}
+	return proxy
 }
 
 // Toxic adds a toxic (e.g. "limit_data" with bytes, "bandwidth" with rate
