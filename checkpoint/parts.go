@@ -21,9 +21,9 @@ import (
 // <run>/<name>/.preemptd-parts/<node>.json (signed like a manifest when a
 // sign key is set); whichever node sees the set complete merges the parts
 // into the checkpoint's manifest — written with a conditional create, so
-// that exactly one node commits — and moves latest. The merge is
-// deterministic (files sorted, times the parts' own), so that two nodes
-// completing at once write the same bytes, and the same signature.
+// that exactly one node commits — then signs it (that node only: a merge
+// can differ when a part was rewritten meanwhile, and a loser's signature
+// must never replace the winner's) and moves latest.
 
 // ErrPartsMissing is wrapped when a job checkpoint's set of parts was not
 // complete by the deadline: the previous checkpoint stays latest.
@@ -118,7 +118,7 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 		if perr != nil {
 			lastPerr = perr
 		}
-		if lastErr = err; err != nil && wctx.Err() == nil {
+		if lastErr = err; err != nil && wctx.Err() == nil && !errors.Is(err, errCommitting) {
 			c.log().Warn("checking the job checkpoint's parts", "name", m.Name, "err", err)
 		}
 		if err != nil || perr != nil {
@@ -149,6 +149,8 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 func (c *Committer) complete(ctx context.Context, name string) (m Manifest, won bool, perr *PartsError, err error) {
 	if m, err := c.manifest(ctx, name); err == nil {
 		return m, false, nil, nil
+	} else if errors.Is(err, ErrUnsigned) && c.SignKey != nil {
+		return c.signCommitted(ctx, name)
 	} else if !errors.Is(err, storage.ErrNotFound) {
 		return Manifest{}, false, nil, err
 	}
@@ -182,23 +184,70 @@ func (c *Committer) complete(ctx context.Context, name string) (m Manifest, won 
 	if err != nil {
 		return Manifest{}, false, nil, err
 	}
+	// Only the node whose create wins signs, after it: a node that lost
+	// the race (its merge may differ, when a part was rewritten meanwhile)
+	// never overwrites the winner's signature.
 	b, _ := json.MarshalIndent(m, "", "  ")
-	if c.SignKey != nil { // the same bytes whichever node writes them
-		if err := c.Store.PutBytes(ctx, runKey(c.Run, name)+"/"+SignatureName, []byte(sign(c.SignKey, b))); err != nil {
-			return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: signature: %w", name, err)
-		}
-	}
 	err = c.Store.Create(ctx, runKey(c.Run, name)+"/"+ManifestName, b)
 	if errors.Is(err, storage.ErrExists) {
-		return m, false, nil, nil // another node was first: committed
+		return Manifest{}, false, nil, errCommitting // another node was first: read its manifest next time
 	}
 	if err != nil {
 		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: manifest: %w", name, err)
+	}
+	if c.SignKey != nil {
+		if err := c.Store.PutBytes(ctx, runKey(c.Run, name)+"/"+SignatureName, []byte(sign(c.SignKey, b))); err != nil {
+			return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: signature: %w", name, err)
+		}
 	}
 	if err := c.advanceLatest(ctx, m); err != nil {
 		return Manifest{}, false, nil, err
 	}
 	return m, true, nil, nil
+}
+
+// errCommitting says another node's commit of the checkpoint is under way.
+var errCommitting = errors.New("another node is committing it")
+
+// signCommitted signs a job checkpoint's manifest that is in the store
+// without a valid signature — its node's create won and the node stopped
+// before signing (or is signing now) — provided every file it lists is in
+// the signed, valid part of the node it names: exactly what that node
+// would have signed. Then latest moves as it would have.
+func (c *Committer) signCommitted(ctx context.Context, name string) (Manifest, bool, *PartsError, error) {
+	var buf bytes.Buffer
+	if err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+ManifestName, &buf); err != nil {
+		return Manifest{}, false, nil, err
+	}
+	m, err := ParseManifest(buf.Bytes())
+	if err != nil {
+		return Manifest{}, false, nil, err
+	}
+	parts, err := c.parts(ctx, name)
+	if err != nil {
+		return Manifest{}, false, nil, err
+	}
+	held := map[string]ManifestFile{}
+	for _, p := range parts {
+		for _, f := range p.Files {
+			held[f.Node+"/"+f.Path] = f
+		}
+	}
+	for _, f := range m.Files {
+		pf, ok := held[f.Node+"/"+f.Path]
+		if !ok || pf.SHA256 != f.SHA256 || pf.Size != f.Size {
+			return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: the unsigned manifest lists %s of %s, which no signed part holds: %w",
+				name, f.Path, f.Node, ErrUnsigned)
+		}
+	}
+	if err := c.Store.PutBytes(ctx, runKey(c.Run, name)+"/"+SignatureName, []byte(sign(c.SignKey, buf.Bytes()))); err != nil {
+		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: signature: %w", name, err)
+	}
+	if err := c.advanceLatest(ctx, m); err != nil {
+		return Manifest{}, false, nil, err
+	}
+	c.log().Info("signed a job checkpoint committed by another node", "name", name)
+	return m, false, nil, nil
 }
 
 // advanceLatest points latest at m unless it points at a newer checkpoint

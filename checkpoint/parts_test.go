@@ -1,13 +1,16 @@
 package checkpoint
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/json"
 	"errors"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -354,5 +357,52 @@ func TestJobPartsSigned(t *testing.T) {
 	reader := &Committer{Store: st, Run: "job", VerifyKey: pub}
 	if m, _, err := reader.Restore(context.Background(), t.TempDir(), "step-1"); err != nil || len(m.Parts) != 2 {
 		t.Fatalf("signed job checkpoint: %v (%d parts)", err, len(m.Parts))
+	}
+}
+
+// A job checkpoint whose winning node stopped between its manifest and its
+// signature is signed by another node — only if every file it lists is in
+// a signed part; a manifest that lists anything else stays unsigned.
+func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
+	st, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	cs, roots := jobNodes(t, st, 2, "node0", "node1")
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		c.SignKey, c.VerifyKey = priv, pub
+		shardsOf(t, roots[i], "step-1", i, 1000)
+		wg.Go(func() {
+			if _, err := c.Commit(context.Background(), scanJobOne(t, roots[i], "step-1")); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	ctx := context.Background()
+	sigKey := "job/step-1/" + SignatureName
+	st.Delete(ctx, sigKey) // the winner stopped before signing
+	if _, _, _, err := cs[1].complete(ctx, "step-1"); err != nil {
+		t.Fatalf("complete over an unsigned manifest: %v", err)
+	}
+	reader := &Committer{Store: st, Run: "job", VerifyKey: pub}
+	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); err != nil {
+		t.Fatalf("after the other node signed it: %v", err)
+	}
+	// A planted manifest: one file's hash changed, the signature gone.
+	var buf bytes.Buffer
+	st.Get(ctx, "job/step-1/"+ManifestName, &buf)
+	m, _ := ParseManifest(buf.Bytes())
+	m.Files[0].SHA256 = strings.Repeat("0", 64)
+	b, _ := json.MarshalIndent(m, "", "  ")
+	st.PutBytes(ctx, "job/step-1/"+ManifestName, b)
+	st.Delete(ctx, sigKey)
+	if _, _, _, err := cs[1].complete(ctx, "step-1"); !errors.Is(err, ErrUnsigned) {
+		t.Fatalf("complete over a planted manifest: %v; want it left unsigned", err)
+	}
+	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); !errors.Is(err, ErrUnsigned) {
+		t.Fatalf("the planted manifest restores: %v", err)
 	}
 }
