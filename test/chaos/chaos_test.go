@@ -50,7 +50,13 @@ func dcp(t *testing.T, root, name string, size int) checkpoint.Checkpoint {
 	t.Helper()
 	randomFile(t, filepath.Join(root, name, "__0_0.distcp"), size)
 	randomFile(t, filepath.Join(root, name, ".metadata"), 256)
-	cks, err := checkpoint.Scan(root, checkpoint.LayoutDCP, 0, time.Now())
+	return scanned(t, checkpoint.Scan, checkpoint.LayoutDCP, root, name)
+}
+
+// scanned is checkpoint name as scan finds it complete in root.
+func scanned(t *testing.T, scan func(string, string, time.Duration, time.Time) ([]checkpoint.Checkpoint, error), layout, root, name string) checkpoint.Checkpoint {
+	t.Helper()
+	cks, err := scan(root, layout, 0, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -174,15 +174,5 @@ func TestChaosJobNodeKilledMidCommit(t *testing.T) {
 
 func scanPart(t *testing.T, root, name string) checkpoint.Checkpoint {
 	t.Helper()
-	cks, err := checkpoint.ScanJob(root, checkpoint.LayoutAuto, 0, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, c := range cks {
-		if c.Name == name {
-			return c
-		}
-	}
-	t.Fatalf("%s not found", name)
-	return checkpoint.Checkpoint{}
+	return scanned(t, checkpoint.ScanJob, checkpoint.LayoutAuto, root, name)
 }
