@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/preemptd/preemptd/advice"
 )
 
 // Config is what the agent needs of preemptd's configuration.
@@ -31,6 +33,9 @@ type Config struct {
 	// SimulateGroups are the groups whose members may POST /v1/simulate
 	// beside root and the daemon's own user.
 	SimulateGroups []int
+	// CheckpointSignal, if set, is sent when a checkpoint is advised
+	// ("checkpoint, keep training").
+	CheckpointSignal string
 }
 
 // Deps are the parts the agent drives; nil ones are skipped.
@@ -58,6 +63,11 @@ type Deps struct {
 	OnEmergencyDone func(EmergencyReport)
 	// Job, if set, describes the multi-node job for status.
 	Job func() *JobStatus
+	// Advisor, if set, says when to checkpoint: published as advice.json
+	// and GET /v1/advice; risk notices are fed to it. OnAdvice is told of
+	// every change (metrics).
+	Advisor  *advice.Advisor
+	OnAdvice func(advice.Advice)
 	// Run names the training run.
 	Run string
 	// Provider names the notice source for status.
@@ -92,9 +102,13 @@ type Agent struct {
 	watchErrs map[string]string
 	xids      []XIDEvent
 	instance  Instance
-	running   bool
-	stopped   bool
-	reports   sync.WaitGroup
+	// advice is the advice last published; adviceChanged is closed and
+	// replaced at every change.
+	advice        *advice.Advice
+	adviceChanged chan struct{}
+	running       bool
+	stopped       bool
+	reports       sync.WaitGroup
 }
 
 // maxXIDs is how many recent XID events status keeps.
@@ -132,6 +146,8 @@ func New(cfg Config, deps Deps) *Agent {
 		changed:   make(chan struct{}),
 		emDone:    make(chan struct{}),
 		watchErrs: map[string]string{},
+
+		adviceChanged: make(chan struct{}),
 	}
 }
 
@@ -239,6 +255,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.deps.Identifier != nil {
 		wg.Go(func() { a.identify(ctx) })
 	}
+	if a.deps.Advisor != nil {
+		wg.Go(func() { a.advise(ctx) })
+	}
 	if a.deps.GPUs != nil {
 		xids := make(chan XIDEvent, 8)
 		wg.Go(func() {
@@ -292,6 +311,7 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 		a.dropLocked(key, t)
 		a.mu.Unlock()
 		a.relayWithdrawn(t.n)
+		a.endRisk(key)
 		a.log.Info("notice withdrawn", "provider", n.Provider, "kind", n.Kind, "id", n.ID)
 		a.publishUnlessEmergency()
 		return
@@ -310,6 +330,7 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 		a.notifyChangeLocked()
 		a.mu.Unlock()
 		a.log.Info("notice deadline moved", "provider", n.Provider, "id", n.ID, "from", from, "to", n.Deadline)
+		a.noteRisk(t.n, t.class)
 		a.rearm(ctx, key)
 		if from.IsZero() || n.Deadline.Before(from) {
 			a.reclassify(ctx, key) // it may be fatal now, or shorten the running path
@@ -336,6 +357,7 @@ func (a *Agent) handle(ctx context.Context, n Notice) {
 
 	a.log.Info("notice", "provider", n.Provider, "kind", n.Kind, "id", n.ID, "action", n.Action,
 		"class", class, "deadline", n.Deadline, "seconds_left", n.SecondsLeft(a.now()))
+	a.noteRisk(n, class)
 	if class != ClassFatal { // a fatal notice is reported by its emergency path
 		a.report(context.WithoutCancel(ctx), a.hookDeadline(n), Event{Phase: PhaseNotice, Notice: n, Class: class})
 	}
@@ -368,6 +390,7 @@ func (a *Agent) expireNotice(key string) {
 	a.dropLocked(key, t)
 	a.mu.Unlock()
 	a.relayWithdrawn(t.n)
+	a.endRisk(key)
 	a.log.Info("simulated notice expired at its deadline", "id", t.n.ID, "kind", t.n.Kind)
 	a.publishUnlessEmergency()
 }
@@ -619,6 +642,9 @@ func (a *Agent) report(ctx context.Context, deadline time.Time, ev Event) {
 	ev.Instance = a.Instance()
 	ev.Run = a.deps.Run
 	ev.At = a.now()
+	if ev.Advice == nil {
+		ev.Advice, _ = a.Advice()
+	}
 	for _, r := range a.deps.Reporters {
 		a.reports.Go(func() {
 			rctx, cancel := context.WithDeadline(ctx, deadline)

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/preemptd/preemptd/advice"
 )
 
 // SocketName is the local API's unix socket in run_dir.
@@ -42,6 +44,8 @@ const maxNoticeWait = 10 * time.Minute
 //	GET  /v1/notice?wait=30s     the current notice (NoticeFile); with wait,
 //	                             a long-poll until one exists (204 on timeout)
 //	POST /v1/simulate            inject a simulated notice (SimulateRequest)
+//	GET  /v1/advice?wait=30s     when to checkpoint (advice.Advice); with
+//	                             wait, held until checkpoint_now is true
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
@@ -54,18 +58,29 @@ func (a *Agent) Handler() http.Handler {
 	})
 	mux.HandleFunc("GET /v1/notice", a.serveNotice)
 	mux.HandleFunc("POST /v1/simulate", a.serveSimulate)
+	mux.HandleFunc("GET /v1/advice", a.serveAdvice)
 	return mux
 }
 
+// parseWait reads a long-poll's ?wait= (0 when absent), at most
+// maxNoticeWait; a bad value is answered 400 and ok is false.
+func parseWait(w http.ResponseWriter, r *http.Request) (time.Duration, bool) {
+	v := r.URL.Query().Get("wait")
+	if v == "" {
+		return 0, true
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("wait: %q is not a duration like 30s", v)})
+		return 0, false
+	}
+	return min(d, maxNoticeWait), true
+}
+
 func (a *Agent) serveNotice(w http.ResponseWriter, r *http.Request) {
-	var wait time.Duration
-	if v := r.URL.Query().Get("wait"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil || d < 0 {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("wait: %q is not a duration like 30s", v)})
-			return
-		}
-		wait = min(d, maxNoticeWait)
+	wait, ok := parseWait(w, r)
+	if !ok {
+		return
 	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
@@ -337,6 +352,18 @@ func (c *Client) do(ctx context.Context, method, path string, body io.Reader, ou
 		}
 	}
 	return resp.StatusCode, nil
+}
+
+// Advice fetches the daemon's checkpoint advice; with wait > 0 the daemon
+// holds the request until checkpoint_now is true or wait has passed.
+func (c *Client) Advice(ctx context.Context, wait time.Duration) (advice.Advice, error) {
+	var a advice.Advice
+	path := "/v1/advice"
+	if wait > 0 {
+		path += "?wait=" + wait.String()
+	}
+	_, err := c.do(ctx, http.MethodGet, path, nil, &a)
+	return a, err
 }
 
 // Status fetches the daemon's status.

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"time"
+
+	"github.com/preemptd/preemptd/advice"
 )
 
 // Instance is the machine's identity, for records, webhooks and metrics.
@@ -43,7 +45,9 @@ type Event struct {
 	Run      string   `json:"run,omitempty"`
 	// Emergency is set for fatal notices (at the outcome, complete).
 	Emergency *EmergencyReport `json:"emergency,omitempty"`
-	At        time.Time        `json:"at"`
+	// Advice is the checkpoint advice at the time (its measured inputs).
+	Advice *advice.Advice `json:"advice,omitempty"`
+	At     time.Time      `json:"at"`
 }
 
 // Reporter is told of every notice and of every emergency path's outcome.

@@ -1,6 +1,10 @@
 package agent
 
-import "time"
+import (
+	"time"
+
+	"github.com/preemptd/preemptd/advice"
+)
 
 // Status is what `preemptd status` and GET /v1/status show.
 type Status struct {
@@ -27,6 +31,8 @@ type Status struct {
 	XIDs []XIDEvent   `json:"xid_events,omitempty"`
 	// Job is the multi-node job this node is part of.
 	Job *JobStatus `json:"job,omitempty"`
+	// Advice is when to checkpoint, as last published.
+	Advice *advice.Advice `json:"advice,omitempty"`
 }
 
 // JobStatus is a multi-node job as this node sees it.
@@ -72,6 +78,7 @@ func (a *Agent) Status() Status {
 		State:     "watching",
 		Notices:   []NoticeStatus{},
 		Job:       job,
+		Advice:    a.advice,
 	}
 	for _, k := range a.order {
 		t := a.active[k]

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -31,16 +32,26 @@ type Syncer struct {
 	// Margin is kept free before the deadline after the estimated upload.
 	Margin time.Duration
 	Log    *slog.Logger
+	// OnComplete, if set, is told of each checkpoint found complete, once
+	// per version of it, with its save time: from the first write seen
+	// under its folder (or to its file) to its newest file's time; 0 when
+	// not measured (found complete at start, or written while unwatched).
+	OnComplete func(ck Checkpoint, save time.Duration)
 
-	mu        sync.Mutex
-	seen      []Checkpoint      // complete ones, oldest first, from the last scan
-	committed map[string]string // name → signature committed
-	changed   chan struct{}     // closed and replaced after each scan
-	emergency bool
-	bgCancel  context.CancelFunc
-	bgDone    chan struct{}
-	bgCkpt    *Checkpoint // the background commit's checkpoint
-	kick      chan struct{}
+	mu sync.Mutex
+	// firstWrite is when the first write under each top-level entry of the
+	// folder was seen since its last completion; reported holds the
+	// signatures already told to OnComplete (nil before the first scan).
+	firstWrite map[string]time.Time
+	reported   map[string]string
+	seen       []Checkpoint      // complete ones, oldest first, from the last scan
+	committed  map[string]string // name → signature committed
+	changed    chan struct{}     // closed and replaced after each scan
+	emergency  bool
+	bgCancel   context.CancelFunc
+	bgDone     chan struct{}
+	bgCkpt     *Checkpoint // the background commit's checkpoint
+	kick       chan struct{}
 	// lastCommit is when the newest commit happened; emergencyResult is
 	// what the emergency step committed.
 	lastCommit      time.Time
@@ -117,6 +128,9 @@ func (s *Syncer) Run(ctx context.Context) error {
 				if st, err := os.Stat(ev.Name); err == nil && st.IsDir() {
 					s.addTree(w, ev.Name)
 				}
+			}
+			if ev.Has(fsnotify.Create) || ev.Has(fsnotify.Write) {
+				s.wrote(ev.Name, time.Now())
 			}
 			settle.Reset(100 * time.Millisecond)
 		case err := <-w.Errors:
@@ -196,6 +210,7 @@ func (s *Syncer) scan(ctx context.Context) {
 		s.log().Warn("scanning checkpoints", "err", err)
 		return
 	}
+	s.completed(cks)
 	s.mu.Lock()
 	s.seen = cks
 	close(s.changed)
@@ -476,6 +491,78 @@ func (s *Syncer) needsQuiet() bool {
 		return false
 	}
 	return s.Quiet > 0
+}
+
+// saveKey is the top-level entry of the folder a path below it belongs to,
+// with the temporary names writers use before a rename taken off (Orbax's
+// "100.orbax-checkpoint-tmp-…", Hugging Face's "tmp-checkpoint-100",
+// ".tmp" and ".partial"), so that the rename keeps the save's start.
+func saveKey(rel string) string {
+	first, _, _ := strings.Cut(filepath.ToSlash(rel), "/")
+	if i := strings.Index(first, ".orbax-checkpoint-tmp-"); i >= 0 {
+		first = first[:i]
+	}
+	first = strings.TrimPrefix(first, "tmp-")
+	first = strings.TrimSuffix(strings.TrimSuffix(first, ".tmp"), ".partial")
+	return first
+}
+
+// wrote notes a write at path (an fsnotify event) at time at.
+func (s *Syncer) wrote(path string, at time.Time) {
+	rel, err := filepath.Rel(s.Dir, path)
+	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return
+	}
+	key := saveKey(rel)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.firstWrite == nil {
+		s.firstWrite = map[string]time.Time{}
+	}
+	if _, ok := s.firstWrite[key]; !ok {
+		s.firstWrite[key] = at
+	}
+}
+
+// completed tells OnComplete of the checkpoints in cks not told before, the
+// newest last; those complete at the first scan only set the start.
+func (s *Syncer) completed(cks []Checkpoint) {
+	if s.OnComplete == nil {
+		return
+	}
+	type done struct {
+		ck   Checkpoint
+		save time.Duration
+	}
+	var tell []done
+	s.mu.Lock()
+	first := s.reported == nil
+	if first {
+		s.reported = map[string]string{}
+	}
+	for _, ck := range cks {
+		sig := ck.Signature()
+		if s.reported[ck.Name] == sig {
+			continue
+		}
+		s.reported[ck.Name] = sig
+		var save time.Duration
+		if len(ck.Files) > 0 {
+			key := saveKey(ck.Files[0].Path)
+			if at, ok := s.firstWrite[key]; ok && !first {
+				save = max(ck.ModTime.Sub(at), 0)
+			}
+			delete(s.firstWrite, key)
+		}
+		tell = append(tell, done{ck, save})
+	}
+	s.mu.Unlock()
+	if first && len(tell) > 0 {
+		tell = tell[len(tell)-1:] // only when the newest was written
+	}
+	for _, d := range tell {
+		s.OnComplete(d.ck, d.save)
+	}
 }
 
 // poke asks the watcher to scan now.

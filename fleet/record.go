@@ -20,6 +20,9 @@ import (
 // EventsPrefix is where records live in the store.
 const EventsPrefix = "_events"
 
+// RecordVersion is the version written; Load reads 1 to it.
+const RecordVersion = 3
+
 // Record is one notice's record.
 type Record struct {
 	Version  int            `json:"version"`
@@ -51,13 +54,22 @@ type Record struct {
 	Watched bool `json:"checkpoints_watched,omitempty"`
 	// Outcome is "pending" until the emergency path ends, then "completed"
 	// or "deadline"; advisory and informational notices stay "notice".
-	Outcome   string             `json:"outcome"`
-	Reason    string             `json:"reason,omitempty"`
+	Outcome string `json:"outcome"`
+	Reason  string `json:"reason,omitempty"`
+	// SaveSeconds and UploadSeconds are the trainer's save time and the
+	// last upload's as the advisor measured them before the notice (0:
+	// not measured); version 3.
+	SaveSeconds   float64 `json:"save_s,omitempty"`
+	UploadSeconds float64 `json:"upload_s,omitempty"`
+	// Key is the per-notice object a rollup line came from.
+	Key       string             `json:"key,omitempty"`
 	GPUs      *agent.GPUSnapshot `json:"gpus,omitempty"`
 	UpdatedAt time.Time          `json:"updated_at"`
 }
 
-// Key is the record's object key: _events/<day>/<instance>-<notice>.json.
+// Key is the record's object key: _events/day=<YYYY-MM-DD>/<instance>-<provider>-<notice>.json
+// (a Hive-style partition, so that DuckDB, Athena and BigQuery read the
+// day from the path; records before version 3 are under _events/<day>/).
 func Key(r Record) string {
 	inst := r.Instance.ID
 	if inst == "" {
@@ -66,14 +78,14 @@ func Key(r Record) string {
 	if inst == "" {
 		inst = "unknown"
 	}
-	return fmt.Sprintf("%s/%s/%s-%s-%s.json", EventsPrefix, r.NoticedAt.UTC().Format("2006-01-02"),
+	return fmt.Sprintf("%s/day=%s/%s-%s-%s.json", EventsPrefix, r.NoticedAt.UTC().Format("2006-01-02"),
 		storage.SafeElement(inst), storage.SafeElement(r.Provider), storage.SafeElement(r.NoticeID))
 }
 
 // FromEvent builds the record of ev.
 func FromEvent(ev agent.Event) Record {
 	n := ev.Notice
-	r := Record{Version: 2, Run: ev.Run, Instance: ev.Instance, Provider: n.Provider, Kind: n.Kind, NoticeID: n.ID,
+	r := Record{Version: RecordVersion, Run: ev.Run, Instance: ev.Instance, Provider: n.Provider, Kind: n.Kind, NoticeID: n.ID,
 		Action: n.Action, Class: ev.Class, Simulated: n.Provider == "simulate", NoticedAt: n.NoticedAt.UTC(),
 		Deadline: n.Deadline.UTC(), Outcome: "notice", UpdatedAt: ev.At.UTC()}
 	if n.Deadline.IsZero() {
@@ -93,6 +105,12 @@ func FromEvent(ev agent.Event) Record {
 				}
 			}
 		}
+	}
+	if a := ev.Advice; a != nil {
+		if a.Inputs.SaveMeasured > 0 {
+			r.SaveSeconds = a.Inputs.SaveSeconds
+		}
+		r.UploadSeconds = a.Inputs.UploadSeconds
 	}
 	if e := ev.Emergency; e != nil {
 		r.Outcome = "pending"
@@ -136,35 +154,19 @@ func (rc *Recorder) Report(ctx context.Context, ev agent.Event) {
 	}
 }
 
-// Load reads every record in the store, skipping (and counting) bad ones.
-func Load(ctx context.Context, st storage.Store) ([]Record, int, error) {
-	objs, err := st.List(ctx, EventsPrefix)
-	if err != nil {
-		return nil, 0, err
-	}
-	var out []Record
-	bad := 0
-	for _, o := range objs {
-		var buf jsonBuf
-		if err := st.Get(ctx, o.Key, &buf); err != nil {
-			bad++
-			continue
-		}
-		var r Record
-		if err := json.Unmarshal(buf.b, &r); err != nil || r.Version != 1 {
-			bad++
-			continue
-		}
-		out = append(out, r)
-	}
-	return out, bad, nil
+// jsonBuf collects an object of at most limit bytes (0: 4 MiB).
+type jsonBuf struct {
+	b     []byte
+	limit int
 }
 
-type jsonBuf struct{ b []byte }
-
 func (j *jsonBuf) Write(p []byte) (int, error) {
-	if len(j.b)+len(p) > 4<<20 {
-		return 0, fmt.Errorf("record larger than 4 MiB")
+	limit := j.limit
+	if limit == 0 {
+		limit = 4 << 20
+	}
+	if len(j.b)+len(p) > limit {
+		return 0, fmt.Errorf("object larger than %d MiB", limit>>20)
 	}
 	j.b = append(j.b, p...)
 	return len(p), nil

@@ -3,6 +3,7 @@ package fleet
 import (
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"slices"
@@ -13,6 +14,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/preemptd/preemptd/advice"
 	"github.com/preemptd/preemptd/agent"
 )
 
@@ -81,6 +83,26 @@ type Report struct {
 	// SimulatedLeftOut counts the records of drills not in the report.
 	SimulatedLeftOut int   `json:"simulated_left_out,omitempty"`
 	Cost             *Cost `json:"cost,omitempty"`
+	// Advice is, per instance type, the measured interruption rate, the
+	// checkpoint interval it calls for, and the work lost per interruption.
+	Advice []TypeAdvice `json:"advice_by_instance_type"`
+}
+
+// TypeAdvice is the checkpoint advice for one instance type.
+type TypeAdvice struct {
+	Type          string `json:"instance_type"`
+	Interruptions int    `json:"interruptions"`
+	// MTBIHours is the estimate of M (records and prior, see Basis).
+	MTBIHours float64 `json:"mtbi_h"`
+	Basis     string  `json:"basis"`
+	// Committed is p; SaveSeconds the mean save time the records carry
+	// (advice.DefaultSave when none does).
+	Committed       float64 `json:"committed_fraction"`
+	SaveSeconds     float64 `json:"save_s"`
+	IntervalSeconds float64 `json:"checkpoint_every_s"`
+	// LostSeconds is the mean work lost per interruption (time since the
+	// last durable checkpoint, for those whose notice committed none).
+	LostSeconds float64 `json:"lost_per_interruption_s"`
 }
 
 // Interruption reports whether r is a record of the cloud taking the machine.
@@ -102,6 +124,12 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 		rep.Cost = &Cost{}
 	}
 	unpriced := map[string]bool{}
+	type acc struct {
+		recs               []Record
+		lost, save, upload float64
+		saves              int
+	}
+	perType := map[string]*acc{}
 	for _, r := range records {
 		if r.NoticedAt.Before(since) {
 			continue
@@ -136,6 +164,18 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 		} else if !r.CommittedAt.IsZero() {
 			durable = append(durable, r.CommittedAt.Sub(r.NoticedAt).Seconds())
 		}
+		t := perType[orUnknown(r.Instance.Type)]
+		if t == nil {
+			t = &acc{}
+			perType[orUnknown(r.Instance.Type)] = t
+		}
+		t.recs = append(t.recs, r)
+		t.lost += lost
+		if r.SaveSeconds > 0 {
+			t.save += r.SaveSeconds
+			t.upload += r.UploadSeconds
+			t.saves++
+		}
 		if rep.Cost != nil {
 			p, ok := prices[r.Instance.Type]
 			if !ok {
@@ -156,6 +196,28 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			rep.Cost.UnpricedTypes = append(rep.Cost.UnpricedTypes, t)
 		}
 		slices.Sort(rep.Cost.UnpricedTypes)
+	}
+	rep.Advice = []TypeAdvice{}
+	for _, typ := range slices.Sorted(maps.Keys(perType)) {
+		t := perType[typ]
+		inst := agent.Instance{Type: typ}
+		if typ == "unknown" {
+			inst.Type = ""
+		}
+		prior, basis := advice.Prior(nil, inst.Type)
+		rate := advice.Estimate(prior, basis, Observations(t.recs, agent.Instance{Type: t.recs[0].Instance.Type}))
+		in := advice.Inputs{Rate: rate}
+		if t.saves > 0 {
+			in.Save = time.Duration(t.save / float64(t.saves) * float64(time.Second))
+			in.Upload = time.Duration(t.upload / float64(t.saves) * float64(time.Second))
+		}
+		every, _ := advice.Interval(in)
+		save := in.Save
+		if save <= 0 {
+			save = advice.DefaultSave
+		}
+		rep.Advice = append(rep.Advice, TypeAdvice{Type: typ, Interruptions: len(t.recs), MTBIHours: rate.MTBI.Hours(), Basis: rate.Basis,
+			Committed: rate.Committed, SaveSeconds: save.Seconds(), IntervalSeconds: every.Seconds(), LostSeconds: t.lost / float64(len(t.recs))})
 	}
 	rep.ByType, rep.ByRegion, rep.ByZone = counts(byType), counts(byRegion), counts(byZone)
 	rep.Lifetime, rep.NoticeToDurable = stats(life), stats(durable)
@@ -237,6 +299,16 @@ func Print(w io.Writer, r Report) error {
 		fmt.Fprintf(tw, "%s\tINTERRUPTIONS\t\n", sec.title)
 		for _, c := range sec.c {
 			fmt.Fprintf(tw, "%s\t%d\t\n", c.Key, c.Interruptions)
+		}
+		tw.Flush()
+	}
+	if len(r.Advice) > 0 {
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintf(tw, "INSTANCE TYPE\tINTERRUPTIONS\tM (MEASURED+PRIOR)\tCOMMITTED p\tSAVE C\tCHECKPOINT EVERY\tLOST PER INTERRUPTION\t\n")
+		for _, a := range r.Advice {
+			fmt.Fprintf(tw, "%s\t%d\t%.1f h\t%.2f\t%.0fs\t%s\t%s\t\n", a.Type, a.Interruptions, a.MTBIHours, a.Committed, a.SaveSeconds,
+				dur(a.IntervalSeconds), dur(a.LostSeconds))
 		}
 		tw.Flush()
 	}

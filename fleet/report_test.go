@@ -104,7 +104,8 @@ func TestStoreRoundTripAndPrint(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	os.WriteFile(filepath.Join(dir, EventsPrefix, "garbage.json"), []byte("{"), 0o644)
+	os.MkdirAll(filepath.Join(dir, EventsPrefix, "day=2026-03-01"), 0o755)
+	os.WriteFile(filepath.Join(dir, EventsPrefix, "day=2026-03-01", "garbage.json"), []byte("{"), 0o644)
 	recs, bad, err := Load(ctx, st)
 	if err != nil || len(recs) != 6 || bad != 1 {
 		t.Fatalf("Load = %d records, %d bad, %v", len(recs), bad, err)
@@ -134,7 +135,7 @@ func TestFromEvent(t *testing.T) {
 		!r.SignalledAt.Equal(t0.Add(time.Millisecond)) || r.Reason != "logs: store down" {
 		t.Fatalf("record = %+v", r)
 	}
-	if k := Key(r); k != "_events/2026-03-01/123-gcp-preempted.json" {
+	if k := Key(r); k != "_events/day=2026-03-01/123-gcp-preempted.json" {
 		t.Fatalf("key = %s", k)
 	}
 }

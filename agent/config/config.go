@@ -71,6 +71,23 @@ type Config struct {
 	Trainer Trainer `yaml:"trainer"`
 	Hooks   Hooks   `yaml:"hooks"`
 	Job     Job     `yaml:"job"`
+	Advice  Advice  `yaml:"advice"`
+}
+
+// Advice configures checkpoint advice: when the trainer should checkpoint.
+type Advice struct {
+	// Enabled publishes advice.json and GET /v1/advice.
+	Enabled bool `yaml:"enabled"`
+	// InterruptionsPerHour is the prior rate until the event records say
+	// more; 0 takes it from the GPU model or instance type.
+	InterruptionsPerHour float64 `yaml:"interruptions_per_hour"`
+	// MinInterval and MaxInterval bound the advised interval.
+	MinInterval Duration `yaml:"min_interval"`
+	MaxInterval Duration `yaml:"max_interval"`
+	// FleetPoll is how often the store's recent event records are read for
+	// interruptions nearby (same job, or same type and zone); the rate is
+	// re-estimated every tenth poll. 0 reads no records.
+	FleetPoll Duration `yaml:"fleet_poll"`
 }
 
 // Job makes this daemon one node of a multi-node job: the nodes of a job
@@ -162,6 +179,9 @@ type Trainer struct {
 	Signal          string   `yaml:"signal"`
 	RebalanceSignal string   `yaml:"rebalance_signal"`
 	KillAfter       Duration `yaml:"kill_after"`
+	// CheckpointSignal, if set, is sent when a checkpoint is advised
+	// ("checkpoint, keep training"), e.g. SIGUSR1.
+	CheckpointSignal string `yaml:"checkpoint_signal"`
 }
 
 // Checkpoint says where the trainer writes checkpoints and how to tell
@@ -257,6 +277,7 @@ func Default() Config {
 		Logs:          Logs{Interval: Duration(30 * time.Second)},
 		Metrics:       Metrics{Listen: "127.0.0.1:9477"},
 		Job:           Job{Poll: Duration(500 * time.Millisecond)},
+		Advice:        Advice{Enabled: true, MaxInterval: Duration(24 * time.Hour), FleetPoll: Duration(time.Minute)},
 	}
 }
 
@@ -604,6 +625,22 @@ func (c *Config) Validate() error {
 		if _, err := trainer.ParseSignal(c.Trainer.RebalanceSignal); err != nil {
 			bad("trainer.rebalance_signal", "%v", err)
 		}
+	}
+	if c.Trainer.CheckpointSignal != "" {
+		if _, err := trainer.ParseSignal(c.Trainer.CheckpointSignal); err != nil {
+			bad("trainer.checkpoint_signal", "%v", err)
+		} else if strings.EqualFold(strings.TrimPrefix(strings.ToUpper(c.Trainer.CheckpointSignal), "SIG"), strings.TrimPrefix(strings.ToUpper(c.Trainer.Signal), "SIG")) {
+			bad("trainer.checkpoint_signal", "%s is also trainer.signal (stop): use another, e.g. SIGUSR1", c.Trainer.CheckpointSignal)
+		}
+	}
+	if r := c.Advice.InterruptionsPerHour; r < 0 || r > 10 {
+		bad("advice.interruptions_per_hour", "%g is out of range; use 0 (from the GPU model) or a rate like 0.04 (4%%/h)", r)
+	}
+	if lo, hi := c.Advice.MinInterval.D(), c.Advice.MaxInterval.D(); lo < 0 || hi < time.Minute || lo > hi {
+		bad("advice.max_interval", "min_interval %s and max_interval %s must satisfy 0 <= min <= max, max >= 1m", lo, hi)
+	}
+	if d := c.Advice.FleetPoll.D(); d != 0 && d < 5*time.Second {
+		bad("advice.fleet_poll", "%s is too often; use 5s or more (0: no records read)", d)
 	}
 	if c.Trainer.Match != "" {
 		if _, err := regexp.Compile(c.Trainer.Match); err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/preemptd/preemptd/advice"
 	"github.com/preemptd/preemptd/agent"
 )
 
@@ -35,6 +36,8 @@ type Metrics struct {
 	lastCommitNs   atomic.Int64
 	emergencies    *prometheus.CounterVec
 	jobFanOut      *prometheus.HistogramVec
+	advice         *prometheus.GaugeVec
+	saveSeconds    prometheus.Histogram
 }
 
 var latencyBuckets = []float64{.001, .005, .01, .05, .1, .25, .5, 1, 2, 5, 10}
@@ -64,6 +67,11 @@ func New(version string, gpus agent.GPUs) *Metrics {
 		jobFanOut: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "preemptd_job_fanout_seconds",
 			Help:    "From another node's fatal notice to its job notice here, by the way it came (store or push).",
 			Buckets: latencyBuckets}, []string{"via"}),
+		advice: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "preemptd_advice",
+			Help: "Checkpoint advice and its inputs: interval_seconds, checkpoint_now (0/1), save_seconds, upload_seconds, " +
+				"mtbi_seconds, committed_fraction, interruptions (measured), risks (active)."}, []string{"value"}),
+		saveSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "preemptd_checkpoint_save_seconds",
+			Help: "The trainer's save time: first write of a checkpoint to its completion.", Buckets: durationBuckets}),
 	}
 	age := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "preemptd_last_checkpoint_age_seconds",
 		Help: "Seconds since the newest checkpoint was committed; -1 before any."}, m.age)
@@ -71,7 +79,7 @@ func New(version string, gpus agent.GPUs) *Metrics {
 		Help: "preemptd's version; always 1."}, []string{"version", "goversion"})
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	r.MustRegister(m.notices, m.metadataErrors, m.noticeToSignal, m.uploadBytes, m.uploadSeconds, m.timeToDurable,
-		m.lastCommit, m.emergencies, m.jobFanOut, age, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.lastCommit, m.emergencies, m.jobFanOut, m.advice, m.saveSeconds, age, build, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if gpus != nil {
 		r.MustRegister(&gpuCollector{gpus: gpus})
 	}
@@ -94,6 +102,23 @@ func (m *Metrics) Provider(name string) { m.metadataErrors.WithLabelValues(name)
 func (m *Metrics) JobFanOut(d time.Duration, via string) {
 	m.jobFanOut.WithLabelValues(via).Observe(max(d, 0).Seconds())
 }
+
+// Advice publishes the checkpoint advice.
+func (m *Metrics) Advice(a advice.Advice) {
+	now := 0.0
+	if a.CheckpointNow {
+		now = 1
+	}
+	in := a.Inputs
+	for k, v := range map[string]float64{"interval_seconds": a.CheckpointEvery, "checkpoint_now": now,
+		"save_seconds": in.SaveSeconds, "upload_seconds": in.UploadSeconds, "mtbi_seconds": in.MTBIHours * 3600,
+		"committed_fraction": in.Committed, "interruptions": float64(in.Interruptions), "risks": float64(len(in.Risks))} {
+		m.advice.WithLabelValues(k).Set(v)
+	}
+}
+
+// Saved observes a measured save time.
+func (m *Metrics) Saved(d time.Duration) { m.saveSeconds.Observe(d.Seconds()) }
 
 // MetadataError counts one failed metadata request of provider.
 func (m *Metrics) MetadataError(provider string) { m.metadataErrors.WithLabelValues(provider).Inc() }

@@ -179,7 +179,7 @@ func (d *Dir) List(ctx context.Context, prefix string) ([]Object, error) {
 			return nil
 		}
 		rel, _ := filepath.Rel(d.root, p)
-		out = append(out, Object{Key: filepath.ToSlash(rel), Size: info.Size()})
+		out = append(out, Object{Key: filepath.ToSlash(rel), Size: info.Size(), ModTime: info.ModTime()})
 		return nil
 	})
 	return out, err

@@ -13,6 +13,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"time"
 )
 
 // ErrNotFound is returned for a key that does not exist.
@@ -25,6 +26,8 @@ var ErrExists = errors.New("already exists")
 type Object struct {
 	Key  string
 	Size int64
+	// ModTime is when the object was last written, as the store says.
+	ModTime time.Time
 }
 
 // Store is an object store.

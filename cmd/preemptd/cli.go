@@ -77,6 +77,7 @@ Commands:
   restore    download the latest (or a named) committed checkpoint, verified
   upload     commit one checkpoint folder to the store now
   report     the fleet report: interruptions, lifetimes, time to durable, cost and savings
+  advise     when the trainer should checkpoint, and the inputs of that advice
   doctor     check metadata reach, the store (write/read/delete), NVML and the trainer target
   keygen     make an ed25519 key pair for signed checkpoints (storage.sign_key, storage.verify_key)
   version    print the version
@@ -141,6 +142,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return cmdUpload(ctx, rest, getenv, stdout, stderr)
 	case "report":
 		return cmdReport(ctx, rest, getenv, stdout, stderr)
+	case "advise":
+		return cmdAdvise(ctx, rest, getenv, stdout, stderr)
 	case "doctor":
 		return cmdDoctor(ctx, rest, getenv, stdout, stderr)
 	case "keygen":
@@ -205,6 +208,9 @@ func newFlags(name, synopsis string, stderr io.Writer, daemon bool) *common {
 	case "status", "simulate":
 		runDir = "run_dir of the daemon to ask: its socket is <run-dir>/preemptd.sock"
 		stateDir = "state_dir (not used by " + name + "; accepted like every command's)"
+	case "advise":
+		runDir = "run_dir of the daemon to ask: its socket is <run-dir>/preemptd.sock"
+		stateDir = "state_dir whose default store to read records from when no daemon answers"
 	case "ls", "restore", "upload", "report":
 		runDir = "run_dir (not used by " + name + "; accepted like every command's)"
 		stateDir = "state_dir whose default store to use (file://<state_dir>/store, when storage.url is not set)"

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/preemptd/preemptd/advice"
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/agent/gpu"
@@ -71,7 +72,14 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		return err
 	}
 	cm.Journal = filepath.Join(cfg.StateDir, "uploads-in-flight.json") // this node's, for Cleanup after a crash
-	cm.OnCommit = func(r checkpoint.Result) { met.Committed(r.Manifest.SentBytes, r.Took, r.Manifest.CommittedAt) }
+	var a *agent.Agent                                                 // built below; the advice feed asks it for the instance's identity
+	adv, feed := newAdvice(ctx, &cfg, gpus, func() agent.Instance { return a.Instance() }, cm, run, log)
+	cm.OnCommit = func(r checkpoint.Result) {
+		met.Committed(r.Manifest.SentBytes, r.Took, r.Manifest.CommittedAt)
+		if adv != nil {
+			adv.Uploaded(r.Took)
+		}
+	}
 	jb := newJob(ctx, &cfg, run, det.Provider, prov.Identifier, cm, log)
 
 	// The emergency steps, in order, and the background services that live
@@ -91,10 +99,21 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	if cfg.Checkpoint.Dir != "" {
 		syncer := &checkpoint.Syncer{Dir: cfg.Checkpoint.Dir, Layout: cfg.Checkpoint.Layout, Quiet: cfg.Checkpoint.QuietPeriod.D(),
 			Committer: cm, Background: cfg.Checkpoint.Sync, Margin: 3 * time.Second, Log: log.With("part", "checkpoint")}
+		if adv != nil {
+			syncer.OnComplete = func(ck checkpoint.Checkpoint, save time.Duration) {
+				adv.Saved(ck.ModTime, save)
+				if save > 0 {
+					met.Saved(save)
+				}
+			}
+		}
 		steps = append(steps, syncer.Emergency())
 		services = append(services, syncer.Run)
 	} else {
 		log.Info("checkpoint.dir not set: checkpoints are not watched or uploaded")
+	}
+	if feed != nil {
+		services = append(services, feed.Run)
 	}
 	if cfg.Trainer.WaitGPURelease {
 		steps = append(steps, gpu.ReleaseStep{R: gpus})
@@ -136,7 +155,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	defer inh.Release()
 	var shuttingDown atomic.Bool
 	simulateGroups, _ := cfg.SimulateGroups() // checked by Validate
-	a := agent.New(agent.Config{
+	a = agent.New(agent.Config{
 		FatalWithin:     cfg.FatalWithin.D(),
 		RunDir:          cfg.RunDir,
 		Signal:          cfg.Trainer.Signal,
@@ -144,10 +163,14 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		KillAfter:       cfg.Trainer.KillAfter.D(),
 		Hooks:           cfg.Hooks.OnNotice,
 		SimulateGroups:  simulateGroups,
+
+		CheckpointSignal: cfg.Trainer.CheckpointSignal,
 	}, agent.Deps{
 		Watchers:   watchers,
 		Relay:      relay,
 		Job:        jobStatus,
+		Advisor:    adv,
+		OnAdvice:   met.Advice,
 		Trainer:    tr,
 		Acker:      prov.Acker,
 		Steps:      steps,
@@ -378,4 +401,29 @@ func newJob(ctx context.Context, cfg *config.Config, run, provider string, id ag
 	log.Info("node of a multi-node job", "run", run, "node", node, "nodes", cfg.Job.Nodes, "provider", provider,
 		"push", cfg.JobAdvertise())
 	return jb
+}
+
+// newAdvice builds the checkpoint advisor, starting from the prior rate
+// (advice.interruptions_per_hour, else the GPU model), and the feed that
+// reads the store's event records for it; both nil when advice is off.
+func newAdvice(ctx context.Context, cfg *config.Config, gpus agent.GPUs, inst func() agent.Instance, cm *checkpoint.Committer,
+	run string, log *slog.Logger) (*advice.Advisor, *fleet.Feed) {
+	if !cfg.Advice.Enabled {
+		return nil, nil
+	}
+	names := func() []string {
+		var out []string
+		for _, d := range gpus.Snapshot(ctx).Devices {
+			out = append(out, d.Name)
+		}
+		return out
+	}
+	prior, basis := fleet.PriorFor(cfg.Advice.InterruptionsPerHour, names(), agent.Instance{})
+	adv := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D()}, time.Now(),
+		advice.Estimate(prior, basis, nil))
+	if cfg.Advice.FleetPoll.D() <= 0 {
+		return adv, nil
+	}
+	return adv, &fleet.Feed{Store: cm.Store, Advisor: adv, Instance: inst, Job: run, PerHour: cfg.Advice.InterruptionsPerHour,
+		GPUs: names, Poll: cfg.Advice.FleetPoll.D(), Log: log.With("part", "advice")}
 }

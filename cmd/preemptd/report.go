@@ -12,11 +12,12 @@ import (
 )
 
 func cmdReport(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	c := newFlags("report", "report [--since DUR] [--prices FILE] [--json] [--all] [--config FILE]", stderr, false)
+	c := newFlags("report", "report [--since DUR] [--prices FILE] [--json] [--all] [--compact] [--config FILE]", stderr, false)
 	since := c.fs.String("since", "", "only notices newer than this, e.g. 720h (default: all)")
 	prices := c.fs.String("prices", "", "YAML file: instance type → {on_demand, spot} in $/h")
 	asJSON := c.fs.Bool("json", false, "print the report as JSON")
 	all := c.fs.Bool("all", false, "include simulated notices")
+	compact := c.fs.Bool("compact", false, "also write the rollup of every past day read record by record (one object per day)")
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -42,14 +43,21 @@ func cmdReport(ctx context.Context, args []string, getenv func(string) string, s
 	if err != nil {
 		return err
 	}
-	records, bad, err := fleet.Load(ctx, cm.Store)
+	l, err := fleet.Read(ctx, cm.Store, from)
 	if err != nil {
 		return err
 	}
-	if bad > 0 {
-		fmt.Fprintf(stderr, "preemptd: skipped %d unreadable event record(s)\n", bad)
+	if l.Bad > 0 {
+		fmt.Fprintf(stderr, "preemptd: skipped %d unreadable event record(s)\n", l.Bad)
 	}
-	rep := fleet.Build(records, from, p, *all)
+	if *compact {
+		days, n, err := fleet.Compact(ctx, cm.Store, l, time.Now())
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "preemptd: compacted %d day(s), %d record(s); %d day(s) were compacted already\n", days, n, l.Rollups)
+	}
+	rep := fleet.Build(l.Records, from, p, *all)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")

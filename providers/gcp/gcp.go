@@ -5,6 +5,7 @@ package gcp
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -31,7 +32,14 @@ import (
 const (
 	PathPreempted   = "instance/preempted"
 	PathMaintenance = "instance/maintenance-event"
+	// PathUpcoming is planned maintenance, announced days ahead on GPU VMs
+	// (404 when none is planned); read every UpcomingPoll.
+	PathUpcoming = "instance/upcoming-maintenance"
 )
+
+// UpcomingPoll is how often instance/upcoming-maintenance is read: it
+// announces maintenance days ahead, so a minute's delay costs nothing.
+const UpcomingPoll = time.Minute
 
 // Maintenance event values.
 const (
@@ -74,6 +82,8 @@ type Config struct {
 	Now      func() time.Time
 	// OnError is called on every failed metadata request.
 	OnError func()
+	// UpcomingPoll overrides UpcomingPoll (tests).
+	UpcomingPoll time.Duration
 }
 
 // Provider subscribes to the metadata server.
@@ -109,6 +119,9 @@ func New(cfg Config) *Provider {
 		}
 		log.Info("host maintenance window taken from the machine", "gpus", cfg.MaintenanceWindow == GPUMaintenanceWindow,
 			"window", cfg.MaintenanceWindow.String())
+	}
+	if cfg.UpcomingPoll <= 0 {
+		cfg.UpcomingPoll = UpcomingPoll
 	}
 	if cfg.LongPoll < time.Second {
 		cfg.LongPoll = DefaultLongPoll
@@ -270,6 +283,7 @@ func (p *Provider) Watch(ctx context.Context, out chan<- agent.Notice) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { p.subscribe(ctx, PathPreempted, p.preempted(ctx, out)) })
 	wg.Go(func() { p.subscribe(ctx, PathMaintenance, p.maintenance(ctx, out)) })
+	wg.Go(func() { p.upcoming(ctx, out) })
 	wg.Wait()
 	return ctx.Err()
 }
@@ -376,6 +390,82 @@ func (p *Provider) maintenance(ctx context.Context, out chan<- agent.Notice) fun
 		active = &n
 		emit.Send(ctx, out, n)
 		return nil
+	}
+}
+
+// Upcoming is the instance/upcoming-maintenance document.
+type Upcoming struct {
+	Type              string    `json:"type"`
+	Status            string    `json:"maintenance_status"`
+	CanReschedule     bool      `json:"can_reschedule"`
+	WindowStart       time.Time `json:"window_start_time"`
+	WindowEnd         time.Time `json:"window_end_time"`
+	LatestWindowStart time.Time `json:"latest_window_start_time"`
+}
+
+// ParseUpcoming reads instance/upcoming-maintenance.
+func ParseUpcoming(v string) (Upcoming, error) {
+	var u Upcoming
+	if err := json.Unmarshal([]byte(v), &u); err != nil {
+		return u, fmt.Errorf("upcoming-maintenance: %w (value %q)", err, emit.Truncate(v, 60))
+	}
+	if u.WindowStart.IsZero() {
+		return u, fmt.Errorf("upcoming-maintenance: no window_start_time in %q", emit.Truncate(v, 60))
+	}
+	return u, nil
+}
+
+// upcoming reads planned maintenance every UpcomingPoll and turns it into
+// an advisory maintenance notice whose deadline is the window's start (the
+// agent escalates it at fatal_within before, and the advisor counts it as a
+// risk from an hour before); gone, the notice is withdrawn. A failed read
+// changes nothing.
+func (p *Provider) upcoming(ctx context.Context, out chan<- agent.Notice) {
+	var active *agent.Notice
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		v, err := p.client.GetWithContext(rctx, PathUpcoming)
+		cancel()
+		var none metadata.NotDefinedError
+		switch {
+		case ctx.Err() != nil:
+			return
+		case errors.As(err, &none):
+			if active != nil {
+				n := *active
+				n.Withdrawn, n.NoticedAt = true, p.now()
+				active = nil
+				emit.Send(ctx, out, n)
+			}
+		case err != nil:
+			p.out.Fail(PathUpcoming, err)
+		default:
+			p.out.OK()
+			u, err := ParseUpcoming(v)
+			if err != nil {
+				p.log.Warn("upcoming maintenance not understood; not acted on", "err", err)
+				break
+			}
+			id := "upcoming-maintenance/" + u.WindowStart.UTC().Format(time.RFC3339)
+			if active != nil && active.ID == id {
+				break
+			}
+			now := p.now()
+			if active != nil { // rescheduled: the old one is over
+				n := *active
+				n.Withdrawn, n.NoticedAt = true, now
+				emit.Send(ctx, out, n)
+			}
+			n := agent.Notice{Provider: "gcp", Kind: agent.KindMaintenance, ID: id, Action: "upcoming-maintenance " + u.Type,
+				NoticedAt: now, Deadline: u.WindowStart, WindowEnd: u.WindowEnd, Scheduled: true, Raw: json.RawMessage(v)}
+			active = &n
+			emit.Send(ctx, out, n)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(p.cfg.UpcomingPoll):
+		}
 	}
 }
 

@@ -299,3 +299,46 @@ func TestGarbageBacksOff(t *testing.T) {
 		t.Fatalf("%d requests in 2s of garbage answers: no backoff", n)
 	}
 }
+
+// TestUpcomingMaintenance: planned maintenance (instance/upcoming-maintenance,
+// the document GPU VMs get days ahead) becomes an advisory, scheduled
+// maintenance notice whose deadline is the window's start; rescheduled, the
+// old one is withdrawn and the new one sent; gone (404), withdrawn; a
+// document that does not parse changes nothing.
+func TestUpcomingMaintenance(t *testing.T) {
+	s, srv := newMetadata(t)
+	p := New(Config{Endpoint: srv.URL, MaintenanceWindow: time.Hour, UpcomingPoll: 50 * time.Millisecond})
+	out := make(chan agent.Notice, 16)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { p.Watch(ctx, out); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	quiet(t, out, 300*time.Millisecond) // 404: nothing planned
+
+	start := time.Now().Add(72 * time.Hour).UTC().Truncate(time.Second)
+	doc := func(at time.Time) string {
+		return fmt.Sprintf(`{"type":"SCHEDULED","can_reschedule":true,"maintenance_status":"PENDING","window_start_time":%q,"window_end_time":%q,"latest_window_start_time":%q}`,
+			at.Format(time.RFC3339), at.Add(time.Hour).Format(time.RFC3339), at.Add(24*time.Hour).Format(time.RFC3339))
+	}
+	s.Set(PathUpcoming, doc(start))
+	n := next(t, out)
+	if n.Kind != agent.KindMaintenance || !n.Scheduled || !n.Deadline.Equal(start) || !n.WindowEnd.Equal(start.Add(time.Hour)) ||
+		agent.Classify(n, time.Now(), 2*time.Minute) != agent.ClassAdvisory {
+		t.Fatalf("upcoming maintenance notice = %+v", n)
+	}
+	quiet(t, out, 200*time.Millisecond) // the same document again: nothing new
+	s.Set(PathUpcoming, "<html>")
+	quiet(t, out, 200*time.Millisecond)
+	later := start.Add(24 * time.Hour)
+	s.Set(PathUpcoming, doc(later))
+	if w := next(t, out); !w.Withdrawn || w.ID != n.ID {
+		t.Fatalf("rescheduled: first %+v, want the old one withdrawn", w)
+	}
+	if m := next(t, out); m.Withdrawn || !m.Deadline.Equal(later) {
+		t.Fatalf("rescheduled: %+v", m)
+	}
+	s.Delete(PathUpcoming)
+	if w := next(t, out); !w.Withdrawn || !w.Deadline.Equal(later) {
+		t.Fatalf("done: %+v, want withdrawn", w)
+	}
+}

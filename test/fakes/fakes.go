@@ -42,6 +42,16 @@ func NewGCP() *GCP {
 		version: map[string]int{}, changed: make(chan struct{})}
 }
 
+// Delete removes a value (404 from then on) and wakes waiters.
+func (s *GCP) Delete(path string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.values, path)
+	s.version[path]++
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
 // Set changes a value (path below /computeMetadata/v1/) and wakes waiters.
 func (s *GCP) Set(path, v string) {
 	s.mu.Lock()

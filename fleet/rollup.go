@@ -1,0 +1,251 @@
+package fleet
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// RollupPrefix holds one newline-delimited JSON file per compacted day:
+// _events/rollups/day=<YYYY-MM-DD>/records.ndjson, every record of that day
+// with the key of the per-notice object it came from. Per-notice records
+// stay where they are: a record listed that its day's rollup lacks, or
+// written after it, is read on its own, so one that arrives late is never
+// lost.
+const RollupPrefix = EventsPrefix + "/rollups"
+
+// RollupName is the file name of a day's rollup.
+const RollupName = "records.ndjson"
+
+// rollupSlack allows for stores whose listed times have a second's
+// granularity: a record written up to this long before its day's rollup is
+// read again on its own.
+const rollupSlack = 2 * time.Second
+
+// getters is how many records are read at once.
+const getters = 32
+
+// RollupKey is the object key of day's rollup.
+func RollupKey(day string) string { return RollupPrefix + "/day=" + day + "/" + RollupName }
+
+// dayOf returns the day of a per-notice record's key (either layout) or of
+// a rollup's key, and whether the key is a rollup.
+func dayOf(key string) (day string, rollup bool, ok bool) {
+	rest, found := strings.CutPrefix(key, EventsPrefix+"/")
+	if !found {
+		return "", false, false
+	}
+	if r, isRollup := strings.CutPrefix(rest, "rollups/"); isRollup {
+		d, file, _ := strings.Cut(r, "/")
+		d, _ = strings.CutPrefix(d, "day=")
+		return d, true, file == RollupName && validDay(d)
+	}
+	d, file, _ := strings.Cut(rest, "/")
+	d, _ = strings.CutPrefix(d, "day=")
+	return d, false, strings.HasSuffix(file, ".json") && !strings.Contains(file, "/") && validDay(d)
+}
+
+func validDay(d string) bool {
+	_, err := time.Parse(time.DateOnly, d)
+	return err == nil
+}
+
+// Loaded is what Read found.
+type Loaded struct {
+	Records []Record
+	// Bad counts unreadable records; Objects the per-notice records listed;
+	// Rollups the days read from a rollup.
+	Bad, Objects, Rollups int
+	// Singly are, per day, the records read on their own: not in the day's
+	// rollup, or written after it (today's, and late ones).
+	Singly map[string][]Record
+}
+
+// Read reads every record noticed on or after since's day (zero: all):
+// one GET per compacted day, one per record not in a rollup; records are
+// read in parallel.
+func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error) {
+	objs, err := st.List(ctx, EventsPrefix)
+	if err != nil {
+		return Loaded{}, err
+	}
+	from := ""
+	if !since.IsZero() {
+		from = since.UTC().Format(time.DateOnly)
+	}
+	rollups := map[string]storage.Object{}
+	var singles []storage.Object
+	for _, o := range objs {
+		day, isRollup, ok := dayOf(o.Key)
+		if !ok || day < from {
+			continue
+		}
+		if isRollup {
+			rollups[day] = o
+		} else {
+			singles = append(singles, o)
+		}
+	}
+	out := Loaded{Singly: map[string][]Record{}, Objects: len(singles), Rollups: len(rollups)}
+	byKey := map[string]Record{}
+	var mu sync.Mutex
+	inRollup := map[string]bool{}
+	err = parallel(ctx, slices.Collect(maps.Values(rollups)), func(o storage.Object) error {
+		var buf jsonBuf
+		buf.limit = 1 << 30
+		if err := st.Get(ctx, o.Key, &buf); err != nil {
+			return fmt.Errorf("rollup %s: %w", o.Key, err)
+		}
+		recs, bad := parseRollup(buf.b)
+		mu.Lock()
+		defer mu.Unlock()
+		out.Bad += bad
+		for _, r := range recs {
+			byKey[r.Key] = r
+			inRollup[r.Key] = true
+		}
+		return nil
+	})
+	if err != nil {
+		return out, err
+	}
+	var read []storage.Object
+	for _, o := range singles {
+		day, _, _ := dayOf(o.Key)
+		ro, compacted := rollups[day]
+		if compacted && inRollup[o.Key] && o.ModTime.Before(ro.ModTime.Add(-rollupSlack)) {
+			continue
+		}
+		read = append(read, o)
+	}
+	err = parallel(ctx, read, func(o storage.Object) error {
+		var buf jsonBuf
+		err := st.Get(ctx, o.Key, &buf)
+		var r Record
+		if err == nil {
+			err = json.Unmarshal(buf.b, &r)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil || r.Version < 1 || r.Version > RecordVersion {
+			out.Bad++
+			return nil
+		}
+		r.Key = o.Key
+		byKey[o.Key] = r
+		day, _, _ := dayOf(o.Key)
+		out.Singly[day] = append(out.Singly[day], r)
+		return nil
+	})
+	if err != nil {
+		return out, err
+	}
+	for _, k := range slices.Sorted(maps.Keys(byKey)) {
+		out.Records = append(out.Records, byKey[k])
+	}
+	return out, nil
+}
+
+// Load reads every record in the store, skipping (and counting) bad ones.
+func Load(ctx context.Context, st storage.Store) ([]Record, int, error) {
+	l, err := Read(ctx, st, time.Time{})
+	return l.Records, l.Bad, err
+}
+
+func parseRollup(b []byte) ([]Record, int) {
+	var out []Record
+	bad := 0
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		var r Record
+		if err := json.Unmarshal(line, &r); err != nil || r.Key == "" || r.Version < 1 || r.Version > RecordVersion {
+			bad++
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, bad
+}
+
+// parallel runs f over items, getters at a time; the first error wins.
+func parallel(ctx context.Context, items []storage.Object, f func(storage.Object) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	work := make(chan storage.Object)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var first error
+	for range min(getters, len(items)) {
+		wg.Go(func() {
+			for o := range work {
+				if err := f(o); err != nil {
+					once.Do(func() { first = err; cancel() })
+				}
+			}
+		})
+	}
+	for _, o := range items {
+		select {
+		case work <- o:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	close(work)
+	wg.Wait()
+	if first == nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return first
+}
+
+// Compact writes the rollup of every day before `before` (UTC) that has
+// records read on their own: the day's rollup merged with them, newest
+// record per key. Running it again with nothing new writes nothing; a
+// record that arrives after it is read on its own until the next.
+// It returns the days written and the records they hold.
+func Compact(ctx context.Context, st storage.Store, l Loaded, before time.Time) (days, records int, err error) {
+	cut := before.UTC().Format(time.DateOnly)
+	perDay := map[string][]Record{}
+	for _, r := range l.Records {
+		day, _, ok := dayOf(r.Key)
+		if ok {
+			perDay[day] = append(perDay[day], r)
+		}
+	}
+	for _, day := range slices.Sorted(maps.Keys(l.Singly)) {
+		if day >= cut {
+			continue
+		}
+		var b bytes.Buffer
+		recs := perDay[day]
+		slices.SortFunc(recs, func(x, y Record) int { return strings.Compare(x.Key, y.Key) })
+		for _, r := range recs {
+			line, _ := json.Marshal(r)
+			b.Write(line)
+			b.WriteByte('\n')
+		}
+		if err := st.PutBytes(ctx, RollupKey(day), b.Bytes()); err != nil {
+			return days, records, fmt.Errorf("rollup %s: %w", day, err)
+		}
+		days++
+		records += len(recs)
+	}
+	return days, records, nil
+}

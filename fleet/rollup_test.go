@@ -1,0 +1,151 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/advice"
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+func put(t *testing.T, st storage.Store, key string, r Record) {
+	t.Helper()
+	b, _ := json.MarshalIndent(r, "", "  ")
+	if err := st.PutBytes(context.Background(), key, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRollupKeepsLateRecords: compaction writes one object per past day,
+// is idempotent, and a record that arrives (or is updated) after its day
+// was compacted is still read; records of the old layout (_events/<day>/)
+// are read beside the new (_events/day=<day>/).
+func TestRollupKeepsLateRecords(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	st, _ := storage.NewDir(root)
+	recs := fleetRecords()
+	put(t, st, fmt.Sprintf("%s/%s/old-layout.json", EventsPrefix, t0.Format(time.DateOnly)), recs[0])
+	for _, r := range recs[1:] {
+		put(t, st, Key(r), r)
+	}
+	l, err := Read(ctx, st, time.Time{})
+	if err != nil || len(l.Records) != 6 || l.Rollups != 0 || len(l.Singly[t0.Format(time.DateOnly)]) != 6 {
+		t.Fatalf("before compaction: %d records, %d rollups, %v", len(l.Records), l.Rollups, err)
+	}
+	days, n, err := Compact(ctx, st, l, t0.AddDate(0, 0, 2))
+	if err != nil || days != 1 || n != 6 {
+		t.Fatalf("Compact = %d days, %d records, %v", days, n, err)
+	}
+	// Rollups are newer than the records by more than the slack: back-date
+	// the records as a store's clock would have them.
+	old := time.Now().Add(-time.Minute)
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && !strings.Contains(p, "rollups") {
+			os.Chtimes(p, old, old)
+		}
+		return nil
+	})
+	l, err = Read(ctx, st, time.Time{})
+	if err != nil || len(l.Records) != 6 || l.Rollups != 1 || len(l.Singly) != 0 {
+		t.Fatalf("after compaction: %d records, %d rollups, singly %v, %v", len(l.Records), l.Rollups, l.Singly, err)
+	}
+	if days, _, _ := Compact(ctx, st, l, t0.AddDate(0, 0, 2)); days != 0 {
+		t.Fatalf("second compaction wrote %d days; want none (idempotent)", days)
+	}
+	// A late record, and an update of one already rolled up.
+	late := recs[0]
+	late.Instance.ID, late.NoticeID = "i-late", "late"
+	put(t, st, Key(late), late)
+	upd := recs[3]
+	upd.Outcome = "deadline"
+	put(t, st, Key(upd), upd)
+	l, err = Read(ctx, st, time.Time{})
+	if err != nil || len(l.Records) != 7 {
+		t.Fatalf("late record: %d records, %v", len(l.Records), err)
+	}
+	found := false
+	for _, r := range l.Records {
+		if r.Instance.ID == upd.Instance.ID && r.Outcome == "deadline" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("the update after compaction was not read")
+	}
+	if days, n, _ := Compact(ctx, st, l, t0.AddDate(0, 0, 2)); days != 1 || n != 7 {
+		t.Fatalf("recompaction = %d days, %d records; want 1, 7", days, n)
+	}
+	// Today's records are never compacted.
+	if days, _, _ := Compact(ctx, st, l, t0); days != 0 {
+		t.Fatalf("compacted the current day")
+	}
+	// Since skips whole days.
+	if l, _ := Read(ctx, st, t0.AddDate(0, 0, 1)); len(l.Records) != 0 {
+		t.Fatalf("since the next day: %d records", len(l.Records))
+	}
+}
+
+func TestReportAdvicePerType(t *testing.T) {
+	rep := Build(fleetRecords(), time.Time{}, nil, false)
+	var p5 *TypeAdvice
+	for i := range rep.Advice {
+		if rep.Advice[i].Type == "p5.48xlarge" {
+			p5 = &rep.Advice[i]
+		}
+	}
+	// p5: interruptions after 10 h, 2 h, 4 h; one lost 1 h of work
+	// (noticed 4 h, last commit 3 h). M = (3·25 + 16) / 6 = 15.17 h.
+	if p5 == nil || p5.Interruptions != 3 || fmt.Sprintf("%.2f", p5.MTBIHours) != "15.17" || p5.LostSeconds != 1200 ||
+		p5.SaveSeconds != advice.DefaultSave.Seconds() || p5.IntervalSeconds <= 0 {
+		t.Fatalf("p5 advice = %+v", p5)
+	}
+}
+
+// TestFeedRisks: the feed turns a recent interruption of the same job, or
+// of the same type in the same zone, into a risk; not its own, not a
+// drill's, not an old one's, not another zone's.
+func TestFeedRisks(t *testing.T) {
+	ctx := context.Background()
+	st, _ := storage.NewDir(t.TempDir())
+	now := time.Now().UTC()
+	me := agent.Instance{ID: "i-me", Type: "p5.48xlarge", Region: "us-east-1", Zone: "us-east-1a"}
+	rec := func(id, zone, run string, ago time.Duration, sim bool) Record {
+		return Record{Version: RecordVersion, Run: run, Instance: agent.Instance{ID: id, Type: me.Type, Zone: zone, Region: "us-east-1"},
+			Provider: "aws", Kind: agent.KindTerminate, Class: agent.ClassFatal, NoticeID: id, NoticedAt: now.Add(-ago), Simulated: sim}
+	}
+	for _, r := range []Record{rec("i-me", "us-east-1a", "", time.Minute, false), rec("i-drill", "us-east-1a", "", time.Minute, true),
+		rec("i-old", "us-east-1a", "", time.Hour, false), rec("i-far", "us-east-1c", "", time.Minute, false)} {
+		put(t, st, Key(r), r)
+	}
+	adv := advice.New(advice.Config{}, now, advice.Rate{MTBI: 25 * time.Hour})
+	adv.Saved(now, time.Second)
+	f := &Feed{Store: st, Advisor: adv, Instance: func() agent.Instance { return me }, Job: "run-a", Now: time.Now, seen: map[string]bool{}}
+	f.Log = slog.New(slog.DiscardHandler)
+	f.recent(ctx)
+	if a := adv.Advice(now); a.CheckpointNow || len(a.Inputs.Risks) != 0 {
+		t.Fatalf("no risk expected: %+v", a.Inputs.Risks)
+	}
+	put(t, st, Key(rec("i-zone", "us-east-1a", "", 2*time.Minute, false)), rec("i-zone", "us-east-1a", "", 2*time.Minute, false))
+	put(t, st, Key(rec("i-node", "us-east-1c", "run-a", time.Minute, false)), rec("i-node", "us-east-1c", "run-a", time.Minute, false))
+	f.recent(ctx)
+	a := adv.Advice(now)
+	kinds := map[string]bool{}
+	for _, r := range a.Inputs.Risks {
+		kinds[r.Kind] = true
+	}
+	if !a.CheckpointNow || !kinds["fleet-zone"] || !kinds["job-node"] || len(kinds) != 2 {
+		t.Fatalf("risks = %+v", a.Inputs.Risks)
+	}
+	if a := adv.Advice(now.Add(RecentWindow)); len(a.Inputs.Risks) != 0 {
+		t.Fatalf("risks outlived their window: %+v", a.Inputs.Risks)
+	}
+}
