@@ -14,8 +14,8 @@ import (
 // checkpoint.
 const AdviceFileName = "advice.json"
 
-// adviceTick is how often the advice is looked at between changes: the
-// interval's end is noticed within it.
+// adviceTick is how often the advice is looked at between changes (a risk
+// that starts or ends with time); the interval's end wakes it on time.
 const adviceTick = time.Second
 
 // riskKinds are the advisory notices that make an interruption likelier now.
@@ -54,8 +54,6 @@ func (a *Agent) advise(ctx context.Context) {
 	var last advice.Advice
 	var signalled int
 	var signalledAt time.Time
-	tick := time.NewTicker(adviceTick)
-	defer tick.Stop()
 	for {
 		changed := adv.Changed()
 		cur := adv.Advice(a.now())
@@ -87,12 +85,20 @@ func (a *Agent) advise(ctx context.Context) {
 				signalled, signalledAt = cur.Request, a.now()
 			}
 		}
+		// Wake at the due time itself, not up to a tick after it.
+		wake := adviceTick
+		if due := cur.DueAt.Sub(a.now()); !cur.CheckpointNow && due > 0 && due < wake {
+			wake = due
+		}
+		timer := time.NewTimer(wake)
 		select {
 		case <-ctx.Done():
+			timer.Stop()
 			return
 		case <-changed:
-		case <-tick.C:
+		case <-timer.C:
 		}
+		timer.Stop()
 	}
 }
 

@@ -633,8 +633,8 @@ func (c *Config) Validate() error {
 			bad("trainer.checkpoint_signal", "%s is also trainer.signal (stop): use another, e.g. SIGUSR1", c.Trainer.CheckpointSignal)
 		}
 	}
-	if r := c.Advice.InterruptionsPerHour; r < 0 || r > 10 {
-		bad("advice.interruptions_per_hour", "%g is out of range; use 0 (from the GPU model) or a rate like 0.04 (4%%/h)", r)
+	if r := c.Advice.InterruptionsPerHour; r < 0 || r > 60 {
+		bad("advice.interruptions_per_hour", "%g is out of range; use 0 (from the GPU model) or a rate up to 60 like 0.04 (4%%/h)", r)
 	}
 	if lo, hi := c.Advice.MinInterval.D(), c.Advice.MaxInterval.D(); lo < 0 || hi < time.Minute || lo > hi {
 		bad("advice.max_interval", "min_interval %s and max_interval %s must satisfy 0 <= min <= max, max >= 1m", lo, hi)

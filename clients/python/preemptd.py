@@ -22,6 +22,24 @@ all_reduce of the flag with MAX, a few microseconds on gloo/NCCL): call it
 on every rank at the same point of the step. Without a process group it
 answers for this process alone.
 
+preemptd also says *when* to checkpoint (<run_dir>/advice.json: the
+Young/Daly interval from the measured save time and interruption rate, and
+checkpoint_now at once on a risk signal such as a rebalance
+recommendation). should_checkpoint() is True, on every rank at the same
+step, once per request:
+
+    ckpt = preemptd.Preemption(checkpoint_signals=(signal.SIGUSR1,))
+    for step in range(start, steps):
+        train_step()
+        if ckpt.should_stop():
+            save_checkpoint(step)
+            break
+        if ckpt.should_checkpoint():       # agreed, like should_stop()
+            save_checkpoint(step)
+
+checkpoint_signals are preemptd's trainer.checkpoint_signal, if set: the
+signal also asks for a checkpoint, without a read of the file.
+
 Copy this file next to your script, or `pip install` the folder holding it
 (clients/python in preemptd's repository). It reads:
 
@@ -37,9 +55,10 @@ import socket
 import threading
 import time
 
-__all__ = ["Preemption", "read_notice", "wait_notice", "seconds_left", "run_dir"]
+__all__ = ["Preemption", "read_notice", "read_advice", "wait_notice", "wait_advice", "seconds_left", "run_dir"]
 
 NOTICE_FILE = "notice.json"
+ADVICE_FILE = "advice.json"
 SOCKET_FILE = "preemptd.sock"
 
 
@@ -56,6 +75,16 @@ def read_notice(path=None):
     """
     try:
         with open(os.path.join(run_dir(path), NOTICE_FILE), "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def read_advice(path=None):
+    """preemptd's checkpoint advice (advice.json as a dict: checkpoint_every_s,
+    checkpoint_now, request, reason, inputs), or None when there is none."""
+    try:
+        with open(os.path.join(run_dir(path), ADVICE_FILE), "rb") as f:
             return json.loads(f.read())
     except (OSError, ValueError):
         return None
@@ -103,22 +132,35 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def wait_notice(timeout=30.0, path=None):
-    """Long-poll preemptd's socket for a notice: the notice (a dict) as soon
-    as there is one, or None after timeout seconds. Raises OSError when no
-    daemon answers."""
+def wait_advice(timeout=30.0, path=None):
+    """Long-poll preemptd's socket until it asks for a checkpoint
+    (checkpoint_now) or timeout seconds pass; the advice (a dict) either way.
+    Raises OSError when no daemon answers (or advice is off)."""
+    body = _get(path, "/v1/advice?wait=%ds" % max(0, int(timeout)), timeout)
+    return json.loads(body)
+
+
+def _get(path, url, timeout):
     conn = _UnixHTTPConnection(os.path.join(run_dir(path), SOCKET_FILE), timeout=timeout + 10)
     try:
-        conn.request("GET", "/v1/notice?wait=%ds" % max(0, int(timeout)))
+        conn.request("GET", url)
         resp = conn.getresponse()
         body = resp.read()
         if resp.status == 204:
             return None
         if resp.status != 200:
             raise OSError("preemptd answered %d: %s" % (resp.status, body[:200]))
-        return json.loads(body)
+        return body
     finally:
         conn.close()
+
+
+def wait_notice(timeout=30.0, path=None):
+    """Long-poll preemptd's socket for a notice: the notice (a dict) as soon
+    as there is one, or None after timeout seconds. Raises OSError when no
+    daemon answers."""
+    body = _get(path, "/v1/notice?wait=%ds" % max(0, int(timeout)), timeout)
+    return None if body is None else json.loads(body)
 
 
 class Preemption:
@@ -129,23 +171,80 @@ class Preemption:
     the previous handlers are replaced while the object lives (the signal
     must not kill the process before it saves). install=False leaves the
     handlers alone (notice.json only). group: the torch.distributed process
-    group to agree in (default: the world).
+    group to agree in (default: the world). checkpoint_signals: preemptd's
+    trainer.checkpoint_signal ("checkpoint, keep training"), if set.
+    fallback_every: seconds between checkpoints when preemptd publishes no
+    advice (no daemon, advice off); None: no checkpoint asked for then.
     """
 
-    def __init__(self, path=None, signals=(signal.SIGTERM,), install=True, group=None):
+    def __init__(self, path=None, signals=(signal.SIGTERM,), install=True, group=None,
+                 checkpoint_signals=(), fallback_every=None):
         self._dir = run_dir(path)
         self._signalled = threading.Event()
+        self._ckpt_signalled = threading.Event()
         self._group = group
         self._mtime = None
         self._notice = None
+        self._advice_mtime = None
+        self._advice = None
+        self._acted = None  # the advice request last acted on
+        self._fallback = fallback_every
+        self._last_ckpt = time.monotonic()
         self.signal_received = None
         if install:
             for s in signals:
                 signal.signal(s, self._on_signal)
+            for s in checkpoint_signals:
+                signal.signal(s, self._on_checkpoint_signal)
 
     def _on_signal(self, signum, frame):
         self.signal_received = signum
         self._signalled.set()
+
+    def _on_checkpoint_signal(self, signum, frame):
+        self._ckpt_signalled.set()
+
+    def advice(self):
+        """preemptd's advice, re-read only when advice.json changed."""
+        p = os.path.join(self._dir, ADVICE_FILE)
+        try:
+            mtime = os.stat(p).st_mtime_ns
+        except OSError:
+            self._advice_mtime, self._advice = None, None
+            return None
+        if mtime != self._advice_mtime:
+            self._advice_mtime, self._advice = mtime, read_advice(self._dir)
+        return self._advice
+
+    def checkpoint_requested(self):
+        """This process alone: a checkpoint was asked for (checkpoint_now on a
+        request not acted on yet, or the checkpoint signal, or fallback_every
+        seconds without advice)."""
+        if self._ckpt_signalled.is_set():
+            return True
+        a = self.advice()
+        if a is None:
+            return self._fallback is not None and time.monotonic() - self._last_ckpt >= self._fallback
+        return bool(a.get("checkpoint_now")) and a.get("request") != self._acted
+
+    def should_checkpoint(self):
+        """checkpoint_requested(), agreed by every rank (a collective when
+        torch.distributed is initialised): True on every rank at the same step,
+        once per request. Save a checkpoint when it is; preemptd sees it
+        complete and stops asking."""
+        mine = self.checkpoint_requested()
+        agreed = _agree(mine, self._group)
+        if agreed:
+            a = self.advice()
+            self._acted = a.get("request") if a else self._acted
+            self._ckpt_signalled.clear()
+            self._last_ckpt = time.monotonic()
+        return agreed
+
+    def checkpoint_every(self):
+        """The advised interval in seconds, or None without advice."""
+        a = self.advice()
+        return a.get("checkpoint_every_s") if a else None
 
     def notice(self):
         """The notice preemptd published, re-read only when the file changed."""

@@ -59,6 +59,60 @@ class NoticeFileTest(unittest.TestCase):
         self.assertFalse(p.requested(), "a notice gone (a drill over) is no stop")
 
 
+def write_advice(d, doc):
+    tmp = os.path.join(d, ".advice.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, os.path.join(d, "advice.json"))
+
+
+ADVICE = {"version": 1, "checkpoint_every_s": 1342, "checkpoint_now": False, "request": 0, "reason": "next due"}
+
+
+class AdviceTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+
+    def test_once_per_request(self):
+        p = preemptd.Preemption(self.dir, install=False)
+        self.assertFalse(p.should_checkpoint(), "no advice, no fallback: never")
+        self.assertIsNone(p.checkpoint_every())
+        write_advice(self.dir, ADVICE)
+        self.assertFalse(p.should_checkpoint())
+        self.assertEqual(p.checkpoint_every(), 1342)
+        time.sleep(0.01)
+        write_advice(self.dir, dict(ADVICE, checkpoint_now=True, request=1))
+        self.assertTrue(p.should_checkpoint())
+        self.assertFalse(p.should_checkpoint(), "request 1 acted on: not again before preemptd sees the save")
+        time.sleep(0.01)
+        write_advice(self.dir, dict(ADVICE, checkpoint_now=True, request=2, reason="checkpoint now: rebalance"))
+        self.assertTrue(p.should_checkpoint())
+        self.assertFalse(p.should_checkpoint())
+
+    def test_fallback_without_advice(self):
+        p = preemptd.Preemption(self.dir, install=False, fallback_every=0)
+        self.assertTrue(p.should_checkpoint())
+        p = preemptd.Preemption(self.dir, install=False, fallback_every=3600)
+        self.assertFalse(p.should_checkpoint())
+
+    def test_checkpoint_signal(self):
+        old = signal.getsignal(signal.SIGUSR2)
+        try:
+            p = preemptd.Preemption(self.dir, signals=(), checkpoint_signals=(signal.SIGUSR2,))
+            write_advice(self.dir, ADVICE)
+            self.assertFalse(p.should_checkpoint())
+            os.kill(os.getpid(), signal.SIGUSR2)
+            for _ in range(100):
+                if p.checkpoint_requested():
+                    break
+                time.sleep(0.01)
+            self.assertTrue(p.should_checkpoint())
+            self.assertFalse(p.should_checkpoint(), "one signal, one checkpoint")
+            self.assertFalse(p.requested(), "a checkpoint signal is no stop")
+        finally:
+            signal.signal(signal.SIGUSR2, old)
+
+
 class SignalTest(unittest.TestCase):
     def test_signal_sets_the_flag_and_does_not_kill(self):
         old = signal.getsignal(signal.SIGUSR1)
@@ -115,18 +169,40 @@ class SocketTest(unittest.TestCase):
     def test_no_daemon(self):
         with self.assertRaises(OSError):
             preemptd.wait_notice(1, tempfile.mkdtemp())
+        with self.assertRaises(OSError):
+            preemptd.wait_advice(1, tempfile.mkdtemp())
+
+    def test_advice_long_poll(self):
+        d = tempfile.mkdtemp()
+        srv = _UnixServer(os.path.join(d, "preemptd.sock"), _Handler)
+        srv.paths = []
+        _Handler.answers = [(200, json.dumps(dict(ADVICE, checkpoint_now=True, request=3)).encode()),
+                            (404, b'{"error":"checkpoint advice is off"}')]
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            self.assertEqual(preemptd.wait_advice(20, d)["request"], 3)
+            with self.assertRaises(OSError):
+                preemptd.wait_advice(1, d)
+            self.assertEqual(srv.paths, ["/v1/advice?wait=20s", "/v1/advice?wait=1s"])
+        finally:
+            srv.shutdown()
+            srv.server_close()
 
 
-def _rank(rank, port, told, results):
+def _rank(rank, port, told, results, checkpoint=False):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank, world_size=2)
-    p = preemptd.Preemption(tempfile.mkdtemp(), install=False)
+    d = tempfile.mkdtemp()
+    p = preemptd.Preemption(d, install=False)
     out = []
     for step in range(5):
         if step == 2 and rank in told:
-            p._signalled.set()  # as the signal handler does
-        out.append(p.should_stop())
+            if checkpoint:  # this rank's daemon asks for a checkpoint
+                write_advice(d, dict(ADVICE, checkpoint_now=True, request=1))
+            else:
+                p._signalled.set()  # as the signal handler does
+        out.append(p.should_checkpoint() if checkpoint else p.should_stop())
     results.put((rank, out))
     dist.destroy_process_group()
 
@@ -150,13 +226,13 @@ class AgreementTest(unittest.TestCase):
                 raise
             self.skipTest("torch not installed")
 
-    def run_ranks(self, told):
+    def run_ranks(self, told, checkpoint=False):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, port, told, q)) for r in range(2)]
+        procs = [ctx.Process(target=_rank, args=(r, port, told, q, checkpoint)) for r in range(2)]
         for p in procs:
             p.start()
         got = dict(q.get(timeout=120) for _ in procs)
@@ -168,6 +244,11 @@ class AgreementTest(unittest.TestCase):
     def test_one_rank_told_all_stop_at_the_same_step(self):
         got = self.run_ranks(told={1})
         self.assertEqual(got[0], [False, False, True, True, True])
+        self.assertEqual(got[1], got[0])
+
+    def test_checkpoint_asked_on_one_node_all_save_once(self):
+        got = self.run_ranks(told={1}, checkpoint=True)
+        self.assertEqual(got[0], [False, False, True, False, False])
         self.assertEqual(got[1], got[0])
 
     def test_nobody_told_nobody_stops(self):

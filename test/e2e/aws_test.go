@@ -51,10 +51,7 @@ func TestAWSSpotInterruption(t *testing.T) {
 // rebalance_signal, not the fatal one, and notice.json says advisory with no
 // deadline.
 func TestAWSRebalance(t *testing.T) {
-	requireAEMM(t)
-	trigger := time.Now().Add(3 * time.Second).Truncate(time.Second)
-	url := startAEMM(t, "-I", "--rebalance-trigger-time", trigger.UTC().Format(time.RFC3339),
-		"--mock-trigger-time", trigger.Add(time.Hour).UTC().Format(time.RFC3339), "spot")
+	url, trigger := startRebalanceAEMM(t)
 	dir := shortDir(t)
 	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName))
 	d := startDaemonIn(t, dir, fmt.Sprintf("provider: aws\naws: {endpoint: %q}\ntrainer: {pid_file: %q, rebalance_signal: SIGUSR1}\n", url, tr.pidFile))
@@ -71,6 +68,18 @@ func TestAWSRebalance(t *testing.T) {
 	if st := d.status(); st.State != "advisory" || st.Emergency != nil {
 		t.Fatalf("status = %+v", st)
 	}
+}
+
+// startRebalanceAEMM starts AEMM (IMDSv2 only) serving a rebalance
+// recommendation from a whole second about 3 s away (returned), and no
+// interruption for an hour.
+func startRebalanceAEMM(t *testing.T) (string, time.Time) {
+	t.Helper()
+	requireAEMM(t)
+	trigger := time.Now().Add(3 * time.Second).Truncate(time.Second)
+	url := startAEMM(t, "-I", "--rebalance-trigger-time", trigger.UTC().Format(time.RFC3339),
+		"--mock-trigger-time", trigger.Add(time.Hour).UTC().Format(time.RFC3339), "spot")
+	return url, trigger
 }
 
 // TestAWSSpotStop: `spot -a stop` arrives as a fatal stop notice.
