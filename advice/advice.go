@@ -87,24 +87,24 @@ type Rate struct {
 	Interruptions int     `json:"interruptions"`
 	Hours         float64 `json:"observed_hours"`
 	// Committed is p, the fraction of watched notices that ended with a
-	// committed checkpoint (capped at PMax), over Watched notices.
-	Committed float64 `json:"committed_fraction"`
-	Watched   int     `json:"watched"`
+	// committed checkpoint (see Committed); CommittedN of Watched did.
+	Committed  float64 `json:"committed_fraction"`
+	Watched    int     `json:"watched"`
+	CommittedN int     `json:"committed"`
 	// Basis says where M came from.
 	Basis string `json:"basis"`
 }
 
 // Estimate combines the prior (per hour) with measured interruptions. M is
 // the mean lifetime before an interruption, shrunk towards the prior's
-// 1/rate by PriorWeight pseudo-interruptions; p is committed / (watched+1),
-// so that one lucky notice does not claim certainty, and at most PMax.
+// 1/rate by PriorWeight pseudo-interruptions; p is Committed with no prior
+// of its own (the advisor adds one from the notice window).
 func Estimate(priorPerHour float64, priorBasis string, obs []Obs) Rate {
 	if priorPerHour <= 0 {
 		priorPerHour = DefaultPerHour
 	}
 	priorHours := 1 / priorPerHour
 	r := Rate{}
-	committed := 0
 	for _, o := range obs {
 		if o.Lifetime > 0 {
 			r.Interruptions++
@@ -113,13 +113,13 @@ func Estimate(priorPerHour float64, priorBasis string, obs []Obs) Rate {
 		if o.Watched {
 			r.Watched++
 			if o.Committed {
-				committed++
+				r.CommittedN++
 			}
 		}
 	}
 	m := (PriorWeight*priorHours + r.Hours) / float64(PriorWeight+r.Interruptions)
 	r.MTBI = time.Duration(m * float64(time.Hour))
-	r.Committed = min(float64(committed)/float64(r.Watched+1), PMax)
+	r.Committed = Committed(r.CommittedN, r.Watched, 0)
 	switch {
 	case r.Interruptions == 0:
 		r.Basis = "prior: " + priorBasis
@@ -128,6 +128,39 @@ func Estimate(priorPerHour float64, priorBasis string, obs []Obs) Rate {
 			r.Interruptions, r.Hours, priorBasis, PriorWeight)
 	}
 	return r
+}
+
+// Committed is p: the committed notices among the watched ones, weighed
+// with a prior p0 as PriorWeight more and one notice that did not commit
+// (so that a few lucky notices never claim certainty), at most PMax.
+func Committed(committed, watched int, p0 float64) float64 {
+	return min((float64(committed)+PriorWeight*p0)/float64(watched+PriorWeight+1), PMax)
+}
+
+// NoticeMargin is the time a notice takes to reach the trainer.
+const NoticeMargin = 5 * time.Second
+
+// NoticeWindow is the notice a cloud gives before it takes a spot machine:
+// AWS 2 minutes, GCP and Azure 30 seconds; 0 for others.
+func NoticeWindow(provider string) time.Duration {
+	switch provider {
+	case "aws":
+		return 2 * time.Minute
+	case "gcp", "azure":
+		return 30 * time.Second
+	}
+	return 0
+}
+
+// PriorCommitted is p0, what a notice is expected to achieve before any
+// has been seen: PMax when a save and its upload fit the cloud's notice
+// window with NoticeMargin to spare (the emergency path will commit), else
+// 0; 0 when the window is unknown.
+func PriorCommitted(save, upload, window time.Duration) float64 {
+	if window <= 0 || save+upload+NoticeMargin > window {
+		return 0
+	}
+	return PMax
 }
 
 // Risk is a signal that an interruption is more likely than usual now.

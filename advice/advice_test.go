@@ -49,9 +49,9 @@ func TestEstimate(t *testing.T) {
 		t.Fatalf("prior only: %+v", r)
 	}
 	// Two interruptions after 5 h and 7 h, both watched, one committed:
-	// M = (3·25 + 12) / (3 + 2) = 17.4 h; p = 1 / (2 + 1).
+	// M = (3·25 + 12) / (3 + 2) = 17.4 h; p = 1 / (2 + 3 + 1).
 	r = Estimate(0.04, "prior", []Obs{{Lifetime: 5 * time.Hour, Watched: true, Committed: true}, {Lifetime: 7 * time.Hour, Watched: true}})
-	if math.Abs(r.MTBI.Hours()-17.4) > 1e-9 || math.Abs(r.Committed-1.0/3) > 1e-9 || r.Interruptions != 2 || r.Hours != 12 {
+	if math.Abs(r.MTBI.Hours()-17.4) > 1e-9 || math.Abs(r.Committed-1.0/6) > 1e-9 || r.Interruptions != 2 || r.Hours != 12 {
 		t.Fatalf("two measured: %+v", r)
 	}
 	// Many interruptions outweigh the prior: 300 after 2 h each → (75 + 600) / 303.
@@ -65,8 +65,29 @@ func TestEstimate(t *testing.T) {
 	}
 	// Unknown lifetime counts for p, not for M.
 	r = Estimate(0.04, "prior", []Obs{{Watched: true, Committed: true}})
-	if r.MTBI != 25*time.Hour || r.Committed != 0.5 {
+	if r.MTBI != 25*time.Hour || r.Committed != 0.2 {
 		t.Fatalf("no lifetime: %+v", r)
+	}
+}
+
+// TestCommittedPrior: p's prior is PMax when a save and its upload fit the
+// notice window (with the margin), else 0; measured notices move it.
+func TestCommittedPrior(t *testing.T) {
+	if p0 := PriorCommitted(sec(30), sec(60), 2*time.Minute); p0 != PMax {
+		t.Fatalf("30 s + 60 s in 120 s: p0 = %v", p0)
+	}
+	if p0 := PriorCommitted(sec(30), sec(60), 30*time.Second); p0 != 0 {
+		t.Fatalf("30 s + 60 s in GCP's 30 s: p0 = %v", p0)
+	}
+	if p0 := PriorCommitted(sec(1), 0, 0); p0 != 0 {
+		t.Fatalf("unknown window: p0 = %v", p0)
+	}
+	// (0 + 3·0.9) / (0 + 3 + 1) = 0.675; after 4 failures (0 + 2.7) / 8 = 0.3375.
+	if p := Committed(0, 0, PMax); math.Abs(p-0.675) > 1e-9 {
+		t.Fatalf("prior only: %v", p)
+	}
+	if p := Committed(0, 4, PMax); math.Abs(p-0.3375) > 1e-9 {
+		t.Fatalf("four failures: %v", p)
 	}
 }
 

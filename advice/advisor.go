@@ -55,6 +55,9 @@ func Same(a, b Advice) bool {
 // Config bounds the advisor.
 type Config struct {
 	Min, Max time.Duration
+	// Window is the cloud's notice window (AWS 2 min, GCP and Azure 30 s):
+	// whether a save and its upload fit in it is p's prior.
+	Window time.Duration
 }
 
 // savesKept is how many recent saves C is the mean of: few, so that the
@@ -200,7 +203,13 @@ func (a *Advisor) Advice(now time.Time) Advice {
 	}
 	slices.SortFunc(risks, func(x, y Risk) int { return x.At.Compare(y.At) })
 	save, n := a.saveLocked()
-	t, formula := Interval(Inputs{Save: save, Upload: a.upload, Rate: a.rate, Risks: risks, Min: a.cfg.Min, Max: a.cfg.Max})
+	rate := a.rate
+	c := save
+	if c <= 0 {
+		c = DefaultSave
+	}
+	rate.Committed = Committed(rate.CommittedN, rate.Watched, PriorCommitted(c, a.upload, a.cfg.Window))
+	t, formula := Interval(Inputs{Save: save, Upload: a.upload, Rate: rate, Risks: risks, Min: a.cfg.Min, Max: a.cfg.Max})
 	from := a.last
 	if from.IsZero() {
 		from = a.started
@@ -220,8 +229,8 @@ func (a *Advisor) Advice(now time.Time) Advice {
 		Version: 1, CheckpointEvery: t.Seconds(), CheckpointNow: a.pending != "", Request: a.request, Reason: reason,
 		LastCheckpoint: a.last, DueAt: due, UpdatedAt: now,
 		Inputs: Inputs2{SaveSeconds: save.Seconds(), SaveMeasured: n, UploadSeconds: a.upload.Seconds(),
-			MTBIHours: a.rate.MTBI.Hours(), Interruptions: a.rate.Interruptions, ObservedHours: a.rate.Hours,
-			Committed: a.rate.Committed, Watched: a.rate.Watched, Basis: a.rate.Basis, Risks: risks, Formula: formula},
+			MTBIHours: rate.MTBI.Hours(), Interruptions: rate.Interruptions, ObservedHours: rate.Hours,
+			Committed: rate.Committed, Watched: rate.Watched, Basis: rate.Basis, Risks: risks, Formula: formula},
 	}
 }
 

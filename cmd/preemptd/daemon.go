@@ -73,7 +73,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	}
 	cm.Journal = filepath.Join(cfg.StateDir, "uploads-in-flight.json") // this node's, for Cleanup after a crash
 	var a *agent.Agent                                                 // built below; the advice feed asks it for the instance's identity
-	adv, feed := newAdvice(ctx, &cfg, gpus, func() agent.Instance { return a.Instance() }, cm, run, log)
+	adv, feed := newAdvice(ctx, &cfg, det.Provider, gpus, func() agent.Instance { return a.Instance() }, cm, run, log)
 	cm.OnCommit = func(r checkpoint.Result) {
 		met.Committed(r.Manifest.SentBytes, r.Took, r.Manifest.CommittedAt)
 		if adv != nil {
@@ -406,7 +406,7 @@ func newJob(ctx context.Context, cfg *config.Config, run, provider string, id ag
 // newAdvice builds the checkpoint advisor, starting from the prior rate
 // (advice.interruptions_per_hour, else the GPU model), and the feed that
 // reads the store's event records for it; both nil when advice is off.
-func newAdvice(ctx context.Context, cfg *config.Config, gpus agent.GPUs, inst func() agent.Instance, cm *checkpoint.Committer,
+func newAdvice(ctx context.Context, cfg *config.Config, provider string, gpus agent.GPUs, inst func() agent.Instance, cm *checkpoint.Committer,
 	run string, log *slog.Logger) (*advice.Advisor, *fleet.Feed) {
 	if !cfg.Advice.Enabled {
 		return nil, nil
@@ -419,7 +419,11 @@ func newAdvice(ctx context.Context, cfg *config.Config, gpus agent.GPUs, inst fu
 		return out
 	}
 	prior, basis := fleet.PriorFor(cfg.Advice.InterruptionsPerHour, names(), agent.Instance{})
-	adv := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D()}, time.Now(),
+	window := advice.NoticeWindow(provider)
+	if provider == "gcp" {
+		window = cfg.GCP.PreemptWindow.D()
+	}
+	adv := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D(), Window: window}, time.Now(),
 		advice.Estimate(prior, basis, nil))
 	if cfg.Advice.FleetPoll.D() <= 0 {
 		return adv, nil
