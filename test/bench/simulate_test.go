@@ -62,16 +62,16 @@ type policy interface {
 type fixed float64
 
 func (f fixed) next(_, last float64, _ bool) float64 { return last + float64(f) }
-func (fixed) interrupted(float64, bool)               {}
-func (f fixed) name() string                          { return fmt.Sprintf("fixed %d min", int(float64(f)*60)) }
+func (fixed) interrupted(float64, bool)              {}
+func (f fixed) name() string                         { return fmt.Sprintf("fixed %d min", int(float64(f)*60)) }
 
 // adaptive is preemptd's advice: advice.Interval over advice.Estimate of
 // the interruptions seen so far (the job's own records), with the fleet's
 // risk signals; a new risk asks for a checkpoint at once.
 type adaptive struct {
 	prior, save, upload, window float64 // per hour; seconds
-	obs                 []advice.Obs
-	rate                advice.Rate
+	obs                         []advice.Obs
+	rate                        advice.Rate
 }
 
 func (a *adaptive) name() string { return "preemptd advice" }
