@@ -91,6 +91,9 @@ type Committer struct {
 	// this node's interrupted uploads and never another node's.
 	Journal string
 
+	// sums are files' hashes computed ahead (Prehash).
+	sums sums
+
 	mu sync.Mutex // one commit at a time
 	// throughput is the last measured upload rate, bytes per second, as
 	// math.Float64bits: read without the lock a commit holds.
@@ -160,39 +163,40 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		objects[obj] = f.Path
 	}
 	reuse := c.reusable(ctx, ck.Name)
-	// A file that may be reused (an earlier one has its size) is hashed
-	// first, to decide; every other file is hashed while it uploads.
 	for _, f := range ck.Files {
-		mf := ManifestFile{Path: f.Path, Size: f.Size, Node: node}
-		if reuse.sizes[f.Size] {
-			file, err := openScanned(ck, f)
-			if err != nil {
-				return Result{}, err
-			}
-			err = hashInto(ck, &mf, file)
-			file.Close()
-			if err != nil {
-				return Result{}, err
-			}
-		}
-		m.Files = append(m.Files, mf)
+		m.Files = append(m.Files, ManifestFile{Path: f.Path, Size: f.Size, Node: node})
 		m.Bytes += f.Size
 	}
 
 	// Data first, in parallel; markers after every data file is there.
-	var data, markers []int
+	// The files known (hashed ahead) to be copies go last: the uploads, which
+	// the link bounds, start at once, and the copies fill in beside them.
+	var data, copies, markers []int
 	for i, f := range m.Files {
-		if slices.Contains(ck.Markers, f.Path) {
+		switch {
+		case slices.Contains(ck.Markers, f.Path):
 			markers = append(markers, i)
-		} else {
+		case c.knownCopy(ck.Files[i], reuse):
+			copies = append(copies, i)
+		default:
 			data = append(data, i)
 		}
 	}
+	data = append(data, copies...)
 	var sent int64
 	var sentMu sync.Mutex
 	put := func(ctx context.Context, i int) error {
 		f := &m.Files[i]
 		key := runKey(c.Run, ck.Name) + "/" + m.Object(*f)
+		// A file that may be reused (the latest checkpoint has one of its
+		// size) is hashed first, to decide — usually already, while the
+		// trainer wrote the rest (Prehash); any other is hashed while it
+		// uploads.
+		if reuse.sizes[f.Size] {
+			if err := c.hashScanned(ck, ck.Files[i], f); err != nil {
+				return err
+			}
+		}
 		if src, ok := reuse.keys[f.SHA256+"/"+fmt.Sprint(f.Size)]; ok && f.SHA256 != "" {
 			if err := c.Store.Copy(ctx, key, src); err == nil {
 				f.Reused = true
@@ -359,6 +363,43 @@ func (c *Committer) reusable(ctx context.Context, name string) reuse {
 		r.sizes[f.Size] = true
 	}
 	return r
+}
+
+// knownCopy says whether sf's sum is known already and the latest
+// checkpoint holds a file with it (a server-side copy, not an upload).
+func (c *Committer) knownCopy(sf File, reuse reuse) bool {
+	if sf.Ino == 0 || !reuse.sizes[sf.Size] {
+		return false
+	}
+	sum, ok := c.sums.peek(fileKey{dev: sf.Dev, ino: sf.Ino, size: sf.Size, mtime: sf.ModTime.UnixNano()})
+	_, reusable := reuse.keys[sum+"/"+fmt.Sprint(sf.Size)]
+	return ok && reusable
+}
+
+// hashScanned fills mf's SHA-256 for the scanned file sf: from the cache
+// when Prehash (or another commit) hashed this version of it, else read
+// now and cached.
+func (c *Committer) hashScanned(ck Checkpoint, sf File, mf *ManifestFile) error {
+	compute := func() (string, error) {
+		file, err := openScanned(ck, sf)
+		if err != nil {
+			return "", err
+		}
+		defer file.Close()
+		one := *mf
+		if err := hashInto(ck, &one, file); err != nil {
+			return "", err
+		}
+		return one.SHA256, nil
+	}
+	if sf.Ino == 0 {
+		sum, err := compute()
+		mf.SHA256 = sum
+		return err
+	}
+	sum, err := c.sums.get(fileKey{dev: sf.Dev, ino: sf.Ino, size: sf.Size, mtime: sf.ModTime.UnixNano()}, compute)
+	mf.SHA256 = sum
+	return err
 }
 
 // hashInto fills f's SHA-256 from the open file (read with ReadAt, beside

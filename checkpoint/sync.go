@@ -113,6 +113,26 @@ func (s *Syncer) Run(ctx context.Context) error {
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	settle := time.NewTimer(0)
+	// Files that stopped being written are hashed at once, one at a time,
+	// while the trainer writes the rest of its checkpoint: the commit then
+	// finds their sums ready (Committer.Prehash).
+	written := map[string]time.Time{}
+	var quietC <-chan time.Time
+	var quiet *time.Ticker
+	defer func() {
+		if quiet != nil {
+			quiet.Stop()
+		}
+	}()
+	hashq := make(chan string, 256)
+	defer close(hashq)
+	go func() {
+		for p := range hashq {
+			if ctx.Err() == nil {
+				_ = s.Committer.Prehash(p) // a failure only means the commit hashes it
+			}
+		}
+	}()
 	s.log().Info("watching checkpoints", "dir", s.Dir, "layout", s.Layout, "store", s.Committer.Store.String(),
 		"run", s.Committer.Run, "sync", s.Background)
 	for {
@@ -131,8 +151,30 @@ func (s *Syncer) Run(ctx context.Context) error {
 			}
 			if ev.Has(fsnotify.Create) || ev.Has(fsnotify.Write) {
 				s.wrote(ev.Name, time.Now())
+				written[ev.Name] = time.Now()
+				if quiet == nil {
+					quiet = time.NewTicker(prehashQuiet / 2)
+					quietC = quiet.C
+				}
 			}
-			settle.Reset(100 * time.Millisecond)
+			settle.Reset(settleDelay)
+		case now := <-quietC:
+			for p, at := range written {
+				if now.Sub(at) < prehashQuiet {
+					continue
+				}
+				delete(written, p)
+				if st, err := os.Lstat(p); err == nil && st.Mode().IsRegular() {
+					select {
+					case hashq <- p:
+					default: // behind: the commit hashes what is left
+					}
+				}
+			}
+			if len(written) == 0 {
+				quiet.Stop()
+				quiet, quietC = nil, nil
+			}
 		case err := <-w.Errors:
 			s.log().Warn("checkpoint watch error; rescans continue", "err", err)
 		case <-settle.C:
@@ -144,6 +186,14 @@ func (s *Syncer) Run(ctx context.Context) error {
 		}
 	}
 }
+
+// settleDelay is how long the folder must be still after an event before
+// it is scanned: short, since a completion marker is often the last write.
+const settleDelay = 25 * time.Millisecond
+
+// prehashQuiet is how long a file goes unwritten before it is hashed ahead
+// of its commit.
+const prehashQuiet = 50 * time.Millisecond
 
 var warnedWatches sync.Once
 

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -31,6 +32,10 @@ func TestTimeToDurable(t *testing.T) {
 			run := fmt.Sprintf("durable-%v-%d", sync, r)
 			d := daemon(t, dir, fmt.Sprintf("provider: local\nrun_id: %s\ntrainer: {pid_file: %q}\ncheckpoint: {dir: %q, layout: dcp, sync: %v}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\n",
 				run, pid, ckpt, sync, s3.Bucket, s3.Endpoint), s3.Env()...)
+			waitFor(t, time.Minute, func() bool { // step-1, written at start, complete before the notice
+				_, err := os.Stat(filepath.Join(ckpt, "step-1", ".metadata"))
+				return err == nil
+			})
 			if sync {
 				bin, _ := binaries(t)
 				waitFor(t, 5*time.Minute, func() bool {

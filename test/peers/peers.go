@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -120,12 +122,25 @@ func (s *S3) SetEnv(t *testing.T) {
 // stopped at the test's end.
 func StartMinIO(t testing.TB) *S3 {
 	t.Helper()
+	return startMinIO(t, "127.0.0.1", nil)
+}
+
+// StartMinIOBehind starts MinIO in the network namespace of link, reached
+// over its veth pair (whose upload direction link caps).
+func StartMinIOBehind(t testing.TB, link *Link) *S3 {
+	t.Helper()
+	return startMinIO(t, link.Far, []string{"ip", "netns", "exec", link.NS})
+}
+
+func startMinIO(t testing.TB, host string, wrap []string) *S3 {
+	t.Helper()
 	bin := Require(t, "minio", MinIOVersion)
 	dir := t.TempDir()
 	port, console := FreePort(t), FreePort(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	cmd := exec.Command(bin, "server", "--quiet", "--address", addr, "--console-address",
+	addr := fmt.Sprintf("%s:%d", host, port)
+	args := append(append([]string{}, wrap...), bin, "server", "--quiet", "--address", addr, "--console-address",
 		fmt.Sprintf("127.0.0.1:%d", console), filepath.Join(dir, "data"))
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+MinIOUser, "MINIO_ROOT_PASSWORD="+MinIOPassword,
 		"MINIO_BROWSER=off", "MINIO_UPDATE=off", "HOME="+dir)
 	out := &bytes.Buffer{}
@@ -160,6 +175,69 @@ func StartMinIO(t testing.TB) *S3 {
 		time.Sleep(100 * time.Millisecond) // MinIO answers 503 while it initialises
 	}
 	return s
+}
+
+// Link is a network namespace reached from this one over a veth pair whose
+// near end's egress (this machine's uploads) is shaped by a tbf qdisc: a
+// real capped link, unlike a per-connection cap, for benchmarks.
+type Link struct {
+	NS, Dev  string
+	Near     string // this side's address
+	Far      string // the namespace's address
+	linkRate string
+}
+
+var links atomic.Int32
+
+// NewLink makes a namespace and veth pair, removed at the test's end; it
+// skips unless this process may (root, iproute2).
+func NewLink(t testing.TB, rate string) *Link {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("a capped link needs root (network namespaces, tc)")
+	}
+	if _, err := exec.LookPath("tc"); err != nil {
+		t.Skip("a capped link needs iproute2 (ip, tc)")
+	}
+	n := links.Add(1)
+	id := fmt.Sprintf("pd%d%d", os.Getpid()%10000, n)
+	net := (os.Getpid() + int(n)) % 250 // another process's link (one left by a killed run) has another
+	l := &Link{NS: id, Dev: id + "h", Near: fmt.Sprintf("10.231.%d.1", net), Far: fmt.Sprintf("10.231.%d.2", net)}
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	t.Cleanup(func() {
+		exec.Command("ip", "netns", "del", l.NS).Run()
+		exec.Command("ip", "link", "del", l.Dev).Run()
+	})
+	run("ip", "netns", "add", l.NS)
+	run("ip", "link", "add", l.Dev, "type", "veth", "peer", "name", id+"n")
+	run("ip", "link", "set", id+"n", "netns", l.NS)
+	run("ip", "addr", "add", l.Near+"/30", "dev", l.Dev)
+	run("ip", "link", "set", l.Dev, "up")
+	run("ip", "netns", "exec", l.NS, "ip", "addr", "add", l.Far+"/30", "dev", id+"n")
+	run("ip", "netns", "exec", l.NS, "ip", "link", "set", id+"n", "up")
+	run("ip", "netns", "exec", l.NS, "ip", "link", "set", "lo", "up")
+	l.SetRate(t, rate)
+	return l
+}
+
+// SetRate caps this side's egress to rate (tc units: 400mbit, 1gbit) with
+// a token bucket of 1 ms of traffic at least, as a provider's shaper does.
+func (l *Link) SetRate(t testing.TB, rate string) {
+	t.Helper()
+	verb := "add"
+	if l.linkRate != "" {
+		verb = "change"
+	}
+	out, err := exec.Command("tc", "qdisc", verb, "dev", l.Dev, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms").CombinedOutput()
+	if err != nil {
+		t.Fatalf("tc: %v\n%s", err, out)
+	}
+	l.linkRate = rate
 }
 
 // IncompleteUploads counts the multipart uploads left in the bucket.

@@ -1,0 +1,142 @@
+package bench
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/test/peers"
+)
+
+// TestTimeToDurableOnALink: the trainer's save complete → committed, for an
+// 8-shard DCP checkpoint of which 6 shards are unchanged from the step
+// before, with MinIO across a real capped link (a network namespace over a
+// veth pair whose upload direction a tbf qdisc shapes), with continuous
+// sync (the step before already committed: the unchanged shards are copied
+// inside the store) and without; against the time to send only the changed
+// bytes over the same link (the floor for any tool).
+func TestTimeToDurableOnALink(t *testing.T) {
+	requireBench(t)
+	link := peers.NewLink(t, "400mbit")
+	s3 := peers.StartMinIOBehind(t, link)
+	s3.SetEnv(t)
+	bin, _ := binaries(t)
+	rounds := 3
+	type key struct {
+		rate string
+		size int64
+		sync bool
+	}
+	commit := map[key][]time.Duration{}
+	sentB := map[key]int64{}
+	floor := map[key][]time.Duration{}
+	rates := []string{"400mbit", "1gbit"}
+	sizes := []int64{256 << 20, 1 << 30}
+	if os.Getenv("BENCH_QUICK") != "" { // the goal's row only
+		rates, sizes = rates[:1], sizes[:1]
+	}
+	for _, rate := range rates {
+		link.SetRate(t, rate)
+		for _, size := range sizes {
+			for r := range rounds {
+				// The floor: the two changed shards' bytes, sent in parallel
+				// through preemptd's store over the same link.
+				floor[key{rate, size, false}] = append(floor[key{rate, size, false}], sendOnly(t, s3, size/8, 2))
+				for _, sync := range []bool{true, false} {
+					k := key{rate, size, sync}
+					dir := t.TempDir()
+					ckpt := filepath.Join(dir, "ckpt")
+					pid, _, tr := trainer(t, dir, "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(size), "--ckpt-shards", "8", "--ckpt-unchanged", "6")
+					cfg := filepath.Join(dir, "preemptd.yaml")
+					d := daemon(t, dir, fmt.Sprintf("provider: local\nrun_id: link-%s-%d-%v-%d\ntrainer: {pid_file: %q}\ncheckpoint: {dir: %q, layout: dcp, sync: %v}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\nadvice: {fleet_poll: 0}\n",
+						rate, size>>20, sync, r, pid, ckpt, sync, s3.Bucket, s3.Endpoint), s3.Env()...)
+					// The trainer's step at start is complete before the notice (else
+					// preemptd commits it as the trainer's new checkpoint first).
+					waitFor(t, time.Minute, func() bool {
+						_, err := os.Stat(filepath.Join(ckpt, "step-1", ".metadata"))
+						return err == nil
+					})
+					if sync {
+						waitFor(t, 5*time.Minute, func() bool {
+							cmd := exec.Command(bin, "ls", "--config", cfg)
+							cmd.Env = append(cleanEnv(), s3.Env()...)
+							out, _ := cmd.CombinedOutput()
+							return strings.Contains(string(out), "latest")
+						})
+					}
+					if out, err := exec.Command(bin, "simulate", "--config", cfg, "--kind", "preempt", "--in", "10m", "--wait").CombinedOutput(); err != nil {
+						t.Fatalf("simulate: %v\n%s", err, out)
+					}
+					st := status(t, dir)
+					if st.Emergency == nil || st.Emergency.Checkpoint == nil {
+						t.Fatalf("no checkpoint committed: %+v", st.Emergency)
+					}
+					c := st.Emergency.Checkpoint
+					commit[k] = append(commit[k], c.CommittedAt.Sub(c.CompleteAt))
+					sentB[k] = c.SentBytes
+					t.Logf("%s %d MiB sync %v: complete → committed %v, sent %d MiB", rate, size>>20, sync,
+						c.CommittedAt.Sub(c.CompleteAt).Round(time.Millisecond), c.SentBytes>>20)
+					d.stop()
+					tr.stop()
+					os.RemoveAll(ckpt)
+				}
+			}
+		}
+	}
+	med := func(ds []time.Duration) time.Duration { return pct(ds, .5) }
+	var b strings.Builder
+	fmt.Fprintf(&b, "### Time to durable over a capped link (%s)\n\n", time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&b, "Machine: %s. MinIO in a network namespace, reached over a veth pair whose upload direction is shaped by `tc qdisc … tbf` (one link cap for every connection, as a NIC's or a provider's is; toxiproxy caps each connection instead). The trainer writes an 8-shard DCP checkpoint on SIGTERM, 6 shards unchanged from the step before (25 %% changed). Measured from the trainer's save complete (its newest file's time) to the commit (manifest and latest written); medians of %d rounds. \"Changed bytes only\" is the 2 changed shards sent in parallel through preemptd's store over the same link: the floor for any tool.\n\n", machine(), rounds)
+	fmt.Fprintf(&b, "| link | checkpoint | changed bytes only | with continuous sync | ÷ changed only | without sync (all sent at the notice) | ÷ changed only |\n|---|---|---|---|---|---|---|\n")
+	for _, rate := range rates {
+		for _, size := range sizes {
+			f := med(floor[key{rate, size, false}])
+			on, off := med(commit[key{rate, size, true}]), med(commit[key{rate, size, false}])
+			fmt.Fprintf(&b, "| %s | %d MiB | %v | %v (sent %d MiB) | %.2f | %v (sent %d MiB) | %.2f |\n", rate, size>>20, f.Round(time.Millisecond),
+				on.Round(time.Millisecond), sentB[key{rate, size, true}]>>20, on.Seconds()/f.Seconds(),
+				off.Round(time.Millisecond), sentB[key{rate, size, false}]>>20, off.Seconds()/f.Seconds())
+		}
+	}
+	on, f := med(commit[key{"400mbit", 256 << 20, true}]), med(floor[key{"400mbit", 256 << 20, false}])
+	fmt.Fprintf(&b, "\nGoal (400 Mbit/s, 256 MiB, with sync): ≤ 1.2× the changed bytes alone; measured %.2f×.\n", on.Seconds()/f.Seconds())
+	appendResults(t, b.String())
+}
+
+// sendOnly sends n files of size bytes in parallel through preemptd's S3
+// store and returns how long it took.
+func sendOnly(t *testing.T, s3 *peers.S3, size int64, n int) time.Duration {
+	t.Helper()
+	st, err := storage.Open(fmt.Sprintf("s3://%s/floor", s3.Bucket), storage.Options{Endpoint: s3.Endpoint, Region: "us-east-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []*os.File
+	for i := range n {
+		p := filepath.Join(t.TempDir(), fmt.Sprint(i))
+		b := make([]byte, size)
+		rand.Read(b)
+		os.WriteFile(p, b, 0o644)
+		f, _ := os.Open(p)
+		defer f.Close()
+		files = append(files, f)
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i, f := range files {
+		wg.Go(func() {
+			if err := st.PutFile(context.Background(), fmt.Sprintf("shard-%d", i), f, size); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	return time.Since(start)
+}
