@@ -63,7 +63,7 @@ bench:
 	@scripts/tools.sh bench >/dev/null
 	printf '# Benchmarks\n\nWritten by `make bench`; every figure is from the run below, on this machine.\n\n' > test/bench/RESULTS.md
 	PREEMPTD_TOOLS=$$(scripts/tools.sh bench) PREEMPTD_BENCH=1 BENCH_OUT=$(CURDIR)/test/bench/RESULTS.md \
-		$(GO) test -count=1 -timeout 30m -v -run . ./test/bench/
+		$(GO) test -count=1 -timeout 60m -v -run . ./test/bench/
 
 ## chaos: the fault suite in full, with a summary table (the short form runs in `make test`)
 chaos: tools
