@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -147,5 +148,42 @@ func TestFeedRisks(t *testing.T) {
 	}
 	if a := adv.Advice(now.Add(RecentWindow)); len(a.Inputs.Risks) != 0 {
 		t.Fatalf("risks outlived their window: %+v", a.Inputs.Risks)
+	}
+}
+
+// TestFeedRateCompacts: the feed's estimate reads the records of this
+// instance type and region (not others', not drills), and compacts the days
+// before yesterday it had to read record by record, never today's.
+func TestFeedRateCompacts(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	st, _ := storage.NewDir(root)
+	now := time.Now().UTC()
+	me := agent.Instance{ID: "i-me", Type: "p4d.24xlarge", Region: "us-east-1", Zone: "us-east-1a"}
+	rec := func(id, typ string, ago, life time.Duration, sim bool) Record {
+		at := now.Add(-ago)
+		return Record{Version: RecordVersion, Instance: agent.Instance{ID: id, Type: typ, Region: "us-east-1", StartedAt: at.Add(-life)},
+			Provider: "aws", Kind: agent.KindTerminate, Class: agent.ClassFatal, NoticeID: id, NoticedAt: at, Watched: true, CommittedAt: at.Add(time.Minute), Simulated: sim}
+	}
+	for _, r := range []Record{rec("a", me.Type, 72*time.Hour, 10*time.Hour, false), rec("b", me.Type, 96*time.Hour, 20*time.Hour, false),
+		rec("c", "g5.xlarge", 72*time.Hour, time.Hour, false), rec("d", me.Type, 72*time.Hour, time.Hour, true),
+		rec("e", me.Type, time.Minute, 30*time.Hour, false)} {
+		put(t, st, Key(r), r)
+	}
+	adv := advice.New(advice.Config{}, now, advice.Rate{})
+	f := &Feed{Store: st, Advisor: adv, Instance: func() agent.Instance { return me }, Now: time.Now, Log: slog.New(slog.DiscardHandler)}
+	f.rate(ctx)
+	// a, b, e: lifetimes 10 + 20 + 30 h; prior A100 2.3 %/h weighed as 3.
+	a := adv.Advice(now)
+	wantM := (3/0.023 + 60) / 6
+	if a.Inputs.Interruptions != 3 || math.Abs(a.Inputs.MTBIHours-wantM) > 1e-6 {
+		t.Fatalf("estimate: %d interruptions, M %.3f h; want 3, %.3f h", a.Inputs.Interruptions, a.Inputs.MTBIHours, wantM)
+	}
+	l, _ := Read(ctx, st, time.Time{})
+	if l.Rollups != 2 || len(l.Records) != 5 {
+		t.Fatalf("after the feed: %d rollups, %d records; want the 2 past days compacted, all 5 records", l.Rollups, len(l.Records))
+	}
+	if _, err := os.Stat(filepath.Join(root, filepath.FromSlash(RollupKey(now.Format(time.DateOnly))))); err == nil {
+		t.Fatal("today was compacted")
 	}
 }
