@@ -347,6 +347,14 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 		}
 		fmt.Fprintf(tw, "notice:\t%s %s %s [%s], %s\n", n.Provider, n.Kind, n.ID, n.Class, left)
 	}
+	if a := st.Advice; a != nil {
+		now := ""
+		if a.CheckpointNow {
+			now = "; checkpoint now (" + a.Reason + ")"
+		}
+		fmt.Fprintf(tw, "checkpoint advice:	every %s%s (preemptd advise for the inputs)\n",
+			time.Duration(a.CheckpointEvery*float64(time.Second)).Round(time.Second), now)
+	}
 	if s := st.LastSignal; s != nil {
 		if len(s.PIDs) == 0 {
 			why := "none was found"

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/minio/minio-go/v7"
+
 	"github.com/preemptd/preemptd/checkpoint/storage"
 	"github.com/preemptd/preemptd/test/peers"
 )
@@ -98,9 +100,11 @@ func durableOnLink(t *testing.T, s3 *peers.S3, c linkCase, round int) (time.Dura
 	pid, _, tr := trainer(t, dir, "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(c.size), "--ckpt-shards", "8", "--ckpt-unchanged", fmt.Sprint(8-c.changed))
 	defer tr.stop()
 	cfg := filepath.Join(dir, "preemptd.yaml")
-	d := daemon(t, dir, fmt.Sprintf("provider: local\nrun_id: link-%s-%d-%d-%v-%d\ntrainer: {pid_file: %q}\ncheckpoint: {dir: %q, layout: dcp, sync: %v}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\nadvice: {fleet_poll: 0}\n",
-		c.rate, c.size>>20, c.changed, c.sync, round, pid, ckpt, c.sync, s3.Bucket, s3.Endpoint), s3.Env()...)
+	run := fmt.Sprintf("link-%s-%d-%d-%v-%d", c.rate, c.size>>20, c.changed, c.sync, round)
+	d := daemon(t, dir, fmt.Sprintf("provider: local\nrun_id: %s\ntrainer: {pid_file: %q}\ncheckpoint: {dir: %q, layout: dcp, sync: %v}\nstorage: {url: \"s3://%s/bench\", endpoint: %q, region: us-east-1}\nadvice: {fleet_poll: 0}\n",
+		run, pid, ckpt, c.sync, s3.Bucket, s3.Endpoint), s3.Env()...)
 	defer d.stop()
+	defer removePrefix(t, s3, "bench/"+run+"/") // 48 runs of up to 2 GiB would fill the disk
 	defer os.RemoveAll(ckpt)
 	// The trainer's step at start is complete before the notice (else
 	// preemptd commits it as the trainer's new checkpoint first).
@@ -128,6 +132,16 @@ func durableOnLink(t *testing.T, s3 *peers.S3, c linkCase, round int) (time.Dura
 	t.Logf("%s %d MiB %d/8 changed, sync %v: complete → committed %v, sent %d MiB", c.rate, c.size>>20, c.changed, c.sync,
 		took.Round(time.Millisecond), ck.SentBytes>>20)
 	return took, ck.SentBytes
+}
+
+// removePrefix deletes the objects under prefix.
+func removePrefix(t *testing.T, s3 *peers.S3, prefix string) {
+	t.Helper()
+	ctx := context.Background()
+	objs := s3.Client.ListObjects(ctx, s3.Bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true})
+	for e := range s3.Client.RemoveObjects(ctx, s3.Bucket, objs, minio.RemoveObjectsOptions{}) {
+		t.Logf("remove %s: %v", e.ObjectName, e.Err)
+	}
 }
 
 // sendOnly sends n files of size bytes in parallel through preemptd's S3
