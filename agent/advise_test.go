@@ -96,8 +96,12 @@ func TestAdviceLongPoll(t *testing.T) {
 	adv.Saved(time.Now(), time.Second)
 	a := New(Config{RunDir: dir, Signal: "SIGTERM", FatalWithin: 2 * time.Minute}, Deps{Watchers: []Watcher{w}, Advisor: adv})
 	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	go a.Run(ctx)
+	run := func(a *Agent) { // stopped, and done writing advice.json, before the temporary folders go
+		done := make(chan struct{})
+		go func() { a.Run(ctx); close(done) }()
+		t.Cleanup(func() { cancel(); <-done })
+	}
+	run(a)
 	c := startAPI(t, a)
 	got, err := c.Advice(t.Context(), 0)
 	if err != nil || got.CheckpointNow || got.CheckpointEvery <= 0 {
@@ -126,7 +130,7 @@ func TestAdviceLongPoll(t *testing.T) {
 	}
 
 	off := New(Config{RunDir: t.TempDir()}, Deps{})
-	go off.Run(ctx)
+	run(off)
 	if _, err := startAPI(t, off).Advice(t.Context(), 0); err == nil {
 		t.Fatal("advice served with advice off")
 	}
