@@ -137,6 +137,16 @@ func Committed(committed, watched int, p0 float64) float64 {
 	return min((float64(committed)+PriorWeight*p0)/float64(watched+PriorWeight+1), PMax)
 }
 
+// WithPrior is r with p blended with its prior: PriorCommitted of a save
+// (DefaultSave when not measured) and its upload in the notice window.
+func (r Rate) WithPrior(save, upload, window time.Duration) Rate {
+	if save <= 0 {
+		save = DefaultSave
+	}
+	r.Committed = Committed(r.CommittedN, r.Watched, PriorCommitted(save, upload, window))
+	return r
+}
+
 // NoticeMargin is the time a notice takes to reach the trainer.
 const NoticeMargin = 5 * time.Second
 

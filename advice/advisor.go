@@ -203,12 +203,7 @@ func (a *Advisor) Advice(now time.Time) Advice {
 	}
 	slices.SortFunc(risks, func(x, y Risk) int { return x.At.Compare(y.At) })
 	save, n := a.saveLocked()
-	rate := a.rate
-	c := save
-	if c <= 0 {
-		c = DefaultSave
-	}
-	rate.Committed = Committed(rate.CommittedN, rate.Watched, PriorCommitted(c, a.upload, a.cfg.Window))
+	rate := a.rate.WithPrior(save, a.upload, a.cfg.Window)
 	t, formula := Interval(Inputs{Save: save, Upload: a.upload, Rate: rate, Risks: risks, Min: a.cfg.Min, Max: a.cfg.Max})
 	from := a.last
 	if from.IsZero() {

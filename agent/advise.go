@@ -121,25 +121,16 @@ func (a *Agent) serveAdvice(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	timer := time.NewTimer(wait)
-	defer timer.Stop()
-	for {
+	if !hold(r, wait, func() (bool, <-chan struct{}) {
 		cur, changed := a.Advice()
-		if cur != nil && (cur.CheckpointNow || wait == 0) {
-			writeJSON(w, http.StatusOK, cur)
-			return
-		}
-		select {
-		case <-changed:
-		case <-timer.C:
-			if cur == nil {
-				c := a.deps.Advisor.Advice(a.now())
-				cur = &c
-			}
-			writeJSON(w, http.StatusOK, cur)
-			return
-		case <-r.Context().Done():
-			return
-		}
+		return cur != nil && cur.CheckpointNow, changed
+	}) {
+		return
 	}
+	cur, _ := a.Advice()
+	if cur == nil { // not published yet
+		c := a.deps.Advisor.Advice(a.now())
+		cur = &c
+	}
+	writeJSON(w, http.StatusOK, cur)
 }

@@ -82,21 +82,36 @@ func (a *Agent) serveNotice(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	if !hold(r, wait, func() (bool, <-chan struct{}) {
+		_, _, ok, changed := a.waitChange()
+		return ok, changed
+	}) {
+		return
+	}
+	if n, class, ok := a.current(); ok {
+		writeJSON(w, http.StatusOK, NewNoticeFile(n, class, a.now()))
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// hold is a long-poll's wait: until ready says so (asked again at every
+// close of the channel it returns), wait has passed, or the client has
+// gone (false: nothing to answer).
+func hold(r *http.Request, wait time.Duration, ready func() (bool, <-chan struct{})) bool {
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
-		n, class, ok, changed := a.waitChange()
+		ok, changed := ready()
 		if ok {
-			writeJSON(w, http.StatusOK, NewNoticeFile(n, class, a.now()))
-			return
+			return true
 		}
 		select {
 		case <-changed:
 		case <-timer.C:
-			w.WriteHeader(http.StatusNoContent)
-			return
+			return true
 		case <-r.Context().Done():
-			return
+			return false
 		}
 	}
 }

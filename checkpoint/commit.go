@@ -208,6 +208,11 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 			return err
 		}
 		defer file.Close()
+		if f.SHA256 == "" && ck.Files[i].Ino != 0 { // hashed ahead: not read twice
+			if sum, ok := c.sums.peek(versionOf(ck.Files[i])); ok {
+				f.SHA256 = sum
+			}
+		}
 		hashed := make(chan error, 1)
 		if f.SHA256 == "" {
 			go func() { hashed <- hashInto(ck, f, file) }()
@@ -371,7 +376,7 @@ func (c *Committer) knownCopy(sf File, reuse reuse) bool {
 	if sf.Ino == 0 || !reuse.sizes[sf.Size] {
 		return false
 	}
-	sum, ok := c.sums.peek(fileKey{dev: sf.Dev, ino: sf.Ino, size: sf.Size, mtime: sf.ModTime.UnixNano()})
+	sum, ok := c.sums.peek(versionOf(sf))
 	_, reusable := reuse.keys[sum+"/"+fmt.Sprint(sf.Size)]
 	return ok && reusable
 }
@@ -397,7 +402,7 @@ func (c *Committer) hashScanned(ck Checkpoint, sf File, mf *ManifestFile) error 
 		mf.SHA256 = sum
 		return err
 	}
-	sum, err := c.sums.get(fileKey{dev: sf.Dev, ino: sf.Ino, size: sf.Size, mtime: sf.ModTime.UnixNano()}, compute)
+	sum, err := c.sums.get(versionOf(sf), compute)
 	mf.SHA256 = sum
 	return err
 }

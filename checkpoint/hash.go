@@ -36,6 +36,11 @@ type fileKey struct {
 	mtime    int64
 }
 
+// versionOf is the version of a file the scan saw.
+func versionOf(f File) fileKey {
+	return fileKey{dev: f.Dev, ino: f.Ino, size: f.Size, mtime: f.ModTime.UnixNano()}
+}
+
 func keyOf(st os.FileInfo) (fileKey, bool) {
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok || !st.Mode().IsRegular() {

@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -44,14 +45,9 @@ type Feed struct {
 // names or the instance type.
 func PriorFor(perHour float64, gpus []string, inst agent.Instance) (float64, string) {
 	if perHour > 0 {
-		return perHour, "advice.interruptions_per_hour " + pct(perHour)
+		return perHour, fmt.Sprintf("advice.interruptions_per_hour %g%%/h", perHour*100)
 	}
 	return advice.Prior(gpus, inst.Type)
-}
-
-func pct(r float64) string {
-	b, _ := json.Marshal(r * 100)
-	return string(b) + "%/h"
 }
 
 // Observations are the interruptions of records whose instance type and

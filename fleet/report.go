@@ -211,12 +211,7 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			in.Save = time.Duration(t.save / float64(t.saves) * float64(time.Second))
 			in.Upload = time.Duration(t.upload / float64(t.saves) * float64(time.Second))
 		}
-		c := in.Save
-		if c <= 0 {
-			c = advice.DefaultSave
-		}
-		rate.Committed = advice.Committed(rate.CommittedN, rate.Watched,
-			advice.PriorCommitted(c, in.Upload, advice.NoticeWindow(t.recs[0].Instance.Provider)))
+		rate = rate.WithPrior(in.Save, in.Upload, advice.NoticeWindow(t.recs[0].Instance.Provider))
 		in.Rate = rate
 		every, _ := advice.Interval(in)
 		save := in.Save

@@ -62,9 +62,8 @@ func validDay(d string) bool {
 // Loaded is what Read found.
 type Loaded struct {
 	Records []Record
-	// Bad counts unreadable records; Objects the per-notice records listed;
-	// Rollups the days read from a rollup.
-	Bad, Objects, Rollups int
+	// Bad counts unreadable records; Rollups the days read from a rollup.
+	Bad, Rollups int
 	// Singly are, per day, the records read on their own: not in the day's
 	// rollup, or written after it (today's, and late ones).
 	Singly map[string][]Record
@@ -95,7 +94,7 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 			singles = append(singles, o)
 		}
 	}
-	out := Loaded{Singly: map[string][]Record{}, Objects: len(singles), Rollups: len(rollups)}
+	out := Loaded{Singly: map[string][]Record{}, Rollups: len(rollups)}
 	byKey := map[string]Record{}
 	var mu sync.Mutex
 	inRollup := map[string]bool{}
@@ -136,7 +135,7 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		if err != nil || r.Version < 1 || r.Version > RecordVersion {
+		if err != nil || !known(r) {
 			out.Bad++
 			return nil
 		}
@@ -172,7 +171,7 @@ func parseRollup(b []byte) ([]Record, int) {
 			continue
 		}
 		var r Record
-		if err := json.Unmarshal(line, &r); err != nil || r.Key == "" || r.Version < 1 || r.Version > RecordVersion {
+		if err := json.Unmarshal(line, &r); err != nil || r.Key == "" || !known(r) {
 			bad++
 			continue
 		}
@@ -180,6 +179,9 @@ func parseRollup(b []byte) ([]Record, int) {
 	}
 	return out, bad
 }
+
+// known reports whether r is of a record version this release reads.
+func known(r Record) bool { return r.Version >= 1 && r.Version <= RecordVersion }
 
 // parallel runs f over items, getters at a time; the first error wins.
 func parallel(ctx context.Context, items []storage.Object, f func(storage.Object) error) error {

@@ -411,14 +411,12 @@ func newAdvice(ctx context.Context, cfg *config.Config, provider string, gpus ag
 	if !cfg.Advice.Enabled {
 		return nil, nil
 	}
-	names := func() []string {
-		var out []string
-		for _, d := range gpus.Snapshot(ctx).Devices {
-			out = append(out, d.Name)
-		}
-		return out
+	var gpuNames []string // the model does not change: asked of NVML once
+	for _, d := range gpus.Snapshot(ctx).Devices {
+		gpuNames = append(gpuNames, d.Name)
 	}
-	prior, basis := fleet.PriorFor(cfg.Advice.InterruptionsPerHour, names(), agent.Instance{})
+	names := func() []string { return gpuNames }
+	prior, basis := fleet.PriorFor(cfg.Advice.InterruptionsPerHour, gpuNames, agent.Instance{})
 	window := advice.NoticeWindow(provider)
 	if provider == "gcp" {
 		window = cfg.GCP.PreemptWindow.D()

@@ -84,9 +84,8 @@ func (a *adaptive) next(now, last float64, risky bool) float64 {
 		a.rate = advice.Estimate(a.prior, "prior", nil)
 	}
 	sec := func(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
-	rate := a.rate // p with the advisor's prior: does a save and its upload fit the notice?
-	rate.Committed = advice.Committed(rate.CommittedN, rate.Watched, advice.PriorCommitted(sec(a.save), sec(a.upload), sec(a.window)))
-	in := advice.Inputs{Save: sec(a.save), Upload: sec(a.upload), Rate: rate}
+	// p with the advisor's prior: does a save and its upload fit the notice?
+	in := advice.Inputs{Save: sec(a.save), Upload: sec(a.upload), Rate: a.rate.WithPrior(sec(a.save), sec(a.upload), sec(a.window))}
 	if risky {
 		in.Risks = []advice.Risk{{Kind: "fleet-zone"}}
 	}
