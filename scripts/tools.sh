@@ -3,7 +3,7 @@
 # through the Go module proxy, into a cache outside the clone (reused by
 # every clone and by CI):
 #   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
-# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, python3-torch); prints the cache path.
+# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, fake-gcs-server, versitygw, Azurite, python3-torch); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
@@ -13,6 +13,9 @@ S5CMD_VERSION=v2.3.0
 NFPM_VERSION=v2.45.2
 TOXIPROXY_VERSION=v2.5.0
 HELM_VERSION=v3.22.0
+FAKE_GCS_VERSION=v1.56.1   # GCS emulator (JSON API)
+AZURITE_VERSION=3.37.0     # Microsoft's Azure Storage emulator (npm; runs on node 20)
+VERSITYGW_VERSION=v1.8.0   # a second S3 implementation (posix backend)
 AWSCLI_VERSION=2.9.19-1
 TORCH_VERSION=1.13.1+dfsg-4 # Debian's python3-torch (CPU), for the real torchrun trials
 
@@ -30,6 +33,20 @@ install() {
   local built
   built=$(basename "$pkg")
   [ "$built" = "$name" ] || mv "$dir.tmp/$built" "$dir.tmp/$name"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+# install_npm NAME VERSION: npm install NAME@VERSION into the cache; the
+# binary is linked as <tool>-<version>/<name>.
+install_npm() {
+  local name=$1 version=$2
+  local dir="$cache/$name-$version"
+  [ -x "$dir/$name" ] && return 0
+  echo "tools: installing $name $version through npm (once; then cached in $dir)" >&2
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  npm install --silent --no-audit --no-fund --prefix "$dir.tmp" "$name@$version" >&2
+  # npm writes absolute paths into nothing it installs here, so the folder moves.
+  ln -s "node_modules/.bin/$name" "$dir.tmp/$name"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
@@ -52,6 +69,9 @@ install minio "$MINIO_VERSION" github.com/minio/minio # 5 to 13 minutes to build
 install nfpm "$NFPM_VERSION" github.com/goreleaser/nfpm/v2/cmd/nfpm
 install toxiproxy-server "$TOXIPROXY_VERSION" github.com/Shopify/toxiproxy/v2/cmd/server
 install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm # lints and renders deploy/helm/preemptd
+install fake-gcs-server "$FAKE_GCS_VERSION" github.com/fsouza/fake-gcs-server
+install versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw # about 7 minutes to build once
+install_npm azurite "$AZURITE_VERSION"
 # PyTorch from Debian, pinned, for /usr/bin/python3 (needs root; skipped with
 # a line saying so otherwise, and the torch tests then say why they skip).
 if ! dpkg-query -W -f='${Version}' python3-torch 2>/dev/null | grep -qx "$TORCH_VERSION"; then

@@ -202,8 +202,9 @@ type Checkpoint struct {
 
 // Storage is the object store for checkpoints.
 type Storage struct {
-	// URL is file:///dir, s3://bucket/prefix or gs://bucket/prefix; default
-	// file://<state_dir>/store.
+	// URL is file:///dir, s3://bucket/prefix, gs://bucket/prefix,
+	// azblob://account/container/prefix (or its https://ACCOUNT.blob.core.windows.net/container/prefix);
+	// default file://<state_dir>/store.
 	URL      string `yaml:"url"`
 	Endpoint string `yaml:"endpoint"`
 	Region   string `yaml:"region"`
@@ -669,8 +670,11 @@ func (c *Config) Validate() error {
 	if u := c.Storage.URL; u != "" {
 		pu, err := url.Parse(u)
 		switch {
-		case err != nil || (pu.Scheme != "file" && pu.Scheme != "s3" && pu.Scheme != "gs"):
-			bad("storage.url", "%q is not a URL like file:///var/lib/preemptd/store, s3://bucket/prefix or gs://bucket/prefix", u)
+		case err != nil || !slices.Contains([]string{"file", "s3", "gs", "azblob", "https"}, pu.Scheme) ||
+			(pu.Scheme == "https" && !strings.Contains(pu.Host, ".blob.")):
+			bad("storage.url", "%q is not a URL like file:///var/lib/preemptd/store, s3://bucket/prefix, gs://bucket/prefix or azblob://account/container/prefix", u)
+		case (pu.Scheme == "azblob" || pu.Scheme == "https") && strings.Trim(pu.Path, "/") == "":
+			bad("storage.url", "%q names no container; write azblob://account/container/prefix", u)
 		case pu.Scheme != "file" && pu.Host == "":
 			bad("storage.url", "%q names no bucket; write %s://bucket/prefix", u, pu.Scheme)
 		case pu.Scheme == "file" && (pu.Path == "" || (pu.Host != "" && pu.Host != "localhost")):

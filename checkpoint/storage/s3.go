@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path"
 	"slices"
 	"strings"
 	"sync"
@@ -93,10 +92,7 @@ func (s *S3) String() string {
 }
 
 func (s *S3) key(k string) (string, error) {
-	if err := checkKey(k); err != nil {
-		return "", err
-	}
-	return path.Join(s.prefix, k), nil
+	return under(s.prefix, k)
 }
 
 func notFound(err error, key string) error {
@@ -210,47 +206,25 @@ var checksumRefusals = []string{"XAmzContentChecksumMismatch", "BadDigest", "Inv
 
 // putParts uploads f's parts, Threads at once, each with its checksum.
 func (s *S3) putParts(ctx context.Context, core minio.Core, k, id string, f *os.File, size int64) ([]minio.CompletePart, error) {
-	ps := int64(s.partSize)
-	n := int((size + ps - 1) / ps)
-	parts := make([]minio.CompletePart, n)
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	next := make(chan int)
-	go func() {
-		defer close(next)
-		for i := range n {
-			select {
-			case next <- i:
-			case <-ctx.Done():
-				return
-			}
+	ps := splitParts(size, int64(s.partSize))
+	parts := make([]minio.CompletePart, len(ps))
+	err := eachPart(ctx, ps, s.threads, func(ctx context.Context, p part) error {
+		sum, hdr, err := s.partSum(section(f, p))
+		if err != nil {
+			return err
 		}
-	}()
-	var wg sync.WaitGroup
-	for range min(int(s.threads), n) {
-		wg.Go(func() {
-			for i := range next {
-				off := int64(i) * ps
-				length := min(ps, size-off)
-				sum, hdr, err := s.partSum(io.NewSectionReader(f, off, length))
-				if err == nil {
-					var p minio.ObjectPart
-					p, err = core.PutObjectPart(ctx, s.bucket, k, id, i+1, io.NewSectionReader(f, off, length), length,
-						minio.PutObjectPartOptions{Md5Base64: sum, CustomHeader: hdr, DisableContentSha256: true})
-					parts[i] = minio.CompletePart{PartNumber: i + 1, ETag: p.ETag}
-					if hdr != nil {
-						parts[i].ChecksumCRC32C = hdr.Get("X-Amz-Checksum-Crc32c")
-					}
-				}
-				if err != nil {
-					cancel(fmt.Errorf("part %d: %w", i+1, err))
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil {
+		op, err := core.PutObjectPart(ctx, s.bucket, k, id, p.N+1, section(f, p), p.Length,
+			minio.PutObjectPartOptions{Md5Base64: sum, CustomHeader: hdr, DisableContentSha256: true})
+		if err != nil {
+			return err
+		}
+		parts[p.N] = minio.CompletePart{PartNumber: p.N + 1, ETag: op.ETag}
+		if hdr != nil {
+			parts[p.N].ChecksumCRC32C = hdr.Get("X-Amz-Checksum-Crc32c")
+		}
+		return nil
+	})
+	if err != nil {
 		return nil, err
 	}
 	return parts, nil
@@ -302,11 +276,7 @@ func (s *S3) Create(ctx context.Context, key string, b []byte) error {
 
 // Copy implements Store with a server-side copy.
 func (s *S3) Copy(ctx context.Context, dst, src string) error {
-	dk, err := s.key(dst)
-	if err != nil {
-		return err
-	}
-	sk, err := s.key(src)
+	dk, sk, err := copyKeys(s.prefix, dst, src)
 	if err != nil {
 		return err
 	}
@@ -337,12 +307,7 @@ func (s *S3) Get(ctx context.Context, key string, w io.Writer) error {
 
 // List implements Store.
 func (s *S3) List(ctx context.Context, prefix string) ([]Object, error) {
-	p := s.prefix
-	if prefix != "" {
-		p = path.Join(s.prefix, prefix) + "/"
-	} else if p != "" {
-		p += "/"
-	}
+	p := listPrefix(s.prefix, prefix)
 	var out []Object
 	for o := range s.c.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: p, Recursive: true}) {
 		if o.Err != nil {

@@ -1,7 +1,10 @@
 // Package storage is preemptd's object store: one interface, a local
-// directory (file://, the embedded default) and S3-compatible servers
-// through minio-go (s3://, and gs:// through GCS's S3-interoperable
-// endpoint). Keys are slash-separated paths below the URL's prefix.
+// directory (file://, the embedded default), S3-compatible servers through
+// minio-go (s3://), Google Cloud Storage (gs://: its JSON API with the VM's
+// service account, or its S3-interoperable endpoint with an HMAC key) and
+// Azure Blob Storage (azblob://, its REST API with the VM's managed
+// identity, a SAS token or the account key). Keys are slash-separated
+// paths below the URL's prefix.
 package storage
 
 import (
@@ -9,11 +12,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"net/url"
 	"os"
+	"path"
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/preemptd/preemptd/internal/direct"
 )
 
 // ErrNotFound is returned for a key that does not exist.
@@ -61,11 +68,22 @@ type Store interface {
 
 // Options configure Open.
 type Options struct {
-	// Endpoint is the S3 endpoint URL (default: AWS S3 for s3://, GCS for gs://).
+	// Endpoint is the service URL (default: AWS S3 for s3://, GCS for
+	// gs://, https://ACCOUNT.blob.core.windows.net for azblob://).
 	Endpoint string
 	Region   string
-	// IMDSEndpoint is where instance-role credentials are fetched.
+	// IMDSEndpoint is where AWS instance-role credentials are fetched.
 	IMDSEndpoint string
+	// GCPMetadata is GCP's metadata server (gcp.endpoint: host or URL;
+	// default GCE_METADATA_HOST, else 169.254.169.254), for the VM's token.
+	GCPMetadata string
+	// AzureIMDS is Azure's instance metadata service (azure.endpoint), for
+	// the managed identity's token.
+	AzureIMDS string
+	// Getenv reads the credential variables (default os.Getenv).
+	Getenv func(string) string
+	// HTTP is the client for GCS and Azure (default: one sized for Threads).
+	HTTP *http.Client
 	// PartSize and Threads tune multipart uploads.
 	PartSize uint64
 	Threads  uint
@@ -74,8 +92,31 @@ type Options struct {
 	Checksum string
 }
 
-// Open returns the store named by rawURL: file:///path, s3://bucket/prefix
-// or gs://bucket/prefix.
+func (o Options) getenv() func(string) string {
+	if o.Getenv != nil {
+		return o.Getenv
+	}
+	return os.Getenv
+}
+
+// httpClient is o.HTTP, else a client that keeps a connection per upload
+// thread (and no overall timeout: a part may take minutes on a slow link).
+func (o Options) httpClient() *http.Client {
+	if o.HTTP != nil {
+		return o.HTTP
+	}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConnsPerHost = int(max(o.Threads, DefaultThreads)) + 4
+	return &http.Client{Transport: t}
+}
+
+// metadataClient reaches an instance metadata service: never through a
+// proxy, with a short timeout.
+func (o Options) metadataClient() *http.Client { return direct.Client(10 * time.Second) }
+
+// Open returns the store named by rawURL: file:///path, s3://bucket/prefix,
+// gs://bucket/prefix, azblob://account/container/prefix or
+// https://ACCOUNT.blob.core.windows.net/container/prefix.
 func Open(rawURL string, o Options) (Store, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
@@ -94,9 +135,53 @@ func Open(rawURL string, o Options) (Store, error) {
 		if u.Host == "" {
 			return nil, fmt.Errorf("storage.url: %q names no bucket; write %s://bucket/prefix", rawURL, u.Scheme)
 		}
+		getenv := o.getenv()
+		if u.Scheme == "gs" && (getenv("GOOGLE_APPLICATION_CREDENTIALS") != "" ||
+			getenv("AWS_ACCESS_KEY_ID") == "" || getenv("AWS_SECRET_ACCESS_KEY") == "") {
+			return NewGCS(u.Host, strings.Trim(u.Path, "/"), o)
+		}
+		// s3://, or gs:// with an HMAC key in AWS_ACCESS_KEY_ID and
+		// AWS_SECRET_ACCESS_KEY: GCS's S3-interoperable XML API.
 		return NewS3(u.Scheme, u.Host, strings.Trim(u.Path, "/"), o)
+	case "azblob", "https":
+		account, rest, err := azureLocation(u)
+		if err != nil {
+			return nil, fmt.Errorf("storage.url: %q: %w", rawURL, err)
+		}
+		container, prefix, _ := strings.Cut(rest, "/")
+		return NewAzure(account, container, prefix, o)
 	}
-	return nil, fmt.Errorf("storage.url: %q: scheme must be file, s3 or gs", rawURL)
+	return nil, fmt.Errorf("storage.url: %q: scheme must be file, s3, gs or azblob", rawURL)
+}
+
+var (
+	azureAccount   = regexp.MustCompile(`^[a-z0-9]{3,24}$`)
+	azureContainer = regexp.MustCompile(`^[a-z0-9](?:[a-z0-9]|-[a-z0-9]){2,62}$`)
+)
+
+// azureLocation reads azblob://account/container/prefix or
+// https://account.blob.core.windows.net/container/prefix (any cloud's
+// blob.* host) into the account and container/prefix.
+func azureLocation(u *url.URL) (account, rest string, err error) {
+	switch u.Scheme {
+	case "azblob":
+		account, rest = u.Host, strings.Trim(u.Path, "/")
+	default:
+		var ok bool
+		account, _, ok = strings.Cut(u.Hostname(), ".blob.")
+		if !ok {
+			return "", "", fmt.Errorf("an https URL must be a blob endpoint, https://ACCOUNT.blob.core.windows.net/container/prefix")
+		}
+		rest = strings.Trim(u.Path, "/")
+	}
+	container, _, _ := strings.Cut(rest, "/")
+	switch {
+	case !azureAccount.MatchString(account):
+		return "", "", fmt.Errorf("%q is not a storage account name (3 to 24 lowercase letters and digits); write azblob://account/container/prefix", account)
+	case !azureContainer.MatchString(container):
+		return "", "", fmt.Errorf("%q is not a container name (3 to 63 lowercase letters, digits and single hyphens); write azblob://account/container/prefix", container)
+	}
+	return account, rest, nil
 }
 
 var unsafeElement = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
@@ -104,6 +189,34 @@ var unsafeElement = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
 // SafeElement makes s usable as one element of a key: every run of
 // characters other than letters, digits, '.', '_' and '-' becomes '_'.
 func SafeElement(s string) string { return unsafeElement.ReplaceAllString(s, "_") }
+
+// under is key below the store's prefix, refused if it would leave it.
+func under(prefix, key string) (string, error) {
+	if err := checkKey(key); err != nil {
+		return "", err
+	}
+	return path.Join(prefix, key), nil
+}
+
+// copyKeys is under for both ends of a copy.
+func copyKeys(prefix, dst, src string) (dk, sk string, err error) {
+	if dk, err = under(prefix, dst); err == nil {
+		sk, err = under(prefix, src)
+	}
+	return dk, sk, err
+}
+
+// listPrefix is what a listing of prefix below the store's asks the
+// server for: a folder, so that runs/a does not list runs/ab.
+func listPrefix(storePrefix, prefix string) string {
+	switch {
+	case prefix != "":
+		return path.Join(storePrefix, prefix) + "/"
+	case storePrefix != "":
+		return storePrefix + "/"
+	}
+	return ""
+}
 
 // checkKey refuses keys that would leave the store's prefix.
 func checkKey(key string) error {

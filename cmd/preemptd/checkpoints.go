@@ -21,7 +21,8 @@ import (
 // newCommitter opens the configured store for the run.
 func newCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logger) (*checkpoint.Committer, error) {
 	st, err := storage.Open(cfg.StorageURL(), storage.Options{Endpoint: cfg.Storage.Endpoint, Region: cfg.Storage.Region,
-		IMDSEndpoint: cfg.AWS.Endpoint, Threads: uint(cfg.Storage.Threads), Checksum: cfg.Storage.Checksum})
+		IMDSEndpoint: cfg.AWS.Endpoint, GCPMetadata: cfg.GCP.Endpoint, AzureIMDS: cfg.Azure.Endpoint, Getenv: getenv,
+		Threads: uint(cfg.Storage.Threads), Checksum: cfg.Storage.Checksum})
 	if err != nil {
 		return nil, usageError{err}
 	}

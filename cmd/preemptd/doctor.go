@@ -97,6 +97,15 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		report("FAIL", "store", err.Error())
 	} else {
 		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		// GCS and Azure: the machine's token and what it may do, said
+		// before the write that would fail without them.
+		if c, ok := cm.Store.(interface{ CheckAccess(context.Context) error }); ok {
+			if err := c.CheckAccess(sctx); err != nil {
+				report("FAIL", "store access", err.Error())
+			} else {
+				report("OK", "store access", "a token, and the prefix can be listed")
+			}
+		}
 		key := fmt.Sprintf("_doctor/%s-%d", filepath.Base(cm.Instance), time.Now().UnixNano())
 		probe := []byte("preemptd doctor " + time.Now().UTC().Format(time.RFC3339Nano))
 		var got bytes.Buffer
@@ -183,7 +192,7 @@ func nearestDir(path string) string {
 // nodes share, and who has registered in it.
 func doctorJob(ctx context.Context, cfg *config.Config, getenv func(string) string, report func(level, what, detail string)) {
 	if strings.HasPrefix(cfg.StorageURL(), "file://") {
-		report("WARN", "job", fmt.Sprintf("job.nodes is %d but the store is a local folder (%s): the nodes must share one store (s3://, gs://) unless that folder is shared",
+		report("WARN", "job", fmt.Sprintf("job.nodes is %d but the store is a local folder (%s): the nodes must share one store (s3://, gs://, azblob://) unless that folder is shared",
 			cfg.Job.Nodes, cfg.StorageURL()))
 	}
 	if cfg.Job.Listen != "" && cfg.JobAdvertise() == "" {

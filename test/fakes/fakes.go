@@ -5,10 +5,12 @@
 package fakes
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +30,10 @@ type GCP struct {
 	changed chan struct{}
 	fault   Fault
 	waits   int
+	// TokenTTL is how long the service-account tokens it issues live
+	// (default an hour, as GCP's do).
+	TokenTTL time.Duration
+	tokens   tokens
 	// HangLimit ends a hanging GET with the unchanged value after this long,
 	// as the real server does after its timeout, when the request names no
 	// timeout_sec of its own; zero waits for a change.
@@ -38,7 +44,8 @@ type GCP struct {
 // instance/maintenance-event NONE.
 func NewGCP() *GCP {
 	return &GCP{values: map[string]string{"instance/preempted": "FALSE", "instance/maintenance-event": "NONE",
-		"instance/id": "1234567890", "instance/name": "trainer-1"},
+		"instance/id": "1234567890", "instance/name": "trainer-1",
+		"instance/service-accounts/default/scopes": "https://www.googleapis.com/auth/cloud-platform\nhttps://www.googleapis.com/auth/logging.write\n"},
 		version: map[string]int{}, changed: make(chan struct{})}
 }
 
@@ -88,6 +95,14 @@ func (s *GCP) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	path := strings.TrimPrefix(r.URL.Path, "/computeMetadata/v1/")
+	if path == "instance/service-accounts/default/token" {
+		// {"access_token","expires_in","token_type"}, as the server answers.
+		w.Header().Set("Metadata-Flavor", "Google")
+		w.Header().Set("Content-Type", "application/json")
+		tok, ttl := s.tokens.issue("ya29.fake-", s.TokenTTL)
+		json.NewEncoder(w).Encode(map[string]any{"access_token": tok, "expires_in": int(ttl.Seconds()), "token_type": "Bearer"})
+		return
+	}
 	wait := r.URL.Query().Get("wait_for_change") == "true"
 	last := r.URL.Query().Get("last_etag")
 	for {
@@ -129,6 +144,47 @@ func (s *GCP) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// Valid says whether tok is a token this server issued that has not expired.
+func (s *GCP) Valid(tok string) bool { return s.tokens.valid(tok) }
+
+// Issued counts the tokens issued.
+func (s *GCP) Issued() int { return s.tokens.issued() }
+
+// tokens are the OAuth tokens a metadata server issued, with their expiry.
+type tokens struct {
+	mu  sync.Mutex
+	exp map[string]time.Time
+	n   int
+}
+
+func (t *tokens) issue(prefix string, ttl time.Duration) (string, time.Duration) {
+	if ttl == 0 {
+		ttl = time.Hour
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.n++
+	tok := fmt.Sprintf("%s%d-%d", prefix, t.n, time.Now().UnixNano())
+	if t.exp == nil {
+		t.exp = map[string]time.Time{}
+	}
+	t.exp[tok] = time.Now().Add(ttl)
+	return tok, ttl
+}
+
+func (t *tokens) valid(tok string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	exp, ok := t.exp[tok]
+	return ok && time.Now().Before(exp)
+}
+
+func (t *tokens) issued() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.n
+}
+
 // AzureEvent is one scheduled event as the service writes it.
 type AzureEvent struct {
 	EventId           string   `json:"EventId"`
@@ -154,6 +210,15 @@ type Azure struct {
 	acks   []string
 	fault  Fault
 	onAck  func(id string)
+	// ClientIDs are the user-assigned identities the VM has (any
+	// client_id else is refused, as IMDS does); the system-assigned one
+	// always answers.
+	ClientIDs []string
+	// TokenTTL is how long its managed-identity tokens live (default 24 h).
+	TokenTTL time.Duration
+	// Tenant names the issuer of its tokens.
+	Tenant string
+	tokens tokens
 }
 
 // NewAzure returns a service for the VM named vm, with no events.
@@ -205,6 +270,8 @@ func (s *Azure) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		name := s.VMName
 		s.mu.Unlock()
 		fmt.Fprint(w, name)
+	case r.URL.Path == "/metadata/identity/oauth2/token" && r.URL.Query().Get("api-version") != "":
+		s.token(w, r)
 	case r.URL.Path == "/metadata/scheduledevents" && r.URL.Query().Get("api-version") != "":
 		if r.Method == http.MethodPost {
 			s.start(w, r)
@@ -222,6 +289,51 @@ func (s *Azure) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 	}
 }
+
+// token answers as IMDS's managed-identity endpoint does: the numbers as
+// strings, and the token a JWT whose audience is the resource asked for and
+// whose issuer is the tenant's (what Azurite's OAuth mode checks).
+func (s *Azure) token(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	resource := q.Get("resource")
+	s.mu.Lock()
+	known := q.Get("client_id") == "" || slices.Contains(s.ClientIDs, q.Get("client_id"))
+	ttl, tenant := s.TokenTTL, s.Tenant
+	s.mu.Unlock()
+	switch {
+	case resource == "":
+		http.Error(w, `{"error":"invalid_request","error_description":"Required query variable 'resource' is missing"}`, http.StatusBadRequest)
+		return
+	case !known:
+		http.Error(w, `{"error":"invalid_request","error_description":"Identity not found"}`, http.StatusBadRequest)
+		return
+	}
+	if ttl == 0 {
+		ttl = 24 * time.Hour
+	}
+	if tenant == "" {
+		tenant = "ab1f708d-50f6-404c-a006-d71b2ac7a606"
+	}
+	now := time.Now()
+	claims, _ := json.Marshal(map[string]any{"aud": strings.TrimSuffix(resource, "/"), "iss": "https://sts.windows.net/" + tenant + "/",
+		"iat": now.Unix(), "nbf": now.Unix() - 60, "exp": now.Add(ttl).Unix(), "oid": "00000000-0000-0000-0000-000000000001",
+		"tid": tenant, "xms_mirid": q.Get("client_id")})
+	enc := base64.RawURLEncoding
+	seq, _ := s.tokens.issue("", ttl)
+	jwt := enc.EncodeToString([]byte(`{"alg":"RS256","typ":"JWT","kid":"`+seq+`"}`)) + "." + enc.EncodeToString(claims) + "." + enc.EncodeToString([]byte("unsigned-fake"))
+	s.tokens.mu.Lock()
+	s.tokens.exp[jwt] = s.tokens.exp[seq]
+	s.tokens.mu.Unlock()
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(map[string]string{"access_token": jwt, "expires_in": strconv.Itoa(int(ttl.Seconds())),
+		"expires_on": strconv.FormatInt(now.Add(ttl).Unix(), 10), "resource": resource, "token_type": "Bearer"})
+}
+
+// Valid says whether tok is a token this service issued that has not expired.
+func (s *Azure) Valid(tok string) bool { return s.tokens.valid(tok) }
+
+// Issued counts the tokens issued.
+func (s *Azure) Issued() int { return s.tokens.issued() }
 
 func (s *Azure) start(w http.ResponseWriter, r *http.Request) {
 	b, _ := io.ReadAll(io.LimitReader(r.Body, 1<<16))

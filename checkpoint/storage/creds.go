@@ -1,0 +1,171 @@
+package storage
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"cloud.google.com/go/compute/metadata"
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/jwt"
+
+	"github.com/preemptd/preemptd/internal/direct"
+)
+
+// The machine's own identity, for the clouds' stores: an OAuth token from
+// the instance metadata service, refreshed five minutes before it expires
+// (oauth2.ReuseTokenSourceWithExpiry), never through a proxy.
+
+// gceMeta is GCP's metadata server, for the VM's service-account token.
+type gceMeta struct {
+	host string
+	c    *metadata.Client
+}
+
+// newGCEMeta reaches the metadata server at endpoint (gcp.endpoint: host
+// or URL), else GCE_METADATA_HOST, else 169.254.169.254.
+func newGCEMeta(endpoint string, getenv func(string) string) *gceMeta {
+	host := endpoint
+	if strings.Contains(host, "://") {
+		if u, err := url.Parse(host); err == nil {
+			host = u.Host
+		}
+	}
+	if host == "" {
+		host = getenv("GCE_METADATA_HOST")
+	}
+	if host == "" {
+		host = "169.254.169.254"
+	}
+	rt := &toHost{next: direct.Transport(), host: host}
+	return &gceMeta{host: host, c: metadata.NewWithOptions(&metadata.Options{Client: &http.Client{Transport: rt, Timeout: 10 * time.Second}})}
+}
+
+func (m *gceMeta) get(ctx context.Context, suffix string) (string, error) {
+	return m.c.GetWithContext(ctx, suffix)
+}
+
+// Token implements oauth2.TokenSource: the default service account's
+// access token.
+func (m *gceMeta) Token() (*oauth2.Token, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	v, err := m.get(ctx, "instance/service-accounts/default/token")
+	if err != nil {
+		return nil, fmt.Errorf("the VM's service-account token (does the VM have a service account?): %w", err)
+	}
+	var doc struct {
+		AccessToken string `json:"access_token"`
+		ExpiresIn   int64  `json:"expires_in"`
+		TokenType   string `json:"token_type"`
+	}
+	if err := json.Unmarshal([]byte(v), &doc); err != nil || doc.AccessToken == "" {
+		return nil, fmt.Errorf("the metadata server's token is not a token document")
+	}
+	return &oauth2.Token{AccessToken: doc.AccessToken, TokenType: doc.TokenType,
+		Expiry: time.Now().Add(time.Duration(doc.ExpiresIn) * time.Second)}, nil
+}
+
+// toHost sends every request to host (the metadata client asks for
+// 169.254.169.254 or GCE_METADATA_HOST; gcp.endpoint wins).
+type toHost struct {
+	next http.RoundTripper
+	host string
+}
+
+func (r *toHost) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.URL.Host, req.Host = r.host, r.host
+	return r.next.RoundTrip(req)
+}
+
+// serviceAccountTokens reads a service-account key file (the JSON that
+// `gcloud iam service-accounts keys create` writes) and signs its own
+// token requests with it.
+func serviceAccountTokens(p string, hc *http.Client) (oauth2.TokenSource, error) {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return nil, err
+	}
+	var key struct {
+		Type         string `json:"type"`
+		ClientEmail  string `json:"client_email"`
+		PrivateKey   string `json:"private_key"`
+		PrivateKeyID string `json:"private_key_id"`
+		TokenURI     string `json:"token_uri"`
+	}
+	if err := json.Unmarshal(b, &key); err != nil {
+		return nil, fmt.Errorf("%s: not a key file: %w", p, err)
+	}
+	if key.Type != "service_account" || key.ClientEmail == "" || key.PrivateKey == "" {
+		return nil, fmt.Errorf("%s: type %q; preemptd takes a service-account key (type service_account) here, or nothing on a VM to use its own service account", p, key.Type)
+	}
+	if key.TokenURI == "" {
+		key.TokenURI = "https://oauth2.googleapis.com/token"
+	}
+	cfg := &jwt.Config{Email: key.ClientEmail, PrivateKey: []byte(key.PrivateKey), PrivateKeyID: key.PrivateKeyID,
+		Scopes: []string{gcsScope}, TokenURL: key.TokenURI}
+	ctx := context.WithValue(context.Background(), oauth2.HTTPClient, hc)
+	return oauth2.ReuseTokenSourceWithExpiry(nil, cfg.TokenSource(ctx), 5*time.Minute), nil
+}
+
+// azureIdentity is an Azure VM's managed identity: a token for resource
+// from the instance metadata service.
+type azureIdentity struct {
+	endpoint string // http://169.254.169.254
+	clientID string // a user-assigned identity; "" for the system-assigned one
+	resource string
+	hc       *http.Client
+}
+
+// Token implements oauth2.TokenSource.
+func (a *azureIdentity) Token() (*oauth2.Token, error) {
+	q := url.Values{"api-version": {"2018-02-01"}, "resource": {a.resource}}
+	if a.clientID != "" {
+		q.Set("client_id", a.clientID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(a.endpoint, "/")+"/metadata/identity/oauth2/token?"+q.Encode(), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Metadata", "true")
+	resp, err := a.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("managed identity token: %w", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		hint := ""
+		if resp.StatusCode == http.StatusBadRequest || resp.StatusCode == http.StatusNotFound {
+			hint = " (does the VM have a managed identity? for a user-assigned one set AZURE_CLIENT_ID)"
+		}
+		return nil, fmt.Errorf("managed identity token: HTTP %d: %s%s", resp.StatusCode, strings.TrimSpace(string(b)), hint)
+	}
+	// The numbers are strings in IMDS's answer.
+	var doc struct {
+		AccessToken string `json:"access_token"`
+		ExpiresOn   string `json:"expires_on"`
+		ExpiresIn   string `json:"expires_in"`
+		TokenType   string `json:"token_type"`
+	}
+	if err := json.Unmarshal(b, &doc); err != nil || doc.AccessToken == "" {
+		return nil, fmt.Errorf("managed identity token: not a token document")
+	}
+	tok := &oauth2.Token{AccessToken: doc.AccessToken, TokenType: "Bearer"}
+	if on, err := strconv.ParseInt(doc.ExpiresOn, 10, 64); err == nil {
+		tok.Expiry = time.Unix(on, 0)
+	} else if in, err := strconv.ParseInt(doc.ExpiresIn, 10, 64); err == nil {
+		tok.Expiry = time.Now().Add(time.Duration(in) * time.Second)
+	}
+	return tok, nil
+}

@@ -1,0 +1,244 @@
+package peers
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/preemptd/preemptd/test/fakes"
+)
+
+// Pinned versions of the other stores' servers (scripts/tools.sh installs
+// the same).
+const (
+	FakeGCSVersion = "v1.56.1"
+	AzuriteVersion = "3.37.0"
+	VersityVersion = "v1.8.0"
+)
+
+// Azurite's well-known development account (published in Microsoft's
+// documentation; it opens nothing but the emulator).
+const (
+	AzuriteAccount = "devstoreaccount1"
+	AzuriteKey     = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+// process runs a server until the test ends, its output shown if it fails.
+func process(t testing.TB, name string, args []string, env ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	out := &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("%s output:\n%s", name, out)
+		}
+	})
+	return cmd
+}
+
+// GCS is a running fake-gcs-server (the JSON API of Google Cloud Storage)
+// with a bucket.
+type GCS struct {
+	Endpoint string // http://127.0.0.1:PORT
+	Bucket   string
+	Dir      string
+	cmd      *exec.Cmd
+}
+
+// URL is the store URL of prefix in the bucket.
+func (g *GCS) URL(prefix string) string { return "gs://" + g.Bucket + "/" + prefix }
+
+// StartFakeGCS starts fake-gcs-server on 127.0.0.1 (filesystem backend)
+// with a fresh bucket, stopped at the test's end.
+func StartFakeGCS(t testing.TB) *GCS {
+	t.Helper()
+	bin := Require(t, "fake-gcs-server", FakeGCSVersion)
+	dir := t.TempDir()
+	port := FreePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	g := &GCS{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir}
+	g.cmd = process(t, "fake-gcs-server", []string{bin, "-scheme", "http", "-host", "127.0.0.1", "-port", fmt.Sprint(port),
+		"-backend", "filesystem", "-filesystem-root", filepath.Join(dir, "data"), "-public-host", addr,
+		"-external-url", g.Endpoint, "-log-level", "warn"})
+	WaitListening(t, addr, 30*time.Second)
+	resp, err := http.Post(g.Endpoint+"/storage/v1/b", "application/json", strings.NewReader(`{"name":"`+g.Bucket+`"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("fake-gcs-server: create bucket: HTTP %d", resp.StatusCode)
+	}
+	return g
+}
+
+// Objects lists every object name in the bucket below prefix.
+func (g *GCS) Objects(t testing.TB, prefix string) []string {
+	t.Helper()
+	resp, err := http.Get(g.Endpoint + "/storage/v1/b/" + g.Bucket + "/o?prefix=" + prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var page struct{ Items []struct{ Name string } }
+	if err := json.NewDecoder(resp.Body).Decode(&page); err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, it := range page.Items {
+		names = append(names, it.Name)
+	}
+	return names
+}
+
+// Stop kills the server (a store outage); Start brings it back on the same
+// port and data.
+func (g *GCS) Stop(t testing.TB) { g.cmd.Process.Kill(); g.cmd.Wait() }
+
+// Start restarts a stopped server.
+func (g *GCS) Start(t testing.TB) {
+	t.Helper()
+	args := g.cmd.Args
+	g.cmd = process(t, "fake-gcs-server", append([]string{g.cmd.Path}, args[1:]...))
+	WaitListening(t, strings.TrimPrefix(g.Endpoint, "http://"), 30*time.Second)
+}
+
+// Azurite is a running Azurite blob service with a container.
+type Azurite struct {
+	Endpoint  string // http://127.0.0.1:PORT/devstoreaccount1
+	Container string
+	Dir       string
+	cmd       *exec.Cmd
+}
+
+// URL is the store URL of prefix in the container.
+func (a *Azurite) URL(prefix string) string {
+	return "azblob://" + AzuriteAccount + "/" + a.Container + "/" + prefix
+}
+
+// Env is the account key, as the Azure CLI's variables carry it.
+func (a *Azurite) Env() []string { return []string{"AZURE_STORAGE_KEY=" + AzuriteKey} }
+
+// StartAzurite starts Azurite's blob service on 127.0.0.1 (node 20 runs
+// it; --skipApiVersionCheck lets it answer clients newer than itself), with
+// the container made by mkContainer (the test's own signed client).
+func StartAzurite(t testing.TB, mkContainer func(endpoint, container string) error) *Azurite {
+	t.Helper()
+	bin := Require(t, "azurite", AzuriteVersion)
+	blob := filepath.Join(filepath.Dir(bin), "node_modules", ".bin", "azurite-blob")
+	dir := t.TempDir()
+	port := FreePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	a := &Azurite{Endpoint: "http://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir}
+	a.cmd = process(t, "azurite", []string{blob, "--blobHost", "127.0.0.1", "--blobPort", fmt.Sprint(port),
+		"--location", filepath.Join(dir, "data"), "--silent", "--skipApiVersionCheck"})
+	WaitListening(t, addr, 60*time.Second)
+	if err := mkContainer(a.Endpoint, a.Container); err != nil {
+		t.Fatalf("azurite: create container: %v", err)
+	}
+	return a
+}
+
+// Stop kills the server (a store outage).
+func (a *Azurite) Stop(t testing.TB) { a.cmd.Process.Kill(); a.cmd.Wait() }
+
+// Start restarts a stopped server on the same port and data.
+func (a *Azurite) Start(t testing.TB) {
+	t.Helper()
+	a.cmd = process(t, "azurite", append([]string{a.cmd.Path}, a.cmd.Args[1:]...))
+	WaitListening(t, strings.TrimPrefix(strings.TrimSuffix(a.Endpoint, "/"+AzuriteAccount), "http://"), 60*time.Second)
+}
+
+// StartVersity starts versitygw (a second S3 implementation) with the
+// posix backend on 127.0.0.1 and a fresh bucket, with MinIO's test
+// credentials so that S3.Env serves both.
+func StartVersity(t testing.TB) *S3 {
+	t.Helper()
+	bin := Require(t, "versitygw", VersityVersion)
+	dir := t.TempDir()
+	root := filepath.Join(dir, "gw")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", FreePort(t))
+	cmd := process(t, "versitygw", []string{bin, "--access", MinIOUser, "--secret", MinIOPassword, "--port", addr, "posix", root})
+	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir, cmd: cmd, out: &bytes.Buffer{}}
+	WaitListening(t, addr, 30*time.Second)
+	c, err := minio.New(addr, &minio.Options{Creds: credentials.NewStaticV4(MinIOUser, MinIOPassword, ""), Region: "us-east-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Client = c
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.MakeBucket(ctx, s.Bucket, minio.MakeBucketOptions{}); err != nil {
+		t.Fatalf("versitygw: make bucket: %v", err)
+	}
+	return s
+}
+
+// GCPMetadata serves fakes.GCP (with its service-account tokens) on
+// 127.0.0.1 until the test ends; host is what gcp.endpoint takes.
+func GCPMetadata(t testing.TB) (meta *fakes.GCP, host string) {
+	t.Helper()
+	meta = fakes.NewGCP()
+	srv := httptest.NewServer(meta)
+	t.Cleanup(srv.Close)
+	return meta, strings.TrimPrefix(srv.URL, "http://")
+}
+
+// AzureIMDS serves fakes.Azure (with its managed-identity tokens) on
+// 127.0.0.1 until the test ends; the URL is what azure.endpoint takes.
+func AzureIMDS(t testing.TB) (imds *fakes.Azure, endpoint string) {
+	t.Helper()
+	imds = fakes.NewAzure("vm-test")
+	srv := httptest.NewServer(imds)
+	t.Cleanup(srv.Close)
+	return imds, srv.URL
+}
+
+// RequireTokens puts a gate in front of the server that answers 401 to any
+// request without "Authorization: Bearer T" where valid(T) (fake-gcs-server
+// accepts anything; the real service does not), and returns the gate's
+// endpoint. It counts the requests it refused.
+func (g *GCS) RequireTokens(t testing.TB, valid func(string) bool) (endpoint string, refused *atomic.Int64) {
+	t.Helper()
+	u, _ := url.Parse(g.Endpoint)
+	rp := httputil.NewSingleHostReverseProxy(u)
+	refused = &atomic.Int64{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || !valid(tok) {
+			refused.Add(1)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			fmt.Fprint(w, `{"error":{"code":401,"message":"Invalid Credentials","errors":[{"reason":"authError"}]}}`)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, refused
+}
