@@ -131,6 +131,7 @@ type Azurite struct {
 	Container string
 	Dir       string
 	cmd       *exec.Cmd
+	addr      string
 }
 
 // URL is the store URL of prefix in the container.
@@ -146,14 +147,28 @@ func (a *Azurite) Env() []string { return []string{"AZURE_STORAGE_KEY=" + Azurit
 // the container made by mkContainer (the test's own signed client).
 func StartAzurite(t testing.TB, mkContainer func(endpoint, container string) error) *Azurite {
 	t.Helper()
+	return startAzurite(t, "http", mkContainer)
+}
+
+// StartAzuriteOAuth starts Azurite over HTTPS (cert and key: PEM files)
+// with its OAuth mode on, so that it takes bearer tokens as well as the
+// account key: --oauth basic checks a token's audience, issuer and times
+// (not its signature).
+func StartAzuriteOAuth(t testing.TB, cert, key string, mkContainer func(endpoint, container string) error) *Azurite {
+	t.Helper()
+	return startAzurite(t, "https", mkContainer, "--oauth", "basic", "--cert", cert, "--key", key)
+}
+
+func startAzurite(t testing.TB, scheme string, mkContainer func(endpoint, container string) error, extra ...string) *Azurite {
+	t.Helper()
 	bin := Require(t, "azurite", AzuriteVersion)
 	blob := filepath.Join(filepath.Dir(bin), "node_modules", ".bin", "azurite-blob")
 	dir := t.TempDir()
 	port := FreePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	a := &Azurite{Endpoint: "http://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir}
-	a.cmd = process(t, "azurite", []string{blob, "--blobHost", "127.0.0.1", "--blobPort", fmt.Sprint(port),
-		"--location", filepath.Join(dir, "data"), "--silent", "--skipApiVersionCheck"})
+	a := &Azurite{Endpoint: scheme + "://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir, addr: addr}
+	a.cmd = process(t, "azurite", append([]string{blob, "--blobHost", "127.0.0.1", "--blobPort", fmt.Sprint(port),
+		"--location", filepath.Join(dir, "data"), "--silent", "--skipApiVersionCheck"}, extra...))
 	WaitListening(t, addr, 60*time.Second)
 	if err := mkContainer(a.Endpoint, a.Container); err != nil {
 		t.Fatalf("azurite: create container: %v", err)
@@ -168,7 +183,7 @@ func (a *Azurite) Stop(t testing.TB) { a.cmd.Process.Kill(); a.cmd.Wait() }
 func (a *Azurite) Start(t testing.TB) {
 	t.Helper()
 	a.cmd = process(t, "azurite", append([]string{a.cmd.Path}, a.cmd.Args[1:]...))
-	WaitListening(t, strings.TrimPrefix(strings.TrimSuffix(a.Endpoint, "/"+AzuriteAccount), "http://"), 60*time.Second)
+	WaitListening(t, a.addr, 60*time.Second)
 }
 
 // StartVersity starts versitygw (a second S3 implementation) with the
