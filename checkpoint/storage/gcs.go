@@ -257,7 +257,14 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 	// leaves them to AbortUploads at the next start).
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	left, lerr := g.list(dctx, tmp+"/", false)
+	// Once key is complete, every earlier upload's parts for it are
+	// garbage too: a request a killed daemon had fully sent can land after
+	// the next start's AbortUploads.
+	folder := tmp + "/"
+	if err == nil {
+		folder = g.uploads(k) + "/"
+	}
+	left, lerr := g.list(dctx, folder, false)
 	for _, o := range left {
 		names = append(names, path.Join(g.prefix, o.Key))
 	}

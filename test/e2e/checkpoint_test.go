@@ -64,138 +64,193 @@ func lsJSON(t *testing.T, config string, env []string) (latest string, names []s
 	return doc.Latest, names
 }
 
-// TestCheckpointCommittedOnNotice: with MinIO and a trainer writing a DCP
-// checkpoint on SIGTERM, a simulated notice ends with that checkpoint
-// committed (manifest + latest) and `preemptd restore` reproduces every byte.
-func TestCheckpointCommittedOnNotice(t *testing.T) {
-	s3 := peers.StartMinIO(t)
-	dir := shortDir(t)
-	ckpt := filepath.Join(dir, "ckpt")
-	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(32<<20))
-	d := startDaemonIn(t, dir, fmt.Sprintf("provider: local\ntrainer: {pid_file: %q}\n", tr.pidFile)+s3Config(s3, ckpt, "run-e2e"), s3.Env()...)
+// ckptConfig is the daemon's config for a trainer writing DCP checkpoints
+// into ckpt, with sp's store.
+func ckptConfig(tr *trainer, ckpt string, sp storePeer, run string, threads int) string {
+	return fmt.Sprintf("provider: local\ntrainer: {pid_file: %q}\ncheckpoint: {dir: %q, layout: dcp, keep: 3}\n", tr.pidFile, ckpt) +
+		sp.config(run, threads)
+}
 
-	// Continuous sync commits step-1 before any notice.
-	waitFor(t, 30*time.Second, "step-1 committed by continuous sync", func() bool {
-		latest, _ := lsJSON(t, d.config, s3.Env())
-		return latest == "step-1"
-	})
-	out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "60s", "--wait")
-	if code != 0 {
-		t.Fatalf("simulate: %d\n%s", code, out)
-	}
-	st := d.status()
-	for _, s := range st.Emergency.Steps {
-		if s.Name == "checkpoint" && s.Error != "" {
-			t.Fatalf("checkpoint step: %s", s.Error)
-		}
-	}
-	latest, names := lsJSON(t, d.config, s3.Env())
-	if latest != "step-2" || len(names) != 2 {
-		t.Fatalf("latest %q, committed %v; want step-2 of [step-1 step-2]", latest, names)
-	}
-	restoreDir := filepath.Join(dir, "restored")
-	cmd := exec.Command(bin, "restore", "--config", d.config, "--to", restoreDir)
-	cmd.Env = append(cleanEnv(), s3.Env()...)
+// restoreVerified restores the run's latest with `preemptd restore` and
+// checks every byte against the trainer's folder want.
+func restoreVerified(t *testing.T, config string, env []string, to, want string) {
+	t.Helper()
+	cmd := exec.Command(bin, "restore", "--config", config, "--to", to)
+	cmd.Env = append(cleanEnv(), env...)
 	pathOut, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("restore: %v", err)
 	}
-	got, want := treeSums(t, strings.TrimSpace(string(pathOut))), treeSums(t, filepath.Join(ckpt, "step-2"))
-	if len(want) != 5 || len(got) != len(want) {
-		t.Fatalf("restored %d files, want %d", len(got), len(want))
+	got, exp := treeSums(t, strings.TrimSpace(string(pathOut))), treeSums(t, want)
+	if len(exp) == 0 || len(got) != len(exp) {
+		t.Fatalf("restored %d files, want %d", len(got), len(exp))
 	}
-	for k, v := range want {
+	for k, v := range exp {
 		if got[k] != v {
 			t.Fatalf("%s: restored bytes differ", k)
 		}
 	}
-	if n := s3.IncompleteUploads(t); n != 0 {
-		t.Fatalf("%d multipart uploads left behind", n)
-	}
+}
+
+// TestCheckpointCommittedOnNotice: with each store and a trainer writing a
+// DCP checkpoint on SIGTERM, a simulated notice ends with that checkpoint
+// committed (manifest + latest) and `preemptd restore` reproduces every byte.
+func TestCheckpointCommittedOnNotice(t *testing.T) {
+	forEachStore(t, func(t *testing.T, sp storePeer) {
+		dir := shortDir(t)
+		ckpt := filepath.Join(dir, "ckpt")
+		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(32<<20))
+		d := startDaemonIn(t, dir, ckptConfig(tr, ckpt, sp, "run-e2e", 8), sp.env...)
+
+		// Continuous sync commits step-1 before any notice.
+		waitFor(t, 30*time.Second, "step-1 committed by continuous sync", func() bool {
+			latest, _ := lsJSON(t, d.config, sp.env)
+			return latest == "step-1"
+		})
+		out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "60s", "--wait")
+		if code != 0 {
+			t.Fatalf("simulate: %d\n%s", code, out)
+		}
+		st := d.status()
+		for _, s := range st.Emergency.Steps {
+			if s.Name == "checkpoint" && s.Error != "" {
+				t.Fatalf("checkpoint step: %s", s.Error)
+			}
+		}
+		latest, names := lsJSON(t, d.config, sp.env)
+		if latest != "step-2" || len(names) != 2 {
+			t.Fatalf("latest %q, committed %v; want step-2 of [step-1 step-2]", latest, names)
+		}
+		restoreVerified(t, d.config, sp.env, filepath.Join(dir, "restored"), filepath.Join(ckpt, "step-2"))
+		if n := sp.inFlight(t); n != 0 {
+			t.Fatalf("%d uploads left behind", n)
+		}
+	})
 }
 
 // TestTrainerKilledMidSave: the trainer dies half-way through writing its
 // checkpoint; nothing new is committed and latest still names step-1.
 func TestTrainerKilledMidSave(t *testing.T) {
-	s3 := peers.StartMinIO(t)
-	dir := shortDir(t)
-	ckpt := filepath.Join(dir, "ckpt")
-	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--die-mid-save")
-	d := startDaemonIn(t, dir, fmt.Sprintf("provider: local\ntrainer: {pid_file: %q}\n", tr.pidFile)+s3Config(s3, ckpt, "run-torn"), s3.Env()...)
-	waitFor(t, 30*time.Second, "step-1 committed", func() bool {
-		latest, _ := lsJSON(t, d.config, s3.Env())
-		return latest == "step-1"
-	})
-	out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "terminate", "--in", "15s", "--wait")
-	if code != 0 {
-		t.Fatalf("simulate: %d\n%s", code, out)
-	}
-	if _, err := os.Stat(filepath.Join(ckpt, "step-2", "__0_0.distcp")); err != nil {
-		t.Fatalf("the trainer did not start saving step-2: %v", err)
-	}
-	st := d.status()
-	var stepErr string
-	for _, s := range st.Emergency.Steps {
-		if s.Name == "checkpoint" {
-			stepErr = s.Error
+	forEachStore(t, func(t *testing.T, sp storePeer) {
+		dir := shortDir(t)
+		ckpt := filepath.Join(dir, "ckpt")
+		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--die-mid-save")
+		d := startDaemonIn(t, dir, ckptConfig(tr, ckpt, sp, "run-torn", 8), sp.env...)
+		waitFor(t, 30*time.Second, "step-1 committed", func() bool {
+			latest, _ := lsJSON(t, d.config, sp.env)
+			return latest == "step-1"
+		})
+		out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "terminate", "--in", "15s", "--wait")
+		if code != 0 {
+			t.Fatalf("simulate: %d\n%s", code, out)
 		}
-	}
-	if !strings.Contains(stepErr, "no new complete checkpoint") || !strings.Contains(stepErr, "stays latest") {
-		t.Fatalf("checkpoint step error = %q; the record must say why", stepErr)
-	}
-	latest, names := lsJSON(t, d.config, s3.Env())
-	if latest != "step-1" || len(names) != 1 {
-		t.Fatalf("latest %q, committed %v; want only step-1", latest, names)
-	}
-	chaos(t, "process: the trainer dies in the middle of its save", "nothing committed; step-1 stays latest; the record says why")
+		if _, err := os.Stat(filepath.Join(ckpt, "step-2", "__0_0.distcp")); err != nil {
+			t.Fatalf("the trainer did not start saving step-2: %v", err)
+		}
+		st := d.status()
+		var stepErr string
+		for _, s := range st.Emergency.Steps {
+			if s.Name == "checkpoint" {
+				stepErr = s.Error
+			}
+		}
+		if !strings.Contains(stepErr, "no new complete checkpoint") || !strings.Contains(stepErr, "stays latest") {
+			t.Fatalf("checkpoint step error = %q; the record must say why", stepErr)
+		}
+		latest, names := lsJSON(t, d.config, sp.env)
+		if latest != "step-1" || len(names) != 1 {
+			t.Fatalf("latest %q, committed %v; want only step-1", latest, names)
+		}
+		chaos(t, "process: the trainer dies in the middle of its save ("+sp.name+")", "nothing committed; step-1 stays latest; the record says why")
+	})
 }
 
 // TestDaemonKilledMidUpload: preemptd is SIGKILLed while it uploads a large
 // checkpoint and started again: the run ends with that checkpoint committed
-// intact, and no multipart upload is left behind.
+// intact, and nothing of the interrupted upload is left behind.
 func TestDaemonKilledMidUpload(t *testing.T) {
-	s3 := peers.StartMinIO(t)
-	dir := shortDir(t)
-	ckpt := filepath.Join(dir, "ckpt")
-	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(512<<20))
-	// Two upload threads keep parts in flight long enough to be caught.
-	cfg := fmt.Sprintf("provider: local\ntrainer: {pid_file: %q}\n", tr.pidFile) +
-		strings.Replace(s3Config(s3, ckpt, "run-kill"), "storage: {", "storage: {threads: 2, ", 1)
-	d := startDaemonIn(t, dir, cfg, s3.Env()...)
-	killed := false
-	waitFor(t, 60*time.Second, "an upload in flight", func() bool {
-		if s3.IncompleteUploads(t) > 0 {
-			d.cmd.Process.Signal(syscall.SIGKILL)
-			killed = true
-			return true
+	forEachStore(t, func(t *testing.T, sp storePeer) {
+		dir := shortDir(t)
+		ckpt := filepath.Join(dir, "ckpt")
+		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(512<<20))
+		// Two upload threads keep parts in flight long enough to be caught.
+		cfg := ckptConfig(tr, ckpt, sp, "run-kill", 2)
+		d := startDaemonIn(t, dir, cfg, sp.env...)
+		killed := false
+		waitFor(t, 60*time.Second, "an upload in flight", func() bool {
+			if sp.inFlight(t) > 0 {
+				d.cmd.Process.Signal(syscall.SIGKILL)
+				killed = true
+				return true
+			}
+			latest, _ := lsJSON(t, d.config, sp.env)
+			return latest == "step-1" // finished before we caught it in flight
+		})
+		<-d.exited
+		left := sp.inFlight(t)
+		t.Logf("killed mid-upload: %v; uploads left by the killed daemon: %d", killed, left)
+		if !killed {
+			t.Fatal("the upload finished before it could be caught in flight: the test proved nothing")
 		}
-		latest, _ := lsJSON(t, d.config, s3.Env())
-		return latest == "step-1" // finished before we caught it in flight
-	})
-	<-d.exited
-	left := s3.IncompleteUploads(t)
-	t.Logf("killed mid-upload: %v; multipart uploads left by the killed daemon: %d", killed, left)
-	chaos(t, "process: preemptd SIGKILLed mid-upload (512 MiB), restarted",
-		fmt.Sprintf("%d orphaned multipart upload(s) aborted at restart; checkpoint committed and restored byte for byte", left))
+		chaos(t, "process: preemptd SIGKILLed mid-upload (512 MiB, "+sp.name+"), restarted",
+			fmt.Sprintf("%d unfinished upload(s) cleaned at restart; checkpoint committed and restored byte for byte", left))
 
-	d2 := startDaemonIn(t, dir, cfg, s3.Env()...)
-	waitFor(t, 90*time.Second, "step-1 committed after restart", func() bool {
-		latest, _ := lsJSON(t, d2.config, s3.Env())
-		return latest == "step-1"
-	})
-	if n := s3.IncompleteUploads(t); n != 0 {
-		t.Fatalf("%d multipart uploads orphaned after restart", n)
-	}
-	restoreDir := filepath.Join(dir, "restored")
-	cmd := exec.Command(bin, "restore", "--config", d2.config, "--to", restoreDir)
-	cmd.Env = append(cleanEnv(), s3.Env()...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("restore: %v\n%s", err, out)
-	}
-	got, want := treeSums(t, filepath.Join(restoreDir, "step-1")), treeSums(t, filepath.Join(ckpt, "step-1"))
-	for k, v := range want {
-		if got[k] != v {
-			t.Fatalf("%s differs after restore", k)
+		d2 := startDaemonIn(t, dir, cfg, sp.env...)
+		waitFor(t, 90*time.Second, "step-1 committed after restart", func() bool {
+			latest, _ := lsJSON(t, d2.config, sp.env)
+			return latest == "step-1"
+		})
+		if n := sp.inFlight(t); n != 0 {
+			t.Fatalf("%d unfinished uploads after restart", n)
 		}
-	}
+		restoreVerified(t, d2.config, sp.env, filepath.Join(dir, "restored"), filepath.Join(ckpt, "step-1"))
+	})
+}
+
+// TestStoreOutage: the store goes down after step-1 is committed and a
+// notice comes: the checkpoint step fails saying why, step-1 stays latest,
+// the daemon keeps answering; with the store back, the next start commits
+// the trainer's step-2 and it restores byte for byte.
+func TestStoreOutage(t *testing.T) {
+	forEachStore(t, func(t *testing.T, sp storePeer) {
+		dir := shortDir(t)
+		ckpt := filepath.Join(dir, "ckpt")
+		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(16<<20))
+		cfg := ckptConfig(tr, ckpt, sp, "run-outage", 8)
+		d := startDaemonIn(t, dir, cfg, sp.env...)
+		waitFor(t, 30*time.Second, "step-1 committed", func() bool {
+			latest, _ := lsJSON(t, d.config, sp.env)
+			return latest == "step-1"
+		})
+		sp.down(t, true)
+		runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "10s", "--wait")
+		st := d.status() // still answering
+		var stepErr string
+		for _, s := range st.Emergency.Steps {
+			if s.Name == "checkpoint" {
+				stepErr = s.Error
+			}
+		}
+		if stepErr == "" {
+			t.Fatalf("the checkpoint step succeeded with the store down: %+v", st.Emergency.Steps)
+		}
+		t.Logf("checkpoint step with the store down: %s", stepErr)
+		d.cmd.Process.Signal(syscall.SIGINT)
+		<-d.exited
+		sp.down(t, false)
+		if latest, names := lsJSON(t, d.config, sp.env); latest != "step-1" || len(names) != 1 {
+			t.Fatalf("after the outage: latest %q, committed %v; want step-1 alone", latest, names)
+		}
+		d2 := startDaemonIn(t, dir, cfg, sp.env...)
+		waitFor(t, 60*time.Second, "step-2 committed once the store is back", func() bool {
+			latest, _ := lsJSON(t, d2.config, sp.env)
+			return latest == "step-2"
+		})
+		restoreVerified(t, d2.config, sp.env, filepath.Join(dir, "restored"), filepath.Join(ckpt, "step-2"))
+		if n := sp.inFlight(t); n != 0 {
+			t.Fatalf("%d unfinished uploads left", n)
+		}
+		chaos(t, "storage: the store ("+sp.name+") down during the notice, back before the next start",
+			"checkpoint step fails with the reason; step-1 stays latest; step-2 committed at the next start and restored")
+	})
 }

@@ -175,11 +175,12 @@ func startDaemonIn(t *testing.T, dir, cfg string, env ...string) *daemon {
 }
 
 // cleanEnv drops the variables that would steer preemptd away from the
-// test's endpoints.
+// test's endpoints and credentials.
 func cleanEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "PREEMPTD_") || strings.HasPrefix(kv, "AWS_EC2_METADATA") || strings.HasPrefix(kv, "GCE_METADATA") {
+		if strings.HasPrefix(kv, "PREEMPTD_") || strings.HasPrefix(kv, "AWS_") || strings.HasPrefix(kv, "GCE_METADATA") ||
+			strings.HasPrefix(kv, "AZURE_") || strings.HasPrefix(kv, "GOOGLE_APPLICATION_CREDENTIALS=") {
 			continue
 		}
 		env = append(env, kv)

@@ -3,7 +3,11 @@ package peers
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
+	"encoding/xml"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -38,11 +42,12 @@ const (
 	AzuriteKey     = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
-// process runs a server until the test ends, its output shown if it fails.
-func process(t testing.TB, name string, args []string, env ...string) *exec.Cmd {
+// process runs a server until the test ends, its output shown if it fails;
+// env nil is this process's environment.
+func process(t testing.TB, name string, args []string, env []string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd.Env = env
 	out := &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -64,7 +69,6 @@ type GCS struct {
 	Endpoint string // http://127.0.0.1:PORT
 	Bucket   string
 	Dir      string
-	cmd      *exec.Cmd
 }
 
 // URL is the store URL of prefix in the bucket.
@@ -79,9 +83,9 @@ func StartFakeGCS(t testing.TB) *GCS {
 	port := FreePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	g := &GCS{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir}
-	g.cmd = process(t, "fake-gcs-server", []string{bin, "-scheme", "http", "-host", "127.0.0.1", "-port", fmt.Sprint(port),
+	process(t, "fake-gcs-server", []string{bin, "-scheme", "http", "-host", "127.0.0.1", "-port", fmt.Sprint(port),
 		"-backend", "filesystem", "-filesystem-root", filepath.Join(dir, "data"), "-public-host", addr,
-		"-external-url", g.Endpoint, "-log-level", "warn"})
+		"-external-url", g.Endpoint, "-log-level", "warn"}, nil)
 	WaitListening(t, addr, 30*time.Second)
 	resp, err := http.Post(g.Endpoint+"/storage/v1/b", "application/json", strings.NewReader(`{"name":"`+g.Bucket+`"}`))
 	if err != nil {
@@ -113,25 +117,11 @@ func (g *GCS) Objects(t testing.TB, prefix string) []string {
 	return names
 }
 
-// Stop kills the server (a store outage); Start brings it back on the same
-// port and data.
-func (g *GCS) Stop(t testing.TB) { g.cmd.Process.Kill(); g.cmd.Wait() }
-
-// Start restarts a stopped server.
-func (g *GCS) Start(t testing.TB) {
-	t.Helper()
-	args := g.cmd.Args
-	g.cmd = process(t, "fake-gcs-server", append([]string{g.cmd.Path}, args[1:]...))
-	WaitListening(t, strings.TrimPrefix(g.Endpoint, "http://"), 30*time.Second)
-}
-
 // Azurite is a running Azurite blob service with a container.
 type Azurite struct {
 	Endpoint  string // http://127.0.0.1:PORT/devstoreaccount1
 	Container string
 	Dir       string
-	cmd       *exec.Cmd
-	addr      string
 }
 
 // URL is the store URL of prefix in the container.
@@ -166,24 +156,14 @@ func startAzurite(t testing.TB, scheme string, mkContainer func(endpoint, contai
 	dir := t.TempDir()
 	port := FreePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	a := &Azurite{Endpoint: scheme + "://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir, addr: addr}
-	a.cmd = process(t, "azurite", append([]string{blob, "--blobHost", "127.0.0.1", "--blobPort", fmt.Sprint(port),
-		"--location", filepath.Join(dir, "data"), "--silent", "--skipApiVersionCheck"}, extra...))
+	a := &Azurite{Endpoint: scheme + "://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir}
+	process(t, "azurite", append([]string{blob, "--blobHost", "127.0.0.1", "--blobPort", fmt.Sprint(port),
+		"--location", filepath.Join(dir, "data"), "--silent", "--skipApiVersionCheck"}, extra...), nil)
 	WaitListening(t, addr, 60*time.Second)
 	if err := mkContainer(a.Endpoint, a.Container); err != nil {
 		t.Fatalf("azurite: create container: %v", err)
 	}
 	return a
-}
-
-// Stop kills the server (a store outage).
-func (a *Azurite) Stop(t testing.TB) { a.cmd.Process.Kill(); a.cmd.Wait() }
-
-// Start restarts a stopped server on the same port and data.
-func (a *Azurite) Start(t testing.TB) {
-	t.Helper()
-	a.cmd = process(t, "azurite", append([]string{a.cmd.Path}, a.cmd.Args[1:]...))
-	WaitListening(t, a.addr, 60*time.Second)
 }
 
 // StartVersity starts versitygw (a second S3 implementation) with the
@@ -198,7 +178,7 @@ func StartVersity(t testing.TB) *S3 {
 		t.Fatal(err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", FreePort(t))
-	cmd := process(t, "versitygw", []string{bin, "--access", MinIOUser, "--secret", MinIOPassword, "--port", addr, "posix", root})
+	cmd := process(t, "versitygw", []string{bin, "--access", MinIOUser, "--secret", MinIOPassword, "--port", addr, "posix", root}, nil)
 	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir, cmd: cmd, out: &bytes.Buffer{}}
 	WaitListening(t, addr, 30*time.Second)
 	c, err := minio.New(addr, &minio.Options{Creds: credentials.NewStaticV4(MinIOUser, MinIOPassword, ""), Region: "us-east-1"})
@@ -256,4 +236,43 @@ func (g *GCS) RequireTokens(t testing.TB, valid func(string) bool) (endpoint str
 	}))
 	t.Cleanup(srv.Close)
 	return srv.URL, refused
+}
+
+// AzuriteSAS is an account SAS for Azurite's account (the Blob service,
+// every resource type, read/write/delete/list/create, an hour), signed with
+// its key as `az storage account generate-sas` does (signed version
+// 2019-12-12).
+func AzuriteSAS() string {
+	key, _ := base64.StdEncoding.DecodeString(AzuriteKey)
+	v := url.Values{"sv": {"2019-12-12"}, "ss": {"b"}, "srt": {"sco"}, "sp": {"rwdlc"},
+		"se": {time.Now().Add(time.Hour).UTC().Format("2006-01-02T15:04:05Z")}, "spr": {"https,http"}}
+	sts := strings.Join([]string{AzuriteAccount, v.Get("sp"), v.Get("ss"), v.Get("srt"), "", v.Get("se"), "", v.Get("spr"), v.Get("sv"), ""}, "\n")
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(sts))
+	v.Set("sig", base64.StdEncoding.EncodeToString(m.Sum(nil)))
+	return v.Encode()
+}
+
+// Uncommitted counts the blobs in the container that exist only as blocks
+// not yet committed (an upload in flight, or one a crash left): those
+// listed with include=uncommittedblobs and not without.
+func (a *Azurite) Uncommitted(t testing.TB) int {
+	t.Helper()
+	return a.countBlobs(t, "&include=uncommittedblobs") - a.countBlobs(t, "")
+}
+
+func (a *Azurite) countBlobs(t testing.TB, include string) int {
+	t.Helper()
+	resp, err := http.Get(a.Endpoint + "/" + a.Container + "?restype=container&comp=list" + include + "&" + AzuriteSAS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var page struct {
+		Blobs []struct{ Name string } `xml:"Blobs>Blob"`
+	}
+	if err := xml.NewDecoder(resp.Body).Decode(&page); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("azurite: list blobs: HTTP %d: %v", resp.StatusCode, err)
+	}
+	return len(page.Blobs)
 }

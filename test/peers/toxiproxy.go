@@ -88,3 +88,10 @@ func (x *Toxiproxy) Remove(t testing.TB, proxy, name string) {
 	t.Helper()
 	x.call(t, http.MethodDelete, "/proxies/"+proxy+"/toxics/"+name, nil)
 }
+
+// SetEnabled turns a proxy off (it closes every connection and refuses new
+// ones: the server is unreachable) or on again.
+func (x *Toxiproxy) SetEnabled(t testing.TB, proxy string, on bool) {
+	t.Helper()
+	x.call(t, http.MethodPost, "/proxies/"+proxy, map[string]any{"enabled": on})
+}

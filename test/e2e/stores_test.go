@@ -1,0 +1,92 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"strings"
+	"testing"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/test/peers"
+)
+
+// storePeer is one store kind's real server as the daemon is pointed at
+// it: the config's storage section (and the metadata endpoint its token
+// comes from), the credential variables, what an interrupted upload leaves
+// on the server while it runs, and an outage.
+type storePeer struct {
+	name string
+	// config is the storage section for run with threads upload threads.
+	config func(run string, threads int) string
+	env    []string
+	// inFlight counts the uploads under way or left unfinished (S3:
+	// multipart uploads; GCS: folders of temporary parts; Azure: blobs
+	// with only uncommitted blocks).
+	inFlight func(t *testing.T) int
+	// down makes the store unreachable (on: false) or reachable again.
+	down func(t *testing.T, on bool)
+}
+
+// forEachStore runs f against MinIO, fake-gcs-server (the VM's token from
+// a GCP metadata fake, checked by a gate) and Azurite (account key), each
+// reached through toxiproxy so that it can be made unreachable.
+func forEachStore(t *testing.T, f func(t *testing.T, sp storePeer)) {
+	front := func(t *testing.T, upstream string) (endpoint string, down func(t *testing.T, on bool)) {
+		x := peers.StartToxiproxy(t)
+		u, err := url.Parse(upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := x.Proxy(t, "store", u.Host)
+		u.Host = addr
+		return u.String(), func(t *testing.T, down bool) { x.SetEnabled(t, "store", !down) }
+	}
+	t.Run("minio", func(t *testing.T) {
+		s3 := peers.StartMinIO(t)
+		ep, down := front(t, s3.Endpoint)
+		f(t, storePeer{name: "minio",
+			config: func(run string, threads int) string {
+				return fmt.Sprintf("run_id: %s\nstorage: {url: \"s3://%s/runs\", endpoint: %q, region: us-east-1, threads: %d}\n",
+					run, s3.Bucket, ep, threads)
+			},
+			env: s3.Env(), inFlight: func(t *testing.T) int { return s3.IncompleteUploads(t) }, down: down})
+	})
+	t.Run("gcs", func(t *testing.T) {
+		g := peers.StartFakeGCS(t)
+		meta, host := peers.GCPMetadata(t)
+		gate, _ := g.RequireTokens(t, meta.Valid)
+		ep, down := front(t, gate)
+		f(t, storePeer{name: "gcs",
+			config: func(run string, threads int) string {
+				return fmt.Sprintf("run_id: %s\ngcp: {endpoint: %q}\nstorage: {url: %q, endpoint: %q, threads: %d}\n",
+					run, host, g.URL("runs"), ep, threads)
+			},
+			inFlight: func(t *testing.T) int {
+				folders := map[string]bool{}
+				for _, o := range g.Objects(t, "runs/_preemptd/uploads/") {
+					folders[o[:strings.LastIndexByte(o, '/')]] = true
+				}
+				return len(folders)
+			},
+			down: down})
+	})
+	t.Run("azurite", func(t *testing.T) {
+		a := peers.StartAzurite(t, mkAzureContainer)
+		ep, down := front(t, a.Endpoint)
+		f(t, storePeer{name: "azurite",
+			config: func(run string, threads int) string {
+				return fmt.Sprintf("run_id: %s\nstorage: {url: %q, endpoint: %q, threads: %d}\n", run, a.URL("runs"), ep, threads)
+			},
+			env: a.Env(), inFlight: func(t *testing.T) int { return a.Uncommitted(t) }, down: down})
+	})
+}
+
+func mkAzureContainer(endpoint, container string) error {
+	st, err := storage.Open("azblob://"+peers.AzuriteAccount+"/"+container+"/x", storage.Options{Endpoint: endpoint,
+		Getenv: func(k string) string { return map[string]string{"AZURE_STORAGE_KEY": peers.AzuriteKey}[k] }})
+	if err != nil {
+		return err
+	}
+	return st.(*storage.Azure).CreateContainer(context.Background())
+}
