@@ -308,12 +308,21 @@ func TestErrorsNameTheKeyAndTheFix(t *testing.T) {
 		})
 	}
 	for _, tc := range []struct{ url, want string }{
-		{"s3://", "names no bucket"}, {"gs://", "names no bucket"}, {"ftp://x/y", "gs://bucket/prefix"}, {"file://", "names no directory"},
+		{"s3://", "names no bucket"}, {"gs://", "names no bucket"}, {"ftp://x/y", "azblob://account/container/prefix"}, {"file://", "names no directory"},
+		{"azblob://acct", "names no container"}, {"https://example.com/c/p", "azblob://account/container/prefix"},
+		{"https://acct.blob.core.windows.net/", "names no container"},
 	} {
 		c := Default()
 		c.Storage.URL = tc.url
 		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("storage.url %q: %v, want %q", tc.url, err, tc.want)
+		}
+	}
+	for _, u := range []string{"azblob://acct/ckpt/runs", "https://acct.blob.core.windows.net/ckpt/runs", "gs://b/p"} {
+		c := Default()
+		c.Storage.URL = u
+		if err := c.Validate(); err != nil {
+			t.Errorf("storage.url %q: %v", u, err)
 		}
 	}
 }

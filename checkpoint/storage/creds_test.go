@@ -286,3 +286,32 @@ func TestAzureSAS(t *testing.T) {
 		t.Fatal("a SAS token without sig accepted")
 	}
 }
+
+// TestOpenCloudURLs: the URL forms each cloud's store takes, and clear
+// errors for names the service would refuse.
+func TestOpenCloudURLs(t *testing.T) {
+	for _, tc := range []struct{ url, want string }{
+		{"azblob://acct/ckpt/runs/a", "azblob://acct/ckpt/runs/a (endpoint https://acct.blob.core.windows.net"},
+		{"https://acct.blob.core.windows.net/ckpt/runs", "azblob://acct/ckpt/runs (endpoint https://acct.blob.core.windows.net"},
+		{"https://acct.blob.core.usgovcloudapi.net/ckpt", "azblob://acct/ckpt/ (endpoint https://acct.blob.core.usgovcloudapi.net,"},
+		{"gs://bucket/runs", "gs://bucket/runs (endpoint https://storage.googleapis.com, token from the VM's service account (metadata server 169.254.169.254)"},
+		{"azblob://Acct_1/ckpt/runs", "not a storage account name"},
+		{"azblob://acct/Ckpt/runs", "not a container name"},
+		{"azblob://acct", "not a container name"},
+		{"https://example.com/ckpt", "must be a blob endpoint"},
+	} {
+		st, err := storage.Open(tc.url, storage.Options{Getenv: env()})
+		got := fmt.Sprint(err)
+		if err == nil {
+			got = st.String()
+		}
+		if !strings.Contains(got, tc.want) {
+			t.Errorf("%s: %s, want %q", tc.url, got, tc.want)
+		}
+	}
+	// gs:// with an HMAC key (and no key file) keeps GCS's S3-interoperable endpoint.
+	st, err := storage.Open("gs://bucket/runs", storage.Options{Getenv: env("AWS_ACCESS_KEY_ID", "GOOG1E", "AWS_SECRET_ACCESS_KEY", "s")})
+	if err != nil || !strings.Contains(st.String(), "gs://bucket/runs (endpoint storage.googleapis.com)") {
+		t.Fatalf("gs:// with an HMAC key: %v %v", st, err)
+	}
+}

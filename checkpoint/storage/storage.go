@@ -149,6 +149,9 @@ func Open(rawURL string, o Options) (Store, error) {
 			return nil, fmt.Errorf("storage.url: %q: %w", rawURL, err)
 		}
 		container, prefix, _ := strings.Cut(rest, "/")
+		if u.Scheme == "https" && o.Endpoint == "" {
+			o.Endpoint = "https://" + u.Host // another cloud's blob host (usgovcloudapi.net, chinacloudapi.cn)
+		}
 		return NewAzure(account, container, prefix, o)
 	}
 	return nil, fmt.Errorf("storage.url: %q: scheme must be file, s3, gs or azblob", rawURL)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -89,4 +91,52 @@ func mkAzureContainer(endpoint, container string) error {
 		return err
 	}
 	return st.(*storage.Azure).CreateContainer(context.Background())
+}
+
+// TestDoctorCloudIdentity: `preemptd doctor` on a GCP VM whose access
+// scopes only read Cloud Storage says so and how to fix it; with a
+// writable scope it passes with the VM's token; on Azure, a user-assigned
+// identity the VM lacks fails with the reason, the VM's own passes (the
+// token is asked of IMDS; Azurite itself takes the account key here).
+func TestDoctorCloudIdentity(t *testing.T) {
+	dir := shortDir(t)
+	doctor := func(cfg string, env ...string) (string, int) {
+		p := filepath.Join(dir, "doctor.yaml")
+		writeFile(t, p, fmt.Sprintf("provider: local\nrun_dir: %s\nstate_dir: %s\n%s", filepath.Join(dir, "run"), dir, cfg))
+		cmd := exec.Command(bin, "doctor", "--config", p)
+		cmd.Env = append(cleanEnv(), env...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		return string(out), code
+	}
+	g := peers.StartFakeGCS(t)
+	meta, host := peers.GCPMetadata(t)
+	gate, _ := g.RequireTokens(t, meta.Valid)
+	gcs := fmt.Sprintf("gcp: {endpoint: %q}\nstorage: {url: %q, endpoint: %q}\n", host, g.URL("runs"), gate)
+	out, code := doctor(gcs)
+	if code != 0 || !strings.Contains(out, "OK    store access") || !strings.Contains(out, "write, read back and delete work") {
+		t.Fatalf("writable scope: exit %d\n%s", code, out)
+	}
+	meta.Set("instance/service-accounts/default/scopes", "https://www.googleapis.com/auth/devstorage.read_only\n")
+	out, code = doctor(gcs)
+	if code != 1 || !strings.Contains(out, "FAIL  store access") || !strings.Contains(out, "gcloud compute instances set-service-account") {
+		t.Fatalf("read-only scope: exit %d\n%s", code, out)
+	}
+
+	imds, imdsURL := peers.AzureIMDS(t)
+	imds.ClientIDs = []string{"11111111-2222-3333-4444-555555555555"}
+	a := peers.StartAzurite(t, mkAzureContainer)
+	az := fmt.Sprintf("azure: {endpoint: %q}\nstorage: {url: %q, endpoint: %q}\n", imdsURL, a.URL("runs"), a.Endpoint)
+	out, code = doctor(az, "AZURE_CLIENT_ID=99999999-0000-0000-0000-000000000000")
+	if code != 1 || !strings.Contains(out, "FAIL  store access") || !strings.Contains(out, "AZURE_CLIENT_ID") {
+		t.Fatalf("an identity the VM lacks: exit %d\n%s", code, out)
+	}
+	out, code = doctor(az, a.Env()...)
+	if code != 0 || !strings.Contains(out, "OK    store access") {
+		t.Fatalf("account key: exit %d\n%s", code, out)
+	}
+	chaos(t, "storage: the VM's GCS scope read-only; an Azure identity the VM lacks", "preemptd doctor: FAIL store access with the fix, exit 1")
 }
