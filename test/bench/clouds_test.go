@@ -127,7 +127,9 @@ func TestCloudStoreParallelUpload(t *testing.T) {
 			}
 			med[m.name] = median(ds)
 		}
-		mbs := func(d time.Duration) string { return fmt.Sprintf("%.2f s (%.0f MB/s)", d.Seconds(), size/d.Seconds()/1e6) }
+		mbs := func(d time.Duration) string {
+			return fmt.Sprintf("%.2f s (%.0f MB/s)", d.Seconds(), size/d.Seconds()/1e6)
+		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | **%.1f×** | %s | %s | %.1f× |\n", cs.name, cs.server,
 			mbs(med[modes[0].name]), mbs(med[modes[1].name]), med[modes[0].name].Seconds()/med[modes[1].name].Seconds(),
 			mbs(med[modes[2].name]), mbs(med[modes[3].name]), med[modes[2].name].Seconds()/med[modes[3].name].Seconds())
