@@ -138,25 +138,39 @@ func (e *azError) Error() string {
 
 // do sends one request, authorized; a non-2xx answer is an *azError
 // (404 wrapped as ErrNotFound, 409/412 of a conditional create as
-// ErrExists). The caller closes the body of the answer.
-func (a *Azure) do(ctx context.Context, method, rawURL string, hdr http.Header, body io.Reader, size int64) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, method, rawURL, body)
-	if err != nil {
-		return nil, err
+// ErrExists). body makes the request's body afresh for each attempt (nil:
+// none); failures worth it are retried (withRetries), but not a conditional
+// create. The caller closes the body of the answer.
+func (a *Azure) do(ctx context.Context, method, rawURL string, hdr http.Header, body func() io.Reader, size int64) (*http.Response, error) {
+	attempts := maxAttempts
+	if len(hdr["If-None-Match"]) > 0 {
+		attempts = 1
 	}
-	for k, v := range hdr {
-		req.Header[http.CanonicalHeaderKey(k)] = v // Get finds it, for the signature
-	}
-	req.ContentLength = size
-	if body == nil {
-		req.ContentLength = 0
-	}
-	req.Header.Set("x-ms-version", azVersion)
-	req.Header.Set("x-ms-date", time.Now().UTC().Format(http.TimeFormat))
-	if err := a.authorize(req); err != nil {
-		return nil, err
-	}
-	resp, err := a.hc.Do(req)
+	var req *http.Request
+	resp, err := withRetries(ctx, attempts, func() (*http.Response, error) {
+		var r io.Reader
+		if body != nil {
+			r = body()
+		}
+		var err error
+		req, err = http.NewRequestWithContext(ctx, method, rawURL, r)
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range hdr {
+			req.Header[http.CanonicalHeaderKey(k)] = v // Get finds it, for the signature
+		}
+		req.ContentLength = size
+		if r == nil {
+			req.ContentLength = 0
+		}
+		req.Header.Set("x-ms-version", azVersion)
+		req.Header.Set("x-ms-date", time.Now().UTC().Format(http.TimeFormat))
+		if err := a.authorize(req); err != nil {
+			return nil, final{err}
+		}
+		return a.hc.Do(req)
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -259,7 +273,7 @@ func (a *Azure) PutFile(ctx context.Context, key string, f *os.File, size int64)
 	if size <= a.partSize {
 		sum, err := md5Of(io.NewSectionReader(f, 0, size))
 		if err == nil {
-			err = a.putBlob(ctx, n, io.NewSectionReader(f, 0, size), size, sum, "application/octet-stream", false)
+			err = a.putBlob(ctx, n, f, size, sum, "application/octet-stream", false)
 		}
 		if err != nil {
 			return fmt.Errorf("storage: put %s: %w", key, err)
@@ -279,7 +293,7 @@ func (a *Azure) PutFile(ctx context.Context, key string, f *os.File, size int64)
 		// Every block ID of a blob has the same length.
 		bid := base64.StdEncoding.EncodeToString(fmt.Appendf(nil, "%s-%06d", upload, p.N))
 		resp, err := a.do(ctx, http.MethodPut, a.blobURL(n)+"?comp=block&blockid="+url.QueryEscape(bid),
-			http.Header{"Content-MD5": {sum}}, section(f, p), p.Length)
+			http.Header{"Content-MD5": {sum}}, func() io.Reader { return section(f, p) }, p.Length)
 		if err != nil {
 			return err
 		}
@@ -297,7 +311,7 @@ func (a *Azure) PutFile(ctx context.Context, key string, f *os.File, size int64)
 		var resp *http.Response
 		resp, err = a.do(ctx, http.MethodPut, a.blobURL(n)+"?comp=blocklist",
 			http.Header{"Content-Type": {"application/xml"}, "x-ms-blob-content-type": {"application/octet-stream"}},
-			bytes.NewReader(list.Bytes()), int64(list.Len()))
+			func() io.Reader { return bytes.NewReader(list.Bytes()) }, int64(list.Len()))
 		if err == nil {
 			drain(resp)
 		}
@@ -315,12 +329,12 @@ func drain(resp *http.Response) {
 
 // putBlob uploads a whole blob in one request, its Content-MD5 checked by
 // the service; ifNew adds If-None-Match: *.
-func (a *Azure) putBlob(ctx context.Context, name string, r io.Reader, size int64, sum, contentType string, ifNew bool) error {
+func (a *Azure) putBlob(ctx context.Context, name string, r io.ReaderAt, size int64, sum, contentType string, ifNew bool) error {
 	hdr := http.Header{"x-ms-blob-type": {"BlockBlob"}, "Content-MD5": {sum}, "Content-Type": {contentType}}
 	if ifNew {
 		hdr.Set("If-None-Match", "*")
 	}
-	resp, err := a.do(ctx, http.MethodPut, a.blobURL(name), hdr, r, size)
+	resp, err := a.do(ctx, http.MethodPut, a.blobURL(name), hdr, func() io.Reader { return io.NewSectionReader(r, 0, size) }, size)
 	if err != nil {
 		return err
 	}

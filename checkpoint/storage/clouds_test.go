@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -272,6 +273,60 @@ func TestEveryPartRefusedWhenCorrupted(t *testing.T) {
 			if !bytes.Equal(get(t, st, "ck/shard"), want) {
 				t.Fatal("read back differs")
 			}
+		})
+	}
+}
+
+// TestTransientErrorsRetried: GCS and Azure answer 503 to the first try of
+// every request and drop one connection outright; uploads, copies, lists
+// and reads still succeed (retried with backoff), and a conditional create
+// is not repeated blindly.
+func TestTransientErrorsRetried(t *testing.T) {
+	for _, b := range backends[:2] { // minio-go retries S3's requests itself
+		t.Run(b.name, func(t *testing.T) {
+			var seen sync.Map
+			var busy, firsts atomic.Int64
+			front := func(upstream string) string {
+				u, _ := url.Parse(upstream)
+				base := u.Path
+				u.Path = ""
+				rp := httputil.NewSingleHostReverseProxy(u)
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if _, again := seen.LoadOrStore(r.Method+" "+r.URL.String(), true); !again && r.Header.Get("If-None-Match") == "" &&
+						!strings.Contains(r.URL.RawQuery, "ifGenerationMatch") {
+						if firsts.Add(1) == 3 { // the third new request loses its connection
+							c, _, _ := w.(http.Hijacker).Hijack()
+							c.Close()
+							return
+						}
+						busy.Add(1)
+						w.WriteHeader(http.StatusServiceUnavailable)
+						return
+					}
+					rp.ServeHTTP(w, r)
+				}))
+				t.Cleanup(srv.Close)
+				return srv.URL + base
+			}
+			st := b.start(t, front, storage.Options{PartSize: 5 << 20, Threads: 4})
+			ctx := t.Context()
+			f, want := randomFile(t, 12<<20)
+			if err := st.PutFile(ctx, "ck/shard", f, int64(len(want))); err != nil {
+				t.Fatal(err)
+			}
+			if err := st.Copy(ctx, "ck/copy", "ck/shard"); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(get(t, st, "ck/copy"), want) {
+				t.Fatal("read back differs")
+			}
+			if objs, err := st.List(ctx, "ck"); err != nil || len(objs) != 2 {
+				t.Fatalf("list: %v %v", objs, err)
+			}
+			if busy.Load() < 6 || firsts.Load() < 3 {
+				t.Fatalf("only %d 503s in %d new requests: the test did not exercise retries", busy.Load(), firsts.Load())
+			}
+			t.Logf("%d answers 503 and one dropped connection, all retried", busy.Load())
 		})
 	}
 }

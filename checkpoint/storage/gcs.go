@@ -115,8 +115,9 @@ func (e *gcsError) Error() string {
 }
 
 // do sends one request with the token and decodes a JSON answer into out
-// (nil: the body is discarded). 404 is ErrNotFound, 412 ErrExists.
-func (g *GCS) do(ctx context.Context, method, rawURL string, hdr http.Header, body io.Reader, size int64, out any) error {
+// (nil: the body is discarded). 404 is ErrNotFound, 412 ErrExists. body
+// makes the request's body afresh for each attempt (nil: none).
+func (g *GCS) do(ctx context.Context, method, rawURL string, hdr http.Header, body func() io.Reader, size int64, out any) error {
 	resp, err := g.send(ctx, method, rawURL, hdr, body, size)
 	if err != nil {
 		return err
@@ -130,25 +131,36 @@ func (g *GCS) do(ctx context.Context, method, rawURL string, hdr http.Header, bo
 }
 
 // send is do without decoding: the caller closes the body of a 2xx answer.
-func (g *GCS) send(ctx context.Context, method, rawURL string, hdr http.Header, body io.Reader, size int64) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, method, rawURL, body)
-	if err != nil {
-		return nil, err
+// Failures worth it are retried (withRetries), but not a conditional create.
+func (g *GCS) send(ctx context.Context, method, rawURL string, hdr http.Header, body func() io.Reader, size int64) (*http.Response, error) {
+	attempts := maxAttempts
+	if strings.Contains(rawURL, "ifGenerationMatch=") {
+		attempts = 1
 	}
-	for k, v := range hdr {
-		req.Header[k] = v
-	}
-	if body != nil {
-		req.ContentLength = size
-	}
-	if g.tokens != nil {
-		tok, err := g.tokens.Token()
-		if err != nil {
-			return nil, fmt.Errorf("GCS token from %s: %w", g.auth, err)
+	resp, err := withRetries(ctx, attempts, func() (*http.Response, error) {
+		var r io.Reader
+		if body != nil {
+			r = body()
 		}
-		tok.SetAuthHeader(req)
-	}
-	resp, err := g.hc.Do(req)
+		req, err := http.NewRequestWithContext(ctx, method, rawURL, r)
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range hdr {
+			req.Header[k] = v
+		}
+		if r != nil {
+			req.ContentLength = size
+		}
+		if g.tokens != nil {
+			tok, err := g.tokens.Token()
+			if err != nil {
+				return nil, final{fmt.Errorf("GCS token from %s: %w", g.auth, err)}
+			}
+			tok.SetAuthHeader(req)
+		}
+		return g.hc.Do(req)
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -205,7 +217,9 @@ func (g *GCS) insert(ctx context.Context, name string, r io.ReaderAt, size int64
 	boundary := "preemptd-" + hex.EncodeToString(rnd[:])
 	head := fmt.Sprintf("--%s\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n%s\r\n--%s\r\nContent-Type: %s\r\n\r\n", boundary, meta, boundary, contentType)
 	tail := "\r\n--" + boundary + "--\r\n"
-	body := io.MultiReader(strings.NewReader(head), io.NewSectionReader(r, 0, size), strings.NewReader(tail))
+	body := func() io.Reader {
+		return io.MultiReader(strings.NewReader(head), io.NewSectionReader(r, 0, size), strings.NewReader(tail))
+	}
 	q := url.Values{"uploadType": {"multipart"}, "fields": {"name"}}
 	if ifNew {
 		q.Set("ifGenerationMatch", "0")
@@ -308,7 +322,7 @@ func (g *GCS) compose(ctx context.Context, dst string, srcs []string) error {
 	req.Destination.ContentType = "application/octet-stream"
 	b, _ := json.Marshal(req)
 	return g.do(ctx, http.MethodPost, g.objectURL(dst)+"/compose?fields=name", http.Header{"Content-Type": {"application/json"}},
-		bytes.NewReader(b), int64(len(b)), nil)
+		func() io.Reader { return bytes.NewReader(b) }, int64(len(b)), nil)
 }
 
 // PutBytes implements Store.
@@ -358,7 +372,7 @@ func (g *GCS) Copy(ctx context.Context, dst, src string) error {
 			RewriteToken string
 		}
 		if err := g.do(ctx, http.MethodPost, u+"?"+q.Encode(), http.Header{"Content-Type": {"application/json"}},
-			strings.NewReader("{}"), 2, &out); err != nil {
+			func() io.Reader { return strings.NewReader("{}") }, 2, &out); err != nil {
 			return fmt.Errorf("storage: copy %s: %w", src, err)
 		}
 		if out.Done {

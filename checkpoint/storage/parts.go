@@ -2,10 +2,14 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
+	"net/http"
 	"os"
 	"sync"
+	"time"
 )
 
 // part is one slice of a file uploaded on its own.
@@ -58,3 +62,46 @@ func eachPart(ctx context.Context, parts []part, threads uint, put func(ctx cont
 
 // section reads p of f.
 func section(f *os.File, p part) *io.SectionReader { return io.NewSectionReader(f, p.Off, p.Length) }
+
+// Retries of one request to GCS or Azure (minio-go retries S3's itself):
+// a network error, 408, 429 or 5xx is tried again after a growing pause,
+// up to maxAttempts in all, while ctx lasts. A conditional create is sent
+// once: had its first attempt landed, a second would report the key taken.
+const maxAttempts = 5
+
+// retryable says whether an answer with this status may succeed if sent again.
+func retryable(status int) bool {
+	return status == http.StatusRequestTimeout || status == http.StatusTooManyRequests || status >= 500
+}
+
+// final marks an error that sending again cannot cure (no token: the
+// token source has retried already).
+type final struct{ error }
+
+func (f final) Unwrap() error { return f.error }
+
+// withRetries runs attempt (which sends the request afresh, its body made
+// anew) until it gets an answer not worth retrying; attempts is 1 for a
+// request that must not be repeated.
+func withRetries(ctx context.Context, attempts int, attempt func() (*http.Response, error)) (*http.Response, error) {
+	pause := 250 * time.Millisecond
+	for n := 1; ; n++ {
+		resp, err := attempt()
+		var fin final
+		switch {
+		case errors.As(err, &fin):
+			return nil, fin.error
+		case err == nil && !retryable(resp.StatusCode), n >= attempts, ctx.Err() != nil:
+			return resp, err
+		case err == nil:
+			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(pause + rand.N(pause/2)):
+		}
+		pause = min(2*pause, 4*time.Second)
+	}
+}
