@@ -7,8 +7,8 @@ short=""
 [ "${1:-}" = --short ] && short=-short
 log=$(mktemp)
 PREEMPTD_TOOLS=${PREEMPTD_TOOLS:-$(scripts/tools.sh)} go test $short -count=1 -v -timeout 30m \
-  -run 'Chaos|Faults|Connection|Bandwidth|SlowDown|DiskFull|MidSave|MidUpload|Escalation|Integrity|SlowLink' \
-  ./test/chaos ./test/e2e > "$log" 2>&1
+  -run 'Chaos|Faults|Connection|Bandwidth|SlowDown|DiskFull|MidSave|MidUpload|Escalation|Integrity|SlowLink|Outage|Corrupted|Transient|DoctorCloud' \
+  ./test/chaos ./test/e2e ./checkpoint/storage > "$log" 2>&1
 rc=$?
 grep -E -- '^(--- |ok|FAIL)' "$log"
 echo

@@ -273,6 +273,8 @@ func TestEveryPartRefusedWhenCorrupted(t *testing.T) {
 			if !bytes.Equal(get(t, st, "ck/shard"), want) {
 				t.Fatal("read back differs")
 			}
+			peers.Chaos(t, "storage: one bit of one part flipped in flight ("+b.name+")",
+				"the server refuses the part; the key never appears; nothing left; sent intact, it goes up")
 		})
 	}
 }
@@ -327,6 +329,8 @@ func TestTransientErrorsRetried(t *testing.T) {
 				t.Fatalf("only %d 503s in %d new requests: the test did not exercise retries", busy.Load(), firsts.Load())
 			}
 			t.Logf("%d answers 503 and one dropped connection, all retried", busy.Load())
+			peers.Chaos(t, "storage: 503 to every request's first try, one connection dropped ("+b.name+")",
+				"retried with backoff; upload, copy, list and read succeed")
 		})
 	}
 }
