@@ -42,7 +42,8 @@ type backend struct {
 
 // backends are the real servers every store kind is tested against: GCS
 // (fake-gcs-server behind a gate that wants the metadata server's tokens),
-// Azure (Azurite, Shared Key), and S3 (MinIO and versitygw).
+// Azure (Azurite, Shared Key), and S3 (MinIO and versitygw, whose parts
+// carry CRC32C, and versitygw again with Content-MD5).
 var backends = []backend{
 	{"gcs", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
 		g := peers.StartFakeGCS(t)
@@ -66,6 +67,12 @@ var backends = []backend{
 		s := peers.StartVersity(t)
 		s.SetEnv(t)
 		o.Endpoint, o.Region = front(s.Endpoint), "us-east-1"
+		return open(t, "s3://"+s.Bucket+"/runs", o)
+	}},
+	{"versitygw-md5", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
+		s := peers.StartVersity(t)
+		s.SetEnv(t)
+		o.Endpoint, o.Region, o.Checksum = front(s.Endpoint), "us-east-1", "md5" // Content-MD5 instead of CRC32C
 		return open(t, "s3://"+s.Bucket+"/runs", o)
 	}},
 }
@@ -332,5 +339,38 @@ func TestTransientErrorsRetried(t *testing.T) {
 			peers.Chaos(t, "storage: 503 to every request's first try, one connection dropped ("+b.name+")",
 				"retried with backoff; upload, copy, list and read succeed")
 		})
+	}
+}
+
+// TestGCSComposeAtMost32: a file of more parts than one compose takes is
+// cut into exactly 32 larger ones, composed once, and reads back whole.
+func TestGCSComposeAtMost32(t *testing.T) {
+	var parts atomic.Int64
+	count := func(upstream string) string {
+		u, _ := url.Parse(upstream)
+		rp := httputil.NewSingleHostReverseProxy(u)
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if strings.HasPrefix(r.URL.Path, "/upload/") {
+				b, _ := io.ReadAll(r.Body)
+				if bytes.Contains(b[:min(len(b), 1024)], []byte("_preemptd/uploads/")) {
+					parts.Add(1)
+				}
+				r.Body = io.NopCloser(bytes.NewReader(b))
+			}
+			rp.ServeHTTP(w, r)
+		}))
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+	st := backends[0].start(t, count, storage.Options{PartSize: 1 << 20, Threads: 8})
+	f, want := randomFile(t, 40<<20)
+	if err := st.PutFile(t.Context(), "ck/shard", f, int64(len(want))); err != nil {
+		t.Fatal(err)
+	}
+	if n := parts.Load(); n != 32 {
+		t.Fatalf("%d parts for 40 MiB in 1 MiB parts, want 32 (one compose)", n)
+	}
+	if !bytes.Equal(get(t, st, "ck/shard"), want) {
+		t.Fatal("read back differs")
 	}
 }
