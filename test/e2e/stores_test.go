@@ -26,15 +26,17 @@ type storePeer struct {
 	// multipart uploads; GCS: folders of temporary parts; Azure: blobs
 	// with only uncommitted blocks).
 	inFlight func(t *testing.T) int
-	// down makes the store unreachable (on: false) or reachable again.
-	down func(t *testing.T, on bool)
+	// down makes the store unreachable (true) or reachable again.
+	down func(t *testing.T, down bool)
+	// slow caps every connection to the store at kbs KB/s.
+	slow func(t *testing.T, kbs int)
 }
 
 // forEachStore runs f against MinIO, fake-gcs-server (the VM's token from
 // a GCP metadata fake, checked by a gate) and Azurite (account key), each
 // reached through toxiproxy so that it can be made unreachable.
 func forEachStore(t *testing.T, f func(t *testing.T, sp storePeer)) {
-	front := func(t *testing.T, upstream string) (endpoint string, down func(t *testing.T, on bool)) {
+	front := func(t *testing.T, upstream string) (endpoint string, down func(*testing.T, bool), slow func(*testing.T, int)) {
 		x := peers.StartToxiproxy(t)
 		u, err := url.Parse(upstream)
 		if err != nil {
@@ -42,23 +44,24 @@ func forEachStore(t *testing.T, f func(t *testing.T, sp storePeer)) {
 		}
 		addr := x.Proxy(t, "store", u.Host)
 		u.Host = addr
-		return u.String(), func(t *testing.T, down bool) { x.SetEnabled(t, "store", !down) }
+		return u.String(), func(t *testing.T, down bool) { x.SetEnabled(t, "store", !down) },
+			func(t *testing.T, kbs int) { x.Toxic(t, "store", "slow", "bandwidth", map[string]any{"rate": kbs}) }
 	}
 	t.Run("minio", func(t *testing.T) {
 		s3 := peers.StartMinIO(t)
-		ep, down := front(t, s3.Endpoint)
+		ep, down, slow := front(t, s3.Endpoint)
 		f(t, storePeer{name: "minio",
 			config: func(run string, threads int) string {
 				return fmt.Sprintf("run_id: %s\nstorage: {url: \"s3://%s/runs\", endpoint: %q, region: us-east-1, threads: %d}\n",
 					run, s3.Bucket, ep, threads)
 			},
-			env: s3.Env(), inFlight: func(t *testing.T) int { return s3.IncompleteUploads(t) }, down: down})
+			env: s3.Env(), inFlight: func(t *testing.T) int { return s3.IncompleteUploads(t) }, down: down, slow: slow})
 	})
 	t.Run("gcs", func(t *testing.T) {
 		g := peers.StartFakeGCS(t)
 		meta, host := peers.GCPMetadata(t)
 		gate, _ := g.RequireTokens(t, meta.Valid)
-		ep, down := front(t, gate)
+		ep, down, slow := front(t, gate)
 		f(t, storePeer{name: "gcs",
 			config: func(run string, threads int) string {
 				return fmt.Sprintf("run_id: %s\ngcp: {endpoint: %q}\nstorage: {url: %q, endpoint: %q, threads: %d}\n",
@@ -71,16 +74,16 @@ func forEachStore(t *testing.T, f func(t *testing.T, sp storePeer)) {
 				}
 				return len(folders)
 			},
-			down: down})
+			down: down, slow: slow})
 	})
 	t.Run("azurite", func(t *testing.T) {
 		a := peers.StartAzurite(t, mkAzureContainer)
-		ep, down := front(t, a.Endpoint)
+		ep, down, slow := front(t, a.Endpoint)
 		f(t, storePeer{name: "azurite",
 			config: func(run string, threads int) string {
 				return fmt.Sprintf("run_id: %s\nstorage: {url: %q, endpoint: %q, threads: %d}\n", run, a.URL("runs"), ep, threads)
 			},
-			env: a.Env(), inFlight: func(t *testing.T) int { return a.Uncommitted(t) }, down: down})
+			env: a.Env(), inFlight: func(t *testing.T) int { return a.Uncommitted(t) }, down: down, slow: slow})
 	})
 }
 

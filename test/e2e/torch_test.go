@@ -68,7 +68,8 @@ var finalLine = regexp.MustCompile(`final (step-[0-9]+) checksum (-?[0-9.]+)`)
 
 // TestTorchrunFinalCheckpoint: a real torchrun job (2 ranks, CPU, DDP)
 // saving 64 MiB torch.distributed.checkpoint checkpoints every 5 steps, with
-// a bandwidth-capped store (toxiproxy, 8 MB/s per connection) so that a
+// a bandwidth-capped store (toxiproxy, 8 MB/s per connection; MinIO, GCS
+// through fake-gcs-server and the VM's token, Azure through Azurite) so that a
 // background upload is in flight when the notice comes, and the notice sent
 // while a save is in progress. preemptd signals the workers only (the
 // documented pattern); they finish that save, agree to stop, save their
@@ -78,15 +79,16 @@ var finalLine = regexp.MustCompile(`final (step-[0-9]+) checksum (-?[0-9.]+)`)
 // mid-save: the save may finish before the signal reaches the ranks.)
 func TestTorchrunFinalCheckpoint(t *testing.T) {
 	peers.RequireTorch(t)
-	s3 := peers.StartMinIO(t)
-	x := peers.StartToxiproxy(t)
-	proxy := x.Front(t, "minio", s3, 8192) // KB/s per connection
+	forEachStore(t, func(t *testing.T, sp storePeer) { torchrunFinal(t, sp) })
+}
+
+func torchrunFinal(t *testing.T, sp storePeer) {
+	sp.slow(t, 8192) // KB/s per connection
 	dir := shortDir(t)
 	ckpt := filepath.Join(dir, "ckpt")
-	cfg := fmt.Sprintf("provider: local\ntrainer: {match: %q}\nrun_id: torch-final\n"+
-		"checkpoint: {dir: %q, layout: dcp, keep: 0}\nstorage: {url: \"s3://%s/runs\", endpoint: \"http://%s\", region: us-east-1}\n",
-		trainerpkg.WorkersPattern("train_dcp.py"), ckpt, s3.Bucket, proxy)
-	d := startDaemonIn(t, dir, cfg, s3.Env()...)
+	cfg := fmt.Sprintf("provider: local\ntrainer: {match: %q}\ncheckpoint: {dir: %q, layout: dcp, keep: 0}\n",
+		trainerpkg.WorkersPattern("train_dcp.py"), ckpt) + sp.config("torch-final", 8)
+	d := startDaemonIn(t, dir, cfg, sp.env...)
 
 	midSaves := 0
 	for round, start := range []int{0, 1000} {
@@ -105,7 +107,7 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 			midSaves++
 			t.Logf("round %d: the notice landed while %s was being saved (complete %v after it)", round, saving,
 				fi.ModTime().Sub(noticed).Round(time.Millisecond))
-			if _, names := lsJSON(t, d.config, s3.Env()); !slices.Contains(names, saving) {
+			if _, names := lsJSON(t, d.config, sp.env); !slices.Contains(names, saving) {
 				t.Errorf("round %d: %s, completed after the notice, was not committed as well: %v", round, saving, names)
 			}
 		}
@@ -128,13 +130,13 @@ func TestTorchrunFinalCheckpoint(t *testing.T) {
 		if len(e.Signal.PIDs) != 2 {
 			t.Fatalf("round %d: signalled %v, want the two workers and not torchrun", round, e.Signal.PIDs)
 		}
-		if latest, _ := lsJSON(t, d.config, s3.Env()); latest != final {
+		if latest, _ := lsJSON(t, d.config, sp.env); latest != final {
 			t.Fatalf("round %d: latest %s, want %s", round, latest, final)
 		}
 		// A new machine: restore, then load under torchrun.
 		restoreDir := filepath.Join(dir, fmt.Sprintf("restored-%d", round))
 		cmd := exec.Command(bin, "restore", "--config", d.config, "--to", restoreDir)
-		cmd.Env = append(cleanEnv(), s3.Env()...)
+		cmd.Env = append(cleanEnv(), sp.env...)
 		if b, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("restore: %v\n%s", err, b)
 		}
