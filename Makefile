@@ -41,7 +41,7 @@ lint:
 
 ## test: every test, after installing the pinned peers they run against
 test: tools lint
-	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -race -count=1 -json ./... | $(GO) run ./scripts/testsum
+	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -race -count=1 -timeout 30m -json ./... | $(GO) run ./scripts/testsum
 
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...

@@ -72,6 +72,16 @@ func main() {
 				bad = true
 				if failedTests[e.Package] == 0 {
 					failed++ // a package that failed without a failing test: its build, a panic, a timeout
+					// The tests still running then (a timeout's panic is in their output).
+					for k, lines := range output {
+						if !strings.HasPrefix(k, e.Package+"/") || k == e.Package+"/" {
+							continue
+						}
+						fmt.Printf("--- DID NOT FINISH: %s %s\n", e.Package, strings.TrimPrefix(k, e.Package+"/"))
+						for _, o := range lines[max(0, len(lines)-40):] {
+							fmt.Print("    " + o)
+						}
+					}
 				}
 			}
 			delete(output, key)
