@@ -180,6 +180,11 @@ func TestAdviceRebalanceWithinOnePoll(t *testing.T) {
 	dir := shortDir(t)
 	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName))
 	d := startDaemonIn(t, dir, fmt.Sprintf("provider: aws\naws: {endpoint: %q}\npoll_interval: 1s\ntrainer: {pid_file: %q, checkpoint_signal: SIGUSR2}\nadvice: {fleet_poll: 0}\n", url, tr.pidFile))
+	// advice.json is written just after the socket appears.
+	waitFor(t, 10*time.Second, "advice.json", func() bool {
+		_, err := os.Stat(filepath.Join(d.runDir, "advice.json"))
+		return err == nil
+	})
 	before := readAdviceFile(t, d.runDir)
 	if before.CheckpointNow {
 		t.Fatalf("checkpoint asked for at start: %+v", before)
