@@ -149,7 +149,7 @@ func (a *Azure) do(ctx context.Context, method, rawURL string, hdr http.Header, 
 	var req *http.Request
 	resp, err := withRetries(ctx, attempts, func() (*http.Response, error) {
 		var r io.Reader
-		if body != nil {
+		if body != nil && size > 0 { // an empty body as none: Content-Length: 0, never chunked
 			r = body()
 		}
 		var err error

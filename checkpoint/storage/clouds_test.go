@@ -144,6 +144,20 @@ func TestStoreContract(t *testing.T) {
 			if !bytes.Equal(get(t, st, "ck/step-1/shard"), bigBytes) || !bytes.Equal(get(t, st, "ck/step-1/.metadata"), smallBytes) {
 				t.Fatal("read back differs")
 			}
+			// An empty file, and a name with a space and non-ASCII letters.
+			empty, _ := randomFile(t, 0)
+			if err := st.PutFile(ctx, "odd/étape 1/empty", empty, 0); err != nil {
+				t.Fatal(err)
+			}
+			if got := get(t, st, "odd/étape 1/empty"); len(got) != 0 {
+				t.Fatalf("empty file read back as %d bytes", len(got))
+			}
+			if objs, err := st.List(ctx, "odd"); err != nil || len(objs) != 1 || objs[0].Key != "odd/étape 1/empty" || objs[0].Size != 0 {
+				t.Fatalf("odd names listed as %+v (%v)", objs, err)
+			}
+			if err := st.Delete(ctx, "odd/étape 1/empty"); err != nil {
+				t.Fatal(err)
+			}
 			if err := st.Create(ctx, "ck/lock", []byte(`{"a":1}`)); err != nil {
 				t.Fatal(err)
 			}
