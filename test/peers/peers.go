@@ -1,6 +1,7 @@
 // Package peers finds and starts the real programs preemptd's tests run
-// against — amazon-ec2-metadata-mock and MinIO — installed at pinned
-// versions by scripts/tools.sh into a cache outside the clone.
+// against — amazon-ec2-metadata-mock, MinIO, versitygw, fake-gcs-server,
+// Azurite and toxiproxy — installed at pinned versions by scripts/tools.sh
+// into a cache outside the clone.
 package peers
 
 import (
