@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/oauth2"
+
+	"github.com/preemptd/preemptd/internal/direct"
 )
 
 // azVersion is the Blob service REST version preemptd speaks.
@@ -94,7 +96,7 @@ func NewAzure(account, container, prefix string, o Options) (*Azure, error) {
 		if ep == "" {
 			ep = "http://169.254.169.254"
 		}
-		id := &azureIdentity{endpoint: ep, clientID: getenv("AZURE_CLIENT_ID"), resource: "https://storage.azure.com/", hc: o.metadataClient()}
+		id := &azureIdentity{endpoint: ep, clientID: getenv("AZURE_CLIENT_ID"), resource: "https://storage.azure.com/", hc: direct.Client(10 * time.Second)}
 		a.tokens = oauth2.ReuseTokenSourceWithExpiry(nil, id, 5*time.Minute)
 		a.auth = "managed identity (" + ep + ")"
 		if id.clientID != "" {

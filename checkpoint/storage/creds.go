@@ -32,19 +32,14 @@ type gceMeta struct {
 // newGCEMeta reaches the metadata server at endpoint (gcp.endpoint: host
 // or URL), else GCE_METADATA_HOST, else 169.254.169.254.
 func newGCEMeta(endpoint string, getenv func(string) string) *gceMeta {
-	host := endpoint
-	if strings.Contains(host, "://") {
-		if u, err := url.Parse(host); err == nil {
-			host = u.Host
-		}
-	}
+	host := direct.HostOf(endpoint)
 	if host == "" {
 		host = getenv("GCE_METADATA_HOST")
 	}
 	if host == "" {
 		host = "169.254.169.254"
 	}
-	rt := &toHost{next: direct.Transport(), host: host}
+	rt := direct.ToHost(direct.Transport(), host)
 	return &gceMeta{host: host, c: metadata.NewWithOptions(&metadata.Options{Client: &http.Client{Transport: rt, Timeout: 10 * time.Second}})}
 }
 
@@ -71,19 +66,6 @@ func (m *gceMeta) Token() (*oauth2.Token, error) {
 	}
 	return &oauth2.Token{AccessToken: doc.AccessToken, TokenType: doc.TokenType,
 		Expiry: time.Now().Add(time.Duration(doc.ExpiresIn) * time.Second)}, nil
-}
-
-// toHost sends every request to host (the metadata client asks for
-// 169.254.169.254 or GCE_METADATA_HOST; gcp.endpoint wins).
-type toHost struct {
-	next http.RoundTripper
-	host string
-}
-
-func (r *toHost) RoundTrip(req *http.Request) (*http.Response, error) {
-	req = req.Clone(req.Context())
-	req.URL.Host, req.Host = r.host, r.host
-	return r.next.RoundTrip(req)
 }
 
 // serviceAccountTokens reads a service-account key file (the JSON that

@@ -19,8 +19,6 @@ import (
 	"regexp"
 	"strings"
 	"time"
-
-	"github.com/preemptd/preemptd/internal/direct"
 )
 
 // ErrNotFound is returned for a key that does not exist.
@@ -109,10 +107,6 @@ func (o Options) httpClient() *http.Client {
 	t.MaxIdleConnsPerHost = int(max(o.Threads, DefaultThreads)) + 4
 	return &http.Client{Transport: t}
 }
-
-// metadataClient reaches an instance metadata service: never through a
-// proxy, with a short timeout.
-func (o Options) metadataClient() *http.Client { return direct.Client(10 * time.Second) }
 
 // Open returns the store named by rawURL: file:///path, s3://bucket/prefix,
 // gs://bucket/prefix, azblob://account/container/prefix or

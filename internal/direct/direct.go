@@ -8,6 +8,8 @@ package direct
 import (
 	"net"
 	"net/http"
+	"net/url"
+	"strings"
 	"time"
 )
 
@@ -25,4 +27,33 @@ func Transport() *http.Transport {
 // timeout (0: none, for long-polls that carry their own).
 func Client(timeout time.Duration) *http.Client {
 	return &http.Client{Transport: Transport(), Timeout: timeout}
+}
+
+// HostOf is the host[:port] of endpoint, written either as a URL or as a
+// bare host (GCE_METADATA_HOST's form).
+func HostOf(endpoint string) string {
+	if strings.Contains(endpoint, "://") {
+		if u, err := url.Parse(endpoint); err == nil {
+			return u.Host
+		}
+	}
+	return strings.TrimSuffix(endpoint, "/")
+}
+
+// ToHost sends every request through next to host instead of the one it
+// names (a metadata client that asks for 169.254.169.254 or
+// GCE_METADATA_HOST, where the configuration names another endpoint).
+func ToHost(next http.RoundTripper, host string) http.RoundTripper {
+	return &toHost{next: next, host: host}
+}
+
+type toHost struct {
+	next http.RoundTripper
+	host string
+}
+
+func (r *toHost) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.URL.Host, req.Host = r.host, r.host
+	return r.next.RoundTrip(req)
 }

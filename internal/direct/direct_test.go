@@ -10,3 +10,12 @@ func TestTransportHasNoProxy(t *testing.T) {
 		t.Fatal("Client(0) has a timeout")
 	}
 }
+
+func TestHostOf(t *testing.T) {
+	for in, want := range map[string]string{"http://127.0.0.1:8080/": "127.0.0.1:8080", "metadata.google.internal": "metadata.google.internal",
+		"127.0.0.1:9/": "127.0.0.1:9", "https://h:1/x": "h:1"} {
+		if got := HostOf(in); got != want {
+			t.Errorf("HostOf(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -140,21 +139,12 @@ func newClient(endpoint string, track *outage.Tracker, hangLimit time.Duration) 
 	base.ResponseHeaderTimeout = 0
 	var rt http.RoundTripper = &hang{next: base, limit: hangLimit}
 	if endpoint != "" {
-		rt = &rewrite{next: rt, host: hostOf(endpoint)}
+		rt = direct.ToHost(rt, direct.HostOf(endpoint))
 	}
 	if track != nil {
 		rt = &observe{next: rt, track: track}
 	}
 	return metadata.NewWithOptions(&metadata.Options{Client: &http.Client{Transport: rt}})
-}
-
-func hostOf(endpoint string) string {
-	if strings.Contains(endpoint, "://") {
-		if u, err := url.Parse(endpoint); err == nil {
-			return u.Host
-		}
-	}
-	return strings.TrimSuffix(endpoint, "/")
 }
 
 // hang bounds each hanging GET (wait_for_change) to limit, its timeout_sec
@@ -202,19 +192,6 @@ func NVIDIAPCI(root string) bool {
 		}
 	}
 	return false
-}
-
-// rewrite sends every request to the configured host.
-type rewrite struct {
-	next http.RoundTripper
-	host string
-}
-
-func (r *rewrite) RoundTrip(req *http.Request) (*http.Response, error) {
-	req = req.Clone(req.Context())
-	req.URL.Host = r.host
-	req.Host = r.host
-	return r.next.RoundTrip(req)
 }
 
 // observe reports failures (errors and 5xx) to the outage tracker, since the
