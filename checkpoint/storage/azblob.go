@@ -416,11 +416,10 @@ func (a *Azure) Get(ctx context.Context, key string, w io.Writer) error {
 		return err
 	}
 	resp, err := a.do(ctx, http.MethodGet, a.blobURL(n), nil, nil, 0)
-	if err != nil {
-		return fmt.Errorf("storage: get %s: %w", key, err)
+	if err == nil {
+		err = readBody(w, resp)
 	}
-	defer resp.Body.Close()
-	if _, err := io.Copy(w, resp.Body); err != nil {
+	if err != nil {
 		return fmt.Errorf("storage: get %s: %w", key, err)
 	}
 	return nil
@@ -466,21 +465,27 @@ func (a *Azure) List(ctx context.Context, prefix string) ([]Object, error) {
 	}
 }
 
-// Delete implements Store.
+// Delete implements Store, Threads blobs at once.
 func (a *Azure) Delete(ctx context.Context, keys ...string) error {
-	for _, key := range keys {
-		n, err := a.name(key)
-		if err != nil {
+	names := make([]string, len(keys))
+	for i, key := range keys {
+		var err error
+		if names[i], err = a.name(key); err != nil {
 			return err
 		}
+	}
+	err := deleteEach(ctx, names, a.threads, func(ctx context.Context, n string) error {
 		resp, err := a.do(ctx, http.MethodDelete, a.blobURL(n), nil, nil, 0)
 		if errors.Is(err, ErrNotFound) {
-			continue
+			return nil
 		}
-		if err != nil {
-			return fmt.Errorf("storage: delete %s: %w", key, err)
+		if err == nil {
+			drain(resp)
 		}
-		drain(resp)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("storage: %w", err)
 	}
 	return nil
 }

@@ -248,7 +248,7 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 	}
 	var id [8]byte
 	rand.Read(id[:])
-	tmp := path.Join(g.uploads(k), hex.EncodeToString(id[:]))
+	tmp := path.Join(g.uploads(key), hex.EncodeToString(id[:]))
 	parts := splitParts(size, ps)
 	names := make([]string, len(parts))
 	err = eachPart(ctx, parts, g.threads, func(ctx context.Context, p part) error {
@@ -268,27 +268,24 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 	}
 	// The temporaries go whatever happened: those this upload made, and
 	// any a cancelled request made on the server after all (a crash
-	// leaves them to AbortUploads at the next start).
+	// leaves them to AbortUploads at the next start). Once key is
+	// complete, every earlier upload's parts for it are garbage too: a
+	// request a killed daemon had fully sent can land after the next
+	// start's AbortUploads.
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	// Once key is complete, every earlier upload's parts for it are
-	// garbage too: a request a killed daemon had fully sent can land after
-	// the next start's AbortUploads.
 	folder := tmp + "/"
 	if err == nil {
-		folder = g.uploads(k) + "/"
+		folder = g.uploads(key) + "/"
 	}
 	left, lerr := g.list(dctx, folder, false)
 	for _, o := range left {
 		names = append(names, path.Join(g.prefix, o.Key))
 	}
 	slices.Sort(names)
-	for _, n := range slices.Compact(names) {
-		if n != "" {
-			if derr := g.deleteObject(dctx, n); derr != nil && err == nil {
-				err = fmt.Errorf("delete temporary part %s: %w", n, derr)
-			}
-		}
+	names = slices.DeleteFunc(slices.Compact(names), func(n string) bool { return n == "" })
+	if derr := deleteEach(dctx, names, g.threads, g.deleteObject); derr != nil && err == nil {
+		err = fmt.Errorf("temporary parts: %w", derr)
 	}
 	if lerr != nil && err == nil {
 		err = fmt.Errorf("list temporary parts: %w", lerr)
@@ -299,10 +296,11 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 	return nil
 }
 
-// uploads is where the temporary parts of uploads to object k live.
-func (g *GCS) uploads(k string) string {
-	return path.Join(g.prefix, "_preemptd", "uploads", strings.TrimPrefix(strings.TrimPrefix(k, g.prefix), "/"))
-}
+// uploads is where the temporary parts of uploads to key live (one
+// folder per upload below it).
+func (g *GCS) uploads(key string) string { return path.Join(g.uploadsRoot(), key) }
+
+func (g *GCS) uploadsRoot() string { return path.Join(g.prefix, "_preemptd", "uploads") }
 
 // compose makes dst of srcs, in order, in one request.
 func (g *GCS) compose(ctx context.Context, dst string, srcs []string) error {
@@ -392,11 +390,10 @@ func (g *GCS) Get(ctx context.Context, key string, w io.Writer) error {
 		return err
 	}
 	resp, err := g.send(ctx, http.MethodGet, g.objectURL(k)+"?alt=media", nil, nil, 0)
-	if err != nil {
-		return fmt.Errorf("storage: get %s: %w", key, err)
+	if err == nil {
+		err = readBody(w, resp)
 	}
-	defer resp.Body.Close()
-	if _, err := io.Copy(w, resp.Body); err != nil {
+	if err != nil {
 		return fmt.Errorf("storage: get %s: %w", key, err)
 	}
 	return nil
@@ -410,7 +407,7 @@ func (g *GCS) List(ctx context.Context, prefix string) ([]Object, error) {
 
 func (g *GCS) list(ctx context.Context, p string, skipUploads bool) ([]Object, error) {
 	var out []Object
-	uploads := path.Join(g.prefix, "_preemptd", "uploads") + "/"
+	uploads := g.uploadsRoot() + "/"
 	token := ""
 	for {
 		q := url.Values{"prefix": {p}, "fields": {"items(name,size,updated),nextPageToken"}}
@@ -451,45 +448,49 @@ func (g *GCS) deleteObject(ctx context.Context, name string) error {
 	return err
 }
 
-// Delete implements Store.
+// Delete implements Store, Threads objects at once.
 func (g *GCS) Delete(ctx context.Context, keys ...string) error {
-	for _, key := range keys {
-		k, err := g.key(key)
-		if err != nil {
+	names := make([]string, len(keys))
+	for i, key := range keys {
+		var err error
+		if names[i], err = g.key(key); err != nil {
 			return err
 		}
-		if err := g.deleteObject(ctx, k); err != nil {
-			return fmt.Errorf("storage: delete %s: %w", key, err)
-		}
+	}
+	if err := deleteEach(ctx, names, g.threads, g.deleteObject); err != nil {
+		return fmt.Errorf("storage: %w", err)
 	}
 	return nil
 }
 
-// AbortUploads implements Store: the temporary parts left under these keys'
-// upload folders by a crash (each upload's parts are deleted by PutFile
-// itself otherwise).
+// AbortUploads implements Store: the temporary parts a crash left under
+// these keys' upload folders (each upload's parts are deleted by PutFile
+// itself otherwise), found with one listing of every upload in flight.
 func (g *GCS) AbortUploads(ctx context.Context, keys ...string) (int, error) {
-	n := 0
+	mine := map[string]bool{}
 	for _, key := range keys {
-		k, err := g.key(key)
-		if err != nil {
-			return n, err
+		if err := checkKey(key); err != nil {
+			return 0, err
 		}
-		objs, err := g.list(ctx, g.uploads(k)+"/", false)
-		if err != nil {
-			return n, err
-		}
-		seen := map[string]bool{}
-		for _, o := range objs {
-			name := path.Join(g.prefix, o.Key)
-			if err := g.deleteObject(ctx, name); err != nil {
-				return n, fmt.Errorf("storage: abort %s: %w", key, err)
-			}
-			seen[path.Dir(name)] = true
-		}
-		n += len(seen)
+		mine[g.uploads(key)] = true
 	}
-	return n, nil
+	objs, err := g.list(ctx, g.uploadsRoot()+"/", false)
+	if err != nil {
+		return 0, err
+	}
+	var names []string
+	uploads := map[string]bool{}
+	for _, o := range objs {
+		name := path.Join(g.prefix, o.Key)
+		if upload := path.Dir(name); mine[path.Dir(upload)] { // <key>/<upload>/<part>
+			names = append(names, name)
+			uploads[upload] = true
+		}
+	}
+	if err := deleteEach(ctx, names, g.threads, g.deleteObject); err != nil {
+		return 0, fmt.Errorf("storage: abort: %w", err)
+	}
+	return len(uploads), nil
 }
 
 // CheckAccess is the doctor's credential check: a token, the VM's

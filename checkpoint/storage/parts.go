@@ -32,25 +32,36 @@ func splitParts(size, partSize int64) []part {
 // eachPart runs put for every part, threads at once; the first error
 // cancels the rest and is returned naming its part.
 func eachPart(ctx context.Context, parts []part, threads uint, put func(ctx context.Context, p part) error) error {
+	return each(ctx, len(parts), threads, func(ctx context.Context, i int) error {
+		if err := put(ctx, parts[i]); err != nil {
+			return fmt.Errorf("part %d: %w", parts[i].N+1, err)
+		}
+		return nil
+	})
+}
+
+// each runs f for 0..n-1, threads at once; the first error cancels the
+// rest and is returned.
+func each(ctx context.Context, n int, threads uint, f func(ctx context.Context, i int) error) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	next := make(chan part)
+	next := make(chan int)
 	go func() {
 		defer close(next)
-		for _, p := range parts {
+		for i := range n {
 			select {
-			case next <- p:
+			case next <- i:
 			case <-ctx.Done():
 				return
 			}
 		}
 	}()
 	var wg sync.WaitGroup
-	for range min(int(max(threads, 1)), len(parts)) {
+	for range min(int(max(threads, 1)), n) {
 		wg.Go(func() {
-			for p := range next {
-				if err := put(ctx, p); err != nil {
-					cancel(fmt.Errorf("part %d: %w", p.N+1, err))
+			for i := range next {
+				if err := f(ctx, i); err != nil {
+					cancel(err)
 					return
 				}
 			}
@@ -58,6 +69,24 @@ func eachPart(ctx context.Context, parts []part, threads uint, put func(ctx cont
 	}
 	wg.Wait()
 	return context.Cause(ctx)
+}
+
+// deleteEach deletes the named objects with del, threads at once (GCS and
+// Azure delete one object a request).
+func deleteEach(ctx context.Context, names []string, threads uint, del func(ctx context.Context, name string) error) error {
+	return each(ctx, len(names), threads, func(ctx context.Context, i int) error {
+		if err := del(ctx, names[i]); err != nil {
+			return fmt.Errorf("delete %s: %w", names[i], err)
+		}
+		return nil
+	})
+}
+
+// readBody streams an answer's body into w and closes it.
+func readBody(w io.Writer, resp *http.Response) error {
+	defer resp.Body.Close()
+	_, err := io.Copy(w, resp.Body)
+	return err
 }
 
 // section reads p of f.
