@@ -17,7 +17,9 @@ import (
 	"github.com/preemptd/preemptd/test/peers"
 )
 
-// stores runs f against a directory store and a real MinIO.
+// stores runs f against a directory store and every kind of real server:
+// MinIO and versitygw (S3), fake-gcs-server (GCS, on the VM's token) and
+// Azurite (Azure Blob).
 func stores(t *testing.T, f func(t *testing.T, st storage.Store)) {
 	t.Run("dir", func(t *testing.T) {
 		st, err := storage.NewDir(t.TempDir())
@@ -26,52 +28,11 @@ func stores(t *testing.T, f func(t *testing.T, st storage.Store)) {
 		}
 		f(t, st)
 	})
-	t.Run("minio", func(t *testing.T) {
-		s3 := peers.StartMinIO(t)
-		s3.SetEnv(t)
-		st, err := storage.Open("s3://"+s3.Bucket+"/runs", storage.Options{Endpoint: s3.Endpoint, Region: "us-east-1",
-			PartSize: 5 << 20, Threads: 4})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f(t, st)
-	})
-	t.Run("versitygw", func(t *testing.T) {
-		s3 := peers.StartVersity(t)
-		s3.SetEnv(t)
-		st, err := storage.Open("s3://"+s3.Bucket+"/runs", storage.Options{Endpoint: s3.Endpoint, Region: "us-east-1",
-			PartSize: 5 << 20, Threads: 4})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f(t, st)
-	})
-	t.Run("gcs", func(t *testing.T) {
-		g := peers.StartFakeGCS(t)
-		meta, host := peers.GCPMetadata(t)
-		gate, _ := g.RequireTokens(t, meta.Valid)
-		st, err := storage.Open(g.URL("runs"), storage.Options{Endpoint: gate, GCPMetadata: host, PartSize: 5 << 20, Threads: 4,
-			Getenv: func(string) string { return "" }})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f(t, st)
-	})
-	t.Run("azurite", func(t *testing.T) {
-		getenv := func(k string) string { return map[string]string{"AZURE_STORAGE_KEY": peers.AzuriteKey}[k] }
-		a := peers.StartAzurite(t, func(endpoint, container string) error {
-			st, err := storage.Open("azblob://"+peers.AzuriteAccount+"/"+container+"/x", storage.Options{Endpoint: endpoint, Getenv: getenv})
-			if err != nil {
-				return err
-			}
-			return st.(*storage.Azure).CreateContainer(t.Context())
-		})
-		st, err := storage.Open(a.URL("runs"), storage.Options{Endpoint: a.Endpoint, PartSize: 5 << 20, Threads: 4, Getenv: getenv})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f(t, st)
-	})
+	o := storage.Options{PartSize: 5 << 20, Threads: 4}
+	t.Run("minio", func(t *testing.T) { f(t, peers.StartMinIO(t).Open(t, "runs", o)) })
+	t.Run("versitygw", func(t *testing.T) { f(t, peers.StartVersity(t).Open(t, "runs", o)) })
+	t.Run("gcs", func(t *testing.T) { f(t, peers.StartGCSVM(t).Open(t, "runs", o)) })
+	t.Run("azurite", func(t *testing.T) { f(t, peers.StartAzurite(t).Open(t, "runs", o)) })
 }
 
 func randomFile(t *testing.T, p string, n int) {

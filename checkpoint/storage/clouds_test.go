@@ -2,7 +2,6 @@ package storage_test
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"errors"
@@ -46,45 +45,30 @@ type backend struct {
 // carry CRC32C, and versitygw again with Content-MD5).
 var backends = []backend{
 	{"gcs", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
-		g := peers.StartFakeGCS(t)
-		meta, host := peers.GCPMetadata(t)
-		gate, _ := g.RequireTokens(t, meta.Valid)
-		o.Endpoint, o.GCPMetadata, o.Getenv = front(gate), host, env()
-		return open(t, g.URL("runs"), o)
+		g := peers.StartGCSVM(t)
+		o.Endpoint = front(g.Endpoint)
+		return g.Open(t, "runs", o)
 	}},
 	{"azurite", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
-		a := peers.StartAzurite(t, mkContainer)
-		o.Endpoint, o.Getenv = front(a.Endpoint), env("AZURE_STORAGE_KEY", peers.AzuriteKey)
-		return open(t, a.URL("runs"), o)
+		a := peers.StartAzurite(t)
+		o.Endpoint = front(a.Endpoint)
+		return a.Open(t, "runs", o)
 	}},
 	{"minio", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
 		s := peers.StartMinIO(t)
-		s.SetEnv(t)
-		o.Endpoint, o.Region = front(s.Endpoint), "us-east-1"
-		return open(t, "s3://"+s.Bucket+"/runs", o)
+		o.Endpoint = front(s.Endpoint)
+		return s.Open(t, "runs", o)
 	}},
 	{"versitygw", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
 		s := peers.StartVersity(t)
-		s.SetEnv(t)
-		o.Endpoint, o.Region = front(s.Endpoint), "us-east-1"
-		return open(t, "s3://"+s.Bucket+"/runs", o)
+		o.Endpoint = front(s.Endpoint)
+		return s.Open(t, "runs", o)
 	}},
 	{"versitygw-md5", func(t *testing.T, front func(string) string, o storage.Options) storage.Store {
 		s := peers.StartVersity(t)
-		s.SetEnv(t)
-		o.Endpoint, o.Region, o.Checksum = front(s.Endpoint), "us-east-1", "md5" // Content-MD5 instead of CRC32C
-		return open(t, "s3://"+s.Bucket+"/runs", o)
+		o.Endpoint, o.Checksum = front(s.Endpoint), "md5" // Content-MD5 instead of CRC32C
+		return s.Open(t, "runs", o)
 	}},
-}
-
-// mkContainer creates an Azurite container with preemptd's own client.
-func mkContainer(endpoint, container string) error {
-	st, err := storage.Open("azblob://"+peers.AzuriteAccount+"/"+container+"/x",
-		storage.Options{Endpoint: endpoint, Getenv: env("AZURE_STORAGE_KEY", peers.AzuriteKey)})
-	if err != nil {
-		return err
-	}
-	return st.(*storage.Azure).CreateContainer(context.Background())
 }
 
 func open(t *testing.T, u string, o storage.Options) storage.Store {

@@ -3,20 +3,14 @@ package storage_test
 import (
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
-	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -36,11 +30,10 @@ import (
 // again before it expires; without a metadata server the error says where
 // the token was sought.
 func TestGCSTokenFromMetadata(t *testing.T) {
-	g := peers.StartFakeGCS(t)
-	meta, host := peers.GCPMetadata(t)
+	g := peers.StartGCSVM(t)
+	meta, host, refused := g.Meta, g.MetaHost, g.Refused
 	meta.TokenTTL = 5*time.Minute + 1500*time.Millisecond // refreshed 5 minutes early: in 1.5 s
-	gate, refused := g.RequireTokens(t, meta.Valid)
-	st := open(t, g.URL("runs"), storage.Options{Endpoint: gate, GCPMetadata: host, Getenv: env()})
+	st := g.Open(t, "runs", storage.Options{})
 	ctx := t.Context()
 	for i := range 3 {
 		if err := st.PutBytes(ctx, fmt.Sprintf("k%d", i), []byte("x")); err != nil {
@@ -64,7 +57,7 @@ func TestGCSTokenFromMetadata(t *testing.T) {
 		t.Fatalf("String() = %q: it must say where the token comes from", s)
 	}
 
-	dead := open(t, g.URL("runs"), storage.Options{Endpoint: gate, GCPMetadata: "127.0.0.1:1", Getenv: env()})
+	dead := open(t, g.URL("runs"), storage.Options{Endpoint: g.Endpoint, GCPMetadata: "127.0.0.1:1", Getenv: env()})
 	err := dead.PutBytes(ctx, "k", []byte("x"))
 	if err == nil || !strings.Contains(err.Error(), "service-account token") {
 		t.Fatalf("without a metadata server: %v", err)
@@ -74,10 +67,9 @@ func TestGCSTokenFromMetadata(t *testing.T) {
 // TestGCSReadOnlyScope: a VM whose access scopes only read Cloud Storage
 // (Compute Engine's default) fails the doctor's check with the fix.
 func TestGCSReadOnlyScope(t *testing.T) {
-	g := peers.StartFakeGCS(t)
-	meta, host := peers.GCPMetadata(t)
-	st := open(t, g.URL("runs"), storage.Options{Endpoint: g.Endpoint, GCPMetadata: host, Getenv: env()})
-	check := st.(interface{ CheckAccess(context.Context) error })
+	g := peers.StartGCSVM(t)
+	meta := g.Meta
+	check := g.Open(t, "runs", storage.Options{}).(interface{ CheckAccess(context.Context) error })
 	if err := check.CheckAccess(t.Context()); err != nil {
 		t.Fatalf("cloud-platform scope: %v", err)
 	}
@@ -153,9 +145,9 @@ func TestGCSServiceAccountKey(t *testing.T) {
 // TestGCSAbortUploads: the temporary parts a crash left under one key are
 // deleted at the next start; another key's are not.
 func TestGCSAbortUploads(t *testing.T) {
-	g := peers.StartFakeGCS(t)
-	plant := func(name string) {
-		u := g.Endpoint + "/upload/storage/v1/b/" + g.Bucket + "/o?uploadType=media&name=" + url.QueryEscape(name)
+	g := peers.StartGCSVM(t)
+	plant := func(name string) { // straight to the server, past the gate
+		u := g.GCS.Endpoint + "/upload/storage/v1/b/" + g.Bucket + "/o?uploadType=media&name=" + url.QueryEscape(name)
 		resp, err := http.Post(u, "application/octet-stream", strings.NewReader("part"))
 		if err != nil || resp.StatusCode != http.StatusOK {
 			t.Fatalf("plant %s: %v %v", name, err, resp)
@@ -166,8 +158,7 @@ func TestGCSAbortUploads(t *testing.T) {
 		"runs/_preemptd/uploads/ck/a/0022/00000", "runs/_preemptd/uploads/ck/ab/0033/00000"} {
 		plant(n)
 	}
-	_, host := peers.GCPMetadata(t)
-	st := open(t, g.URL("runs"), storage.Options{Endpoint: g.Endpoint, GCPMetadata: host, Getenv: env()})
+	st := g.Open(t, "runs", storage.Options{})
 	if objs, _ := st.List(t.Context(), ""); len(objs) != 0 {
 		t.Fatalf("temporaries listed as objects: %v", objs)
 	}
@@ -181,49 +172,17 @@ func TestGCSAbortUploads(t *testing.T) {
 	}
 }
 
-// selfSigned writes a certificate for 127.0.0.1 and its key.
-func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IsCA: true, BasicConstraintsValid: true}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	kb, _ := x509.MarshalECPrivateKey(key)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
-	cert, _ := x509.ParseCertificate(der)
-	pool = x509.NewCertPool()
-	pool.AddCert(cert)
-	return certFile, keyFile, pool
-}
-
 // TestAzureManagedIdentity: with no key or SAS, the store asks IMDS for a
 // token for https://storage.azure.com/ (fakes.Azure answers as IMDS does)
 // and Azurite, in its OAuth mode, takes it: a file of several blocks, a
 // copy, a listing and a read all go through on the token. A client id the
 // VM lacks is refused with the reason.
 func TestAzureManagedIdentity(t *testing.T) {
-	certFile, keyFile, pool := selfSigned(t)
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	a := peers.StartAzuriteOAuth(t, certFile, keyFile, func(endpoint, container string) error {
-		st, err := storage.Open("azblob://"+peers.AzuriteAccount+"/"+container+"/x",
-			storage.Options{Endpoint: endpoint, HTTP: hc, Getenv: env("AZURE_STORAGE_KEY", peers.AzuriteKey)})
-		if err != nil {
-			return err
-		}
-		return st.(*storage.Azure).CreateContainer(context.Background())
-	})
+	a := peers.StartAzuriteOAuth(t)
 	imds, imdsURL := peers.AzureIMDS(t)
 	imds.ClientIDs = []string{"11111111-2222-3333-4444-555555555555"}
 	for _, clientID := range []string{"", "11111111-2222-3333-4444-555555555555"} {
-		st := open(t, a.URL("runs"), storage.Options{Endpoint: a.Endpoint, AzureIMDS: imdsURL, HTTP: hc, PartSize: 4 << 20,
-			Getenv: env("AZURE_CLIENT_ID", clientID)})
+		st := a.Open(t, "runs", storage.Options{AzureIMDS: imdsURL, PartSize: 4 << 20, Getenv: env("AZURE_CLIENT_ID", clientID)})
 		f, b := randomFile(t, 10<<20)
 		ctx := t.Context()
 		if err := st.PutFile(ctx, "ck/shard", f, int64(len(b))); err != nil {
@@ -250,12 +209,11 @@ func TestAzureManagedIdentity(t *testing.T) {
 		fmt.Fprintf(w, `{"access_token":"not-a-jwt","expires_on":"%d","token_type":"Bearer"}`, time.Now().Add(time.Hour).Unix())
 	}))
 	t.Cleanup(bogus.Close)
-	st := open(t, a.URL("runs"), storage.Options{Endpoint: a.Endpoint, AzureIMDS: bogus.URL, HTTP: hc, Getenv: env()})
+	st := a.Open(t, "runs", storage.Options{AzureIMDS: bogus.URL, Getenv: env()})
 	if err := st.PutBytes(t.Context(), "k", []byte("x")); err == nil {
 		t.Fatal("Azurite took a token that is not one: the test would prove nothing")
 	}
-	st = open(t, a.URL("runs"), storage.Options{Endpoint: a.Endpoint, AzureIMDS: imdsURL, HTTP: hc,
-		Getenv: env("AZURE_CLIENT_ID", "99999999-0000-0000-0000-000000000000")})
+	st = a.Open(t, "runs", storage.Options{AzureIMDS: imdsURL, Getenv: env("AZURE_CLIENT_ID", "99999999-0000-0000-0000-000000000000")})
 	err := st.PutBytes(t.Context(), "k", []byte("x"))
 	if err == nil || !strings.Contains(err.Error(), "Identity not found") || !strings.Contains(err.Error(), "AZURE_CLIENT_ID") {
 		t.Fatalf("an identity the VM lacks: %v", err)
@@ -265,9 +223,8 @@ func TestAzureManagedIdentity(t *testing.T) {
 // TestAzureSAS: AZURE_STORAGE_SAS_TOKEN alone is enough: blocks, a copy
 // (its source carries the SAS too), a listing and a read.
 func TestAzureSAS(t *testing.T) {
-	a := peers.StartAzurite(t, mkContainer)
-	st := open(t, a.URL("runs"), storage.Options{Endpoint: a.Endpoint, PartSize: 4 << 20,
-		Getenv: env("AZURE_STORAGE_SAS_TOKEN", "?"+peers.AzuriteSAS())})
+	a := peers.StartAzurite(t)
+	st := a.Open(t, "runs", storage.Options{PartSize: 4 << 20, Getenv: env("AZURE_STORAGE_SAS_TOKEN", "?"+peers.AzuriteSAS())})
 	f, b := randomFile(t, 9<<20)
 	ctx := t.Context()
 	if err := st.PutFile(ctx, "ck/shard", f, int64(len(b))); err != nil {

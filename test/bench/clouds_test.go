@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"context"
 	"crypto/rand"
 	"fmt"
 	"net/url"
@@ -22,43 +21,18 @@ type cloudStore struct {
 	open         func(t *testing.T, endpoint func(string) string, threads uint, partSize uint64) storage.Store
 }
 
-func noEnv(k string) string { return "" }
-
 var cloudStores = []cloudStore{
 	{"GCS", "fake-gcs-server " + peers.FakeGCSVersion, func(t *testing.T, endpoint func(string) string, threads uint, partSize uint64) storage.Store {
-		g := peers.StartFakeGCS(t)
-		_, host := peers.GCPMetadata(t)
-		st, err := storage.Open(g.URL("bench"), storage.Options{Endpoint: endpoint(g.Endpoint), GCPMetadata: host, Getenv: noEnv,
-			Threads: threads, PartSize: partSize})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st
+		g := peers.StartGCSVM(t) // the VM's token; the server itself, not its token gate, behind endpoint
+		return g.Open(t, "bench", storage.Options{Endpoint: endpoint(g.GCS.Endpoint), Threads: threads, PartSize: partSize})
 	}},
 	{"Azure Blob", "Azurite " + peers.AzuriteVersion, func(t *testing.T, endpoint func(string) string, threads uint, partSize uint64) storage.Store {
-		getenv := func(k string) string { return map[string]string{"AZURE_STORAGE_KEY": peers.AzuriteKey}[k] }
-		a := peers.StartAzurite(t, func(ep, container string) error {
-			st, err := storage.Open("azblob://"+peers.AzuriteAccount+"/"+container+"/x", storage.Options{Endpoint: ep, Getenv: getenv})
-			if err != nil {
-				return err
-			}
-			return st.(*storage.Azure).CreateContainer(context.Background())
-		})
-		st, err := storage.Open(a.URL("bench"), storage.Options{Endpoint: endpoint(a.Endpoint), Getenv: getenv, Threads: threads, PartSize: partSize})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st
+		a := peers.StartAzurite(t)
+		return a.Open(t, "bench", storage.Options{Endpoint: endpoint(a.Endpoint), Threads: threads, PartSize: partSize})
 	}},
 	{"S3", "MinIO " + peers.MinIOVersion, func(t *testing.T, endpoint func(string) string, threads uint, partSize uint64) storage.Store {
 		s3 := peers.StartMinIO(t)
-		st, err := storage.Open("s3://"+s3.Bucket+"/bench", storage.Options{Endpoint: endpoint(s3.Endpoint), Region: "us-east-1",
-			Getenv: noEnv, Threads: threads, PartSize: partSize})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s3.SetEnv(t)
-		return st
+		return s3.Open(t, "bench", storage.Options{Endpoint: endpoint(s3.Endpoint), Threads: threads, PartSize: partSize})
 	}},
 }
 

@@ -111,11 +111,8 @@ func TestCheckpointCommittedOnNotice(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("simulate: %d\n%s", code, out)
 		}
-		st := d.status()
-		for _, s := range st.Emergency.Steps {
-			if s.Name == "checkpoint" && s.Error != "" {
-				t.Fatalf("checkpoint step: %s", s.Error)
-			}
+		if e := stepError(d.status(), "checkpoint"); e != "" {
+			t.Fatalf("checkpoint step: %s", e)
 		}
 		latest, names := lsJSON(t, d.config, sp.env)
 		if latest != "step-2" || len(names) != 2 {
@@ -148,12 +145,7 @@ func TestTrainerKilledMidSave(t *testing.T) {
 			t.Fatalf("the trainer did not start saving step-2: %v", err)
 		}
 		st := d.status()
-		var stepErr string
-		for _, s := range st.Emergency.Steps {
-			if s.Name == "checkpoint" {
-				stepErr = s.Error
-			}
-		}
+		stepErr := stepError(st, "checkpoint")
 		if !strings.Contains(stepErr, "no new complete checkpoint") || !strings.Contains(stepErr, "stays latest") {
 			t.Fatalf("checkpoint step error = %q; the record must say why", stepErr)
 		}
@@ -225,12 +217,7 @@ func TestStoreOutage(t *testing.T) {
 		sp.down(t, true)
 		runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "10s", "--wait")
 		st := d.status() // still answering
-		var stepErr string
-		for _, s := range st.Emergency.Steps {
-			if s.Name == "checkpoint" {
-				stepErr = s.Error
-			}
-		}
+		stepErr := stepError(st, "checkpoint")
 		if stepErr == "" {
 			t.Fatalf("the checkpoint step succeeded with the store down: %+v", st.Emergency.Steps)
 		}

@@ -188,6 +188,17 @@ func cleanEnv() []string {
 	return env
 }
 
+// stepError is the error of the emergency path's step name ("" if it
+// succeeded or never ran).
+func stepError(st agent.Status, name string) string {
+	for _, s := range st.Emergency.Steps {
+		if s.Name == name {
+			return s.Error
+		}
+	}
+	return ""
+}
+
 func (d *daemon) client() *agent.Client {
 	return agent.NewClient(filepath.Join(d.runDir, agent.SocketName))
 }

@@ -283,12 +283,7 @@ func TestJobStopsEveryNodeAndCommitsOnce(t *testing.T) {
 	<-nodes[1].d.exited
 	for _, i := range []int{0, 2} {
 		st := nodes[i].d.waitEmergencyDone()
-		var stepErr string
-		for _, s := range st.Emergency.Steps {
-			if s.Name == "checkpoint" {
-				stepErr = s.Error
-			}
-		}
+		stepErr := stepError(st, "checkpoint")
 		if st.Emergency.Checkpoint != nil && st.Emergency.Checkpoint.Name == "step-6" || !strings.Contains(stepErr, "missing the part of node1") {
 			t.Fatalf("node%d: checkpoint %+v, step error %q; want step-6 not committed, node1's part missing", i, st.Emergency.Checkpoint, stepErr)
 		}

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"net/url"
 	"os/exec"
@@ -9,7 +8,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/preemptd/preemptd/checkpoint/storage"
 	"github.com/preemptd/preemptd/test/peers"
 )
 
@@ -58,26 +56,17 @@ func forEachStore(t *testing.T, f func(t *testing.T, sp storePeer)) {
 			env: s3.Env(), inFlight: func(t *testing.T) int { return s3.IncompleteUploads(t) }, down: down, slow: slow})
 	})
 	t.Run("gcs", func(t *testing.T) {
-		g := peers.StartFakeGCS(t)
-		meta, host := peers.GCPMetadata(t)
-		gate, _ := g.RequireTokens(t, meta.Valid)
-		ep, down, slow := front(t, gate)
+		g := peers.StartGCSVM(t)
+		ep, down, slow := front(t, g.Endpoint)
 		f(t, storePeer{name: "gcs",
 			config: func(run string, threads int) string {
 				return fmt.Sprintf("run_id: %s\ngcp: {endpoint: %q}\nstorage: {url: %q, endpoint: %q, threads: %d}\n",
-					run, host, g.URL("runs"), ep, threads)
+					run, g.MetaHost, g.URL("runs"), ep, threads)
 			},
-			inFlight: func(t *testing.T) int {
-				folders := map[string]bool{}
-				for _, o := range g.Objects(t, "runs/_preemptd/uploads/") {
-					folders[o[:strings.LastIndexByte(o, '/')]] = true
-				}
-				return len(folders)
-			},
-			down: down, slow: slow})
+			inFlight: func(t *testing.T) int { return g.Uploads(t, "runs") }, down: down, slow: slow})
 	})
 	t.Run("azurite", func(t *testing.T) {
-		a := peers.StartAzurite(t, mkAzureContainer)
+		a := peers.StartAzurite(t)
 		ep, down, slow := front(t, a.Endpoint)
 		f(t, storePeer{name: "azurite",
 			config: func(run string, threads int) string {
@@ -85,15 +74,6 @@ func forEachStore(t *testing.T, f func(t *testing.T, sp storePeer)) {
 			},
 			env: a.Env(), inFlight: func(t *testing.T) int { return a.Uncommitted(t) }, down: down, slow: slow})
 	})
-}
-
-func mkAzureContainer(endpoint, container string) error {
-	st, err := storage.Open("azblob://"+peers.AzuriteAccount+"/"+container+"/x", storage.Options{Endpoint: endpoint,
-		Getenv: func(k string) string { return map[string]string{"AZURE_STORAGE_KEY": peers.AzuriteKey}[k] }})
-	if err != nil {
-		return err
-	}
-	return st.(*storage.Azure).CreateContainer(context.Background())
 }
 
 // TestDoctorCloudIdentity: `preemptd doctor` on a GCP VM whose access
@@ -115,15 +95,13 @@ func TestDoctorCloudIdentity(t *testing.T) {
 		}
 		return string(out), code
 	}
-	g := peers.StartFakeGCS(t)
-	meta, host := peers.GCPMetadata(t)
-	gate, _ := g.RequireTokens(t, meta.Valid)
-	gcs := fmt.Sprintf("gcp: {endpoint: %q}\nstorage: {url: %q, endpoint: %q}\n", host, g.URL("runs"), gate)
+	g := peers.StartGCSVM(t)
+	gcs := fmt.Sprintf("gcp: {endpoint: %q}\nstorage: {url: %q, endpoint: %q}\n", g.MetaHost, g.URL("runs"), g.Endpoint)
 	out, code := doctor(gcs)
 	if code != 0 || !strings.Contains(out, "OK    store access") || !strings.Contains(out, "write, read back and delete work") {
 		t.Fatalf("writable scope: exit %d\n%s", code, out)
 	}
-	meta.Set("instance/service-accounts/default/scopes", "https://www.googleapis.com/auth/devstorage.read_only\n")
+	g.Meta.Set("instance/service-accounts/default/scopes", "https://www.googleapis.com/auth/devstorage.read_only\n")
 	out, code = doctor(gcs)
 	if code != 1 || !strings.Contains(out, "FAIL  store access") || !strings.Contains(out, "gcloud compute instances set-service-account") {
 		t.Fatalf("read-only scope: exit %d\n%s", code, out)
@@ -131,7 +109,7 @@ func TestDoctorCloudIdentity(t *testing.T) {
 
 	imds, imdsURL := peers.AzureIMDS(t)
 	imds.ClientIDs = []string{"11111111-2222-3333-4444-555555555555"}
-	a := peers.StartAzurite(t, mkAzureContainer)
+	a := peers.StartAzurite(t)
 	az := fmt.Sprintf("azure: {endpoint: %q}\nstorage: {url: %q, endpoint: %q}\n", imdsURL, a.URL("runs"), a.Endpoint)
 	out, code = doctor(az, "AZURE_CLIENT_ID=99999999-0000-0000-0000-000000000000")
 	if code != 1 || !strings.Contains(out, "FAIL  store access") || !strings.Contains(out, "AZURE_CLIENT_ID") {

@@ -3,27 +3,35 @@ package peers
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"encoding/xml"
 	"fmt"
+	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
-
+	"github.com/preemptd/preemptd/checkpoint/storage"
 	"github.com/preemptd/preemptd/test/fakes"
 )
 
@@ -41,6 +49,10 @@ const (
 	AzuriteAccount = "devstoreaccount1"
 	AzuriteKey     = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
+
+// peerHTTP is how the helpers here ask a server something: never for
+// longer than 30 s (a stuck emulator fails the test instead of hanging it).
+var peerHTTP = &http.Client{Timeout: 30 * time.Second}
 
 // process runs a server until the test ends, its output shown if it fails;
 // env nil is this process's environment.
@@ -87,7 +99,7 @@ func StartFakeGCS(t testing.TB) *GCS {
 		"-backend", "filesystem", "-filesystem-root", filepath.Join(dir, "data"), "-public-host", addr,
 		"-external-url", g.Endpoint, "-log-level", "warn"}, nil)
 	WaitListening(t, addr, 30*time.Second)
-	resp, err := http.Post(g.Endpoint+"/storage/v1/b", "application/json", strings.NewReader(`{"name":"`+g.Bucket+`"}`))
+	resp, err := peerHTTP.Post(g.Endpoint+"/storage/v1/b", "application/json", strings.NewReader(`{"name":"`+g.Bucket+`"}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +113,7 @@ func StartFakeGCS(t testing.TB) *GCS {
 // Objects lists every object name in the bucket below prefix.
 func (g *GCS) Objects(t testing.TB, prefix string) []string {
 	t.Helper()
-	resp, err := http.Get(g.Endpoint + "/storage/v1/b/" + g.Bucket + "/o?prefix=" + prefix)
+	resp, err := peerHTTP.Get(g.Endpoint + "/storage/v1/b/" + g.Bucket + "/o?prefix=" + prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,11 +129,24 @@ func (g *GCS) Objects(t testing.TB, prefix string) []string {
 	return names
 }
 
+// Uploads counts the uploads left unfinished below prefix (the folders of
+// temporary parts under <prefix>/_preemptd/uploads/).
+func (g *GCS) Uploads(t testing.TB, prefix string) int {
+	t.Helper()
+	folders := map[string]bool{}
+	for _, o := range g.Objects(t, prefix+"/_preemptd/uploads/") {
+		folders[path.Dir(o)] = true
+	}
+	return len(folders)
+}
+
 // Azurite is a running Azurite blob service with a container.
 type Azurite struct {
-	Endpoint  string // http://127.0.0.1:PORT/devstoreaccount1
+	Endpoint  string // http://127.0.0.1:PORT/devstoreaccount1 (https with StartAzuriteOAuth)
 	Container string
 	Dir       string
+	// HTTP is a client that trusts the server's certificate (nil: plain HTTP).
+	HTTP *http.Client
 }
 
 // URL is the store URL of prefix in the container.
@@ -132,38 +157,110 @@ func (a *Azurite) URL(prefix string) string {
 // Env is the account key, as the Azure CLI's variables carry it.
 func (a *Azurite) Env() []string { return []string{"AZURE_STORAGE_KEY=" + AzuriteKey} }
 
+// Getenv is Env as a storage.Options.Getenv.
+func (a *Azurite) Getenv(k string) string {
+	if k == "AZURE_STORAGE_KEY" {
+		return AzuriteKey
+	}
+	return ""
+}
+
+// Open is preemptd's store on prefix of the container, with the account
+// key unless o says otherwise.
+func (a *Azurite) Open(t testing.TB, prefix string, o storage.Options) storage.Store {
+	t.Helper()
+	if o.Endpoint == "" {
+		o.Endpoint = a.Endpoint
+	}
+	if o.Getenv == nil {
+		o.Getenv = a.Getenv
+	}
+	if o.HTTP == nil {
+		o.HTTP = a.HTTP
+	}
+	st, err := storage.Open(a.URL(prefix), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
 // StartAzurite starts Azurite's blob service on 127.0.0.1 (node 20 runs
-// it; --skipApiVersionCheck lets it answer clients newer than itself), with
-// the container made by mkContainer (the test's own signed client).
-func StartAzurite(t testing.TB, mkContainer func(endpoint, container string) error) *Azurite {
+// it; --skipApiVersionCheck lets it answer clients newer than itself) with
+// a container, made with preemptd's own client.
+func StartAzurite(t testing.TB) *Azurite {
 	t.Helper()
-	return startAzurite(t, "http", mkContainer)
+	return startAzurite(t, "http", nil)
 }
 
-// StartAzuriteOAuth starts Azurite over HTTPS (cert and key: PEM files)
-// with its OAuth mode on, so that it takes bearer tokens as well as the
-// account key: --oauth basic checks a token's audience, issuer and times
-// (not its signature).
-func StartAzuriteOAuth(t testing.TB, cert, key string, mkContainer func(endpoint, container string) error) *Azurite {
+// StartAzuriteOAuth starts Azurite over HTTPS (a certificate made for the
+// test; Azurite.HTTP trusts it) with its OAuth mode on, so that it takes
+// bearer tokens as well as the account key: --oauth basic checks a token's
+// audience, issuer and times (not its signature).
+func StartAzuriteOAuth(t testing.TB) *Azurite {
 	t.Helper()
-	return startAzurite(t, "https", mkContainer, "--oauth", "basic", "--cert", cert, "--key", key)
+	cert, key, pool := selfSigned(t)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	return startAzurite(t, "https", hc, "--oauth", "basic", "--cert", cert, "--key", key)
 }
 
-func startAzurite(t testing.TB, scheme string, mkContainer func(endpoint, container string) error, extra ...string) *Azurite {
+func startAzurite(t testing.TB, scheme string, hc *http.Client, extra ...string) *Azurite {
 	t.Helper()
 	bin := Require(t, "azurite", AzuriteVersion)
 	blob := filepath.Join(filepath.Dir(bin), "node_modules", ".bin", "azurite-blob")
 	dir := t.TempDir()
 	port := FreePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	a := &Azurite{Endpoint: scheme + "://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir}
+	a := &Azurite{Endpoint: scheme + "://" + addr + "/" + AzuriteAccount, Container: "ckpt", Dir: dir, HTTP: hc}
 	process(t, "azurite", append([]string{blob, "--blobHost", "127.0.0.1", "--blobPort", fmt.Sprint(port),
 		"--location", filepath.Join(dir, "data"), "--silent", "--skipApiVersionCheck"}, extra...), nil)
 	WaitListening(t, addr, 60*time.Second)
-	if err := mkContainer(a.Endpoint, a.Container); err != nil {
-		t.Fatalf("azurite: create container: %v", err)
+	if err := a.Open(t, "x", storage.Options{}).(*storage.Azure).CreateContainer(context.Background()); err != nil {
+		t.Fatalf("azurite: %v", err)
 	}
 	return a
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key, and returns
+// a pool that trusts it.
+func selfSigned(t testing.TB) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IsCA: true, BasicConstraintsValid: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	kb, _ := x509.MarshalECPrivateKey(key)
+	if os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600) != nil ||
+		os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600) != nil {
+		t.Fatal("write the test certificate")
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+// Open is preemptd's store on prefix of the bucket (at o.Endpoint if set,
+// put in front of the server), its credentials in this test's environment.
+func (s *S3) Open(t *testing.T, prefix string, o storage.Options) storage.Store {
+	t.Helper()
+	s.SetEnv(t)
+	if o.Endpoint == "" {
+		o.Endpoint = s.Endpoint
+	}
+	o.Region = "us-east-1"
+	st, err := storage.Open("s3://"+s.Bucket+"/"+prefix, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }
 
 // StartVersity starts versitygw (a second S3 implementation) with the
@@ -178,19 +275,10 @@ func StartVersity(t testing.TB) *S3 {
 		t.Fatal(err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", FreePort(t))
-	cmd := process(t, "versitygw", []string{bin, "--access", MinIOUser, "--secret", MinIOPassword, "--port", addr, "posix", root}, nil)
-	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir, cmd: cmd, out: &bytes.Buffer{}}
+	process(t, "versitygw", []string{bin, "--access", MinIOUser, "--secret", MinIOPassword, "--port", addr, "posix", root}, nil)
+	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir}
 	WaitListening(t, addr, 30*time.Second)
-	c, err := minio.New(addr, &minio.Options{Creds: credentials.NewStaticV4(MinIOUser, MinIOPassword, ""), Region: "us-east-1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Client = c
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := c.MakeBucket(ctx, s.Bucket, minio.MakeBucketOptions{}); err != nil {
-		t.Fatalf("versitygw: make bucket: %v", err)
-	}
+	s.connect(t)
 	return s
 }
 
@@ -212,6 +300,42 @@ func AzureIMDS(t testing.TB) (imds *fakes.Azure, endpoint string) {
 	srv := httptest.NewServer(imds)
 	t.Cleanup(srv.Close)
 	return imds, srv.URL
+}
+
+// GCSVM is fake-gcs-server as a GCP VM's preemptd meets it: a metadata
+// server issuing the VM's tokens (Meta, at MetaHost: gcp.endpoint) and a
+// gate in front of the server (Endpoint: storage.endpoint) that passes only
+// those tokens.
+type GCSVM struct {
+	*GCS
+	Meta     *fakes.GCP
+	MetaHost string
+	Endpoint string
+	Refused  *atomic.Int64
+}
+
+// StartGCSVM starts fake-gcs-server, a GCP metadata fake and the gate.
+func StartGCSVM(t testing.TB) *GCSVM {
+	t.Helper()
+	g := &GCSVM{GCS: StartFakeGCS(t)}
+	g.Meta, g.MetaHost = GCPMetadata(t)
+	g.Endpoint, g.Refused = g.RequireTokens(t, g.Meta.Valid)
+	return g
+}
+
+// Open is preemptd's store on prefix of the bucket through the gate (or
+// o.Endpoint, put in front of it), on the VM's token, with o's tuning.
+func (g *GCSVM) Open(t testing.TB, prefix string, o storage.Options) storage.Store {
+	t.Helper()
+	if o.Endpoint == "" {
+		o.Endpoint = g.Endpoint
+	}
+	o.GCPMetadata, o.Getenv = g.MetaHost, func(string) string { return "" }
+	st, err := storage.Open(g.URL(prefix), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }
 
 // RequireTokens puts a gate in front of the server that answers 401 to any
@@ -263,7 +387,7 @@ func (a *Azurite) Uncommitted(t testing.TB) int {
 
 func (a *Azurite) countBlobs(t testing.TB, include string) int {
 	t.Helper()
-	resp, err := http.Get(a.Endpoint + "/" + a.Container + "?restype=container&comp=list" + include + "&" + AzuriteSAS())
+	resp, err := peerHTTP.Get(a.Endpoint + "/" + a.Container + "?restype=container&comp=list" + include + "&" + AzuriteSAS())
 	if err != nil {
 		t.Fatal(err)
 	}

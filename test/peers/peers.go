@@ -5,7 +5,6 @@
 package peers
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -104,8 +103,6 @@ type S3 struct {
 	Bucket   string
 	Client   *minio.Client
 	Dir      string
-	cmd      *exec.Cmd
-	out      *bytes.Buffer
 }
 
 // Env returns the AWS credential variables for the server.
@@ -141,24 +138,19 @@ func startMinIO(t testing.TB, host string, wrap []string) *S3 {
 	addr := fmt.Sprintf("%s:%d", host, port)
 	args := append(append([]string{}, wrap...), bin, "server", "--quiet", "--address", addr, "--console-address",
 		fmt.Sprintf("127.0.0.1:%d", console), filepath.Join(dir, "data"))
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+MinIOUser, "MINIO_ROOT_PASSWORD="+MinIOPassword,
-		"MINIO_BROWSER=off", "MINIO_UPDATE=off", "HOME="+dir)
-	out := &bytes.Buffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir, cmd: cmd, out: out}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("minio output:\n%s", out)
-		}
-	})
+	process(t, "minio", args, append(os.Environ(), "MINIO_ROOT_USER="+MinIOUser, "MINIO_ROOT_PASSWORD="+MinIOPassword,
+		"MINIO_BROWSER=off", "MINIO_UPDATE=off", "HOME="+dir))
+	s := &S3{Endpoint: "http://" + addr, Bucket: "ckpt", Dir: dir}
 	WaitListening(t, addr, 30*time.Second)
-	c, err := minio.New(addr, &minio.Options{Creds: credentials.NewStaticV4(MinIOUser, MinIOPassword, ""), Region: "us-east-1"})
+	s.connect(t) // MinIO answers 503 while it initialises: connect retries
+	return s
+}
+
+// connect makes the client and the bucket, retrying for 30 s while the
+// server starts.
+func (s *S3) connect(t testing.TB) {
+	t.Helper()
+	c, err := minio.New(strings.TrimPrefix(s.Endpoint, "http://"), &minio.Options{Creds: credentials.NewStaticV4(MinIOUser, MinIOPassword, ""), Region: "us-east-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,14 +160,13 @@ func startMinIO(t testing.TB, host string, wrap []string) *S3 {
 	for {
 		err = c.MakeBucket(ctx, s.Bucket, minio.MakeBucketOptions{})
 		if err == nil {
-			break
+			return
 		}
 		if ctx.Err() != nil {
-			t.Fatalf("make bucket: %v", err)
+			t.Fatalf("%s: make bucket: %v", s.Endpoint, err)
 		}
-		time.Sleep(100 * time.Millisecond) // MinIO answers 503 while it initialises
+		time.Sleep(100 * time.Millisecond)
 	}
-	return s
 }
 
 // Link is a network namespace reached from this one over a veth pair whose
