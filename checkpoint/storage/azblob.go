@@ -374,8 +374,8 @@ func (a *Azure) Create(ctx context.Context, key string, b []byte) error {
 	return nil
 }
 
-// Copy implements Store with Copy Blob (server-side; within one account
-// it is done when the call returns, else it is waited for).
+// Copy implements Store with Copy Blob, server-side; a copy the service
+// reports as pending is polled until it succeeds.
 func (a *Azure) Copy(ctx context.Context, dst, src string) error {
 	dn, sn, err := copyKeys(a.prefix, dst, src)
 	if err != nil {
