@@ -169,8 +169,9 @@ var jobFinal = regexp.MustCompile(`final (step-[0-9]+) rank ([0-9]) (model \S+ t
 
 // TestTorchrunJobTwoNodes: a real two-node torchrun job on this machine —
 // two "nodes", each its own torchrun (--nnodes 2, gloo), checkpoint folder,
-// run_dir and preemptd daemon, one MinIO behind a bandwidth cap (toxiproxy,
-// 8 MB/s per connection, so background uploads are in flight). The state is
+// run_dir and preemptd daemon, one store behind a bandwidth cap (toxiproxy,
+// 8 MB/s per connection, so background uploads are in flight): MinIO, GCS
+// (fake-gcs-server, the VM's token) and Azure (Azurite). The state is
 // a DDP model and a table sharded across the ranks (torch.distributed.
 // checkpoint: each node writes its rank's 64 MiB shard to its own folder,
 // node 0 the .metadata too), saved every 5 steps; the loop asks the Python
@@ -182,19 +183,20 @@ var jobFinal = regexp.MustCompile(`final (step-[0-9]+) rank ([0-9]) (model \S+ t
 // nodes it loads to the same weights and shards.
 func TestTorchrunJobTwoNodes(t *testing.T) {
 	peers.RequireTorch(t)
-	s3 := peers.StartMinIO(t)
-	x := peers.StartToxiproxy(t)
-	proxy := x.Front(t, "minio", s3, 8192) // KB/s per connection
+	forEachStore(t, torchrunJob)
+}
+
+func torchrunJob(t *testing.T, sp storePeer) {
+	sp.slow(t, 8192) // KB/s per connection
 	var nodes []*jobNode
 	for i := range 2 {
 		n := newJobNode(t, fmt.Sprintf("node%d", i))
-		n.config, n.env = filepath.Join(n.dir, "preemptd.yaml"), s3.Env()
+		n.config, n.env = filepath.Join(n.dir, "preemptd.yaml"), sp.env
 		match := `^\S*python[0-9.]* -u \S*train_job\.py --node ` + n.name + `( |$)`
-		cfg := fmt.Sprintf("provider: local\nrun_id: torch-job\ntrainer: {match: %q}\nmetrics: {listen: \"\"}\n"+
+		cfg := fmt.Sprintf("provider: local\ntrainer: {match: %q}\nmetrics: {listen: \"\"}\n"+
 			"checkpoint: {dir: %q, layout: dcp, quiet_period: 1s, keep: 0}\n"+
-			"storage: {url: \"s3://%s/runs\", endpoint: \"http://%s\", region: us-east-1}\n"+
 			"job: {nodes: 2, node: %s, listen: \"127.0.0.1:%d\", token: %q}\n",
-			match, n.ckpt, s3.Bucket, proxy, n.name, peers.FreePort(t), jobToken)
+			match, n.ckpt, n.name, peers.FreePort(t), jobToken) + sp.config("torch-job", 8)
 		n.d = startDaemonIn(t, n.dir, cfg, n.env...)
 		nodes = append(nodes, n)
 	}
