@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -30,7 +31,7 @@ func splitParts(size, partSize int64) []part {
 }
 
 // eachPart runs put for every part, threads at once; the first error
-// cancels the rest and is returned naming its part.
+// stops the rest (see each) and is returned naming its part.
 func eachPart(ctx context.Context, parts []part, threads uint, put func(ctx context.Context, p part) error) error {
 	return each(ctx, len(parts), threads, func(ctx context.Context, i int) error {
 		if err := put(ctx, parts[i]); err != nil {
@@ -40,15 +41,23 @@ func eachPart(ctx context.Context, parts []part, threads uint, put func(ctx cont
 	})
 }
 
-// each runs f for 0..n-1, threads at once; the first error cancels the
-// rest and is returned.
+// each runs f for 0..n-1, threads at once, and returns the first error.
+// After an error no f starts and no request is sent again (withRetries),
+// but the requests already sent are left to finish rather than
+// cancelled: a request cancelled on the client may still land on the
+// server after the caller has listed and deleted what the failed upload
+// left (a GCS part, an S3 part after its upload was aborted). Only ctx
+// itself ending cancels them.
 func each(ctx context.Context, n int, threads uint, f func(ctx context.Context, i int) error) error {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+	h := &halt{}
+	ctx = context.WithValue(ctx, haltKey{}, h)
 	next := make(chan int)
 	go func() {
 		defer close(next)
 		for i := range n {
+			if h.Load() {
+				return
+			}
 			select {
 			case next <- i:
 			case <-ctx.Done():
@@ -56,19 +65,43 @@ func each(ctx context.Context, n int, threads uint, f func(ctx context.Context, 
 			}
 		}
 	}()
-	var wg sync.WaitGroup
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
+		done  atomic.Int64
+	)
 	for range min(int(max(threads, 1)), n) {
 		wg.Go(func() {
 			for i := range next {
-				if err := f(ctx, i); err != nil {
-					cancel(err)
-					return
+				if h.Load() {
+					continue
 				}
+				if err := f(ctx, i); err != nil {
+					once.Do(func() { first = err })
+					h.Store(true)
+					continue
+				}
+				done.Add(1)
 			}
 		})
 	}
 	wg.Wait()
-	return context.Cause(ctx)
+	if first == nil && done.Load() < int64(n) {
+		first = context.Cause(ctx) // ended before every f ran
+	}
+	return first
+}
+
+// halt is set once one of each's calls has failed.
+type halt struct{ atomic.Bool }
+
+type haltKey struct{}
+
+// halted says whether the each that ctx came from has failed already.
+func halted(ctx context.Context) bool {
+	h, ok := ctx.Value(haltKey{}).(*halt)
+	return ok && h.Load()
 }
 
 // deleteEach deletes the named objects with del, threads at once (GCS and
@@ -120,7 +153,7 @@ func withRetries(ctx context.Context, attempts int, attempt func() (*http.Respon
 		switch {
 		case errors.As(err, &fin):
 			return nil, fin.error
-		case err == nil && !retryable(resp.StatusCode), n >= attempts, ctx.Err() != nil:
+		case err == nil && !retryable(resp.StatusCode), n >= attempts, ctx.Err() != nil, halted(ctx):
 			return resp, err
 		case err == nil:
 			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
