@@ -2,6 +2,7 @@ package storage
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/md5"
@@ -132,8 +133,17 @@ type azError struct {
 
 func (e *azError) Error() string {
 	msg := fmt.Sprintf("Azure Blob: HTTP %d %s: %s", e.Status, e.Code, e.Message)
-	if e.Status == http.StatusForbidden && e.Code == "AuthorizationPermissionMismatch" {
-		msg += " (assign the identity the role Storage Blob Data Contributor on the container)"
+	switch e.Code {
+	case "AuthorizationPermissionMismatch":
+		msg += " (assign the identity the role Storage Blob Data Contributor on the container, or give the SAS read, write, list and delete permissions)"
+	case "AuthorizationFailure":
+		msg += " (the storage account refused the request: it may accept only some networks (allow this machine's virtual network or address), the identity may hold no data role on it (assign Storage Blob Data Contributor), or a SAS may exclude this address or service)"
+	case "KeyBasedAuthenticationNotPermitted":
+		msg += " (the account disallows Shared Key: unset AZURE_STORAGE_KEY to use the machine's managed identity)"
+	case "AuthenticationFailed":
+		msg += " (the signature was refused: check AZURE_STORAGE_KEY, the SAS's expiry and this machine's clock)"
+	case "InvalidAuthenticationInfo":
+		msg += " (the managed identity's token was refused: check that the identity is assigned to this machine and AZURE_CLIENT_ID names it)"
 	}
 	return msg
 }
@@ -375,7 +385,9 @@ func (a *Azure) Create(ctx context.Context, key string, b []byte) error {
 }
 
 // Copy implements Store with Copy Blob, server-side; a copy the service
-// reports as pending is polled until it succeeds.
+// reports as pending is polled (Get Blob Properties) until it ends: a
+// failed or aborted copy is an error with the service's reason, as is
+// the destination taken over by another copy meanwhile.
 func (a *Azure) Copy(ctx context.Context, dst, src string) error {
 	dn, sn, err := copyKeys(a.prefix, dst, src)
 	if err != nil {
@@ -390,23 +402,26 @@ func (a *Azure) Copy(ctx context.Context, dst, src string) error {
 		return fmt.Errorf("storage: copy %s: %w", src, err)
 	}
 	drain(resp)
-	for status := resp.Header.Get("x-ms-copy-status"); status != "success"; {
-		if status != "pending" {
-			return fmt.Errorf("storage: copy %s: copy status %q", src, status)
+	id := resp.Header.Get("x-ms-copy-id")
+	for {
+		switch status := resp.Header.Get("x-ms-copy-status"); {
+		case id != "" && resp.Header.Get("x-ms-copy-id") != id:
+			return fmt.Errorf("storage: copy %s: %s was taken over by another copy (%s) while this one was pending", src, dst, resp.Header.Get("x-ms-copy-id"))
+		case status == "success":
+			return nil
+		case status != "pending":
+			return fmt.Errorf("storage: copy %s: the copy %s: %s", src, cmp.Or(status, "has no status"), resp.Header.Get("x-ms-copy-status-description"))
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return fmt.Errorf("storage: copy %s: still pending (%s copied): %w", src, resp.Header.Get("x-ms-copy-progress"), context.Cause(ctx))
 		case <-time.After(200 * time.Millisecond):
 		}
-		resp, err := a.do(ctx, http.MethodHead, a.blobURL(dn), nil, nil, 0)
-		if err != nil {
+		if resp, err = a.do(ctx, http.MethodHead, a.blobURL(dn), nil, nil, 0); err != nil {
 			return fmt.Errorf("storage: copy %s: %w", src, err)
 		}
 		drain(resp)
-		status = resp.Header.Get("x-ms-copy-status")
 	}
-	return nil
 }
 
 // Get implements Store.

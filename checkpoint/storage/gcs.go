@@ -104,12 +104,18 @@ type gcsError struct {
 	Status  int
 	Message string
 	Reason  string
+	Bucket  string // for the fix of a refusal
 }
 
 func (e *gcsError) Error() string {
 	msg := fmt.Sprintf("GCS: HTTP %d: %s", e.Status, e.Message)
-	if e.Status == http.StatusForbidden && (e.Reason == "insufficientPermissions" || strings.Contains(e.Message, "scope")) {
+	switch {
+	case e.Status == http.StatusForbidden && (e.Reason == "insufficientPermissions" || strings.Contains(e.Message, "scope")):
 		msg += " (the VM's access scopes allow only reading Cloud Storage: stop the VM and run `gcloud compute instances set-service-account VM --service-account SA --scopes cloud-platform` (or storage-rw), then start it)"
+	case e.Status == http.StatusForbidden:
+		msg += fmt.Sprintf(" (grant the service account write access to the bucket: `gcloud storage buckets add-iam-policy-binding gs://%s --member serviceAccount:SA --role roles/storage.objectUser`)", e.Bucket)
+	case e.Status == http.StatusUnauthorized:
+		msg += " (the token was refused: check the service account the VM runs as, or the key file in GOOGLE_APPLICATION_CREDENTIALS, and that it is not disabled)"
 	}
 	return msg
 }
@@ -175,7 +181,7 @@ func (g *GCS) send(ctx context.Context, method, rawURL string, hdr http.Header, 
 			Errors  []struct{ Reason string }
 		}
 	}
-	e := &gcsError{Status: resp.StatusCode}
+	e := &gcsError{Status: resp.StatusCode, Bucket: g.bucket}
 	if json.Unmarshal(b, &doc) == nil && doc.Error.Message != "" {
 		e.Message = doc.Error.Message
 		if len(doc.Error.Errors) > 0 {

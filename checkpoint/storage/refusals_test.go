@@ -1,0 +1,173 @@
+package storage_test
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/test/peers"
+)
+
+// The services' answers below are written from their documentation
+// (Azure Blob's REST reference for Copy Blob and Get Blob Properties and
+// its error codes; Cloud Storage's JSON API error documents): the
+// emulators never give them.
+
+// fakeAzure serves one account "acct" over Shared Key (the signature is
+// not checked: Azurite checks it in the other tests) with handle, and
+// returns preemptd's store on container "ctr", prefix "runs".
+func fakeAzure(t *testing.T, handle http.HandlerFunc) storage.Store {
+	t.Helper()
+	srv := httptest.NewServer(handle)
+	t.Cleanup(srv.Close)
+	key := base64.StdEncoding.EncodeToString([]byte("not-a-real-account-key"))
+	return open(t, "azblob://acct/ctr/runs", storage.Options{Endpoint: srv.URL + "/acct", Getenv: env("AZURE_STORAGE_KEY", key)})
+}
+
+// TestAzurePendingCopy: Copy Blob may answer "pending" (large blobs, other
+// accounts); the copy is then done only when Get Blob Properties says
+// success. A failed or aborted copy, one taken over by another copy, and
+// one still pending when the caller gives up are errors that say so.
+func TestAzurePendingCopy(t *testing.T) {
+	var mu sync.Mutex
+	polls := map[string]int{}
+	st := fakeAzure(t, func(w http.ResponseWriter, r *http.Request) {
+		dst := strings.TrimPrefix(r.URL.Path, "/acct/ctr/runs/")
+		mu.Lock()
+		defer mu.Unlock()
+		h := w.Header()
+		switch r.Method {
+		case http.MethodPut:
+			if !strings.HasSuffix(r.Header.Get("x-ms-copy-source"), "/acct/ctr/runs/ck/src") {
+				http.Error(w, "bad copy source "+r.Header.Get("x-ms-copy-source"), http.StatusBadRequest)
+				return
+			}
+			h.Set("x-ms-copy-id", "id-"+dst)
+			h.Set("x-ms-copy-status", "pending")
+			w.WriteHeader(http.StatusAccepted)
+		case http.MethodHead:
+			polls[dst]++
+			h.Set("x-ms-copy-id", "id-"+dst)
+			h.Set("x-ms-copy-progress", fmt.Sprintf("%d/4096", 1024*polls[dst]))
+			h.Set("x-ms-copy-status", "pending")
+			switch {
+			case dst == "ck/ok" && polls[dst] == 3:
+				h.Set("x-ms-copy-status", "success")
+			case dst == "ck/failed":
+				h.Set("x-ms-copy-status", "failed")
+				h.Set("x-ms-copy-status-description", `500 InternalError "Copy failed when reading the source."`)
+			case dst == "ck/aborted":
+				h.Set("x-ms-copy-status", "aborted")
+			case dst == "ck/taken":
+				h.Set("x-ms-copy-id", "someone-else")
+			}
+			w.WriteHeader(http.StatusOK)
+		default:
+			http.Error(w, r.Method, http.StatusMethodNotAllowed)
+		}
+	})
+	ctx := t.Context()
+	if err := st.Copy(ctx, "ck/ok", "ck/src"); err != nil {
+		t.Fatalf("a copy pending twice, then done: %v", err)
+	}
+	if polls["ck/ok"] != 3 {
+		t.Fatalf("polled %d times, want 3 (pending, pending, success)", polls["ck/ok"])
+	}
+	for dst, want := range map[string]string{
+		"ck/failed":  "failed: 500 InternalError",
+		"ck/aborted": "aborted",
+		"ck/taken":   "taken over by another copy (someone-else)",
+	} {
+		bounded, cancel := context.WithTimeout(ctx, 5*time.Second) // (a copy that never ends fails the test)
+		if err := st.Copy(bounded, dst, "ck/src"); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("copy to %s: %v, want an error saying %q", dst, err, want)
+		}
+		cancel()
+	}
+	short, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
+	defer cancel()
+	err := st.Copy(short, "ck/forever", "ck/src")
+	if err == nil || !strings.Contains(err.Error(), "still pending") || !strings.Contains(err.Error(), "/4096 copied") {
+		t.Fatalf("a copy pending past the caller's deadline: %v", err)
+	}
+}
+
+// TestRefusalsSayTheFix: each refusal the clouds document for a missing
+// permission, a machine the account's network rules exclude, a bad
+// signature or a refused token comes back once (it is not retried) with
+// what to change.
+func TestRefusalsSayTheFix(t *testing.T) {
+	gcsDoc := func(code int, reason, msg string) string {
+		return fmt.Sprintf(`{"error":{"code":%d,"message":%q,"errors":[{"message":%q,"domain":"global","reason":%q}]}}`, code, msg, msg, reason)
+	}
+	azDoc := func(code, msg string) string {
+		return fmt.Sprintf("\ufeff<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>%s</Code><Message>%s\nRequestId:0f1e\nTime:2026-11-30T10:00:00.0000000Z</Message></Error>", code, msg)
+	}
+	for _, tc := range []struct {
+		name, cloud string
+		status      int
+		code, body  string
+		want        []string
+	}{
+		{"gcs IAM", "gcs", 403, "", gcsDoc(403, "forbidden", "ckpt@proj.iam.gserviceaccount.com does not have storage.objects.create access to the Google Cloud Storage object. Permission 'storage.objects.create' denied on resource (or it may not exist)."),
+			[]string{"storage.objects.create", "add-iam-policy-binding gs://bkt", "roles/storage.objectUser"}},
+		{"gcs scope", "gcs", 403, "", gcsDoc(403, "insufficientPermissions", "Request had insufficient authentication scopes."),
+			[]string{"--scopes cloud-platform"}},
+		{"gcs token", "gcs", 401, "", gcsDoc(401, "authError", "Invalid Credentials"),
+			[]string{"token was refused", "GOOGLE_APPLICATION_CREDENTIALS"}},
+		{"azure role", "azure", 403, "AuthorizationPermissionMismatch", azDoc("AuthorizationPermissionMismatch", "This request is not authorized to perform this operation using this permission."),
+			[]string{"Storage Blob Data Contributor"}},
+		{"azure network", "azure", 403, "AuthorizationFailure", azDoc("AuthorizationFailure", "This request is not authorized to perform this operation."),
+			[]string{"virtual network", "Storage Blob Data Contributor"}},
+		{"azure signature", "azure", 403, "AuthenticationFailed", azDoc("AuthenticationFailed", "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature."),
+			[]string{"AZURE_STORAGE_KEY", "clock"}},
+		{"azure no shared key", "azure", 403, "KeyBasedAuthenticationNotPermitted", azDoc("KeyBasedAuthenticationNotPermitted", "Key based authentication is not permitted on this storage account."),
+			[]string{"unset AZURE_STORAGE_KEY"}},
+		{"azure token", "azure", 401, "InvalidAuthenticationInfo", azDoc("InvalidAuthenticationInfo", "Server failed to authenticate the request. Please refer to the information in the www-authenticate header."),
+			[]string{"AZURE_CLIENT_ID"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var hits atomic.Int64
+			refuse := func(w http.ResponseWriter, r *http.Request) {
+				hits.Add(1)
+				if tc.code != "" {
+					w.Header().Set("x-ms-error-code", tc.code)
+					w.Header().Set("Content-Type", "application/xml")
+				} else {
+					w.Header().Set("Content-Type", "application/json; charset=UTF-8")
+				}
+				w.WriteHeader(tc.status)
+				fmt.Fprint(w, tc.body)
+			}
+			var st storage.Store
+			if tc.cloud == "gcs" {
+				srv := httptest.NewServer(http.HandlerFunc(refuse))
+				t.Cleanup(srv.Close)
+				_, host := peers.GCPMetadata(t)
+				st = open(t, "gs://bkt/runs", storage.Options{Endpoint: srv.URL, GCPMetadata: host, Getenv: env()})
+			} else {
+				st = fakeAzure(t, refuse)
+			}
+			err := st.PutBytes(t.Context(), "ck/step-1/.metadata", []byte("x"))
+			if err == nil {
+				t.Fatal("a refusal was taken for success")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			if n := hits.Load(); n != 1 {
+				t.Errorf("the refusal was sent %d times: a refusal is not worth retrying", n)
+			}
+		})
+	}
+}
