@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,6 +46,17 @@ func treeSums(t *testing.T, dir string) map[string][32]byte {
 
 func lsJSON(t *testing.T, config string, env []string) (latest string, names []string) {
 	t.Helper()
+	latest, ms := manifests(t, config, env)
+	for _, m := range ms {
+		names = append(names, m.Name)
+	}
+	return latest, names
+}
+
+// manifests is `preemptd ls --json`: the run's latest and its committed
+// checkpoints' manifests.
+func manifests(t *testing.T, config string, env []string) (latest string, ms []checkpoint.Manifest) {
+	t.Helper()
 	cmd := exec.Command(bin, "ls", "--json", "--config", config)
 	cmd.Env = append(cleanEnv(), env...)
 	out, err := cmd.Output()
@@ -58,10 +70,7 @@ func lsJSON(t *testing.T, config string, env []string) (latest string, names []s
 	if err := json.Unmarshal(out, &doc); err != nil {
 		t.Fatalf("ls --json: %v\n%s", err, out)
 	}
-	for _, m := range doc.Checkpoints {
-		names = append(names, m.Name)
-	}
-	return doc.Latest, names
+	return doc.Latest, doc.Checkpoints
 }
 
 // ckptConfig is the daemon's config for a trainer writing DCP checkpoints
@@ -93,13 +102,17 @@ func restoreVerified(t *testing.T, config string, env []string, to, want string)
 }
 
 // TestCheckpointCommittedOnNotice: with each store and a trainer writing a
-// DCP checkpoint on SIGTERM, a simulated notice ends with that checkpoint
-// committed (manifest + latest) and `preemptd restore` reproduces every byte.
+// DCP checkpoint on SIGTERM (two of its four shards unchanged since the
+// last one, as with frozen weights), a simulated notice ends with that
+// checkpoint committed (manifest + latest), the unchanged shards copied
+// inside the store rather than sent, and `preemptd restore` reproduces
+// every byte, the copied shards included.
 func TestCheckpointCommittedOnNotice(t *testing.T) {
 	forEachStore(t, func(t *testing.T, sp storePeer) {
 		dir := shortDir(t)
 		ckpt := filepath.Join(dir, "ckpt")
-		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(32<<20))
+		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(32<<20),
+			"--ckpt-shards", "4", "--ckpt-unchanged", "2")
 		d := startDaemonIn(t, dir, ckptConfig(tr, ckpt, sp, "run-e2e", 8), sp.env...)
 
 		// Continuous sync commits step-1 before any notice.
@@ -114,10 +127,22 @@ func TestCheckpointCommittedOnNotice(t *testing.T) {
 		if e := stepError(d.status(), "checkpoint"); e != "" {
 			t.Fatalf("checkpoint step: %s", e)
 		}
-		latest, names := lsJSON(t, d.config, sp.env)
-		if latest != "step-2" || len(names) != 2 {
-			t.Fatalf("latest %q, committed %v; want step-2 of [step-1 step-2]", latest, names)
+		latest, ms := manifests(t, d.config, sp.env)
+		if latest != "step-2" || len(ms) != 2 {
+			t.Fatalf("latest %q, committed %d checkpoints; want step-2 of [step-1 step-2]", latest, len(ms))
 		}
+		m := ms[slices.IndexFunc(ms, func(m checkpoint.Manifest) bool { return m.Name == "step-2" })]
+		var reused []string
+		var kept int64
+		for _, f := range m.Files {
+			if f.Reused {
+				reused, kept = append(reused, f.Path), kept+f.Size
+			}
+		}
+		if len(reused) != 2 || kept != 16<<20 || m.SentBytes != m.Bytes-kept {
+			t.Fatalf("step-2 reused %v (%d bytes) and sent %d of %d bytes; want the 2 unchanged shards (16 MiB) copied in the store, the rest sent", reused, kept, m.SentBytes, m.Bytes)
+		}
+		t.Logf("step-2: %v copied in the store, %d of %d bytes sent", reused, m.SentBytes, m.Bytes)
 		restoreVerified(t, d.config, sp.env, filepath.Join(dir, "restored"), filepath.Join(ckpt, "step-2"))
 		if n := sp.inFlight(t); n != 0 {
 			t.Fatalf("%d uploads left behind", n)
