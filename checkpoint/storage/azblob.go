@@ -124,26 +124,31 @@ func (a *Azure) blobURL(name string) string {
 	return a.base + "/" + url.PathEscape(a.container) + "/" + strings.Join(parts, "/")
 }
 
-// azError is the service's error document.
+// azError is the service's error document, with the credential that
+// was refused.
 type azError struct {
 	Status  int
 	Code    string
 	Message string
+	Auth    string // Azure.auth
 }
 
 func (e *azError) Error() string {
 	msg := fmt.Sprintf("Azure Blob: HTTP %d %s: %s", e.Status, e.Code, e.Message)
-	switch e.Code {
-	case "AuthorizationPermissionMismatch":
+	identity := strings.HasPrefix(e.Auth, "managed identity")
+	switch {
+	case e.Code == "AuthorizationPermissionMismatch":
 		msg += " (assign the identity the role Storage Blob Data Contributor on the container, or give the SAS read, write, list and delete permissions)"
-	case "AuthorizationFailure":
+	case e.Code == "AuthorizationFailure":
 		msg += " (the storage account refused the request: it may accept only some networks (allow this machine's virtual network or address), the identity may hold no data role on it (assign Storage Blob Data Contributor), or a SAS may exclude this address or service)"
-	case "KeyBasedAuthenticationNotPermitted":
+	case e.Code == "KeyBasedAuthenticationNotPermitted":
 		msg += " (the account disallows Shared Key: unset AZURE_STORAGE_KEY to use the machine's managed identity)"
-	case "AuthenticationFailed":
-		msg += " (the signature was refused: check AZURE_STORAGE_KEY, the SAS's expiry and this machine's clock)"
-	case "InvalidAuthenticationInfo":
-		msg += " (the managed identity's token was refused: check that the identity is assigned to this machine and AZURE_CLIENT_ID names it)"
+	case e.Code == "AuthenticationFailed" && e.Auth == "account key":
+		msg += " (the account key's signature was refused: check that AZURE_STORAGE_KEY is the account's current key (`az storage account keys list`) and this machine's clock)"
+	case e.Code == "AuthenticationFailed" && e.Auth == "SAS token":
+		msg += " (the SAS was refused: check its expiry (se=) and start (st=), that it is for this account, and this machine's clock)"
+	case (e.Code == "AuthenticationFailed" || e.Code == "InvalidAuthenticationInfo") && identity:
+		msg += fmt.Sprintf(" (the token of the %s was refused: check that the identity is assigned to this machine, that AZURE_CLIENT_ID names it, and this machine's clock)", e.Auth)
 	}
 	return msg
 }
@@ -191,7 +196,7 @@ func (a *Azure) do(ctx context.Context, method, rawURL string, hdr http.Header, 
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	e := &azError{Status: resp.StatusCode, Code: resp.Header.Get("x-ms-error-code")}
+	e := &azError{Status: resp.StatusCode, Code: resp.Header.Get("x-ms-error-code"), Auth: a.auth}
 	var doc struct {
 		Code    string
 		Message string

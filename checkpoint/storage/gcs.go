@@ -105,6 +105,7 @@ type gcsError struct {
 	Message string
 	Reason  string
 	Bucket  string // for the fix of a refusal
+	Auth    string // where the token came from (GCS.auth)
 }
 
 func (e *gcsError) Error() string {
@@ -115,7 +116,7 @@ func (e *gcsError) Error() string {
 	case e.Status == http.StatusForbidden:
 		msg += fmt.Sprintf(" (grant the service account write access to the bucket: `gcloud storage buckets add-iam-policy-binding gs://%s --member serviceAccount:SA --role roles/storage.objectUser`)", e.Bucket)
 	case e.Status == http.StatusUnauthorized:
-		msg += " (the token was refused: check the service account the VM runs as, or the key file in GOOGLE_APPLICATION_CREDENTIALS, and that it is not disabled)"
+		msg += fmt.Sprintf(" (the token from %s was refused: check that the service account exists and is enabled, and this machine's clock)", e.Auth)
 	}
 	return msg
 }
@@ -181,7 +182,7 @@ func (g *GCS) send(ctx context.Context, method, rawURL string, hdr http.Header, 
 			Errors  []struct{ Reason string }
 		}
 	}
-	e := &gcsError{Status: resp.StatusCode, Bucket: g.bucket}
+	e := &gcsError{Status: resp.StatusCode, Bucket: g.bucket, Auth: g.auth}
 	if json.Unmarshal(b, &doc) == nil && doc.Error.Message != "" {
 		e.Message = doc.Error.Message
 		if len(doc.Error.Errors) > 0 {

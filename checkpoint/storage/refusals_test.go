@@ -21,15 +21,25 @@ import (
 // its error codes; Cloud Storage's JSON API error documents): the
 // emulators never give them.
 
-// fakeAzure serves one account "acct" over Shared Key (the signature is
-// not checked: Azurite checks it in the other tests) with handle, and
-// returns preemptd's store on container "ctr", prefix "runs".
-func fakeAzure(t *testing.T, handle http.HandlerFunc) storage.Store {
+// fakeAzure serves one account "acct" with handle, and returns preemptd's
+// store on container "ctr", prefix "runs", with the credential cred names:
+// "key" (Shared Key; the signature is not checked: Azurite checks it in the
+// other tests), "sas", or "identity" (a token from test/fakes' IMDS).
+func fakeAzure(t *testing.T, cred string, handle http.HandlerFunc) storage.Store {
 	t.Helper()
 	srv := httptest.NewServer(handle)
 	t.Cleanup(srv.Close)
-	key := base64.StdEncoding.EncodeToString([]byte("not-a-real-account-key"))
-	return open(t, "azblob://acct/ctr/runs", storage.Options{Endpoint: srv.URL + "/acct", Getenv: env("AZURE_STORAGE_KEY", key)})
+	o := storage.Options{Endpoint: srv.URL + "/acct"}
+	switch cred {
+	case "key":
+		o.Getenv = env("AZURE_STORAGE_KEY", base64.StdEncoding.EncodeToString([]byte("not-a-real-account-key")))
+	case "sas":
+		o.Getenv = env("AZURE_STORAGE_SAS_TOKEN", "sv=2021-12-02&ss=b&srt=co&sp=rwdlc&se=2026-01-01T00:00:00Z&sig=bm90LWEtc2ln")
+	case "identity":
+		_, o.AzureIMDS = peers.AzureIMDS(t)
+		o.Getenv = env()
+	}
+	return open(t, "azblob://acct/ctr/runs", o)
 }
 
 // TestAzurePendingCopy: Copy Blob may answer "pending" (large blobs, other
@@ -39,7 +49,7 @@ func fakeAzure(t *testing.T, handle http.HandlerFunc) storage.Store {
 func TestAzurePendingCopy(t *testing.T) {
 	var mu sync.Mutex
 	polls := map[string]int{}
-	st := fakeAzure(t, func(w http.ResponseWriter, r *http.Request) {
+	st := fakeAzure(t, "key", func(w http.ResponseWriter, r *http.Request) {
 		dst := strings.TrimPrefix(r.URL.Path, "/acct/ctr/runs/")
 		mu.Lock()
 		defer mu.Unlock()
@@ -112,7 +122,7 @@ func TestRefusalsSayTheFix(t *testing.T) {
 		return fmt.Sprintf("\ufeff<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>%s</Code><Message>%s\nRequestId:0f1e\nTime:2026-11-30T10:00:00.0000000Z</Message></Error>", code, msg)
 	}
 	for _, tc := range []struct {
-		name, cloud string
+		name, cloud string // cloud: gcs, or azure's credential: key, sas, identity
 		status      int
 		code, body  string
 		want        []string
@@ -122,17 +132,19 @@ func TestRefusalsSayTheFix(t *testing.T) {
 		{"gcs scope", "gcs", 403, "", gcsDoc(403, "insufficientPermissions", "Request had insufficient authentication scopes."),
 			[]string{"--scopes cloud-platform"}},
 		{"gcs token", "gcs", 401, "", gcsDoc(401, "authError", "Invalid Credentials"),
-			[]string{"token was refused", "GOOGLE_APPLICATION_CREDENTIALS"}},
-		{"azure role", "azure", 403, "AuthorizationPermissionMismatch", azDoc("AuthorizationPermissionMismatch", "This request is not authorized to perform this operation using this permission."),
+			[]string{"the token from the VM's service account (metadata server", "was refused", "enabled"}},
+		{"azure role", "identity", 403, "AuthorizationPermissionMismatch", azDoc("AuthorizationPermissionMismatch", "This request is not authorized to perform this operation using this permission."),
 			[]string{"Storage Blob Data Contributor"}},
-		{"azure network", "azure", 403, "AuthorizationFailure", azDoc("AuthorizationFailure", "This request is not authorized to perform this operation."),
+		{"azure network", "identity", 403, "AuthorizationFailure", azDoc("AuthorizationFailure", "This request is not authorized to perform this operation."),
 			[]string{"virtual network", "Storage Blob Data Contributor"}},
-		{"azure signature", "azure", 403, "AuthenticationFailed", azDoc("AuthenticationFailed", "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature."),
-			[]string{"AZURE_STORAGE_KEY", "clock"}},
-		{"azure no shared key", "azure", 403, "KeyBasedAuthenticationNotPermitted", azDoc("KeyBasedAuthenticationNotPermitted", "Key based authentication is not permitted on this storage account."),
+		{"azure key signature", "key", 403, "AuthenticationFailed", azDoc("AuthenticationFailed", "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature."),
+			[]string{"AZURE_STORAGE_KEY", "keys list", "clock"}},
+		{"azure SAS expired", "sas", 403, "AuthenticationFailed", azDoc("AuthenticationFailed", "Signed expiry time [Wed, 01 Jan 2026 00:00:00 GMT] must be after signed start time [Mon, 30 Nov 2026 10:00:00 GMT]"),
+			[]string{"the SAS was refused", "se="}},
+		{"azure no shared key", "key", 403, "KeyBasedAuthenticationNotPermitted", azDoc("KeyBasedAuthenticationNotPermitted", "Key based authentication is not permitted on this storage account."),
 			[]string{"unset AZURE_STORAGE_KEY"}},
-		{"azure token", "azure", 401, "InvalidAuthenticationInfo", azDoc("InvalidAuthenticationInfo", "Server failed to authenticate the request. Please refer to the information in the www-authenticate header."),
-			[]string{"AZURE_CLIENT_ID"}},
+		{"azure token", "identity", 401, "InvalidAuthenticationInfo", azDoc("InvalidAuthenticationInfo", "Server failed to authenticate the request. Please refer to the information in the www-authenticate header."),
+			[]string{"the token of the managed identity", "AZURE_CLIENT_ID"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var hits atomic.Int64
@@ -154,7 +166,7 @@ func TestRefusalsSayTheFix(t *testing.T) {
 				_, host := peers.GCPMetadata(t)
 				st = open(t, "gs://bkt/runs", storage.Options{Endpoint: srv.URL, GCPMetadata: host, Getenv: env()})
 			} else {
-				st = fakeAzure(t, refuse)
+				st = fakeAzure(t, tc.cloud, refuse)
 			}
 			err := st.PutBytes(t.Context(), "ck/step-1/.metadata", []byte("x"))
 			if err == nil {
