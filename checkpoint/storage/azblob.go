@@ -361,12 +361,7 @@ func (a *Azure) putBlob(ctx context.Context, name string, r io.ReaderAt, size in
 
 // PutBytes implements Store.
 func (a *Azure) PutBytes(ctx context.Context, key string, b []byte) error {
-	n, err := a.name(key)
-	if err != nil {
-		return err
-	}
-	sum := md5.Sum(b)
-	if err := a.putBlob(ctx, n, bytes.NewReader(b), int64(len(b)), base64.StdEncoding.EncodeToString(sum[:]), "application/json", false); err != nil {
+	if err := a.putSmall(ctx, key, b, false); err != nil {
 		return fmt.Errorf("storage: put %s: %w", key, err)
 	}
 	return nil
@@ -374,19 +369,17 @@ func (a *Azure) PutBytes(ctx context.Context, key string, b []byte) error {
 
 // Create implements Store with If-None-Match: *.
 func (a *Azure) Create(ctx context.Context, key string, b []byte) error {
+	return createErr(key, a.putSmall(ctx, key, b, true))
+}
+
+// putSmall puts b (a manifest, a pointer) under key in one request.
+func (a *Azure) putSmall(ctx context.Context, key string, b []byte, ifNew bool) error {
 	n, err := a.name(key)
 	if err != nil {
 		return err
 	}
 	sum := md5.Sum(b)
-	err = a.putBlob(ctx, n, bytes.NewReader(b), int64(len(b)), base64.StdEncoding.EncodeToString(sum[:]), "application/json", true)
-	if errors.Is(err, ErrExists) {
-		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
-	}
-	if err != nil {
-		return fmt.Errorf("storage: create %s: %w", key, err)
-	}
-	return nil
+	return a.putBlob(ctx, n, bytes.NewReader(b), int64(len(b)), base64.StdEncoding.EncodeToString(sum[:]), "application/json", ifNew)
 }
 
 // Copy implements Store with Copy Blob, server-side; a copy the service

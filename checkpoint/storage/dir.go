@@ -101,7 +101,7 @@ func (d *Dir) PutBytes(ctx context.Context, key string, b []byte) error {
 func (d *Dir) Create(ctx context.Context, key string, b []byte) error {
 	err := d.through(ctx, key, bytes.NewReader(b), "create", os.Link)
 	if errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
+		return createErr(key, ErrExists)
 	}
 	return err
 }

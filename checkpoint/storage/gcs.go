@@ -332,30 +332,25 @@ func (g *GCS) compose(ctx context.Context, dst string, srcs []string) error {
 
 // PutBytes implements Store.
 func (g *GCS) PutBytes(ctx context.Context, key string, b []byte) error {
-	return g.putSmall(ctx, key, b, false)
-}
-
-// Create implements Store with ifGenerationMatch=0.
-func (g *GCS) Create(ctx context.Context, key string, b []byte) error {
-	if err := g.putSmall(ctx, key, b, true); err != nil {
-		if errors.Is(err, ErrExists) {
-			return fmt.Errorf("storage: create %s: %w", key, ErrExists)
-		}
-		return err
+	if err := g.putSmall(ctx, key, b, false); err != nil {
+		return fmt.Errorf("storage: put %s: %w", key, err)
 	}
 	return nil
 }
 
+// Create implements Store with ifGenerationMatch=0.
+func (g *GCS) Create(ctx context.Context, key string, b []byte) error {
+	return createErr(key, g.putSmall(ctx, key, b, true))
+}
+
+// putSmall puts b (a manifest, a pointer) under key in one request.
 func (g *GCS) putSmall(ctx context.Context, key string, b []byte, ifNew bool) error {
 	k, err := g.key(key)
 	if err != nil {
 		return err
 	}
 	crc, _ := crc32cOf(bytes.NewReader(b))
-	if err := g.insert(ctx, k, bytes.NewReader(b), int64(len(b)), crc, "application/json", ifNew); err != nil {
-		return fmt.Errorf("storage: put %s: %w", key, err)
-	}
-	return nil
+	return g.insert(ctx, k, bytes.NewReader(b), int64(len(b)), crc, "application/json", ifNew)
 }
 
 // Copy implements Store with rewrite, server-side (one call for an object

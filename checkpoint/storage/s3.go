@@ -266,12 +266,9 @@ func (s *S3) Create(ctx context.Context, key string, b []byte) error {
 	_, err = s.c.PutObject(ctx, s.bucket, k, bytes.NewReader(b), int64(len(b)), opts)
 	var resp minio.ErrorResponse
 	if errors.As(err, &resp) && (resp.StatusCode == http.StatusPreconditionFailed || resp.StatusCode == http.StatusConflict) {
-		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
+		err = ErrExists
 	}
-	if err != nil {
-		return fmt.Errorf("storage: create %s: %w", key, err)
-	}
-	return nil
+	return createErr(key, err)
 }
 
 // Copy implements Store with a server-side copy.

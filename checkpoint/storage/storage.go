@@ -27,6 +27,19 @@ var ErrNotFound = errors.New("not found")
 // ErrExists is returned by Create for a key that already exists.
 var ErrExists = errors.New("already exists")
 
+// createErr is Create's error for key from what the store's conditional
+// write returned: ErrExists alone when the key was taken (not the server's
+// words about it), else err.
+func createErr(key string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrExists):
+		return fmt.Errorf("storage: create %s: %w", key, ErrExists)
+	}
+	return fmt.Errorf("storage: create %s: %w", key, err)
+}
+
 // Object is one stored object.
 type Object struct {
 	Key  string
