@@ -37,7 +37,7 @@ func TestChaosKillDuringEmergency(t *testing.T) {
 		cfg := fmt.Sprintf("provider: local\ntrainer: {pid_file: %q}\n", tr.pidFile) +
 			strings.Replace(s3Config(s3, ckpt, run), "storage: {", "storage: {threads: 2, ", 1)
 		d := startDaemonIn(t, dir, cfg, s3.Env()...)
-		waitFor(t, 30*time.Second, "step-1 committed", func() bool { l, _ := lsJSON(t, d.config, s3.Env()); return l == "step-1" })
+		waitLatest(t, d.config, s3.Env(), "step-1", 30*time.Second)
 		runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "60s")
 		delay := time.Duration(rand.IntN(1500)) * time.Millisecond
 		time.Sleep(delay)

@@ -53,6 +53,15 @@ func lsJSON(t *testing.T, config string, env []string) (latest string, names []s
 	return latest, names
 }
 
+// waitLatest waits up to within for the run's latest to name want.
+func waitLatest(t *testing.T, config string, env []string, want string, within time.Duration) {
+	t.Helper()
+	waitFor(t, within, "latest = "+want, func() bool {
+		latest, _ := lsJSON(t, config, env)
+		return latest == want
+	})
+}
+
 // manifests is `preemptd ls --json`: the run's latest and its committed
 // checkpoints' manifests.
 func manifests(t *testing.T, config string, env []string) (latest string, ms []checkpoint.Manifest) {
@@ -116,10 +125,7 @@ func TestCheckpointCommittedOnNotice(t *testing.T) {
 		d := startDaemonIn(t, dir, ckptConfig(tr, ckpt, sp, "run-e2e", 8), sp.env...)
 
 		// Continuous sync commits step-1 before any notice.
-		waitFor(t, 30*time.Second, "step-1 committed by continuous sync", func() bool {
-			latest, _ := lsJSON(t, d.config, sp.env)
-			return latest == "step-1"
-		})
+		waitLatest(t, d.config, sp.env, "step-1", 30*time.Second)
 		out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "60s", "--wait")
 		if code != 0 {
 			t.Fatalf("simulate: %d\n%s", code, out)
@@ -158,10 +164,7 @@ func TestTrainerKilledMidSave(t *testing.T) {
 		ckpt := filepath.Join(dir, "ckpt")
 		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--die-mid-save")
 		d := startDaemonIn(t, dir, ckptConfig(tr, ckpt, sp, "run-torn", 8), sp.env...)
-		waitFor(t, 30*time.Second, "step-1 committed", func() bool {
-			latest, _ := lsJSON(t, d.config, sp.env)
-			return latest == "step-1"
-		})
+		waitLatest(t, d.config, sp.env, "step-1", 30*time.Second)
 		out, code := runCLI(t, "simulate", "--config", d.config, "--kind", "terminate", "--in", "15s", "--wait")
 		if code != 0 {
 			t.Fatalf("simulate: %d\n%s", code, out)
@@ -213,10 +216,7 @@ func TestDaemonKilledMidUpload(t *testing.T) {
 			fmt.Sprintf("%d unfinished upload(s) cleaned at restart; checkpoint committed and restored byte for byte", left))
 
 		d2 := startDaemonIn(t, dir, cfg, sp.env...)
-		waitFor(t, 90*time.Second, "step-1 committed after restart", func() bool {
-			latest, _ := lsJSON(t, d2.config, sp.env)
-			return latest == "step-1"
-		})
+		waitLatest(t, d2.config, sp.env, "step-1", 90*time.Second) // committed after the restart
 		if n := sp.inFlight(t); n != 0 {
 			t.Fatalf("%d unfinished uploads after restart", n)
 		}
@@ -235,10 +235,7 @@ func TestStoreOutage(t *testing.T) {
 		tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", fmt.Sprint(16<<20))
 		cfg := ckptConfig(tr, ckpt, sp, "run-outage", 8)
 		d := startDaemonIn(t, dir, cfg, sp.env...)
-		waitFor(t, 30*time.Second, "step-1 committed", func() bool {
-			latest, _ := lsJSON(t, d.config, sp.env)
-			return latest == "step-1"
-		})
+		waitLatest(t, d.config, sp.env, "step-1", 30*time.Second)
 		sp.down(t, true)
 		runCLI(t, "simulate", "--config", d.config, "--kind", "preempt", "--in", "10s", "--wait")
 		st := d.status() // still answering
@@ -254,10 +251,7 @@ func TestStoreOutage(t *testing.T) {
 			t.Fatalf("after the outage: latest %q, committed %v; want step-1 alone", latest, names)
 		}
 		d2 := startDaemonIn(t, dir, cfg, sp.env...)
-		waitFor(t, 60*time.Second, "step-2 committed once the store is back", func() bool {
-			latest, _ := lsJSON(t, d2.config, sp.env)
-			return latest == "step-2"
-		})
+		waitLatest(t, d2.config, sp.env, "step-2", 60*time.Second) // committed once the store is back
 		restoreVerified(t, d2.config, sp.env, filepath.Join(dir, "restored"), filepath.Join(ckpt, "step-2"))
 		if n := sp.inFlight(t); n != 0 {
 			t.Fatalf("%d unfinished uploads left", n)

@@ -153,16 +153,12 @@ func TestJobStopsEveryNodeAndCommitsOnce(t *testing.T) {
 	other.pidFile = otherTrainer.pidFile
 	other.d = startDaemonIn(t, other.dir, jobConfig(other, "other-run", 2, s3.Endpoint, s3.Bucket, jobToken, peers.FreePort(t)), s3.Env()...)
 
-	waitLatest := func(name string, within time.Duration) {
-		t.Helper()
-		waitFor(t, within, "latest = "+name, func() bool { l, _ := lsJSON(t, nodes[0].config, nodes[0].env); return l == name })
-	}
 	round := func(start int, log string) []*exec.Cmd {
 		var cmds []*exec.Cmd
 		for i := range nodes {
 			cmds = append(cmds, startJobTrainer(t, nodes, i, start, log))
 		}
-		waitLatest(fmt.Sprintf("step-%d", start), 60*time.Second) // continuous sync commits the job's checkpoint
+		waitLatest(t, nodes[0].config, nodes[0].env, fmt.Sprintf("step-%d", start), 60*time.Second) // continuous sync commits the job's checkpoint
 		return cmds
 	}
 	// Node 0 started first: it reads the registry again until all three are there.
@@ -194,7 +190,7 @@ func TestJobStopsEveryNodeAndCommitsOnce(t *testing.T) {
 			t.Fatalf("%s: notice %+v; want a job notice started by node2", n.name, e.Notice)
 		}
 	}
-	waitLatest("step-2", 10*time.Second)
+	waitLatest(t, nodes[0].config, nodes[0].env, "step-2", 10*time.Second)
 	m := jobManifest(t, nodes[0], "step-2")
 	if len(m.Parts) != 3 || len(m.Files) != 7 {
 		t.Fatalf("step-2: %d parts, %d files; want 3 and 7 (two shards a node and .metadata)", len(m.Parts), len(m.Files))
@@ -254,7 +250,7 @@ func TestJobStopsEveryNodeAndCommitsOnce(t *testing.T) {
 	for _, c := range cmds {
 		c.Wait()
 	}
-	waitLatest("step-4", 30*time.Second)
+	waitLatest(t, nodes[0].config, nodes[0].env, "step-4", 30*time.Second)
 	time.Sleep(time.Second) // a second job notice would have arrived by now
 	if n := logCount(nodes[1].d, "emergency path started", nil) - paths; n != 1 {
 		t.Fatalf("node1 ran %d emergency paths for two nodes' notices; want 1", n)
@@ -300,7 +296,7 @@ func TestJobStopsEveryNodeAndCommitsOnce(t *testing.T) {
 	// Node 1 back (its link too): its part on disk completes the set.
 	x.Remove(t, "minio-node1", "slow")
 	startDaemonIn(t, nodes[1].dir, nodes[1].yaml, nodes[1].env...)
-	waitLatest("step-6", 60*time.Second)
+	waitLatest(t, nodes[0].config, nodes[0].env, "step-6", 60*time.Second)
 	if n := s3.IncompleteUploads(t); n != 0 {
 		t.Fatalf("%d multipart uploads left behind", n)
 	}
