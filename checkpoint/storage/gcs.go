@@ -274,8 +274,10 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 		err = g.compose(ctx, k, names)
 	}
 	// The temporaries go whatever happened: those this upload made, and
-	// any a cancelled request made on the server after all (a crash
-	// leaves them to AbortUploads at the next start). Once key is
+	// those it made without hearing so (an answer lost on the way back, a
+	// request the caller's cancelling cut after it was sent; one of those
+	// may land later still, and a crash leaves its parts: both are for
+	// AbortUploads at the next start or the key's next upload). Once key is
 	// complete, every earlier upload's parts for it are garbage too: a
 	// request a killed daemon had fully sent can land after the next
 	// start's AbortUploads.
