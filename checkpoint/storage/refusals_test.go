@@ -3,6 +3,7 @@ package storage_test
 import (
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -181,5 +182,49 @@ func TestRefusalsSayTheFix(t *testing.T) {
 				t.Errorf("the refusal was sent %d times: a refusal is not worth retrying", n)
 			}
 		})
+	}
+}
+
+// TestS3CreateConflictIsNotExists: S3 answers a conditional create that
+// races another write of the key with 409 ConditionalRequestConflict, which
+// AWS documents as "retry the request" — not as the key existing. Create
+// retries it; only 412 PreconditionFailed means the key is taken.
+func TestS3CreateConflictIsNotExists(t *testing.T) {
+	var puts atomic.Int32
+	conflicts := int32(2)
+	var stored atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPut || r.Header.Get("If-None-Match") != "*" {
+			http.Error(w, "unexpected "+r.Method, http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/xml")
+		switch n := puts.Add(1); {
+		case n <= conflicts:
+			w.WriteHeader(http.StatusConflict)
+			fmt.Fprint(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code>`+
+				`<Message>A conflicting operation occurred. If using PutObject you can retry the request.</Message></Error>`)
+		case stored.Load():
+			w.WriteHeader(http.StatusPreconditionFailed)
+			fmt.Fprint(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>PreconditionFailed</Code>`+
+				`<Message>At least one of the pre-conditions you specified did not hold</Message></Error>`)
+		default:
+			stored.Store(true)
+			w.Header().Set("ETag", `"d41d8cd98f00b204e9800998ecf8427e"`)
+		}
+	}))
+	defer srv.Close()
+	st := open(t, "s3://bkt/runs", storage.Options{Endpoint: srv.URL, Region: "us-east-1",
+		Getenv: env("AWS_ACCESS_KEY_ID", "AKIA0000", "AWS_SECRET_ACCESS_KEY", "secret")})
+	t.Setenv("AWS_ACCESS_KEY_ID", "AKIA0000")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "secret")
+	if err := st.Create(context.Background(), "run/_job/notices/x.json", []byte("{}")); err != nil {
+		t.Fatalf("create after two 409s: %v; want it retried and made", err)
+	}
+	if !stored.Load() || puts.Load() != conflicts+1 {
+		t.Fatalf("%d PUTs, stored %v; want %d", puts.Load(), stored.Load(), conflicts+1)
+	}
+	if err := st.Create(context.Background(), "run/_job/notices/x.json", []byte("{}")); !errors.Is(err, storage.ErrExists) {
+		t.Fatalf("create over the key: %v; want ErrExists (412)", err)
 	}
 }

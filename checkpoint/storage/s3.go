@@ -254,8 +254,11 @@ func (s *S3) PutBytes(ctx context.Context, key string, b []byte) error {
 }
 
 // Create implements Store with If-None-Match: * (S3 since 2024, MinIO):
-// 412 Precondition Failed, or 409 when another create of the key is in
-// flight, means the key exists.
+// 412 Precondition Failed means the key exists. 409
+// ConditionalRequestConflict is another write of the key in flight, which
+// AWS documents as "retry the request": it is sent again after a pause (up
+// to maxAttempts in all), and never reported as the key taken — the other
+// write may yet fail.
 func (s *S3) Create(ctx context.Context, key string, b []byte) error {
 	k, err := s.key(key)
 	if err != nil {
@@ -263,12 +266,24 @@ func (s *S3) Create(ctx context.Context, key string, b []byte) error {
 	}
 	opts := minio.PutObjectOptions{ContentType: "application/json", DisableMultipart: true}
 	opts.SetMatchETagExcept("*")
-	_, err = s.c.PutObject(ctx, s.bucket, k, bytes.NewReader(b), int64(len(b)), opts)
-	var resp minio.ErrorResponse
-	if errors.As(err, &resp) && (resp.StatusCode == http.StatusPreconditionFailed || resp.StatusCode == http.StatusConflict) {
-		err = ErrExists
+	pause := 250 * time.Millisecond
+	for n := 1; ; n++ {
+		_, err = s.c.PutObject(ctx, s.bucket, k, bytes.NewReader(b), int64(len(b)), opts)
+		var resp minio.ErrorResponse
+		switch {
+		case errors.As(err, &resp) && resp.StatusCode == http.StatusPreconditionFailed:
+			return createErr(key, ErrExists)
+		case errors.As(err, &resp) && resp.StatusCode == http.StatusConflict && n < maxAttempts:
+			select {
+			case <-ctx.Done():
+				return createErr(key, fmt.Errorf("%w (after %s)", ctx.Err(), resp.Code))
+			case <-time.After(pause):
+			}
+			pause = min(2*pause, 4*time.Second)
+			continue
+		}
+		return createErr(key, err)
 	}
-	return createErr(key, err)
 }
 
 // Copy implements Store with a server-side copy.
