@@ -13,6 +13,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -37,11 +38,38 @@ const SignatureName = ".preemptd-manifest.sig"
 // being uploaded: it is not committed.
 var ErrChanged = errors.New("checkpoint changed during upload")
 
-// Latest is the run's pointer to its newest committed checkpoint.
+// Latest is the run's pointer to its newest committed checkpoint: a job
+// checkpoint's names its commit (the set of parts), since a name saved
+// again has one manifest per save.
 type Latest struct {
 	Name        string    `json:"name"`
 	Step        int64     `json:"step"`
 	CommittedAt time.Time `json:"committed_at"`
+	WrittenAt   time.Time `json:"written_at,omitzero"`
+	Commit      string    `json:"commit,omitempty"`
+}
+
+func latestOf(m Manifest) Latest {
+	return Latest{Name: m.Name, Step: m.Step, CommittedAt: m.CommittedAt, WrittenAt: m.WrittenAt, Commit: m.Commit}
+}
+
+// manifest is what latest says of its checkpoint, for newer.
+func (l Latest) manifest() Manifest {
+	return Manifest{Name: l.Name, Step: l.Step, CommittedAt: l.CommittedAt, WrittenAt: l.WrittenAt, Commit: l.Commit}
+}
+
+// newer orders committed checkpoints: by when they were saved (the newest
+// file of the save: a name saved again, a job's nodes committing in any
+// order, a rollback trained forward again), then by commit time, then by
+// commit id (so that every node orders two commits alike).
+func newer(a, b Manifest) bool {
+	switch {
+	case !a.WrittenAt.IsZero() && !b.WrittenAt.IsZero() && !a.WrittenAt.Equal(b.WrittenAt):
+		return a.WrittenAt.After(b.WrittenAt)
+	case !a.CommittedAt.Equal(b.CommittedAt):
+		return a.CommittedAt.After(b.CommittedAt)
+	}
+	return a.Commit > b.Commit
 }
 
 // Store keys of a run.
@@ -85,6 +113,10 @@ type Committer struct {
 	// 500ms); PartWait bounds a background commit's wait for them (default
 	// 2m; an emergency commit waits until its deadline).
 	PartPoll, PartWait time.Duration
+	// SaveSkew is how far apart the nodes' clocks may be (default
+	// DefaultSaveSkew): a rank's part pairs with a coordinator's part no
+	// older than its own files, less this (see parts.go).
+	SaveSkew time.Duration
 
 	// Journal, if set, is a file (in state_dir) listing the keys whose
 	// uploads are in flight, so that after a crash Cleanup aborts exactly
@@ -106,6 +138,10 @@ type Committer struct {
 	// waiting names the job checkpoint whose other parts (or marker) a
 	// commit is waiting for, with its data sent: "" when none.
 	waiting atomic.Value
+
+	// partCache holds the part manifests read, by key (see readPart).
+	pmu       sync.Mutex
+	partCache map[string]cachedPart
 }
 
 // Result says what a commit did.
@@ -137,7 +173,9 @@ func (c *Committer) Throughput() float64 {
 // Commit makes ck durable: it hashes every file, reuses by server-side copy
 // what an earlier committed checkpoint of the run already holds unchanged,
 // uploads the data, then the markers, checks that nothing changed on disk,
-// writes the manifest and last moves the run's latest pointer.
+// writes the manifest and last moves the run's latest pointer. A name
+// committed before is stored below a save attempt of its own, so that the
+// manifest already there never points at a byte of the new save.
 func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -148,23 +186,35 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	m := Manifest{Version: ManifestVersion, Run: c.Run, Name: ck.Name, Layout: ck.Layout, Step: ck.Step,
 		Markers: ck.Markers, Instance: c.Instance, WrittenAt: ck.ModTime.UTC()}
 	node := "" // a job's files are stored below their node's part folder
-	if c.job() {
+	var prev *Manifest
+	switch {
+	case c.job():
 		if err := SafeNode(c.Node); err != nil {
 			return Result{}, err
 		}
-		m.Version, m.Node, node = JobManifestVersion, c.Node, c.Node
+		m.Version, m.Node, m.Attempt, node = AttemptManifestVersion, c.Node, newAttempt(), c.Node
+	default:
+		switch p, err := c.manifest(ctx, ck.Name); {
+		case err == nil:
+			prev = &p
+			m.Version, m.Attempt = AttemptManifestVersion, newAttempt()
+		case !errors.Is(err, storage.ErrNotFound):
+			// Something is there (unreadable, unsigned, or the store
+			// failed to say): never write over it.
+			m.Version, m.Attempt = AttemptManifestVersion, newAttempt()
+		}
 	}
 	objects := map[string]string{}
 	for _, f := range ck.Files {
-		obj := m.Object(ManifestFile{Path: f.Path, Node: node})
+		obj := m.Object(ManifestFile{Path: f.Path, Node: node, Attempt: m.Attempt})
 		if other, dup := objects[obj]; dup {
 			return Result{}, fmt.Errorf("checkpoint %s: %s and %s would be stored under the same name %s", ck.Name, other, f.Path, obj)
 		}
 		objects[obj] = f.Path
 	}
-	reuse := c.reusable(ctx, ck.Name)
+	reuse := c.reusable(ctx, m)
 	for _, f := range ck.Files {
-		m.Files = append(m.Files, ManifestFile{Path: f.Path, Size: f.Size, Node: node})
+		m.Files = append(m.Files, ManifestFile{Path: f.Path, Size: f.Size, Node: node, Attempt: m.Attempt})
 		m.Bytes += f.Size
 	}
 
@@ -246,10 +296,13 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	if c.job() && ck.Part {
 		// This node's files have no completion marker of their own: they
 		// are whole once the job's marker is (DCP writes .metadata on the
-		// coordinator only after every rank's files), and unchanged since.
-		if err := c.waitMarker(ctx, ck); err != nil {
+		// coordinator only after every rank's files), and unchanged since:
+		// they belong to the save the coordinator's part of it names.
+		pair, err := c.waitPair(ctx, ck, m)
+		if err != nil {
 			return Result{}, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
 		}
+		m.Pairs = pair
 	}
 	if err := unchanged(ck); err != nil {
 		return Result{}, err
@@ -268,13 +321,47 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+ManifestName, b); err != nil {
 		return Result{}, fmt.Errorf("checkpoint %s: manifest: %w", ck.Name, err)
 	}
-	lb, _ := json.Marshal(Latest{Name: ck.Name, Step: ck.Step, CommittedAt: m.CommittedAt})
-	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
-		return Result{}, fmt.Errorf("checkpoint %s: latest: %w", ck.Name, err)
+	if err := c.advanceLatest(ctx, m); err != nil {
+		return Result{}, err
+	}
+	if m.Attempt != "" {
+		c.collectSaved(ctx, m, prev)
 	}
 	took := c.now().Sub(start)
 	c.measured(sent, took)
 	return c.committed(ctx, m, took), nil
+}
+
+// collectSaved deletes, after a single node's re-save m of a name, the
+// objects of the name that neither m nor the manifest it replaced (prev,
+// which a restore may be reading) points at.
+func (c *Committer) collectSaved(ctx context.Context, m Manifest, prev *Manifest) {
+	prefix := runKey(c.Run, m.Name)
+	objs, err := c.Store.List(ctx, prefix)
+	if err != nil {
+		return
+	}
+	keep := map[string]bool{prefix + "/" + ManifestName: true, prefix + "/" + SignatureName: true}
+	for _, man := range []*Manifest{&m, prev} {
+		if man == nil {
+			continue
+		}
+		for _, f := range man.Files {
+			keep[prefix+"/"+man.Object(f)] = true
+		}
+	}
+	var dead []string
+	for _, o := range objs {
+		if !keep[o.Key] {
+			dead = append(dead, o.Key)
+		}
+	}
+	if len(dead) == 0 {
+		return
+	}
+	if err := c.Store.Delete(ctx, dead...); err != nil {
+		c.log().Warn("deleting the objects of a checkpoint's earlier saves", "name", m.Name, "err", err)
+	}
 }
 
 // measured keeps the upload rate of sent bytes in took.
@@ -353,18 +440,18 @@ type reuse struct {
 	sizes map[int64]bool    // the sizes among them
 }
 
-func (c *Committer) reusable(ctx context.Context, name string) reuse {
+func (c *Committer) reusable(ctx context.Context, m Manifest) reuse {
 	r := reuse{keys: map[string]string{}, sizes: map[int64]bool{}}
 	l, err := c.latest(ctx)
-	if err != nil || l.Name == name {
-		return r
+	if err != nil || l.Name == m.Name && m.Attempt == "" {
+		return r // a copy onto the object it reads from
 	}
-	m, err := c.manifest(ctx, l.Name)
+	lm, err := c.latestManifest(ctx, l)
 	if err != nil {
 		return r
 	}
-	for _, f := range m.Files {
-		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, m.Name) + "/" + m.Object(f)
+	for _, f := range lm.Files {
+		r.keys[f.SHA256+"/"+fmt.Sprint(f.Size)] = runKey(c.Run, lm.Name) + "/" + lm.Object(f)
 		r.sizes[f.Size] = true
 	}
 	return r
@@ -438,20 +525,85 @@ func (c *Committer) latest(ctx context.Context) (Latest, error) {
 	return l, nil
 }
 
+// manifest is the newest committed manifest of checkpoint name that
+// verifies: a single node's (or an earlier release's job manifest) at
+// <name>/.preemptd-manifest.json, or a job's under <name>/.preemptd-commits.
 func (c *Committer) manifest(ctx context.Context, name string) (Manifest, error) {
 	if err := safeName(name); err != nil {
 		return Manifest{}, err
 	}
-	var buf bytes.Buffer
-	if err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+ManifestName, &buf); err != nil {
+	var found []Manifest
+	m, err := c.readManifest(ctx, runKey(c.Run, name)+"/"+ManifestName, runKey(c.Run, name)+"/"+SignatureName)
+	firstErr := err
+	if err == nil {
+		found = append(found, m)
+	} else if !errors.Is(err, storage.ErrNotFound) {
+		firstErr = fmt.Errorf("checkpoint %s: %w", name, err)
+	}
+	prefix := runKey(c.Run, name) + "/" + CommitsDir
+	objs, err := c.Store.List(ctx, prefix)
+	if err != nil {
 		return Manifest{}, err
 	}
-	if c.VerifyKey != nil {
-		if err := c.verify(ctx, c.VerifyKey, runKey(c.Run, name)+"/"+SignatureName, buf.Bytes()); err != nil {
-			return Manifest{}, fmt.Errorf("checkpoint %s: %w", name, err)
+	for _, o := range objs {
+		cid, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix+"/"), ".json")
+		if !ok || strings.Contains(cid, "/") {
+			continue
+		}
+		m, err := c.readCommit(ctx, name, cid)
+		if err != nil {
+			if firstErr == nil || errors.Is(firstErr, storage.ErrNotFound) {
+				firstErr = fmt.Errorf("checkpoint %s: %w", name, err)
+			}
+			continue
+		}
+		found = append(found, m)
+	}
+	if len(found) == 0 {
+		return Manifest{}, firstErr
+	}
+	return slices.MaxFunc(found, func(a, b Manifest) int {
+		if newer(a, b) {
+			return 1
+		}
+		return -1
+	}), nil
+}
+
+// readCommit reads job manifest cid of checkpoint name.
+func (c *Committer) readCommit(ctx context.Context, name, cid string) (Manifest, error) {
+	m, err := c.readManifest(ctx, commitKey(c.Run, name, cid), commitSigKey(c.Run, name, cid))
+	if err == nil && (m.Commit != cid || m.Name != name || m.Version != AttemptManifestVersion) {
+		err = fmt.Errorf("job manifest %s names commit %q of %q (version %d)", cid, m.Commit, m.Name, m.Version)
+	}
+	return m, err
+}
+
+// readManifest reads the manifest at key, checking its signature at sigKey
+// with readKey when one is set.
+func (c *Committer) readManifest(ctx context.Context, key, sigKey string) (Manifest, error) {
+	var buf bytes.Buffer
+	if err := c.Store.Get(ctx, key, &buf); err != nil {
+		return Manifest{}, err
+	}
+	if pub := c.readKey(); pub != nil {
+		if err := c.verify(ctx, pub, sigKey, buf.Bytes()); err != nil {
+			return Manifest{}, err
 		}
 	}
 	return ParseManifest(buf.Bytes())
+}
+
+// latestManifest is the manifest latest points at: its commit, for a job.
+func (c *Committer) latestManifest(ctx context.Context, l Latest) (Manifest, error) {
+	if l.Commit != "" {
+		m, err := c.readCommit(ctx, l.Name, l.Commit)
+		if err != nil {
+			return m, fmt.Errorf("checkpoint %s: %w", l.Name, err)
+		}
+		return m, nil
+	}
+	return c.manifest(ctx, l.Name)
 }
 
 // sign is the ed25519 signature of b as stored beside what it signs.
@@ -477,28 +629,47 @@ func (c *Committer) verify(ctx context.Context, pub ed25519.PublicKey, sigKey st
 	return nil
 }
 
-// List returns the run's committed checkpoints (valid manifests), oldest
-// commit first, and the latest pointer's name.
+// List returns the run's committed checkpoints — of each name its newest
+// valid manifest — oldest save first, and the latest pointer's name.
 func (c *Committer) List(ctx context.Context) ([]Manifest, string, error) {
 	objs, err := c.Store.List(ctx, c.Run)
 	if err != nil {
 		return nil, "", err
 	}
-	var out []Manifest
+	byName := map[string]Manifest{}
 	for _, o := range objs {
 		rest := strings.TrimPrefix(o.Key, c.Run+"/")
 		name, file, ok := strings.Cut(rest, "/")
-		if !ok || file != ManifestName {
+		if !ok || safeName(name) != nil {
 			continue
 		}
-		m, err := c.manifest(ctx, name)
+		var m Manifest
+		switch cid, isCommit := strings.CutSuffix(strings.TrimPrefix(file, CommitsDir+"/"), ".json"); {
+		case file == ManifestName:
+			m, err = c.readManifest(ctx, o.Key, runKey(c.Run, name)+"/"+SignatureName)
+		case isCommit && strings.HasPrefix(file, CommitsDir+"/") && !strings.Contains(cid, "/"):
+			m, err = c.readCommit(ctx, name, cid)
+		default:
+			continue
+		}
 		if err != nil {
-			c.log().Warn("ignoring checkpoint with a bad manifest", "name", name, "err", err)
+			c.log().Warn("ignoring checkpoint with a bad manifest", "name", name, "key", o.Key, "err", err)
 			continue
 		}
-		out = append(out, m)
+		if have, ok := byName[name]; !ok || newer(m, have) {
+			byName[name] = m
+		}
 	}
-	slices.SortFunc(out, func(a, b Manifest) int { return a.CommittedAt.Compare(b.CommittedAt) })
+	out := slices.Collect(maps.Values(byName))
+	slices.SortFunc(out, func(a, b Manifest) int {
+		if newer(a, b) {
+			return 1
+		}
+		if newer(b, a) {
+			return -1
+		}
+		return 0
+	})
 	l, err := c.latest(ctx)
 	if err != nil && !errors.Is(err, storage.ErrNotFound) {
 		return out, "", err
@@ -555,19 +726,15 @@ func (c *Committer) Restore(ctx context.Context, dir, name string) (Manifest, st
 // what its ranks read back at the same world size. An empty node restores
 // the whole checkpoint.
 func (c *Committer) RestorePart(ctx context.Context, dir, name, node string) (Manifest, string, error) {
+	var m Manifest
+	var err error
 	if name == "" {
-		l, err := c.latest(ctx)
+		m, err = c.newest(ctx)
+	} else {
+		m, err = c.manifest(ctx, name)
 		if errors.Is(err, storage.ErrNotFound) {
-			return Manifest{}, "", fmt.Errorf("run %q has no committed checkpoint", c.Run)
+			return m, "", fmt.Errorf("checkpoint %q of run %q is not committed (no manifest)", name, c.Run)
 		}
-		if err != nil {
-			return Manifest{}, "", err
-		}
-		name = l.Name
-	}
-	m, err := c.manifest(ctx, name)
-	if errors.Is(err, storage.ErrNotFound) {
-		return m, "", fmt.Errorf("checkpoint %q of run %q is not committed (no manifest)", name, c.Run)
 	}
 	if err != nil {
 		return m, "", err
@@ -650,30 +817,58 @@ func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp s
 	return nil
 }
 
+// newest is the checkpoint to restore: latest's, unless a newer one is
+// committed (a merger stopped between its manifest and the pointer, two
+// nodes moved it at once): then that one, and latest is moved to it.
+func (c *Committer) newest(ctx context.Context) (Manifest, error) {
+	l, err := c.latest(ctx)
+	var m Manifest
+	if err == nil {
+		m, err = c.latestManifest(ctx, l)
+	}
+	if err != nil && !errors.Is(err, storage.ErrNotFound) {
+		return m, err // latest's checkpoint does not verify, or the store failed: say so, never fall back quietly
+	}
+	ms, _, lerr := c.List(ctx)
+	switch {
+	case lerr != nil && err == nil:
+		return m, nil
+	case lerr != nil:
+		return m, lerr
+	case len(ms) == 0 && err == nil:
+		return m, nil
+	case len(ms) == 0:
+		return m, fmt.Errorf("run %q has no committed checkpoint", c.Run)
+	}
+	if n := ms[len(ms)-1]; err != nil || newer(n, m) {
+		if aerr := c.advanceLatest(ctx, n); aerr != nil {
+			c.log().Warn("a newer checkpoint is committed than latest names; latest not moved", "newest", n.Name, "err", aerr)
+		}
+		return n, nil
+	}
+	return m, nil
+}
+
 // Repair points latest at the newest committed checkpoint when a crash came
 // between a manifest and the pointer (the manifest is written only after
 // every byte, so that checkpoint is whole). It says what it did.
 func (c *Committer) Repair(ctx context.Context) (string, error) {
-	ms, latest, err := c.List(ctx)
+	ms, _, err := c.List(ctx)
 	if err != nil || len(ms) == 0 {
 		return "", err
 	}
-	newest := ms[len(ms)-1]
-	if newest.Name == latest {
+	n := ms[len(ms)-1]
+	l, err := c.latest(ctx)
+	switch {
+	case err == nil && (l.Name == n.Name && l.Commit == n.Commit || !newer(n, l.manifest())):
 		return "", nil
+	case err != nil && !errors.Is(err, storage.ErrNotFound):
+		return "", err
 	}
-	if latest != "" {
-		for _, m := range ms {
-			if m.Name == latest && !m.CommittedAt.Before(newest.CommittedAt) {
-				return "", nil
-			}
-		}
-	}
-	lb, _ := json.Marshal(Latest{Name: newest.Name, Step: newest.Step, CommittedAt: newest.CommittedAt})
-	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
+	if err := c.advanceLatest(ctx, n); err != nil {
 		return "", fmt.Errorf("repair latest: %w", err)
 	}
-	return newest.Name, nil
+	return n.Name, nil
 }
 
 // Cleanup aborts this node's interrupted uploads: those a crash left (in

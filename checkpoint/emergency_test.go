@@ -370,3 +370,73 @@ func TestQuietLayoutFinalSaveAtExit(t *testing.T) {
 		t.Fatalf("emergency result = %+v, want step-12.ckpt", res)
 	}
 }
+
+// slowPut takes d for every file upload: a slow link.
+type slowPut struct {
+	storage.Store
+	d time.Duration
+}
+
+func (s slowPut) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
+	select {
+	case <-time.After(s.d):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return s.Store.PutFile(ctx, key, f, size)
+}
+
+// TestRestartDuringNoticeCommitsCompleteCheckpointFirst: preemptd starts
+// (after a crash mid-upload) while the cloud's notice is already served;
+// the trainer is gone (no process to signal) and its last checkpoint is
+// complete but not committed. That checkpoint is committed at once — not
+// at the deadline less the upload estimate, which on a slow link misses the
+// deadline — and only a newer one is waited for after it.
+func TestRestartDuringNoticeCommitsCompleteCheckpointFirst(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		trainer bool // a trainer was signalled, and has exited
+	}{{"no trainer found", false}, {"trainer exited", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			base, _ := storage.NewDir(t.TempDir())
+			dcp(t, dir, "step-3", map[string]int{"__0_0.distcp": 64 << 10})
+			c := &Committer{Store: slowPut{base, 300 * time.Millisecond}, Run: "r"}
+			s := &Syncer{Dir: dir, Layout: LayoutDCP, Quiet: time.Second, Committer: c, Background: true, Margin: 3 * time.Second}
+			ctx := context.Background()
+			if tc.trainer {
+				exited := make(chan struct{})
+				close(exited)
+				ctx = agent.WithTrainerExited(ctx, exited)
+			}
+			start := time.Now()
+			ctx, cancel := context.WithDeadline(ctx, start.Add(12*time.Second))
+			defer cancel()
+			step := s.Emergency()
+			res := make(chan error, 1)
+			go func() { res <- step.Run(ctx, agent.Notice{}) }() // the notice's path starts first
+			rctx, rcancel := context.WithCancel(context.Background())
+			runDone := make(chan struct{})
+			go func() { s.Run(rctx); close(runDone) }()
+			defer func() { rcancel(); <-runDone }()
+			committedAt := time.Time{}
+			for time.Since(start) < 12*time.Second && committedAt.IsZero() {
+				if l, err := c.latest(context.Background()); err == nil && l.Name == "step-3" {
+					committedAt = time.Now()
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if committedAt.IsZero() || committedAt.Sub(start) > 3*time.Second {
+				t.Fatalf("step-3 committed %v after the notice (0: never); want at once, well before the deadline less the estimate (9 s)",
+					committedAt.Sub(start).Round(time.Millisecond))
+			}
+			err := <-res
+			if r := step.(agent.CheckpointReporter).Committed(); r == nil || r.Name != "step-3" {
+				t.Fatalf("the step reports %+v committed; want step-3", r)
+			}
+			if err == nil || strings.Contains(err.Error(), "no new complete checkpoint by") || !strings.Contains(err.Error(), "step-3") {
+				t.Fatalf("report: %v; want it to say that no newer checkpoint came and step-3 is latest, without a time still to come", err)
+			}
+		})
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,32 +17,77 @@ import (
 	"github.com/preemptd/preemptd/checkpoint/storage"
 )
 
-// A multi-node job's checkpoint is committed only when every node's part is
-// in the store. Each node uploads its files below
-// <run>/<name>/.preemptd-parts/<node>/ and then writes its part manifest,
-// <run>/<name>/.preemptd-parts/<node>.json (signed like a manifest when a
-// sign key is set); whichever node sees the set complete merges the parts
-// into the checkpoint's manifest — written with a conditional create, so
-// that exactly one node commits — then signs it (that node only: a merge
-// can differ when a part was rewritten meanwhile, and a loser's signature
-// must never replace the winner's) and moves latest.
+// A multi-node job's checkpoint is committed only when every node's part of
+// one save is in the store. The protocol, below <run>/<name>/:
+//
+//  1. Each node uploads its files below its own save attempt,
+//     .preemptd-parts/<node>/<attempt>/ (a fresh attempt per commit, so
+//     that a name saved again never overwrites what an earlier manifest
+//     points at).
+//  2. A node whose files lack the layout's markers (a DCP rank's shards;
+//     .metadata is the coordinator's, written after every rank's shards)
+//     waits for the coordinator's part of the same save and pairs with it:
+//     the newest coordinator part not older than its own files (less
+//     SaveSkew for the clocks). It then checks its files are unchanged
+//     since the scan — so it never pairs with a later save either (that
+//     save's coordinator part exists only once every rank's files of it,
+//     this node's too, were written).
+//  3. It writes its part manifest, .preemptd-parts/<node>.json (the
+//     attempt, the files with their SHA-256, the pairing; signed in
+//     <node>.sig with a sign key): the node's current part, replaced by
+//     its next.
+//  4. Whichever node sees the coordinator's part and a part paired with
+//     it from every other live node — exactly job.nodes of them, every
+//     file of each listed in the store — merges them into the checkpoint's
+//     manifest. The merge is deterministic: every node makes the same
+//     bytes (and, with one sign key, the same signature) for one set, so
+//     a lost answer, a retry or two mergers at once change nothing. It is
+//     stored at .preemptd-commits/<cid>.json, cid naming the set: the
+//     signature first, then the manifest with a conditional create (a
+//     taken key holding other bytes was planted: it is replaced).
+//  5. Latest moves forward to it — by whichever node gets there, on every
+//     look, so a merger that stopped after its create leaves nothing stuck.
+//
+// A part is never merged beside a part of another save: the pairing names
+// the coordinator's save by its markers' SHA-256 and time, and parts of
+// nodes that are not live members never count. More live members than
+// job.nodes commit nothing (ErrTooManyNodes).
 
 // ErrPartsMissing is wrapped when a job checkpoint's set of parts was not
 // complete by the deadline: the previous checkpoint stays latest.
 var ErrPartsMissing = errors.New("parts missing")
+
+// ErrTooManyNodes is wrapped when more nodes are live in the job than
+// job.nodes: a checkpoint merged from job.nodes of them would lack the
+// others' files, so nothing is committed.
+var ErrTooManyNodes = errors.New("more live nodes than job.nodes")
+
+// DefaultSaveSkew is how much earlier than a rank's own files the
+// coordinator's part of the same save may look: the nodes' clocks may
+// differ by this much. A name saved again sooner than this after its last
+// save could be taken for that save.
+const DefaultSaveSkew = 2 * time.Second
 
 // PartsError says which nodes' parts a job checkpoint lacks.
 type PartsError struct {
 	Name    string
 	Have    []string
 	Missing []string // the job's live nodes without a part; empty when unknown
-	Nodes   int
+	// Other are nodes whose part in the store belongs to another save.
+	Other []string
+	Nodes int
 }
 
 func (e *PartsError) Error() string {
-	msg := fmt.Sprintf("checkpoint %s: %d of %d parts in the store (from %s)", e.Name, len(e.Have), e.Nodes, strings.Join(e.Have, ", "))
+	msg := fmt.Sprintf("checkpoint %s: %d of %d parts in the store", e.Name, len(e.Have), e.Nodes)
+	if len(e.Have) > 0 {
+		msg += " (from " + strings.Join(e.Have, ", ") + ")"
+	}
 	if len(e.Missing) > 0 {
 		msg += "; missing the part of " + strings.Join(e.Missing, ", ")
+	}
+	if len(e.Other) > 0 {
+		msg += "; the part of " + strings.Join(e.Other, ", ") + " in the store is of another save"
 	}
 	return msg + "; the previous checkpoint stays latest"
 }
@@ -72,11 +119,37 @@ func partSigKey(run, name, node string) string {
 	return runKey(run, name) + "/" + PartsDir + "/" + node + ".sig"
 }
 
+// commitKey and commitSigKey are a job checkpoint's manifest for one set of
+// parts, and its signature.
+func commitKey(run, name, cid string) string {
+	return runKey(run, name) + "/" + CommitsDir + "/" + cid + ".json"
+}
+
+func commitSigKey(run, name, cid string) string {
+	return runKey(run, name) + "/" + CommitsDir + "/" + cid + ".sig"
+}
+
+// commitID names a set of parts: its nodes and their attempts.
+func commitID(parts []Manifest) string {
+	h := sha256.New()
+	for _, p := range parts {
+		fmt.Fprintf(h, "%s %s\n", p.Node, p.Attempt)
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
 func (c *Committer) poll() time.Duration {
 	if c.PartPoll > 0 {
 		return c.PartPoll
 	}
 	return 500 * time.Millisecond
+}
+
+func (c *Committer) skew() time.Duration {
+	if c.SaveSkew > 0 {
+		return c.SaveSkew
+	}
+	return DefaultSaveSkew
 }
 
 // partCtx bounds a wait for other nodes: the caller's deadline (the
@@ -92,34 +165,49 @@ func (c *Committer) partCtx(ctx context.Context) (context.Context, context.Cance
 	return context.WithTimeout(ctx, wait)
 }
 
-// commitPart writes this node's part manifest, then completes the job's
-// checkpoint if its set is whole, else waits for the other parts (another
-// node may complete it) until the deadline.
-func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time) (Result, error) {
+// writePart stores this node's part manifest m, its signature first.
+func (c *Committer) writePart(ctx context.Context, m Manifest) error {
 	b, _ := json.MarshalIndent(m, "", "  ")
-	key := partKey(c.Run, m.Name, c.Node)
 	if c.SignKey != nil {
 		if err := c.Store.PutBytes(ctx, partSigKey(c.Run, m.Name, c.Node), []byte(sign(c.SignKey, b))); err != nil {
-			return Result{}, fmt.Errorf("checkpoint %s: part signature: %w", m.Name, err)
+			return fmt.Errorf("checkpoint %s: part signature: %w", m.Name, err)
 		}
 	}
-	if err := c.Store.PutBytes(ctx, key, b); err != nil {
-		return Result{}, fmt.Errorf("checkpoint %s: part manifest: %w", m.Name, err)
+	if err := c.Store.PutBytes(ctx, partKey(c.Run, m.Name, c.Node), b); err != nil {
+		return fmt.Errorf("checkpoint %s: part manifest: %w", m.Name, err)
+	}
+	return nil
+}
+
+// commitPart writes this node's part manifest, then completes the job's
+// checkpoint once the set is whole, else waits for the other parts
+// (another node may complete it) until the deadline.
+func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time) (Result, error) {
+	if err := c.writePart(ctx, m); err != nil {
+		return Result{}, err
 	}
 	c.measured(m.SentBytes, c.now().Sub(start))
-	c.log().Info("checkpoint part uploaded", "name", m.Name, "node", c.Node, "files", len(m.Files), "bytes", m.Bytes,
-		"sent", m.SentBytes, "took", c.now().Sub(start).Round(time.Millisecond).String())
+	c.log().Info("checkpoint part uploaded", "name", m.Name, "node", c.Node, "attempt", m.Attempt, "files", len(m.Files),
+		"bytes", m.Bytes, "sent", m.SentBytes, "took", c.now().Sub(start).Round(time.Millisecond).String())
 
 	var res Result
 	var lastPerr *PartsError // what was missing the last time it could be told
 	var lastErr error
+	warned := map[string]bool{}
 	err := c.await(ctx, m.Name, func(wctx context.Context) bool {
-		merged, won, perr, err := c.complete(wctx, m.Name)
+		merged, won, perr, err := c.complete(wctx, m)
 		if perr != nil {
 			lastPerr = perr
 		}
-		if lastErr = err; err != nil && wctx.Err() == nil && !errors.Is(err, errCommitting) {
-			c.log().Warn("checking the job checkpoint's parts", "name", m.Name, "err", err)
+		if lastErr = err; err != nil && wctx.Err() == nil {
+			if msg := err.Error(); !warned[msg] { // once per kind of trouble, not every poll
+				warned[msg] = true
+				if errors.Is(err, ErrTooManyNodes) {
+					c.log().Error("job checkpoint not committed", "name", m.Name, "err", err)
+				} else {
+					c.log().Warn("checking the job checkpoint's parts", "name", m.Name, "err", err)
+				}
+			}
 		}
 		if err != nil || perr != nil {
 			return false
@@ -128,138 +216,385 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 		if won {
 			res = c.committed(ctx, merged, took)
 		} else {
-			c.log().Info("job checkpoint committed by another node", "name", m.Name, "parts", len(merged.Parts))
+			c.log().Info("job checkpoint committed by another node", "name", m.Name, "commit", merged.Commit, "parts", len(merged.Parts))
 			res = Result{Manifest: merged, Took: took}
 		}
+		c.collect(ctx, m.Name, merged)
 		return true
 	})
 	switch {
 	case err == nil:
 		return res, nil
+	case errors.Is(lastErr, ErrTooManyNodes):
+		return Result{}, lastErr
 	case lastPerr != nil:
 		return Result{}, lastPerr
 	}
 	return Result{}, fmt.Errorf("checkpoint %s not committed: %w", m.Name, lastErr)
 }
 
-// complete looks at the job checkpoint's parts: when the checkpoint is
-// committed already it returns its manifest; when every node's part is
-// there it commits it (won says this node wrote the manifest); otherwise
-// perr says which parts are missing.
-func (c *Committer) complete(ctx context.Context, name string) (m Manifest, won bool, perr *PartsError, err error) {
-	if m, err := c.manifest(ctx, name); err == nil {
-		return m, false, nil, nil
-	} else if errors.Is(err, ErrUnsigned) && c.SignKey != nil {
-		return c.signCommitted(ctx, name)
-	} else if !errors.Is(err, storage.ErrNotFound) {
-		return Manifest{}, false, nil, err
-	}
-	parts, err := c.parts(ctx, name)
-	if err != nil {
-		return Manifest{}, false, nil, err
-	}
-	members, err := c.members(ctx)
-	if err != nil {
-		return Manifest{}, false, nil, err
-	}
-	var have []string
-	for _, p := range parts {
-		have = append(have, p.Node)
-	}
-	if len(parts) < c.Nodes {
-		var missing []string
-		for n := range members {
-			if !slices.Contains(have, n) {
-				missing = append(missing, n)
-			}
-		}
-		slices.Sort(missing)
-		return Manifest{}, false, &PartsError{Name: name, Have: have, Missing: missing, Nodes: c.Nodes}, nil
-	}
-	if len(parts) > c.Nodes {
-		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: %d parts (from %s) for job.nodes %d: is job.nodes the same on every node?",
-			name, len(parts), strings.Join(have, ", "), c.Nodes)
-	}
-	m, err = mergeParts(parts)
-	if err != nil {
-		return Manifest{}, false, nil, err
-	}
-	// Only the node whose create wins signs, after it: a node that lost
-	// the race (its merge may differ, when a part was rewritten meanwhile)
-	// never overwrites the winner's signature.
-	b, _ := json.MarshalIndent(m, "", "  ")
-	err = c.Store.Create(ctx, runKey(c.Run, name)+"/"+ManifestName, b)
-	if errors.Is(err, storage.ErrExists) {
-		return Manifest{}, false, nil, errCommitting // another node was first: read its manifest next time
-	}
-	if err != nil {
-		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: manifest: %w", name, err)
-	}
-	if c.SignKey != nil {
-		if err := c.Store.PutBytes(ctx, runKey(c.Run, name)+"/"+SignatureName, []byte(sign(c.SignKey, b))); err != nil {
-			return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: signature: %w", name, err)
-		}
-	}
-	if err := c.advanceLatest(ctx, m); err != nil {
-		return Manifest{}, false, nil, err
-	}
-	return m, true, nil, nil
+// view is one look at a job checkpoint's objects: a single listing of its
+// prefix, and the part manifests of the live nodes read from it.
+type view struct {
+	objs    map[string]storage.Object // by key
+	parts   map[string]Manifest       // by node: each live node's current part, verified
+	bad     map[string]error          // by node: why its part was not taken
+	members map[string]bool           // the job's live nodes (nil: unknown, every part counts)
 }
 
-// errCommitting says another node's commit of the checkpoint is under way.
-var errCommitting = errors.New("another node is committing it")
+// look lists checkpoint name's prefix once and reads the parts of the
+// job's live nodes (each read again only when its object changed).
+func (c *Committer) look(ctx context.Context, name string) (view, error) {
+	v := view{objs: map[string]storage.Object{}, parts: map[string]Manifest{}, bad: map[string]error{}}
+	objs, err := c.Store.List(ctx, runKey(c.Run, name))
+	if err != nil {
+		return v, err
+	}
+	for _, o := range objs {
+		v.objs[o.Key] = o
+	}
+	if v.members, err = c.members(ctx); err != nil {
+		return v, err
+	}
+	prefix := runKey(c.Run, name) + "/" + PartsDir + "/"
+	for _, o := range objs {
+		node, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
+		if !ok || !strings.HasPrefix(o.Key, prefix) || strings.Contains(node, "/") || SafeNode(node) != nil {
+			continue
+		}
+		if v.members != nil && !v.members[node] {
+			continue // a node not (or no longer) in the job: an earlier incarnation's
+		}
+		p, err := c.readPart(ctx, name, node, o, v.objs[partSigKey(c.Run, name, node)])
+		if err != nil {
+			v.bad[node] = err
+			continue
+		}
+		v.parts[node] = p
+	}
+	return v, nil
+}
 
-// signCommitted signs a job checkpoint's manifest that is in the store
-// without a valid signature — its node's create won and the node stopped
-// before signing (or is signing now) — provided every file it lists is in
-// the signed, valid part of the node it names: exactly what that node
-// would have signed. Then latest moves as it would have.
-func (c *Committer) signCommitted(ctx context.Context, name string) (Manifest, bool, *PartsError, error) {
+// cachedPart is a part manifest as read, with the objects it came from.
+type cachedPart struct {
+	obj, sig storage.Object
+	m        Manifest
+}
+
+// readPart reads node's part manifest (obj, its listing; sig, its
+// signature's), checking it, from the cache while neither has changed.
+func (c *Committer) readPart(ctx context.Context, name, node string, obj, sig storage.Object) (Manifest, error) {
+	key := partKey(c.Run, name, node)
+	c.pmu.Lock()
+	hit, ok := c.partCache[key]
+	c.pmu.Unlock()
+	if ok && hit.obj == obj && hit.sig == sig {
+		return hit.m, nil
+	}
 	var buf bytes.Buffer
-	if err := c.Store.Get(ctx, runKey(c.Run, name)+"/"+ManifestName, &buf); err != nil {
-		return Manifest{}, false, nil, err
+	if err := c.Store.Get(ctx, key, &buf); err != nil {
+		return Manifest{}, err
+	}
+	if pub := c.readKey(); pub != nil {
+		if err := c.verify(ctx, pub, partSigKey(c.Run, name, node), buf.Bytes()); err != nil {
+			return Manifest{}, fmt.Errorf("part %s: %w", node, err)
+		}
 	}
 	m, err := ParseManifest(buf.Bytes())
 	if err != nil {
-		return Manifest{}, false, nil, err
+		return m, err
 	}
-	parts, err := c.parts(ctx, name)
+	if m.Version != AttemptManifestVersion || m.Node != node || m.Name != name || m.Run != c.Run || m.Attempt == "" {
+		return m, fmt.Errorf("part manifest of %s names node %q, checkpoint %q, run %q (version %d, attempt %q)",
+			node, m.Node, m.Name, m.Run, m.Version, m.Attempt)
+	}
+	for _, f := range m.Files {
+		if f.Node != node || f.Attempt != m.Attempt {
+			return m, fmt.Errorf("part manifest of %s lists %s as node %s's, attempt %s", node, f.Path, f.Node, f.Attempt)
+		}
+	}
+	c.pmu.Lock()
+	if c.partCache == nil {
+		c.partCache = map[string]cachedPart{}
+	}
+	c.partCache[key] = cachedPart{obj: obj, sig: sig, m: m}
+	c.pmu.Unlock()
+	return m, nil
+}
+
+// readKey is the key every manifest read is verified with: the verify key,
+// else the sign key's own public half (a machine that signs trusts only
+// what its key signed); nil when neither is set.
+func (c *Committer) readKey() ed25519.PublicKey {
+	if c.VerifyKey != nil {
+		return c.VerifyKey
+	}
+	if c.SignKey != nil {
+		return c.SignKey.Public().(ed25519.PublicKey)
+	}
+	return nil
+}
+
+// pick chooses the parts of one save from v: a coordinator's part (one
+// with the layout's markers) and the parts paired with that very save; when
+// no part needs pairing (every node's part complete by its own rule), every
+// live node's part. When that is not a part from every node it says which
+// are missing, and which nodes' parts are of another save.
+func (c *Committer) pick(name string, v view) ([]Manifest, *PartsError) {
+	nodes := sortedNodes(v)
+	paired := slices.ContainsFunc(nodes, func(n string) bool { return v.parts[n].Pairs != nil })
+	var best []Manifest
+	if !paired {
+		for _, n := range nodes {
+			best = append(best, v.parts[n])
+		}
+	}
+	for _, cn := range nodes { // each candidate coordinator, by node name
+		coord := v.parts[cn]
+		if !paired || coord.Pairs != nil || len(coord.Markers) == 0 {
+			continue
+		}
+		set := []Manifest{coord}
+		for _, n := range nodes {
+			if p := v.parts[n]; p.Pairs.Is(coord) {
+				set = append(set, p)
+			}
+		}
+		if len(set) > len(best) {
+			best = set
+		}
+	}
+	perr := &PartsError{Name: name, Nodes: c.Nodes}
+	for _, p := range best {
+		perr.Have = append(perr.Have, p.Node)
+	}
+	slices.Sort(perr.Have)
+	for _, n := range nodes {
+		if !slices.Contains(perr.Have, n) {
+			perr.Other = append(perr.Other, n)
+		}
+	}
+	for n := range v.members {
+		if _, ok := v.parts[n]; !ok {
+			perr.Missing = append(perr.Missing, n)
+		}
+	}
+	slices.Sort(perr.Missing)
+	if len(best) != c.Nodes || len(perr.Missing) > 0 {
+		return nil, perr
+	}
+	slices.SortFunc(best, func(a, b Manifest) int { return strings.Compare(a.Node, b.Node) })
+	return best, nil
+}
+
+func sortedNodes(v view) []string {
+	nodes := make([]string, 0, len(v.parts))
+	for n := range v.parts {
+		nodes = append(nodes, n)
+	}
+	slices.Sort(nodes)
+	return nodes
+}
+
+// complete looks at the job checkpoint's parts once: when this node's part
+// mine and a part of the same save from every other node are there, it
+// commits them (won: this node's create made the manifest) or finds them
+// committed, and moves latest; otherwise perr says which parts are
+// missing.
+func (c *Committer) complete(ctx context.Context, mine Manifest) (m Manifest, won bool, perr *PartsError, err error) {
+	name := mine.Name
+	v, err := c.look(ctx, name)
 	if err != nil {
 		return Manifest{}, false, nil, err
 	}
-	held := map[string]ManifestFile{}
-	for _, p := range parts {
+	if v.members != nil && len(v.members) > c.Nodes {
+		live := make([]string, 0, len(v.members))
+		for n := range v.members {
+			live = append(live, n)
+		}
+		slices.Sort(live)
+		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s not committed: %d live nodes (%s) for job.nodes %d: a checkpoint of %d parts would lack the others' files; stop the extra daemon, or set job.nodes to %d on every node: %w",
+			name, len(live), strings.Join(live, ", "), c.Nodes, c.Nodes, len(live), ErrTooManyNodes)
+	}
+	if own, ok := v.parts[c.Node]; !ok || own.Attempt != mine.Attempt {
+		// This node's current part is another (an earlier attempt's write
+		// that landed late, or one put there): this attempt is current.
+		if err := c.writePart(ctx, mine); err != nil {
+			return Manifest{}, false, nil, err
+		}
+		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: this node's part in the store was not its current one; written again", name)
+	}
+	set, perr := c.pick(name, v)
+	if perr != nil {
+		return Manifest{}, false, perr, nil
+	}
+	for _, p := range set {
 		for _, f := range p.Files {
-			held[f.Node+"/"+f.Path] = f
+			key := runKey(c.Run, name) + "/" + p.Object(f)
+			if o, ok := v.objs[key]; !ok || o.Size != f.Size {
+				return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: %s of %s is not in the store whole (%s)", name, f.Path, p.Node, key)
+			}
 		}
 	}
-	for _, f := range m.Files {
-		pf, ok := held[f.Node+"/"+f.Path]
-		if !ok || pf.SHA256 != f.SHA256 || pf.Size != f.Size {
-			return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: the unsigned manifest lists %s of %s, which no signed part holds: %w",
-				name, f.Path, f.Node, ErrUnsigned)
-		}
+	m, err = mergeParts(set)
+	if err != nil {
+		return Manifest{}, false, nil, err
 	}
-	if err := c.Store.PutBytes(ctx, runKey(c.Run, name)+"/"+SignatureName, []byte(sign(c.SignKey, buf.Bytes()))); err != nil {
-		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: signature: %w", name, err)
+	won, err = c.store(ctx, v, m)
+	if err != nil {
+		return Manifest{}, false, nil, err
 	}
 	if err := c.advanceLatest(ctx, m); err != nil {
 		return Manifest{}, false, nil, err
 	}
-	c.log().Info("signed a job checkpoint committed by another node", "name", name)
-	return m, false, nil, nil
+	return m, won, nil, nil
 }
 
-// advanceLatest points latest at m unless it points at a newer checkpoint
-// already (nodes of a job commit in any order).
-func (c *Committer) advanceLatest(ctx context.Context, m Manifest) error {
-	if l, err := c.latest(ctx); err == nil && l.Name != m.Name {
-		if l.Step > m.Step && m.Step >= 0 || l.Step == m.Step && l.CommittedAt.After(m.CommittedAt) {
-			c.log().Info("job checkpoint committed; latest stays at a newer one", "name", m.Name, "latest", l.Name)
+// store makes merged job manifest m durable at its commit key: signature
+// first, then a conditional create; a manifest found there is kept when it
+// is byte for byte this merge (another node's, or this node's own whose
+// answer was lost: its signature is finished when missing) and replaced
+// when it is not (it was put there by someone else). won says this call
+// created it.
+func (c *Committer) store(ctx context.Context, v view, m Manifest) (won bool, err error) {
+	b, _ := json.MarshalIndent(m, "", "  ")
+	key, sigKey := commitKey(c.Run, m.Name, m.Commit), commitSigKey(c.Run, m.Name, m.Commit)
+	putSig := func() error {
+		if c.SignKey == nil {
 			return nil
 		}
+		if err := c.Store.PutBytes(ctx, sigKey, []byte(sign(c.SignKey, b))); err != nil {
+			return fmt.Errorf("checkpoint %s: signature: %w", m.Name, err)
+		}
+		return nil
 	}
-	lb, _ := json.Marshal(Latest{Name: m.Name, Step: m.Step, CommittedAt: m.CommittedAt})
+	if _, ok := v.objs[key]; !ok {
+		if err := putSig(); err != nil {
+			return false, err
+		}
+		err := c.Store.Create(ctx, key, b)
+		if err == nil {
+			return true, nil
+		}
+		if !errors.Is(err, storage.ErrExists) {
+			return false, fmt.Errorf("checkpoint %s: manifest: %w", m.Name, err)
+		}
+	}
+	var have bytes.Buffer
+	if err := c.Store.Get(ctx, key, &have); err != nil {
+		return false, fmt.Errorf("checkpoint %s: manifest: %w", m.Name, err)
+	}
+	if !bytes.Equal(have.Bytes(), b) {
+		c.log().Warn("a job manifest in the store is not the merge of its parts; replacing it", "name", m.Name, "key", key)
+		if err := putSig(); err != nil {
+			return false, err
+		}
+		if err := c.Store.PutBytes(ctx, key, b); err != nil {
+			return false, fmt.Errorf("checkpoint %s: manifest: %w", m.Name, err)
+		}
+		return false, nil
+	}
+	if pub := c.readKey(); pub != nil && c.SignKey != nil && c.verify(ctx, pub, sigKey, b) != nil {
+		c.log().Info("signing a job checkpoint whose merger stopped before its signature", "name", m.Name, "commit", m.Commit)
+		return false, putSig()
+	}
+	return false, nil
+}
+
+// collect deletes what a commit of name leaves behind: the name's job
+// manifests beyond the newest two and latest's (a restore may be reading
+// the one before), and this node's objects of attempts that no manifest
+// kept points at (failed and superseded saves) — never another node's
+// objects, never those of an attempt this node may still write (its
+// commits run one at a time). Failures are logged; the next commit tries
+// again.
+func (c *Committer) collect(ctx context.Context, name string, committed Manifest) {
+	v, err := c.look(ctx, name)
+	if err != nil {
+		return
+	}
+	if _, legacy := v.objs[runKey(c.Run, name)+"/"+ManifestName]; legacy {
+		return // a name committed by an earlier release: its objects are not in attempt folders
+	}
+	l, lerr := c.latest(ctx)
+	if lerr != nil && !errors.Is(lerr, storage.ErrNotFound) {
+		return
+	}
+	ms := c.commits(ctx, v, name)
+	if !slices.ContainsFunc(ms, func(m Manifest) bool { return m.Commit == committed.Commit }) {
+		ms = append(ms, committed)
+	}
+	slices.SortFunc(ms, func(a, b Manifest) int {
+		if newer(a, b) {
+			return -1
+		}
+		return 1
+	})
+	keep := map[string]bool{} // attempts of this node still pointed at
+	if p, ok := v.parts[c.Node]; ok {
+		keep[p.Attempt] = true
+	}
+	var dead []string
+	for i, m := range ms {
+		if i >= 2 && !(l.Name == name && l.Commit == m.Commit) {
+			dead = append(dead, commitKey(c.Run, name, m.Commit), commitSigKey(c.Run, name, m.Commit))
+			continue
+		}
+		for _, p := range m.Parts {
+			if p.Node == c.Node {
+				keep[p.Attempt] = true
+			}
+		}
+	}
+	prefix := runKey(c.Run, name) + "/" + PartsDir + "/" + c.Node + "/"
+	for key := range v.objs {
+		rest, ok := strings.CutPrefix(key, prefix)
+		if !ok {
+			continue
+		}
+		attempt, _, _ := strings.Cut(rest, "/")
+		if attemptName.MatchString(attempt) && !keep[attempt] {
+			dead = append(dead, key)
+		}
+	}
+	if len(dead) == 0 {
+		return
+	}
+	slices.Sort(dead)
+	if err := c.Store.Delete(ctx, dead...); err != nil {
+		c.log().Warn("deleting superseded objects of a job checkpoint", "name", name, "err", err)
+		return
+	}
+	c.log().Info("deleted superseded objects of a job checkpoint", "name", name, "objects", len(dead))
+}
+
+// commits reads the job manifests of name in v that verify.
+func (c *Committer) commits(ctx context.Context, v view, name string) []Manifest {
+	prefix := runKey(c.Run, name) + "/" + CommitsDir + "/"
+	var out []Manifest
+	for key := range v.objs {
+		cid, ok := strings.CutSuffix(strings.TrimPrefix(key, prefix), ".json")
+		if !ok || !strings.HasPrefix(key, prefix) {
+			continue
+		}
+		m, err := c.readManifest(ctx, key, commitSigKey(c.Run, name, cid))
+		if err == nil && m.Commit == cid && m.Name == name {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// advanceLatest points latest at m unless it points at m or a newer
+// checkpoint already (nodes of a job commit in any order).
+func (c *Committer) advanceLatest(ctx context.Context, m Manifest) error {
+	if l, err := c.latest(ctx); err == nil && !newer(m, l.manifest()) {
+		if l.Name != m.Name || l.Commit != m.Commit {
+			c.log().Info("checkpoint committed; latest stays at a newer one", "name", m.Name, "latest", l.Name)
+		}
+		return nil
+	}
+	lb, _ := json.Marshal(latestOf(m))
 	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
 		return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
 	}
@@ -274,83 +609,17 @@ func (c *Committer) members(ctx context.Context) (map[string]bool, error) {
 	return c.Members(ctx)
 }
 
-// parts reads the part manifests of checkpoint name written by the job's
-// live nodes, checking each (and its signature, with a verify key).
-func (c *Committer) parts(ctx context.Context, name string) ([]Manifest, error) {
-	prefix := runKey(c.Run, name) + "/" + PartsDir
-	objs, err := c.Store.List(ctx, prefix)
-	if err != nil {
-		return nil, err
-	}
-	members, err := c.members(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var out []Manifest
-	for _, o := range objs {
-		node, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix+"/"), ".json")
-		if !ok || strings.Contains(node, "/") || SafeNode(node) != nil {
-			continue
-		}
-		if members != nil && !members[node] {
-			continue // a node not (or no longer) in the job: an earlier incarnation's
-		}
-		p, err := c.readPart(ctx, name, node)
-		if err != nil {
-			c.log().Warn("ignoring a bad part manifest", "name", name, "node", node, "err", err)
-			continue
-		}
-		out = append(out, p)
-	}
-	return out, nil
-}
-
-func (c *Committer) readPart(ctx context.Context, name, node string) (Manifest, error) {
-	key := partKey(c.Run, name, node)
-	var buf bytes.Buffer
-	if err := c.Store.Get(ctx, key, &buf); err != nil {
-		return Manifest{}, err
-	}
-	if pub := c.partVerifyKey(); pub != nil {
-		if err := c.verify(ctx, pub, partSigKey(c.Run, name, node), buf.Bytes()); err != nil {
-			return Manifest{}, fmt.Errorf("part %s: %w", node, err)
-		}
-	}
-	m, err := ParseManifest(buf.Bytes())
-	if err != nil {
-		return m, err
-	}
-	if m.Version != JobManifestVersion || m.Node != node || m.Name != name {
-		return m, fmt.Errorf("part manifest of %s names node %q, checkpoint %q (version %d)", node, m.Node, m.Name, m.Version)
-	}
-	for _, f := range m.Files {
-		if f.Node != node {
-			return m, fmt.Errorf("part manifest of %s lists %s as node %s's", node, f.Path, f.Node)
-		}
-	}
-	return m, nil
-}
-
-// partVerifyKey is the key parts are verified with: the verify key, else
-// the sign key's own public half (every node of a job signs).
-func (c *Committer) partVerifyKey() ed25519.PublicKey {
-	if c.VerifyKey != nil {
-		return c.VerifyKey
-	}
-	if c.SignKey != nil {
-		return c.SignKey.Public().(ed25519.PublicKey)
-	}
-	return nil
-}
-
-// mergeParts is the job checkpoint's manifest from its parts: every file
-// once (a file two nodes hold identically is kept once, from the first
-// node by name; different contents at one path are refused), the
-// markers of every part, times the latest part's.
+// mergeParts is the job checkpoint's manifest from the parts of one save:
+// every file once (a file two nodes hold identically is kept once, from
+// the first node by name; different contents at one path are refused),
+// the markers of every part, times the latest part's, and the set's
+// commit id. The same parts always make the same bytes.
 func mergeParts(parts []Manifest) (Manifest, error) {
+	parts = slices.Clone(parts)
 	slices.SortFunc(parts, func(a, b Manifest) int { return strings.Compare(a.Node, b.Node) })
 	first := parts[0]
-	m := Manifest{Version: JobManifestVersion, Run: first.Run, Name: first.Name, Layout: first.Layout, Step: first.Step}
+	m := Manifest{Version: AttemptManifestVersion, Run: first.Run, Name: first.Name, Layout: first.Layout, Step: first.Step,
+		Commit: commitID(parts)}
 	byPath := map[string]ManifestFile{}
 	for _, p := range parts {
 		if p.Name != first.Name || p.Run != first.Run {
@@ -381,7 +650,8 @@ func mergeParts(parts []Manifest) (Manifest, error) {
 		if p.CommittedAt.After(m.CommittedAt) {
 			m.CommittedAt = p.CommittedAt
 		}
-		m.Parts = append(m.Parts, Part{Node: p.Node, Instance: p.Instance, Files: len(p.Files), Bytes: p.Bytes})
+		m.Parts = append(m.Parts, Part{Node: p.Node, Instance: p.Instance, Attempt: p.Attempt, WrittenAt: p.WrittenAt,
+			Files: len(p.Files), Bytes: p.Bytes})
 	}
 	for _, f := range byPath {
 		m.Files = append(m.Files, f)
@@ -391,30 +661,46 @@ func mergeParts(parts []Manifest) (Manifest, error) {
 	return m, m.Validate()
 }
 
-// waitMarker waits until the job's completion marker is in the store: a
-// part of checkpoint name that carries the layout's marker (or the
-// committed checkpoint itself). A marker appearing here instead means this
-// node's copy is the coordinator's, and changed: ErrChanged.
-func (c *Committer) waitMarker(ctx context.Context, ck Checkpoint) error {
+// waitPair waits until the coordinator's part of the save that wrote this
+// node's part m is in the store, and returns its identity: the newest
+// coordinator part (one with the layout's markers, of another live node)
+// whose files are not older than m's, less SaveSkew. A marker appearing
+// in this node's own folder instead means its copy is the coordinator's,
+// and changed: ErrChanged.
+func (c *Committer) waitPair(ctx context.Context, ck Checkpoint, m Manifest) (*Pairing, error) {
 	changed := false
+	var pair *Pairing
 	err := c.await(ctx, ck.Name, func(wctx context.Context) bool {
-		if _, err := c.manifest(wctx, ck.Name); err == nil {
-			return true
-		}
 		if changed = localMarker(ck); changed {
 			return true
 		}
-		parts, err := c.parts(wctx, ck.Name)
-		return err == nil && slices.ContainsFunc(parts, func(p Manifest) bool { return len(p.Markers) > 0 })
+		v, err := c.look(wctx, ck.Name)
+		if err != nil {
+			return false
+		}
+		var best *Manifest
+		for _, node := range sortedNodes(v) {
+			p := v.parts[node]
+			if node == c.Node || len(p.Markers) == 0 || p.WrittenAt.Before(m.WrittenAt.Add(-c.skew())) {
+				continue // not a coordinator, or a save before this node's (a part left by a failed one)
+			}
+			if best == nil || p.WrittenAt.After(best.WrittenAt) {
+				best = &p
+			}
+		}
+		if best != nil {
+			pair = pairing(*best)
+		}
+		return best != nil
 	})
 	switch {
 	case changed:
-		return ErrChanged
+		return nil, ErrChanged
 	case err != nil:
-		return fmt.Errorf("the job's completion marker (the part of the node that writes it) is not in the store: %w (%w)",
+		return nil, fmt.Errorf("the job's completion marker (the part of the node that writes it, of this save) is not in the store: %w (%w)",
 			ErrPartsMissing, err)
 	}
-	return nil
+	return pair, nil
 }
 
 // await calls try every PartPoll until it says done, marking this

@@ -360,9 +360,10 @@ func TestJobPartsSigned(t *testing.T) {
 	}
 }
 
-// A job checkpoint whose winning node stopped between its manifest and its
-// signature is signed by another node — only if every file it lists is in
-// a signed part; a manifest that lists anything else stays unsigned.
+// A job manifest whose signature is missing (lost, or deleted) is signed
+// again by a node whose own merge of the parts is exactly those bytes; a
+// manifest at the commit's key that is not that merge (one hash changed,
+// planted) is never signed: it is replaced by the merge.
 func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	st, err := storage.NewDir(t.TempDir())
 	if err != nil {
@@ -371,21 +372,27 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	pub, priv, _ := ed25519.GenerateKey(nil)
 	cs, roots := jobNodes(t, st, 2, "node0", "node1")
 	var wg sync.WaitGroup
+	res := make([]Result, 2)
 	for i, c := range cs {
 		c.SignKey, c.VerifyKey = priv, pub
 		shardsOf(t, roots[i], "step-1", i, 1000)
 		wg.Go(func() {
-			if _, err := c.Commit(context.Background(), scanJobOne(t, roots[i], "step-1")); err != nil {
+			var err error
+			if res[i], err = c.Commit(context.Background(), scanJobOne(t, roots[i], "step-1")); err != nil {
 				t.Error(err)
 			}
 		})
 	}
 	wg.Wait()
 	ctx := context.Background()
-	sigKey := "job/step-1/" + SignatureName
-	st.Delete(ctx, sigKey) // the winner stopped before signing
-	if _, _, _, err := cs[1].complete(ctx, "step-1"); err != nil {
-		t.Fatalf("complete over an unsigned manifest: %v", err)
+	cid := res[0].Manifest.Commit
+	key, sigKey := commitKey("job", "step-1", cid), commitSigKey("job", "step-1", cid)
+	var part bytes.Buffer
+	st.Get(ctx, partKey("job", "step-1", "node1"), &part)
+	mine, _ := ParseManifest(part.Bytes())
+	st.Delete(ctx, sigKey) // the signature lost
+	if _, _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
+		t.Fatalf("complete over an unsigned manifest: %v %v", perr, err)
 	}
 	reader := &Committer{Store: st, Run: "job", VerifyKey: pub}
 	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); err != nil {
@@ -393,16 +400,24 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	}
 	// A planted manifest: one file's hash changed, the signature gone.
 	var buf bytes.Buffer
-	st.Get(ctx, "job/step-1/"+ManifestName, &buf)
+	st.Get(ctx, key, &buf)
 	m, _ := ParseManifest(buf.Bytes())
 	m.Files[0].SHA256 = strings.Repeat("0", 64)
 	b, _ := json.MarshalIndent(m, "", "  ")
-	st.PutBytes(ctx, "job/step-1/"+ManifestName, b)
+	st.PutBytes(ctx, key, b)
 	st.Delete(ctx, sigKey)
-	if _, _, _, err := cs[1].complete(ctx, "step-1"); !errors.Is(err, ErrUnsigned) {
-		t.Fatalf("complete over a planted manifest: %v; want it left unsigned", err)
-	}
 	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); !errors.Is(err, ErrUnsigned) {
 		t.Fatalf("the planted manifest restores: %v", err)
+	}
+	if _, _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
+		t.Fatalf("complete over a planted manifest: %v %v", perr, err)
+	}
+	var after bytes.Buffer
+	st.Get(ctx, key, &after)
+	if bytes.Equal(after.Bytes(), b) {
+		t.Fatal("the planted manifest was kept")
+	}
+	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); err != nil {
+		t.Fatalf("after the node replaced the planted manifest with its merge: %v", err)
 	}
 }

@@ -39,7 +39,7 @@ func TestPrehash(t *testing.T) {
 		if err := c.Prehash(filepath.Join(root, filepath.FromSlash(f.Path))); err != nil {
 			t.Fatal(err)
 		}
-		if !c.knownCopy(f, c.reusable(ctx, "step-2")) && f.Path != "step-2/__2_0.distcp" && f.Path != "step-2/.metadata" {
+		if !c.knownCopy(f, c.reusable(ctx, Manifest{Name: "step-2"})) && f.Path != "step-2/__2_0.distcp" && f.Path != "step-2/.metadata" {
 			t.Errorf("%s hashed ahead but not known as a copy", f.Path)
 		}
 	}

@@ -47,6 +47,7 @@ type Syncer struct {
 	seen       []Checkpoint      // complete ones, oldest first, from the last scan
 	committed  map[string]string // name → signature committed
 	changed    chan struct{}     // closed and replaced after each scan
+	loaded     chan struct{}     // closed once Run has cleaned up and read what is committed
 	emergency  bool
 	bgCancel   context.CancelFunc
 	bgDone     chan struct{}
@@ -78,6 +79,7 @@ func (s *Syncer) init() {
 	defer s.mu.Unlock()
 	if s.changed == nil {
 		s.changed = make(chan struct{})
+		s.loaded = make(chan struct{})
 		s.committed = map[string]string{}
 		s.kick = make(chan struct{}, 1)
 	}
@@ -102,6 +104,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 		s.log().Warn("latest pointed at an older checkpoint than the newest committed one (a crash between manifest and pointer); repaired", "latest", name)
 	}
 	s.loadCommitted(ctx)
+	close(s.loaded)
 
 	w, err := fsnotify.NewWatcher()
 	if err != nil {
@@ -230,10 +233,23 @@ func (s *Syncer) loadCommitted(ctx context.Context) {
 	defer s.mu.Unlock()
 	for _, ck := range cks {
 		for _, m := range ms {
+			if m.Name != ck.Name {
+				continue
+			}
+			saved := m.WrittenAt
 			if s.Committer.job() { // this node's part of it
 				m.Files = slices.DeleteFunc(m.Files, func(f ManifestFile) bool { return f.Node != s.Committer.Node })
+				saved = time.Time{}
+				for _, p := range m.Parts {
+					if p.Node == s.Committer.Node {
+						saved = p.WrittenAt
+					}
+				}
 			}
-			if m.Name == ck.Name && sameFiles(m, ck) {
+			// The same files, saved at the same time (a name saved again
+			// since its commit is not committed); manifests of earlier
+			// releases' jobs say no time for a part.
+			if sameFiles(m, ck) && (saved.IsZero() || saved.Equal(ck.ModTime)) {
 				s.committed[ck.Name] = ck.Signature()
 			}
 		}
@@ -349,16 +365,20 @@ func (e emergencyStep) LastCommitBefore() time.Time {
 	return e.s.lastCommit
 }
 
-// Run makes the trainer's last checkpoint durable. Until the trainer has
+// Run makes the trainer's last checkpoint durable. First, the newest
+// complete checkpoint at the signal, when it is not committed and no
+// background upload has it (a restart of preemptd during the notice finds
+// what its crash left mid-upload; a save completed just before it): it is
+// committed at once, ahead of everything. Then, until the trainer has
 // exited (or the deadline less the estimated upload and a margin), the
 // newest complete checkpoint wins: it commits each checkpoint that
 // completes after the signal, ahead of any background upload, and when a
 // newer one completes while an older one uploads it lets the older finish
 // if there is time for both, else switches to the newer. Without a
 // signalled trainer (nothing says when its saves are over) the first new
-// checkpoint ends the wait. If no new checkpoint completes, it makes sure the
-// newest complete one is durable. The error says why when the trainer's new
-// checkpoint did not become durable.
+// checkpoint ends the wait. If no new checkpoint completes, it makes sure
+// the newest complete one is durable. The error says why when the
+// trainer's new checkpoint did not become durable.
 func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	s := e.s
 	s.init()
@@ -381,13 +401,16 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 	// What is complete now (the trainer was signalled just before) is old;
 	// scan here rather than trust the watcher, which may not have looked yet.
 	before := map[string]string{}
+	var atSignal []Checkpoint
 	var lastSize int64
 	if cks, err := s.scanDir(); err == nil {
+		atSignal = cks
 		for _, ck := range cks {
 			before[ck.Name] = ck.Signature()
 			lastSize = ck.Size()
 		}
 	}
+	isNew := func(ck Checkpoint) bool { sig, was := before[ck.Name]; return !was || sig != ck.Signature() }
 	exited := agent.TrainerExited(ctx)
 	trainerKnown := exited != nil // exited is set to nil once it has fired
 	waitUntil := func() time.Time {
@@ -397,27 +420,51 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		}
 		return deadline.Add(-s.estimate(lastSize) - s.Margin)
 	}
-	s.log().Info("waiting for the trainer's checkpoints", "until", waitUntil(), "trainer_known", exited != nil)
+	// Run's start-up first (the clean-up of an earlier life's uploads, and
+	// what is committed): a daemon started during the notice must neither
+	// upload beside that clean-up nor send again what is committed.
+	select {
+	case <-s.loaded:
+	case <-time.After(time.Until(waitUntil())):
+	case <-ctx.Done():
+	}
+	var pending *Checkpoint
+	s.mu.Lock()
+	if n := len(atSignal); n > 0 {
+		ck := atSignal[n-1]
+		inBackground := s.bgCkpt != nil && s.bgCkpt.Name == ck.Name && s.bgCkpt.Signature() == ck.Signature()
+		if s.committed[ck.Name] != ck.Signature() && !inBackground {
+			pending = &ck
+		}
+	}
+	s.mu.Unlock()
+	s.log().Info("waiting for the trainer's checkpoints", "until", waitUntil(), "trainer_known", exited != nil,
+		"uncommitted_first", pending != nil)
 	s.poke()
 
 	var done *Checkpoint // the newest committed by this step
+	newDone := false     // done completed after the signal
 	var failed error
 	trainerGone, settled := false, false
-	var settle time.Time
+	var settle, exitedAt time.Time
 	for ctx.Err() == nil {
 		fresh, changed := s.newest(before, done)
+		if fresh == nil && pending != nil {
+			fresh, pending = pending, nil
+		}
 		if fresh != nil {
 			s.stopBackground() // the trainer's new checkpoint goes first
 			ck, err := s.commitNewest(ctx, *fresh, before, waitUntil)
 			if err != nil {
-				failed = fmt.Errorf("new checkpoint %s not committed: %w", ck.Name, err)
+				failed = fmt.Errorf("checkpoint %s not committed: %w", ck.Name, err)
 			} else {
 				done, failed = &ck, nil
+				newDone = newDone || isNew(ck)
 			}
 			lastSize = max(lastSize, ck.Size())
 			continue // look again at once: a newer one may have completed meanwhile
 		}
-		if done != nil && !trainerKnown {
+		if done != nil && newDone && !trainerKnown {
 			break // no trainer to wait for: its first new checkpoint is the one
 		}
 		until := waitUntil()
@@ -444,7 +491,8 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 			// The trainer is gone: look again now at what it left, and for
 			// the layouts completed by a quiet period, until that has passed.
 			trainerGone, exited = true, nil
-			settle = time.Now()
+			exitedAt = time.Now()
+			settle = exitedAt
 			if s.needsQuiet() {
 				settle = settle.Add(s.Quiet + 250*time.Millisecond)
 			}
@@ -453,13 +501,27 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		case <-ctx.Done():
 		}
 	}
-	if done != nil {
+	deadline, _ := ctx.Deadline()
+	noNewer := func(name string) error {
+		if trainerGone {
+			return fmt.Errorf("the trainer exited at %s without a checkpoint newer than %s; %s is committed and stays latest",
+				exitedAt.UTC().Format(time.RFC3339), name, name)
+		}
+		return fmt.Errorf("no checkpoint newer than %s completed by %s (the deadline %s less %s estimated upload and %s margin); %s is committed and stays latest",
+			name, waitUntil().UTC().Format(time.RFC3339), deadline.UTC().Format(time.RFC3339), s.estimate(lastSize).Round(time.Millisecond), s.Margin, name)
+	}
+	switch {
+	case done != nil && newDone:
 		if failed != nil {
 			s.log().Warn("a newer checkpoint was not committed; the newest committed one stays latest", "latest", done.Name, "err", failed)
 		}
 		return nil
-	}
-	if failed != nil {
+	case done != nil:
+		if failed != nil {
+			return fmt.Errorf("%w; %s, complete at the signal, is committed and stays latest", failed, done.Name)
+		}
+		return noNewer(done.Name)
+	case failed != nil:
 		return fmt.Errorf("%w; the previous committed checkpoint stays latest", failed)
 	}
 	// No new checkpoint: make sure the newest complete one is durable.
@@ -477,19 +539,22 @@ func (e emergencyStep) Run(ctx context.Context, _ agent.Notice) error {
 		case <-ctx.Done():
 		}
 	}
-	if newest != nil {
-		s.mu.Lock()
-		committed := s.committed[newest.Name] == newest.Signature()
-		s.mu.Unlock()
-		if !committed {
-			if err := s.commit(ctx, *newest, "emergency"); err != nil {
-				return fmt.Errorf("no new checkpoint by %s, and %s not committed: %w", waitUntil().Format(time.RFC3339), newest.Name, err)
-			}
+	if newest == nil {
+		if trainerGone {
+			return fmt.Errorf("the trainer exited at %s and no checkpoint is complete; nothing to commit", exitedAt.UTC().Format(time.RFC3339))
+		}
+		return fmt.Errorf("no complete checkpoint by %s (the deadline %s less %s estimated upload and %s margin); nothing to commit",
+			waitUntil().UTC().Format(time.RFC3339), deadline.UTC().Format(time.RFC3339), s.estimate(lastSize).Round(time.Millisecond), s.Margin)
+	}
+	s.mu.Lock()
+	committed := s.committed[newest.Name] == newest.Signature()
+	s.mu.Unlock()
+	if !committed {
+		if err := s.commit(ctx, *newest, "emergency"); err != nil {
+			return fmt.Errorf("no new checkpoint, and the newest complete one, %s, not committed: %w", newest.Name, err)
 		}
 	}
-	deadline, _ := ctx.Deadline()
-	return fmt.Errorf("no new complete checkpoint by %s (deadline %s less %s estimated upload and %s margin); the newest committed checkpoint stays latest",
-		waitUntil().Format(time.RFC3339), deadline.Format(time.RFC3339), s.estimate(lastSize).Round(time.Millisecond), s.Margin)
+	return noNewer(newest.Name)
 }
 
 // commitNewest commits ck; when a newer checkpoint completes meanwhile and

@@ -174,7 +174,7 @@ func TestTrainerKilledMidSave(t *testing.T) {
 		}
 		st := d.status()
 		stepErr := stepError(st, "checkpoint")
-		if !strings.Contains(stepErr, "no new complete checkpoint") || !strings.Contains(stepErr, "stays latest") {
+		if !strings.Contains(stepErr, "without a checkpoint newer than step-1") || !strings.Contains(stepErr, "step-1 is committed and stays latest") {
 			t.Fatalf("checkpoint step error = %q; the record must say why", stepErr)
 		}
 		latest, names := lsJSON(t, d.config, sp.env)
