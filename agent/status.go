@@ -41,6 +41,9 @@ type JobStatus struct {
 	Nodes int    `json:"nodes"`
 	// Members are the nodes registered in the store, live or not.
 	Members []JobMember `json:"members"`
+	// Problem says what keeps the job's checkpoints from committing, as
+	// the registry shows it (more live nodes than job.nodes).
+	Problem string `json:"problem,omitempty"`
 }
 
 // JobMember is one node of the job's registry.

@@ -11,6 +11,7 @@ package job
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -47,8 +48,12 @@ type Config struct {
 
 // Member is a node's registration.
 type Member struct {
-	Run         string    `json:"run"`
-	Node        string    `json:"node"`
+	Run  string `json:"run"`
+	Node string `json:"node"`
+	// Incarnation names this life of the node's daemon (new at every
+	// start): pushes are addressed to it, so that one captured and
+	// replayed to a restarted daemon is refused.
+	Incarnation string    `json:"incarnation,omitempty"`
 	Instance    string    `json:"instance,omitempty"`
 	Host        string    `json:"host,omitempty"`
 	Push        string    `json:"push,omitempty"`
@@ -58,9 +63,13 @@ type Member struct {
 }
 
 // Published is a fatal notice of one node as the job's other nodes see it.
+// Each publication is a new one: a notice withdrawn and raised again with
+// the same id (a trigger file rewritten, GCP's preempted, AWS's
+// instance-action) is a new object, never mistaken for the withdrawn one.
 type Published struct {
 	Run string `json:"run"`
-	// ID names it in the store: <node>--<provider>-<notice id>.
+	// ID names it in the store: <node>--<provider>-<notice id>--<pub>,
+	// pub a nonce of this publication.
 	ID        string     `json:"id"`
 	Node      string     `json:"node"`
 	Provider  string     `json:"provider"`
@@ -75,7 +84,8 @@ type Published struct {
 // mine is a notice of this node's, published (or being published).
 type mine struct {
 	p         Published
-	published chan struct{} // closed once the store's object is created (or given up on)
+	cancel    context.CancelFunc // ends the publication (a withdrawal)
+	published chan struct{}      // closed once the store's object is created (or given up on)
 }
 
 // Job is one node's part in the job: a Watcher, a Relay and the registry.
@@ -90,6 +100,13 @@ type Job struct {
 	client   *http.Client
 
 	pushed chan Published
+
+	// incarnation names this life of the daemon (see Member); seen holds
+	// the nonces of the pushes taken within maxSkew, so that one replayed
+	// to this life is refused too.
+	incarnation string
+	seenMu      sync.Mutex
+	seen        map[string]time.Time
 
 	mu        sync.Mutex
 	started   time.Time
@@ -111,12 +128,24 @@ func New(cfg Config, store storage.Store, log *slog.Logger) *Job {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Job{cfg: cfg, store: store, log: log, now: time.Now, client: &http.Client{Timeout: 2 * time.Second},
-		pushed: make(chan Published, 64), mine: map[string]mine{}}
+		pushed: make(chan Published, 64), mine: map[string]mine{}, incarnation: nonce(), seen: map[string]time.Time{}}
+}
+
+// nonce is a random id.
+func nonce() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 func (j *Job) prefix() string               { return j.cfg.Run + "/_job/" }
 func (j *Job) memberKey(node string) string { return j.prefix() + "nodes/" + node + ".json" }
 func (j *Job) noticeKey(id string) string   { return j.prefix() + "notices/" + id + ".json" }
+
+// tombstoneKey marks publication id withdrawn: a listing that holds it
+// ignores the notice, even when the notice's create lands after the
+// withdrawal's delete (a request already on its way when it was given up).
+func (j *Job) tombstoneKey(id string) string { return j.prefix() + "notices/" + id + ".withdrawn" }
 
 // ttl is how long a registration stays live unrefreshed.
 func (j *Job) ttl() time.Duration { return 3 * j.cfg.Refresh }
@@ -127,8 +156,8 @@ func (j *Job) Register(ctx context.Context) error {
 	if j.started.IsZero() {
 		j.started = j.now().UTC()
 	}
-	m := Member{Run: j.cfg.Run, Node: j.cfg.Node, Instance: j.cfg.Instance, Host: j.cfg.Host, Push: j.cfg.Advertise,
-		Version: j.cfg.Version, StartedAt: j.started, RefreshedAt: j.now().UTC()}
+	m := Member{Run: j.cfg.Run, Node: j.cfg.Node, Incarnation: j.incarnation, Instance: j.cfg.Instance, Host: j.cfg.Host,
+		Push: j.cfg.Advertise, Version: j.cfg.Version, StartedAt: j.started, RefreshedAt: j.now().UTC()}
 	j.mu.Unlock()
 	b, _ := json.Marshal(m)
 	if err := j.store.PutBytes(ctx, j.memberKey(j.cfg.Node), b); err != nil {
@@ -251,9 +280,17 @@ func (j *Job) Status() *agent.JobStatus {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	s := &agent.JobStatus{Node: j.cfg.Node, Nodes: j.cfg.Nodes, Members: []agent.JobMember{}}
+	var live []string
 	for _, m := range j.members {
 		s.Members = append(s.Members, agent.JobMember{Node: m.Node, Instance: m.Instance, Host: m.Host, Push: m.Push,
 			RefreshedAt: m.RefreshedAt, Live: j.live(m)})
+		if j.live(m) {
+			live = append(live, m.Node)
+		}
+	}
+	if len(live) > j.cfg.Nodes {
+		s.Problem = fmt.Sprintf("%d live nodes (%s) for job.nodes %d: no checkpoint of the job commits; stop the extra daemon, or set job.nodes to %d on every node",
+			len(live), strings.Join(live, ", "), j.cfg.Nodes, len(live))
 	}
 	return s
 }
@@ -271,15 +308,15 @@ func (j *Job) peers() []Member {
 	return out
 }
 
-// noticeID names a published notice: its node, provider and id, made
-// safe for a key (and hashed when long).
-func noticeID(node string, n agent.Notice) string {
+// noticeID names one publication of a notice: its node, provider and id,
+// made safe for a key (and hashed when long), and the publication's nonce.
+func noticeID(node string, n agent.Notice, pub string) string {
 	s := storage.SafeElement(n.Provider + "-" + n.ID)
 	if len(s) > 100 {
 		sum := sha256.Sum256([]byte(s))
 		s = s[:60] + "-" + hex.EncodeToString(sum[:8])
 	}
-	return node + "--" + s
+	return node + "--" + s + "--" + pub
 }
 
 // fansOut says whether this node's notice n stops the job: a fatal notice
@@ -296,23 +333,29 @@ func fansOut(n agent.Notice) bool {
 }
 
 // Fatal implements agent.Relay: the notice goes to the store and to the
-// peers at once, in the background.
+// peers at once, in the background, as a new publication.
 func (j *Job) Fatal(n agent.Notice) {
 	if !fansOut(n) {
 		return
 	}
-	p := Published{Run: j.cfg.Run, ID: noticeID(j.cfg.Node, n), Node: j.cfg.Node, Provider: n.Provider, Kind: n.Kind,
+	p := Published{Run: j.cfg.Run, ID: noticeID(j.cfg.Node, n, nonce()), Node: j.cfg.Node, Provider: n.Provider, Kind: n.Kind,
 		NoticeID: n.ID, NoticedAt: n.NoticedAt.UTC(), Deadline: n.Deadline.UTC()}
+	if p.NoticedAt.IsZero() {
+		p.NoticedAt = j.now().UTC()
+	}
+	if p.Deadline.IsZero() { // every object has one: the peers drop any without
+		p.Deadline = p.NoticedAt.Add(2 * time.Minute)
+	}
 	j.mu.Lock()
 	if _, done := j.mine[n.Key()]; done {
 		j.mu.Unlock()
 		return
 	}
+	ctx, cancel := context.WithDeadline(context.Background(), j.until(p))
 	published := make(chan struct{})
-	j.mine[n.Key()] = mine{p: p, published: published}
+	j.mine[n.Key()] = mine{p: p, cancel: cancel, published: published}
 	j.mu.Unlock()
 	j.log.Warn("stopping the job: publishing this node's fatal notice to its other nodes", "id", p.ID, "deadline", p.Deadline)
-	ctx, cancel := context.WithDeadline(context.Background(), j.until(p))
 	j.wg.Go(func() {
 		defer cancel()
 		var both sync.WaitGroup
@@ -323,7 +366,7 @@ func (j *Job) Fatal(n agent.Notice) {
 }
 
 // until is how long a publication keeps trying: the notice's deadline, or
-// two minutes without one.
+// two minutes without one (or with one almost past).
 func (j *Job) until(p Published) time.Time {
 	if p.Deadline.IsZero() || p.Deadline.Before(j.now().Add(5*time.Second)) {
 		return j.now().Add(2 * time.Minute)
@@ -331,12 +374,17 @@ func (j *Job) until(p Published) time.Time {
 	return p.Deadline
 }
 
-// publish creates the notice's object, retrying until the deadline.
+// publish creates the notice's object, retrying until the deadline or the
+// withdrawal.
 func (j *Job) publish(ctx context.Context, p Published) {
 	b, _ := json.Marshal(p)
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		err := j.store.Create(ctx, j.noticeKey(p.ID), b)
 		if err == nil || errors.Is(err, storage.ErrExists) {
+			return
+		}
+		if ctx.Err() != nil {
+			j.log.Info("job notice publication ended before it reached the store", "id", p.ID, "err", err)
 			return
 		}
 		j.log.Warn("job notice not in the store yet; retrying", "id", p.ID, "err", err)
@@ -350,7 +398,10 @@ func (j *Job) publish(ctx context.Context, p Published) {
 }
 
 // Withdrawn implements agent.Relay: a withdrawn notice of this node's
-// withdraws the job notice it made.
+// withdraws the job notice it made. Its publication is ended; a tombstone
+// goes to the store first, so that a create still on its way when it was
+// ended, landing after the delete, stops nobody; then the notice's object
+// is deleted — both retried until the notice's deadline.
 func (j *Job) Withdrawn(n agent.Notice) {
 	j.mu.Lock()
 	m, ok := j.mine[n.Key()]
@@ -359,31 +410,44 @@ func (j *Job) Withdrawn(n agent.Notice) {
 	if !ok {
 		return
 	}
+	m.cancel()
 	p := m.p
 	j.log.Info("this node's notice withdrawn: withdrawing the job notice", "id", p.ID)
 	p.Withdrawn = true
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	end := p.Deadline.Add(grace)
+	if min := j.now().Add(time.Minute); end.Before(min) {
+		end = min
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), end)
 	j.wg.Go(func() {
 		defer cancel()
 		var both sync.WaitGroup
 		both.Go(func() { j.push(ctx, p) })
 		both.Go(func() {
-			select { // a delete before the create lands would leave the notice in the store
+			b, _ := json.Marshal(p)
+			retry(ctx, func() error { return j.store.PutBytes(ctx, j.tombstoneKey(p.ID), b) })
+			select { // a delete before a create in flight lands would leave the notice behind it
 			case <-m.published:
+			case <-time.After(30 * time.Second):
 			case <-ctx.Done():
 			}
-			for ctx.Err() == nil {
-				if err := j.store.Delete(ctx, j.noticeKey(p.ID)); err == nil {
-					return
-				}
-				select {
-				case <-ctx.Done():
-				case <-time.After(time.Second):
-				}
-			}
+			retry(ctx, func() error { return j.store.Delete(ctx, j.noticeKey(p.ID)) })
 		})
 		both.Wait()
 	})
+}
+
+// retry calls f until it succeeds or ctx ends, pausing a second between.
+func retry(ctx context.Context, f func() error) {
+	for ctx.Err() == nil {
+		if f() == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // Wait waits for publications in flight (at exit).

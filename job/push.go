@@ -18,12 +18,15 @@ import (
 	"time"
 )
 
-// The push path: POST /v1/job/notice to each peer, the body a Published,
-// authenticated by an HMAC-SHA256 with job.token over the time and the
-// body (Authorization: PREEMPTD-HMAC t=<unix seconds>,sig=<hex>). The
-// token never travels; a push more than maxSkew old, or for another run,
-// is refused. The store path carries the same notice whether or not a
-// push gets through.
+// The push path: POST /v1/job/notice to each peer, the body a Published
+// addressed to that peer's current life (its node and the incarnation its
+// registration names) with a nonce, authenticated by an HMAC-SHA256 with
+// job.token over the time and the body (Authorization: PREEMPTD-HMAC
+// t=<unix seconds>,sig=<hex>). The token never travels; a push more than
+// maxSkew old, for another run, for another node or life of it (one
+// captured and replayed to a daemon that has restarted), or whose nonce
+// this life took already, is refused. The store path carries the same
+// notice whether or not a push gets through.
 
 const (
 	pushPath = "/v1/job/notice"
@@ -73,6 +76,14 @@ func checkAuth(token, header string, now time.Time, body []byte) error {
 	return nil
 }
 
+// pushBody is a push: the notice, addressed to one life of one peer.
+type pushBody struct {
+	Published
+	To          string `json:"to"`
+	Incarnation string `json:"incarnation"`
+	Nonce       string `json:"nonce"`
+}
+
 // push sends p to every live peer at once — those known now, then any
 // that a fresh read of the registry adds; failures are logged, the store
 // path carries the notice anyway.
@@ -80,7 +91,6 @@ func (j *Job) push(ctx context.Context, p Published) {
 	if j.cfg.Token == "" || j.cfg.Listen == "" && j.cfg.Advertise == "" {
 		return
 	}
-	body, _ := json.Marshal(p)
 	var wg sync.WaitGroup
 	sent := map[string]bool{}
 	send := func(peers []Member) {
@@ -89,6 +99,7 @@ func (j *Job) push(ctx context.Context, p Published) {
 				continue
 			}
 			sent[m.Node+"@"+m.Push] = true
+			body, _ := json.Marshal(pushBody{Published: p, To: m.Node, Incarnation: m.Incarnation, Nonce: nonce()})
 			wg.Go(func() {
 				if err := j.pushTo(ctx, m.Push, body); err != nil {
 					j.log.Warn("job notice not pushed; the store carries it", "peer", m.Node, "addr", m.Push, "err", err)
@@ -141,13 +152,26 @@ func (j *Job) Handler() http.Handler {
 			http.Error(w, "refused: "+err.Error(), http.StatusUnauthorized)
 			return
 		}
-		var p Published
-		if err := json.Unmarshal(body, &p); err != nil || p.ID == "" || p.Node == "" {
+		var pb pushBody
+		if err := json.Unmarshal(body, &pb); err != nil || pb.ID == "" || pb.Node == "" {
 			http.Error(w, "body: not a job notice", http.StatusBadRequest)
 			return
 		}
+		p := pb.Published
 		if p.Run != j.cfg.Run {
 			http.Error(w, fmt.Sprintf("refused: run %q is not this node's (%q)", p.Run, j.cfg.Run), http.StatusForbidden)
+			return
+		}
+		if pb.To != j.cfg.Node || pb.Incarnation != j.incarnation {
+			j.log.Warn("job push refused: addressed to another life of this node (replayed, or the sender's registry is stale: the store carries it)",
+				"from", r.RemoteAddr, "to", pb.To, "incarnation", pb.Incarnation, "id", p.ID)
+			http.Error(w, fmt.Sprintf("refused: addressed to node %q life %q, not this node's current life", pb.To, pb.Incarnation),
+				http.StatusForbidden)
+			return
+		}
+		if !j.fresh(pb.Nonce) {
+			j.log.Warn("job push refused: replayed", "from", r.RemoteAddr, "id", p.ID)
+			http.Error(w, "refused: this push was taken already (replayed)", http.StatusForbidden)
 			return
 		}
 		select {
@@ -159,6 +183,27 @@ func (j *Job) Handler() http.Handler {
 		w.WriteHeader(http.StatusAccepted)
 	})
 	return mux
+}
+
+// fresh says whether a push's nonce is new to this life of the daemon
+// within maxSkew (older pushes are refused by their time), and remembers it.
+func (j *Job) fresh(nonce string) bool {
+	if nonce == "" {
+		return false
+	}
+	j.seenMu.Lock()
+	defer j.seenMu.Unlock()
+	now := j.now()
+	for n, at := range j.seen {
+		if now.Sub(at) > 2*maxSkew {
+			delete(j.seen, n)
+		}
+	}
+	if _, ok := j.seen[nonce]; ok {
+		return false
+	}
+	j.seen[nonce] = now
+	return true
 }
 
 // serve listens on job.listen until ctx ends.

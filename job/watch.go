@@ -62,7 +62,7 @@ func (j *Job) Watch(ctx context.Context, out chan<- agent.Notice) error {
 	st := &watchState{entries: map[string]*entry{}, gone: map[string]time.Time{}}
 	j.log.Info("watching the job's notices", "run", j.cfg.Run, "node", j.cfg.Node, "nodes", j.cfg.Nodes,
 		"poll", j.cfg.Poll.String(), "push", j.cfg.Listen != "")
-	listings := make(chan map[string]Published)
+	listings := make(chan listing)
 	go j.pollLoop(ctx, listings)
 	for {
 		j.emit(ctx, st, out)
@@ -75,6 +75,13 @@ func (j *Job) Watch(ctx context.Context, out chan<- agent.Notice) error {
 			j.apply(st, p, "push")
 		}
 	}
+}
+
+// listing is one read of the store's notices: the other nodes' notices,
+// by id, and the ids with a tombstone (withdrawn).
+type listing struct {
+	notices   map[string]Published
+	withdrawn map[string]bool
 }
 
 // apply takes a notice from a push or the store.
@@ -119,29 +126,40 @@ func (j *Job) apply(st *watchState, p Published, via string) {
 }
 
 // applyListing takes one listing of the store: new notices applied, those
-// gone from it withdrawn.
-func (j *Job) applyListing(st *watchState, listed map[string]Published) {
-	for _, p := range listed {
-		j.apply(st, p, "store")
+// gone from it (or with a tombstone) withdrawn.
+func (j *Job) applyListing(st *watchState, l listing) {
+	for id := range l.withdrawn {
+		if e, ok := st.entries[id]; ok {
+			delete(st.entries, id)
+			j.log.Info("job notice withdrawn (its tombstone is in the store)", "id", id, "node", e.p.Node)
+		}
+		if _, ok := st.gone[id]; !ok {
+			st.gone[id] = j.now()
+		}
+	}
+	for id, p := range l.notices {
+		if !l.withdrawn[id] {
+			j.apply(st, p, "store")
+		}
 	}
 	for id, e := range st.entries {
-		if _, ok := listed[id]; e.inStore && !ok {
+		if _, ok := l.notices[id]; e.inStore && !ok {
 			delete(st.entries, id)
 			st.gone[id] = j.now()
 			j.log.Info("job notice withdrawn (gone from the store)", "id", id, "node", e.p.Node)
 		}
 	}
 	for id, at := range st.gone {
-		if _, ok := listed[id]; !ok && j.now().Sub(at) > housekeep {
+		if _, ok := l.notices[id]; !ok && !l.withdrawn[id] && j.now().Sub(at) > housekeep {
 			delete(st.gone, id) // long gone from the store too
 		}
 	}
 }
 
 // pollLoop lists the store's notices every job.poll and sends each
-// complete listing (the other nodes' notices, each read once); a listing
-// that fails sends nothing.
-func (j *Job) pollLoop(ctx context.Context, listings chan<- map[string]Published) {
+// complete listing (the other nodes' notices and tombstones, each read
+// once); a listing that fails sends nothing.
+func (j *Job) pollLoop(ctx context.Context, listings chan<- listing) {
 	known := map[string]Published{}
 	failing := false
 	tick := time.NewTicker(j.cfg.Poll)
@@ -159,9 +177,17 @@ func (j *Job) pollLoop(ctx context.Context, listings chan<- map[string]Published
 				j.log.Info("job notices readable from the store again")
 				failing = false
 			}
-			known = listed
+			known = map[string]Published{}
+			for id, p := range listed.notices {
+				known[id] = p
+			}
+			for id := range listed.withdrawn {
+				if p, ok := listed.tombs[id]; ok {
+					known[id+tombSuffix] = p
+				}
+			}
 			select {
-			case listings <- listed:
+			case listings <- listed.listing:
 			case <-ctx.Done():
 				return
 			}
@@ -174,45 +200,73 @@ func (j *Job) pollLoop(ctx context.Context, listings chan<- map[string]Published
 	}
 }
 
+const tombSuffix = ".withdrawn"
+
+// read is a listing with the tombstones' contents (for housekeeping).
+type read struct {
+	listing
+	tombs map[string]Published
+}
+
 // list reads the notices in the store: one LIST, and a GET of each notice
-// not known from an earlier listing.
-func (j *Job) list(ctx context.Context, known map[string]Published) (map[string]Published, error) {
+// or tombstone not known from an earlier listing. A notice object that is
+// malformed or has no deadline stops nobody: it is deleted. Notices and
+// tombstones long past their deadline are deleted too.
+func (j *Job) list(ctx context.Context, known map[string]Published) (read, error) {
 	lctx, cancel := context.WithTimeout(ctx, max(4*j.cfg.Poll, 2*time.Second))
 	defer cancel()
 	prefix := j.prefix() + "notices"
 	objs, err := j.store.List(lctx, prefix)
 	if err != nil {
-		return nil, err
+		return read{}, err
 	}
-	listed := map[string]Published{}
+	r := read{listing: listing{notices: map[string]Published{}, withdrawn: map[string]bool{}}, tombs: map[string]Published{}}
+	var drop []string
 	for _, o := range objs {
-		id, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix+"/"), ".json")
-		if !ok || strings.Contains(id, "/") || strings.HasPrefix(id, j.cfg.Node+"--") {
+		name := strings.TrimPrefix(o.Key, prefix+"/")
+		id, tomb := strings.CutSuffix(name, tombSuffix)
+		if !tomb {
+			var ok bool
+			if id, ok = strings.CutSuffix(name, ".json"); !ok {
+				continue
+			}
+		}
+		if strings.Contains(id, "/") || strings.HasPrefix(id, j.cfg.Node+"--") {
 			continue // not a notice, or this node's own
 		}
-		if p, ok := known[id]; ok {
-			listed[id] = p
-			continue
+		cacheKey := id
+		if tomb {
+			cacheKey += tombSuffix
 		}
-		var buf bytes.Buffer
-		if err := j.store.Get(lctx, o.Key, &buf); err != nil {
-			if errors.Is(err, storage.ErrNotFound) {
-				continue // withdrawn meanwhile
+		p, ok := known[cacheKey]
+		if !ok {
+			var buf bytes.Buffer
+			if err := j.store.Get(lctx, o.Key, &buf); err != nil {
+				if errors.Is(err, storage.ErrNotFound) {
+					continue // withdrawn meanwhile
+				}
+				return read{}, err
 			}
-			return nil, err
+			if err := json.Unmarshal(buf.Bytes(), &p); err != nil || p.ID != id || p.Deadline.IsZero() {
+				j.log.Warn("deleting a malformed job notice object (no notice, or none with a deadline)", "key", o.Key)
+				drop = append(drop, o.Key)
+				continue
+			}
 		}
-		var p Published
-		if err := json.Unmarshal(buf.Bytes(), &p); err != nil || p.ID != id {
-			j.log.Warn("ignoring a malformed job notice", "key", o.Key)
+		if j.now().After(p.Deadline.Add(housekeep)) {
+			drop = append(drop, o.Key) // long over: nobody needs it
 			continue
 		}
-		if !p.Deadline.IsZero() && j.now().After(p.Deadline.Add(housekeep)) {
-			_ = j.store.Delete(lctx, o.Key) // long over: nobody needs it
-			continue
+		if tomb {
+			r.withdrawn[id], r.tombs[id] = true, p
+		} else {
+			r.notices[id] = p
 		}
-		listed[id] = p
 	}
-	return listed, nil
+	if len(drop) > 0 {
+		_ = j.store.Delete(lctx, drop...)
+	}
+	return r, nil
 }
 
 // emit sends the agent the job notices the entries make, when they change:

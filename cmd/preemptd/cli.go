@@ -336,6 +336,9 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 			}
 			fmt.Fprintf(tw, "  node %s:\t%s %s %s\n", m.Node, m.Instance, m.Host, live)
 		}
+		if j.Problem != "" {
+			fmt.Fprintf(tw, "  PROBLEM:\t%s\n", j.Problem)
+		}
 	}
 	if len(st.Notices) == 0 {
 		fmt.Fprintf(tw, "notices:\tnone\n")
