@@ -223,6 +223,9 @@ func scan(root, layout string, quiet time.Duration, now time.Time, parts bool) (
 			switch {
 			case !e.IsDir():
 			case exists(filepath.Join(dir, ".metadata")):
+				if !metadataLast(dir) {
+					break // saved again: its new .metadata is not written yet
+				}
 				err = add(name, "", []string{name + "/.metadata"}, false, false)
 			case parts && !exists(filepath.Join(dir, ".metadata.tmp")) && hasDistcp(dir):
 				err = add(name, "", nil, true, true) // another node writes .metadata
@@ -340,6 +343,24 @@ func Detect(root string, ents []fs.DirEntry) string {
 
 // hasDistcp says whether dir holds a DCP shard file: a job node other than
 // the coordinator has those without .metadata.
+// metadataLast says whether dir's .metadata is at least as new as every
+// shard (*.distcp) beside it, as DCP writes them: a shard newer than it is
+// a later save's, over the folder of an earlier one, still in progress (or
+// torn), whose .metadata has not replaced the old one yet.
+func metadataLast(dir string) bool {
+	mst, err := os.Stat(filepath.Join(dir, ".metadata"))
+	if err != nil {
+		return false
+	}
+	shards, _ := filepath.Glob(filepath.Join(dir, "*.distcp"))
+	for _, s := range shards {
+		if st, err := os.Stat(s); err == nil && st.ModTime().After(mst.ModTime()) {
+			return false
+		}
+	}
+	return true
+}
+
 func hasDistcp(dir string) bool {
 	m, _ := filepath.Glob(filepath.Join(dir, "*.distcp"))
 	return len(m) > 0

@@ -161,3 +161,36 @@ func FuzzParseManifest(f *testing.F) {
 		}
 	})
 }
+
+// A DCP folder saved again (a fixed folder name, the same step after a
+// restart): while its shards are rewritten the old .metadata is still
+// there, and a save that dies midway leaves it so. Such a folder is not a
+// complete checkpoint: DCP writes .metadata after every shard, so a shard
+// newer than it belongs to a save whose .metadata is not written yet.
+func TestDCPSavedAgainIncompleteUntilItsMetadata(t *testing.T) {
+	root := t.TempDir()
+	files(t, root, map[string]string{"last/__0_0.distcp": "old", "last/.metadata": "old"})
+	old := time.Now().Add(-time.Minute)
+	os.Chtimes(filepath.Join(root, "last", "__0_0.distcp"), old, old)
+	os.Chtimes(filepath.Join(root, "last", ".metadata"), old, old)
+	if got := names(scanned(t, root)); !slices.Equal(got, []string{"last"}) {
+		t.Fatalf("before the new save: %v", got)
+	}
+	os.WriteFile(filepath.Join(root, "last", "__0_0.distcp"), []byte("new, half"), 0o644) // the new save, midway
+	if got := names(scanned(t, root)); len(got) != 0 {
+		t.Fatalf("mid-save over an old .metadata: %v complete", got)
+	}
+	os.WriteFile(filepath.Join(root, "last", ".metadata"), []byte("new"), 0o644)
+	if got := names(scanned(t, root)); !slices.Equal(got, []string{"last"}) {
+		t.Fatalf("after its .metadata: %v", got)
+	}
+}
+
+func scanned(t *testing.T, root string) []Checkpoint {
+	t.Helper()
+	cks, err := Scan(root, LayoutDCP, 0, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cks
+}

@@ -59,6 +59,7 @@ func TestPrehash(t *testing.T) {
 	}
 	time.Sleep(10 * time.Millisecond) // a new modification time
 	randomFile(t, p, 64<<10)
+	randomFile(t, filepath.Join(root, "step-3", ".metadata"), 512) // written last, as DCP does
 	b, _ := os.ReadFile(p)
 	want := sha256.Sum256(b)
 	res, err = c.Commit(ctx, scanOne(t, root, "step-3"))
