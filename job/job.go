@@ -400,8 +400,9 @@ func (j *Job) publish(ctx context.Context, p Published) {
 // Withdrawn implements agent.Relay: a withdrawn notice of this node's
 // withdraws the job notice it made. Its publication is ended; a tombstone
 // goes to the store first, so that a create still on its way when it was
-// ended, landing after the delete, stops nobody; then the notice's object
-// is deleted — both retried until the notice's deadline.
+// ended, landing after the delete, stops nobody; beside it the notice's
+// object is deleted (once its create has answered) — both retried until the
+// notice's deadline.
 func (j *Job) Withdrawn(n agent.Notice) {
 	j.mu.Lock()
 	m, ok := j.mine[n.Key()]
@@ -421,11 +422,13 @@ func (j *Job) Withdrawn(n agent.Notice) {
 	ctx, cancel := context.WithDeadline(context.Background(), end)
 	j.wg.Go(func() {
 		defer cancel()
-		var both sync.WaitGroup
-		both.Go(func() { j.push(ctx, p) })
-		both.Go(func() {
+		var all sync.WaitGroup
+		all.Go(func() { j.push(ctx, p) })
+		all.Go(func() {
 			b, _ := json.Marshal(p)
 			retry(ctx, func() error { return j.store.PutBytes(ctx, j.tombstoneKey(p.ID), b) })
+		})
+		all.Go(func() {
 			select { // a delete before a create in flight lands would leave the notice behind it
 			case <-m.published:
 			case <-time.After(30 * time.Second):
@@ -433,19 +436,19 @@ func (j *Job) Withdrawn(n agent.Notice) {
 			}
 			retry(ctx, func() error { return j.store.Delete(ctx, j.noticeKey(p.ID)) })
 		})
-		both.Wait()
+		all.Wait()
 	})
 }
 
-// retry calls f until it succeeds or ctx ends, pausing a second between.
+// retry calls f until it succeeds or ctx ends, after a growing pause.
 func retry(ctx context.Context, f func() error) {
-	for ctx.Err() == nil {
+	for wait := 100 * time.Millisecond; ctx.Err() == nil; wait = min(2*wait, 2*time.Second) {
 		if f() == nil {
 			return
 		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(time.Second):
+		case <-time.After(wait):
 		}
 	}
 }
