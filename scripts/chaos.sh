@@ -5,9 +5,12 @@
 set -uo pipefail
 short=""
 [ "${1:-}" = --short ] && short=-short
+# In full, the randomized protocol trials also run a few hundred times
+# against MinIO (a few in `make test`).
+[ -z "$short" ] && export PREEMPTD_CHAOS_FULL=1
 log=$(mktemp)
 PREEMPTD_TOOLS=${PREEMPTD_TOOLS:-$(scripts/tools.sh)} go test $short -count=1 -v -timeout 30m \
-  -run 'Chaos|Faults|Connection|Bandwidth|SlowDown|DiskFull|MidSave|MidUpload|Escalation|Integrity|SlowLink|Outage|Corrupted|Transient|DoctorCloud' \
+  -run 'Chaos|Randomized|Faults|Connection|Bandwidth|SlowDown|DiskFull|MidSave|MidUpload|Escalation|Integrity|SlowLink|Outage|Corrupted|Transient|DoctorCloud' \
   ./test/chaos ./test/e2e ./checkpoint/storage > "$log" 2>&1
 rc=$?
 grep -E -- '^(--- |ok|FAIL)' "$log"

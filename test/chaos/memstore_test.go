@@ -1,0 +1,264 @@
+package chaos
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/preemptd/preemptd/checkpoint/storage"
+)
+
+// memStore is an object store in memory, with what the protocols rely on
+// from a real one — objects appear whole, a conditional create, listings by
+// folder with sizes and times, multipart uploads an interrupted client
+// leaves behind until aborted — for the thousands of trials `make test`
+// runs. The same trials run against MinIO in `make chaos`.
+type memStore struct {
+	mu      sync.Mutex
+	objs    map[string]memObj
+	uploads map[string]int // key → interrupted multipart uploads
+	clock   atomic.Int64
+}
+
+type memObj struct {
+	b   []byte
+	mod time.Time
+}
+
+func newMemStore() *memStore {
+	return &memStore{objs: map[string]memObj{}, uploads: map[string]int{}}
+}
+
+func (m *memStore) String() string { return "mem://" }
+
+func (m *memStore) put(key string, b []byte) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.objs[key] = memObj{b: slices.Clone(b), mod: time.Unix(0, m.clock.Add(1))}
+}
+
+func (m *memStore) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
+	b, err := io.ReadAll(io.NewSectionReader(f, 0, size))
+	if err != nil {
+		return err
+	}
+	if int64(len(b)) != size {
+		return fmt.Errorf("mem: %s: %d bytes read, %d meant", key, len(b), size)
+	}
+	m.put(key, b)
+	return nil
+}
+
+func (m *memStore) PutBytes(ctx context.Context, key string, b []byte) error {
+	m.put(key, b)
+	return nil
+}
+
+func (m *memStore) Create(ctx context.Context, key string, b []byte) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.objs[key]; ok {
+		return fmt.Errorf("mem: create %s: %w", key, storage.ErrExists)
+	}
+	m.objs[key] = memObj{b: slices.Clone(b), mod: time.Unix(0, m.clock.Add(1))}
+	return nil
+}
+
+func (m *memStore) Copy(ctx context.Context, dst, src string) error {
+	m.mu.Lock()
+	o, ok := m.objs[src]
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("mem: copy %s: %w", src, storage.ErrNotFound)
+	}
+	m.put(dst, o.b)
+	return nil
+}
+
+func (m *memStore) Get(ctx context.Context, key string, w io.Writer) error {
+	m.mu.Lock()
+	o, ok := m.objs[key]
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("mem: %s: %w", key, storage.ErrNotFound)
+	}
+	_, err := io.Copy(w, bytes.NewReader(o.b))
+	return err
+}
+
+func (m *memStore) List(ctx context.Context, prefix string) ([]storage.Object, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []storage.Object
+	for k, o := range m.objs {
+		if prefix == "" || strings.HasPrefix(k, prefix+"/") {
+			out = append(out, storage.Object{Key: k, Size: int64(len(o.b)), ModTime: o.mod})
+		}
+	}
+	slices.SortFunc(out, func(a, b storage.Object) int { return strings.Compare(a.Key, b.Key) })
+	return out, nil
+}
+
+func (m *memStore) Delete(ctx context.Context, keys ...string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, k := range keys {
+		delete(m.objs, k)
+	}
+	return nil
+}
+
+func (m *memStore) AbortUploads(ctx context.Context, keys ...string) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, k := range keys {
+		n += m.uploads[k]
+		delete(m.uploads, k)
+	}
+	return n, nil
+}
+
+// interrupted leaves an unfinished multipart upload of key behind: what a
+// client killed in the middle of one leaves.
+func (m *memStore) interrupted(key string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.uploads[key]++
+}
+
+func (m *memStore) leftUploads() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, c := range m.uploads {
+		n += c
+	}
+	return n
+}
+
+// Faults a faultStore injects.
+var (
+	errSlowDown = errors.New("503 Slow Down (injected)")
+	errLost     = errors.New("connection reset by peer after the request was sent (injected: the request took effect)")
+	errKilled   = errors.New("the node is dead (injected)")
+)
+
+// faultStore is one node's view of a store: every call may fail before it
+// takes effect (a 503) or after (a lost response), and at its killAt-th
+// call the node dies — its context is cancelled, the call takes effect or
+// not at random (an upload in flight is left unfinished), and every later
+// call fails.
+type faultStore struct {
+	storage.Store
+	p503, pLost float64
+	killAt      int64 // the call that kills the node; <0: never
+	kill        func()
+	interrupted func(key string) // an upload left unfinished; nil when the store tracks its own
+
+	mu   sync.Mutex
+	rng  *rand.Rand
+	ops  int64
+	dead atomic.Bool
+}
+
+// roll says what happens to one call: the node dies at it (applied: it
+// took effect anyway), fails before it, or loses its answer after.
+func (f *faultStore) roll() (die, applied, fail503, lose bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := f.ops
+	f.ops++
+	if n == f.killAt {
+		return true, f.rng.IntN(2) == 0, false, false
+	}
+	return false, false, f.rng.Float64() < f.p503, f.rng.Float64() < f.pLost
+}
+
+func (f *faultStore) do(ctx context.Context, key string, upload, mutates bool, op func(ctx context.Context) error) error {
+	if f.dead.Load() {
+		return errKilled
+	}
+	die, applied, fail, lose := f.roll()
+	switch {
+	case die:
+		f.dead.Store(true)
+		if f.kill != nil {
+			f.kill()
+		}
+		switch {
+		case upload && f.interrupted != nil:
+			f.interrupted(key)
+		case applied && mutates:
+			op(context.WithoutCancel(ctx))
+		}
+		return errKilled
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case fail:
+		return errSlowDown
+	}
+	err := op(ctx)
+	if err == nil && lose && mutates {
+		return errLost
+	}
+	return err
+}
+
+func (f *faultStore) PutFile(ctx context.Context, key string, file *os.File, size int64) error {
+	return f.do(ctx, key, true, true, func(ctx context.Context) error { return f.Store.PutFile(ctx, key, file, size) })
+}
+
+func (f *faultStore) PutBytes(ctx context.Context, key string, b []byte) error {
+	return f.do(ctx, key, false, true, func(ctx context.Context) error { return f.Store.PutBytes(ctx, key, b) })
+}
+
+func (f *faultStore) Create(ctx context.Context, key string, b []byte) error {
+	return f.do(ctx, key, false, true, func(ctx context.Context) error { return f.Store.Create(ctx, key, b) })
+}
+
+func (f *faultStore) Copy(ctx context.Context, dst, src string) error {
+	return f.do(ctx, dst, false, true, func(ctx context.Context) error { return f.Store.Copy(ctx, dst, src) })
+}
+
+func (f *faultStore) Get(ctx context.Context, key string, w io.Writer) error {
+	var buf bytes.Buffer
+	err := f.do(ctx, key, false, false, func(ctx context.Context) error { return f.Store.Get(ctx, key, &buf) })
+	if err == nil {
+		_, err = io.Copy(w, &buf)
+	}
+	return err
+}
+
+func (f *faultStore) List(ctx context.Context, prefix string) ([]storage.Object, error) {
+	var out []storage.Object
+	err := f.do(ctx, prefix, false, false, func(ctx context.Context) error {
+		var err error
+		out, err = f.Store.List(ctx, prefix)
+		return err
+	})
+	return out, err
+}
+
+func (f *faultStore) Delete(ctx context.Context, keys ...string) error {
+	return f.do(ctx, strings.Join(keys, ","), false, true, func(ctx context.Context) error { return f.Store.Delete(ctx, keys...) })
+}
+
+func (f *faultStore) AbortUploads(ctx context.Context, keys ...string) (int, error) {
+	var n int
+	err := f.do(ctx, strings.Join(keys, ","), false, true, func(ctx context.Context) error {
+		var err error
+		n, err = f.Store.AbortUploads(ctx, keys...)
+		return err
+	})
+	return n, err
+}
