@@ -290,7 +290,7 @@ func (a *Azure) PutFile(ctx context.Context, key string, f *os.File, size int64)
 	if size <= a.partSize {
 		sum, err := md5Of(io.NewSectionReader(f, 0, size))
 		if err == nil {
-			err = a.putBlob(ctx, n, f, size, sum, "application/octet-stream", false)
+			err = a.putBlob(ctx, n, f, size, sum, "application/octet-stream", "")
 		}
 		if err != nil {
 			return fmt.Errorf("storage: put %s: %w", key, err)
@@ -345,11 +345,16 @@ func drain(resp *http.Response) {
 }
 
 // putBlob uploads a whole blob in one request, its Content-MD5 checked by
-// the service; ifNew adds If-None-Match: *.
-func (a *Azure) putBlob(ctx context.Context, name string, r io.ReaderAt, size int64, sum, contentType string, ifNew bool) error {
+// the service; cond makes it conditional: ifNew (If-None-Match: *), else
+// an ETag the blob must still have (If-Match).
+func (a *Azure) putBlob(ctx context.Context, name string, r io.ReaderAt, size int64, sum, contentType, cond string) error {
 	hdr := http.Header{"x-ms-blob-type": {"BlockBlob"}, "Content-MD5": {sum}, "Content-Type": {contentType}}
-	if ifNew {
+	switch cond {
+	case "":
+	case ifNew:
 		hdr.Set("If-None-Match", "*")
+	default:
+		hdr.Set("If-Match", cond)
 	}
 	resp, err := a.do(ctx, http.MethodPut, a.blobURL(name), hdr, func() io.Reader { return io.NewSectionReader(r, 0, size) }, size)
 	if err != nil {
@@ -361,25 +366,63 @@ func (a *Azure) putBlob(ctx context.Context, name string, r io.ReaderAt, size in
 
 // PutBytes implements Store.
 func (a *Azure) PutBytes(ctx context.Context, key string, b []byte) error {
-	if err := a.putSmall(ctx, key, b, false); err != nil {
+	if err := a.putSmall(ctx, key, b, ""); err != nil {
 		return fmt.Errorf("storage: put %s: %w", key, err)
 	}
 	return nil
 }
 
+// ifNew is putBlob's condition that the blob does not exist.
+const ifNew = "*new"
+
 // Create implements Store with If-None-Match: *.
 func (a *Azure) Create(ctx context.Context, key string, b []byte) error {
-	return createErr(key, a.putSmall(ctx, key, b, true))
+	return createErr(key, a.putSmall(ctx, key, b, ifNew))
+}
+
+// GetVersion implements Swapper: the blob's ETag.
+func (a *Azure) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	n, err := a.name(key)
+	if err != nil {
+		return "", err
+	}
+	resp, err := a.do(ctx, http.MethodGet, a.blobURL(n), nil, nil, 0)
+	if err != nil {
+		return "", fmt.Errorf("storage: get %s: %w", key, err)
+	}
+	etag := resp.Header.Get("ETag")
+	if err := readBody(w, resp); err != nil {
+		return "", fmt.Errorf("storage: get %s: %w", key, err)
+	}
+	return etag, nil
+}
+
+// PutIf implements Swapper with If-Match on the ETag (If-None-Match: * for
+// none): 412 ConditionNotMet, or a blob gone meanwhile, is ErrConflict.
+func (a *Azure) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	cond := version
+	if cond == "" {
+		cond = ifNew
+	}
+	err := a.putSmall(ctx, key, b, cond)
+	var ae *azError
+	if errors.Is(err, ErrExists) || errors.Is(err, ErrNotFound) || errors.As(err, &ae) && ae.Status == http.StatusPreconditionFailed {
+		err = ErrConflict
+	}
+	if err != nil {
+		return fmt.Errorf("storage: put %s if unchanged: %w", key, err)
+	}
+	return nil
 }
 
 // putSmall puts b (a manifest, a pointer) under key in one request.
-func (a *Azure) putSmall(ctx context.Context, key string, b []byte, ifNew bool) error {
+func (a *Azure) putSmall(ctx context.Context, key string, b []byte, cond string) error {
 	n, err := a.name(key)
 	if err != nil {
 		return err
 	}
 	sum := md5.Sum(b)
-	return a.putBlob(ctx, n, bytes.NewReader(b), int64(len(b)), base64.StdEncoding.EncodeToString(sum[:]), "application/json", ifNew)
+	return a.putBlob(ctx, n, bytes.NewReader(b), int64(len(b)), base64.StdEncoding.EncodeToString(sum[:]), "application/json", cond)
 }
 
 // Copy implements Store with Copy Blob, server-side; a copy the service

@@ -463,3 +463,79 @@ func TestGCSComposeAtMost32(t *testing.T) {
 		t.Fatal("read back differs")
 	}
 }
+
+// TestSwapContract: every store replaces an object only if it is unchanged
+// since it was read (what moves a run's latest pointer forward when nodes
+// race): a stale version, or a create over an existing object, is
+// ErrConflict and leaves the object as it was; of writers racing from one
+// version, exactly one wins.
+func TestSwapContract(t *testing.T) {
+	all := append([]backend{{"dir", func(t *testing.T, _ func(string) string, _ storage.Options) storage.Store {
+		d, err := storage.NewDir(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}}}, backends...)
+	for _, b := range all {
+		t.Run(b.name, func(t *testing.T) {
+			sw, ok := b.start(t, direct, storage.Options{}).(storage.Swapper)
+			if !ok {
+				t.Fatal("not a Swapper")
+			}
+			st := sw.(storage.Store)
+			ctx := t.Context()
+			version := func() string {
+				t.Helper()
+				var buf bytes.Buffer
+				v, err := sw.GetVersion(ctx, "run/latest", &buf)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}
+			if _, err := sw.GetVersion(ctx, "run/latest", io.Discard); !errors.Is(err, storage.ErrNotFound) {
+				t.Fatalf("version of a missing key: %v", err)
+			}
+			if err := sw.PutIf(ctx, "run/latest", []byte(`{"name":"a"}`), ""); err != nil {
+				t.Fatalf("put if absent: %v", err)
+			}
+			if err := sw.PutIf(ctx, "run/latest", []byte(`{"name":"x"}`), ""); !errors.Is(err, storage.ErrConflict) {
+				t.Fatalf("put if absent over an object: %v", err)
+			}
+			v1 := version()
+			if err := sw.PutIf(ctx, "run/latest", []byte(`{"name":"b"}`), v1); err != nil {
+				t.Fatalf("put if unchanged: %v", err)
+			}
+			if err := sw.PutIf(ctx, "run/latest", []byte(`{"name":"x"}`), v1); !errors.Is(err, storage.ErrConflict) {
+				t.Fatalf("put with a stale version: %v", err)
+			}
+			if got := string(get(t, st, "run/latest")); got != `{"name":"b"}` {
+				t.Fatalf("after a refused put: %s", got)
+			}
+			// Writers racing from one version: one wins.
+			v2 := version()
+			var wg sync.WaitGroup
+			var won, lost atomic.Int32
+			for i := range 6 {
+				wg.Go(func() {
+					switch err := sw.PutIf(ctx, "run/latest", fmt.Appendf(nil, `{"name":"w%d"}`, i), v2); {
+					case err == nil:
+						won.Add(1)
+					case errors.Is(err, storage.ErrConflict):
+						lost.Add(1)
+					default:
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+			if won.Load() != 1 || lost.Load() != 5 {
+				t.Fatalf("%d won, %d lost from one version; want 1 and 5", won.Load(), lost.Load())
+			}
+			if objs, err := st.List(ctx, "run"); err != nil || len(objs) != 1 {
+				t.Fatalf("listing after the swaps: %+v %v (nothing but the object)", objs, err)
+			}
+		})
+	}
+}

@@ -3,6 +3,8 @@ package storage
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +12,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // tmpPrefix marks files being written; AbortUploads removes them.
@@ -104,6 +108,54 @@ func (d *Dir) Create(ctx context.Context, key string, b []byte) error {
 		return createErr(key, ErrExists)
 	}
 	return err
+}
+
+// GetVersion implements Swapper: the SHA-256 of the file's bytes.
+func (d *Dir) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	var buf bytes.Buffer
+	if err := d.Get(ctx, key, &buf); err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	_, err := w.Write(buf.Bytes())
+	return hex.EncodeToString(sum[:]), err
+}
+
+// PutIf implements Swapper: under an exclusive lock (flock) on a file
+// beside key's, for every process of this machine, the file is replaced
+// only if its bytes are still the version read.
+func (d *Dir) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	p, err := d.path(key)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	lf, err := os.OpenFile(filepath.Join(filepath.Dir(p), tmpPrefix+"lock-"+filepath.Base(p)), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("storage: put %s if unchanged: %w", key, err)
+	}
+	defer lf.Close()
+	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("storage: put %s if unchanged: lock: %w", key, err)
+	}
+	defer unix.Flock(int(lf.Fd()), unix.LOCK_UN)
+	cur, err := os.ReadFile(p)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if version != "" {
+			return fmt.Errorf("storage: put %s if unchanged: %w", key, ErrConflict)
+		}
+	case err != nil:
+		return err
+	default:
+		sum := sha256.Sum256(cur)
+		if version != hex.EncodeToString(sum[:]) {
+			return fmt.Errorf("storage: put %s if unchanged: %w", key, ErrConflict)
+		}
+	}
+	return d.write(ctx, key, bytes.NewReader(b))
 }
 
 // Copy implements Store: a hard link where it can, else a copy.

@@ -215,9 +215,10 @@ func crc32cOf(r io.Reader) (string, error) {
 
 // insert uploads size bytes of r as object name in one multipart/related
 // request whose metadata carries crc32c: GCS checks it against the bytes
-// and refuses the object if they differ. ifNew makes it conditional
-// (ifGenerationMatch=0: ErrExists if the object exists).
-func (g *GCS) insert(ctx context.Context, name string, r io.ReaderAt, size int64, crc, contentType string, ifNew bool) error {
+// and refuses the object if they differ. ifGen makes it conditional
+// (ifGenerationMatch: "0", only if the object does not exist; else only if
+// it is that generation): ErrExists when the condition does not hold.
+func (g *GCS) insert(ctx context.Context, name string, r io.ReaderAt, size int64, crc, contentType, ifGen string) error {
 	meta, _ := json.Marshal(map[string]string{"name": name, "crc32c": crc, "contentType": contentType})
 	var rnd [12]byte
 	rand.Read(rnd[:])
@@ -228,8 +229,8 @@ func (g *GCS) insert(ctx context.Context, name string, r io.ReaderAt, size int64
 		return io.MultiReader(strings.NewReader(head), io.NewSectionReader(r, 0, size), strings.NewReader(tail))
 	}
 	q := url.Values{"uploadType": {"multipart"}, "fields": {"name"}}
-	if ifNew {
-		q.Set("ifGenerationMatch", "0")
+	if ifGen != "" {
+		q.Set("ifGenerationMatch", ifGen)
 	}
 	u := fmt.Sprintf("%s/upload/storage/v1/b/%s/o?%s", g.base, url.PathEscape(g.bucket), q.Encode())
 	hdr := http.Header{"Content-Type": {"multipart/related; boundary=" + boundary}}
@@ -246,7 +247,7 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 	if size <= ps {
 		crc, err := crc32cOf(io.NewSectionReader(f, 0, size))
 		if err == nil {
-			err = g.insert(ctx, k, f, size, crc, "application/octet-stream", false)
+			err = g.insert(ctx, k, f, size, crc, "application/octet-stream", "")
 		}
 		if err != nil {
 			return fmt.Errorf("storage: put %s: %w", key, err)
@@ -264,7 +265,7 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 			return err
 		}
 		name := fmt.Sprintf("%s/%05d", tmp, p.N)
-		if err := g.insert(ctx, name, section(f, p), p.Length, crc, "application/octet-stream", false); err != nil {
+		if err := g.insert(ctx, name, section(f, p), p.Length, crc, "application/octet-stream", ""); err != nil {
 			return err
 		}
 		names[p.N] = name
@@ -334,7 +335,7 @@ func (g *GCS) compose(ctx context.Context, dst string, srcs []string) error {
 
 // PutBytes implements Store.
 func (g *GCS) PutBytes(ctx context.Context, key string, b []byte) error {
-	if err := g.putSmall(ctx, key, b, false); err != nil {
+	if err := g.putSmall(ctx, key, b, ""); err != nil {
 		return fmt.Errorf("storage: put %s: %w", key, err)
 	}
 	return nil
@@ -342,17 +343,52 @@ func (g *GCS) PutBytes(ctx context.Context, key string, b []byte) error {
 
 // Create implements Store with ifGenerationMatch=0.
 func (g *GCS) Create(ctx context.Context, key string, b []byte) error {
-	return createErr(key, g.putSmall(ctx, key, b, true))
+	return createErr(key, g.putSmall(ctx, key, b, "0"))
+}
+
+// GetVersion implements Swapper: the object's generation.
+func (g *GCS) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	k, err := g.key(key)
+	if err != nil {
+		return "", err
+	}
+	resp, err := g.send(ctx, http.MethodGet, g.objectURL(k)+"?alt=media", nil, nil, 0)
+	if err != nil {
+		return "", fmt.Errorf("storage: get %s: %w", key, err)
+	}
+	gen := resp.Header.Get("X-Goog-Generation")
+	if err := readBody(w, resp); err != nil {
+		return "", fmt.Errorf("storage: get %s: %w", key, err)
+	}
+	if gen == "" {
+		return "", fmt.Errorf("storage: get %s: the answer names no generation", key)
+	}
+	return gen, nil
+}
+
+// PutIf implements Swapper with ifGenerationMatch (0 for none).
+func (g *GCS) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	if version == "" {
+		version = "0"
+	}
+	err := g.putSmall(ctx, key, b, version)
+	if errors.Is(err, ErrExists) || errors.Is(err, ErrNotFound) {
+		err = ErrConflict
+	}
+	if err != nil {
+		return fmt.Errorf("storage: put %s if unchanged: %w", key, err)
+	}
+	return nil
 }
 
 // putSmall puts b (a manifest, a pointer) under key in one request.
-func (g *GCS) putSmall(ctx context.Context, key string, b []byte, ifNew bool) error {
+func (g *GCS) putSmall(ctx context.Context, key string, b []byte, ifGen string) error {
 	k, err := g.key(key)
 	if err != nil {
 		return err
 	}
 	crc, _ := crc32cOf(bytes.NewReader(b))
-	return g.insert(ctx, k, bytes.NewReader(b), int64(len(b)), crc, "application/json", ifNew)
+	return g.insert(ctx, k, bytes.NewReader(b), int64(len(b)), crc, "application/json", ifGen)
 }
 
 // Copy implements Store with rewrite, server-side (one call for an object

@@ -254,35 +254,85 @@ func (s *S3) PutBytes(ctx context.Context, key string, b []byte) error {
 }
 
 // Create implements Store with If-None-Match: * (S3 since 2024, MinIO):
-// 412 Precondition Failed means the key exists. 409
+// 412 Precondition Failed means the key exists.
+func (s *S3) Create(ctx context.Context, key string, b []byte) error {
+	opts := minio.PutObjectOptions{ContentType: "application/json", DisableMultipart: true}
+	opts.SetMatchETagExcept("*")
+	err := s.conditional(ctx, key, b, opts)
+	if errors.Is(err, ErrConflict) {
+		err = ErrExists
+	}
+	return createErr(key, err)
+}
+
+// GetVersion implements Swapper: the object's ETag.
+func (s *S3) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	k, err := s.key(key)
+	if err != nil {
+		return "", err
+	}
+	obj, err := s.c.GetObject(ctx, s.bucket, k, minio.GetObjectOptions{})
+	if err != nil {
+		return "", notFound(err, key)
+	}
+	defer obj.Close()
+	st, err := obj.Stat() // the answer the bytes below come from
+	if err != nil {
+		return "", notFound(err, key)
+	}
+	if _, err := io.Copy(w, obj); err != nil {
+		return "", notFound(err, key)
+	}
+	return st.ETag, nil
+}
+
+// PutIf implements Swapper with If-Match on the ETag (If-None-Match: *
+// for none): 412, or 404 for an object gone meanwhile, is ErrConflict.
+// GCS's S3-interoperable API takes no If-Match on a write: ErrNoSwap.
+func (s *S3) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	if s.scheme == "gs" {
+		return ErrNoSwap
+	}
+	opts := minio.PutObjectOptions{ContentType: "application/json", DisableMultipart: true}
+	if version == "" {
+		opts.SetMatchETagExcept("*")
+	} else {
+		opts.SetMatchETag(version)
+	}
+	if err := s.conditional(ctx, key, b, opts); err != nil {
+		return fmt.Errorf("storage: put %s if unchanged: %w", key, err)
+	}
+	return nil
+}
+
+// conditional puts b at key under opts' condition: a condition that does
+// not hold (412, or 404 for an object gone) is ErrConflict. 409
 // ConditionalRequestConflict is another write of the key in flight, which
 // AWS documents as "retry the request": it is sent again after a pause (up
-// to maxAttempts in all), and never reported as the key taken — the other
-// write may yet fail.
-func (s *S3) Create(ctx context.Context, key string, b []byte) error {
+// to maxAttempts in all), never reported as a conflict — the other write
+// may yet fail.
+func (s *S3) conditional(ctx context.Context, key string, b []byte, opts minio.PutObjectOptions) error {
 	k, err := s.key(key)
 	if err != nil {
 		return err
 	}
-	opts := minio.PutObjectOptions{ContentType: "application/json", DisableMultipart: true}
-	opts.SetMatchETagExcept("*")
 	pause := 250 * time.Millisecond
 	for n := 1; ; n++ {
 		_, err = s.c.PutObject(ctx, s.bucket, k, bytes.NewReader(b), int64(len(b)), opts)
 		var resp minio.ErrorResponse
 		switch {
-		case errors.As(err, &resp) && resp.StatusCode == http.StatusPreconditionFailed:
-			return createErr(key, ErrExists)
+		case errors.As(err, &resp) && (resp.StatusCode == http.StatusPreconditionFailed || resp.StatusCode == http.StatusNotFound && resp.Code == "NoSuchKey"):
+			return ErrConflict
 		case errors.As(err, &resp) && resp.StatusCode == http.StatusConflict && n < maxAttempts:
 			select {
 			case <-ctx.Done():
-				return createErr(key, fmt.Errorf("%w (after %s)", ctx.Err(), resp.Code))
+				return fmt.Errorf("%w (after %s)", ctx.Err(), resp.Code)
 			case <-time.After(pause):
 			}
 			pause = min(2*pause, 4*time.Second)
 			continue
 		}
-		return createErr(key, err)
+		return err
 	}
 }
 

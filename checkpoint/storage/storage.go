@@ -27,6 +27,28 @@ var ErrNotFound = errors.New("not found")
 // ErrExists is returned by Create for a key that already exists.
 var ErrExists = errors.New("already exists")
 
+// ErrConflict is returned by PutIf when the object changed (or appeared,
+// or went) since the version the caller read.
+var ErrConflict = errors.New("changed since it was read")
+
+// ErrNoSwap is returned by PutIf where the service takes no condition on a
+// replacement (GCS through its S3-interoperable API): the caller writes as
+// it would without one.
+var ErrNoSwap = errors.New("no conditional replace on this service")
+
+// Swapper is a Store that replaces an object only if it is unchanged since
+// it was read — compare-and-swap: S3's If-Match on the ETag, GCS's
+// ifGenerationMatch, Azure Blob's If-Match, a lock in a directory. Every
+// store here is one.
+type Swapper interface {
+	// GetVersion streams key into w and returns its version (ErrNotFound
+	// when there is none).
+	GetVersion(ctx context.Context, key string, w io.Writer) (string, error)
+	// PutIf stores b at key only if key still has version ("": only if
+	// there is no key), else returns ErrConflict.
+	PutIf(ctx context.Context, key string, b []byte, version string) error
+}
+
 // createErr is Create's error for key from what the store's conditional
 // write returned: ErrExists alone when the key was taken (not the server's
 // words about it), else err.
@@ -240,3 +262,10 @@ func checkKey(key string) error {
 	}
 	return nil
 }
+
+var (
+	_ Swapper = (*Dir)(nil)
+	_ Swapper = (*S3)(nil)
+	_ Swapper = (*GCS)(nil)
+	_ Swapper = (*Azure)(nil)
+)
