@@ -515,8 +515,12 @@ func (c *Committer) latest(ctx context.Context) (Latest, error) {
 	if err := c.Store.Get(ctx, latestKey(c.Run), &buf); err != nil {
 		return Latest{}, err
 	}
+	return parseLatest(buf.Bytes())
+}
+
+func parseLatest(b []byte) (Latest, error) {
 	var l Latest
-	if err := json.Unmarshal(buf.Bytes(), &l); err != nil {
+	if err := json.Unmarshal(b, &l); err != nil {
 		return Latest{}, fmt.Errorf("latest pointer: %w", err)
 	}
 	if err := safeName(l.Name); err != nil {

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -374,4 +375,71 @@ func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 	}
 	t.Fatalf("no %s within %v", what, d)
+}
+
+// slowReader is a directory store whose first read of latest's version
+// waits until release is closed: a node that read latest, then stalled.
+type slowReader struct {
+	*storage.Dir
+	once    sync.Once
+	read    chan struct{} // closed once the stalled read has read
+	release chan struct{}
+}
+
+func (s *slowReader) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	v, err := s.Dir.GetVersion(ctx, key, w)
+	stall := false
+	s.once.Do(func() { stall = true })
+	if stall {
+		close(s.read)
+		<-s.release
+	}
+	return v, err
+}
+
+// Two nodes move latest at once: one read it (step-1), stalled, and
+// another moved it to step-3 meanwhile; the first, moving it to step-2,
+// must not move it back.
+func TestLatestNeverMovesBack(t *testing.T) {
+	dir, _ := storage.NewDir(t.TempDir())
+	ctx := context.Background()
+	c := &Committer{Store: dir, Run: "r"}
+	root := t.TempDir()
+	at := time.Now().Add(-time.Hour)
+	for i, name := range []string{"step-1", "step-2", "step-3"} {
+		dcp(t, root, name, map[string]int{"__0_0.distcp": 100})
+		for _, f := range []string{"__0_0.distcp", ".metadata"} {
+			when := at.Add(time.Duration(i) * time.Minute)
+			os.Chtimes(filepath.Join(root, name, f), when, when)
+		}
+	}
+	res := map[string]Result{}
+	for _, name := range []string{"step-1", "step-2", "step-3"} {
+		r, err := c.Commit(ctx, scanOne(t, root, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res[name] = r
+	}
+	dir.PutBytes(ctx, latestKey("r"), mustJSON(latestOf(res["step-1"].Manifest))) // latest at step-1 again
+	slow := &slowReader{Dir: dir, read: make(chan struct{}), release: make(chan struct{})}
+	stalled := &Committer{Store: slow, Run: "r"}
+	done := make(chan error, 1)
+	go func() { done <- stalled.advanceLatest(ctx, res["step-2"].Manifest) }()
+	<-slow.read
+	if err := c.advanceLatest(ctx, res["step-3"].Manifest); err != nil {
+		t.Fatal(err)
+	}
+	close(slow.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if l := latestName(t, c); l != "step-3" {
+		t.Fatalf("latest %s; a node that read it before another moved it forward moved it back", l)
+	}
+}
+
+func mustJSON(v any) []byte {
+	b, _ := json.Marshal(v)
+	return b
 }

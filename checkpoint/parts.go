@@ -586,15 +586,45 @@ func (c *Committer) commits(ctx context.Context, v view, name string) []Manifest
 }
 
 // advanceLatest points latest at m unless it points at m or a newer
-// checkpoint already (nodes of a job commit in any order).
+// checkpoint already (nodes of a job commit in any order): a conditional
+// replace where the store has one (every store here), so that of nodes
+// moving it at once none moves it back; read again and retried when
+// another got there first.
 func (c *Committer) advanceLatest(ctx context.Context, m Manifest) error {
-	if l, err := c.latest(ctx); err == nil && !newer(m, l.manifest()) {
-		if l.Name != m.Name || l.Commit != m.Commit {
-			c.log().Info("checkpoint committed; latest stays at a newer one", "name", m.Name, "latest", l.Name)
+	lb, _ := json.Marshal(latestOf(m))
+	sw, ok := c.Store.(storage.Swapper)
+	for try := 0; ok && try < 8; try++ {
+		var buf bytes.Buffer
+		version, err := sw.GetVersion(ctx, latestKey(c.Run), &buf)
+		switch {
+		case errors.Is(err, storage.ErrNotFound):
+			version = ""
+		case err != nil:
+			return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
+		default:
+			if l, err := parseLatest(buf.Bytes()); err == nil && !newer(m, l.manifest()) {
+				if l.Name != m.Name || l.Commit != m.Commit {
+					c.log().Info("checkpoint committed; latest stays at a newer one", "name", m.Name, "latest", l.Name)
+				}
+				return nil
+			}
 		}
+		err = sw.PutIf(ctx, latestKey(c.Run), lb, version)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, storage.ErrNoSwap):
+			ok = false
+		case !errors.Is(err, storage.ErrConflict):
+			return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
+		}
+	}
+	if ok {
+		return fmt.Errorf("checkpoint %s: latest: changed by others at every one of 8 tries", m.Name)
+	}
+	if l, err := c.latest(ctx); err == nil && !newer(m, l.manifest()) {
 		return nil
 	}
-	lb, _ := json.Marshal(latestOf(m))
 	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
 		return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
 	}

@@ -326,7 +326,9 @@ func (s *Syncer) commit(ctx context.Context, ck Checkpoint, why string) error {
 	s.mu.Lock()
 	s.committed[ck.Name] = ck.Signature()
 	s.lastCommit = res.Manifest.CommittedAt
-	if why == "emergency" {
+	// What an emergency path commits is its result; so is what a background
+	// upload under way at the notice commits while the path runs.
+	if why == "emergency" || s.emergency {
 		s.emergencyResult = &agent.CheckpointResult{Name: ck.Name, Step: ck.Step, Bytes: res.Manifest.Bytes,
 			SentBytes: res.Manifest.SentBytes, CompleteAt: ck.ModTime, CommittedAt: res.Manifest.CommittedAt, Upload: res.Took}
 	}

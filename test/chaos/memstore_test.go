@@ -128,6 +128,30 @@ func (m *memStore) AbortUploads(ctx context.Context, keys ...string) (int, error
 	return n, nil
 }
 
+// GetVersion implements storage.Swapper: the object's write number.
+func (m *memStore) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	m.mu.Lock()
+	o, ok := m.objs[key]
+	m.mu.Unlock()
+	if !ok {
+		return "", fmt.Errorf("mem: %s: %w", key, storage.ErrNotFound)
+	}
+	_, err := w.Write(o.b)
+	return fmt.Sprint(o.mod.UnixNano()), err
+}
+
+// PutIf implements storage.Swapper.
+func (m *memStore) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	o, ok := m.objs[key]
+	if ok != (version != "") || ok && fmt.Sprint(o.mod.UnixNano()) != version {
+		return fmt.Errorf("mem: put %s if unchanged: %w", key, storage.ErrConflict)
+	}
+	m.objs[key] = memObj{b: slices.Clone(b), mod: time.Unix(0, m.clock.Add(1))}
+	return nil
+}
+
 // interrupted leaves an unfinished multipart upload of key behind: what a
 // client killed in the middle of one leaves.
 func (m *memStore) interrupted(key string) {
@@ -247,6 +271,34 @@ func (f *faultStore) List(ctx context.Context, prefix string) ([]storage.Object,
 		return err
 	})
 	return out, err
+}
+
+// GetVersion and PutIf pass the store's compare-and-swap through, with
+// the faults.
+func (f *faultStore) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	sw, ok := f.Store.(storage.Swapper)
+	if !ok {
+		return "", storage.ErrNoSwap
+	}
+	var buf bytes.Buffer
+	var v string
+	err := f.do(ctx, key, false, false, func(ctx context.Context) error {
+		var err error
+		v, err = sw.GetVersion(ctx, key, &buf)
+		return err
+	})
+	if err == nil {
+		_, err = io.Copy(w, &buf)
+	}
+	return v, err
+}
+
+func (f *faultStore) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	sw, ok := f.Store.(storage.Swapper)
+	if !ok {
+		return storage.ErrNoSwap
+	}
+	return f.do(ctx, key, false, true, func(ctx context.Context) error { return sw.PutIf(ctx, key, b, version) })
 }
 
 func (f *faultStore) Delete(ctx context.Context, keys ...string) error {

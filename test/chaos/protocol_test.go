@@ -125,6 +125,7 @@ func protoTrial(t *testing.T, seed uint64, base storage.Store, mem *memStore) tr
 	clock := time.Now().Add(-24 * time.Hour)
 	rounds := 3 + rng.IntN(4)
 	reader := &checkpoint.Committer{Store: base, Run: "job", VerifyKey: verifyKey}
+	var pointed time.Time // the save latest named after the last round: it only moves forward
 	for r := 0; r <= rounds; r++ {
 		final := r == rounds // the last round: no faults, all must commit
 		name := names[rng.IntN(len(names))]
@@ -204,6 +205,16 @@ func protoTrial(t *testing.T, seed uint64, base storage.Store, mem *memStore) tr
 			}
 		}
 		res.rounds++
+		// Invariant: the pointer itself never moved back.
+		var lb bytes.Buffer
+		if base.Get(context.Background(), "job/latest", &lb) == nil {
+			var l checkpoint.Latest
+			json.Unmarshal(lb.Bytes(), &l)
+			if l.WrittenAt.Before(pointed) {
+				return fail("round %d: latest moved back to %s, saved %s, from a save of %s", r, l.Name, l.WrittenAt, pointed)
+			}
+			pointed = l.WrittenAt
+		}
 		// Invariant: latest is one save of its name, whole.
 		m, got, err := restoreLatest(t, reader)
 		switch {
