@@ -1,17 +1,26 @@
 package checkpoint
 
 import (
+	"cmp"
+	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 )
 
-// files writes each path (relative to root) with its content.
+// files writes each path (relative to root) with its content, in name
+// order, a DCP folder's .metadata after its shards (as DCP writes them).
 func files(t *testing.T, root string, fs map[string]string) {
 	t.Helper()
-	for p, c := range fs {
+	paths := slices.Sorted(maps.Keys(fs))
+	slices.SortStableFunc(paths, func(a, b string) int {
+		return cmp.Compare(boolInt(path.Base(a) == ".metadata"), boolInt(path.Base(b) == ".metadata"))
+	})
+	for _, p := range paths {
+		c := fs[p]
 		full := filepath.Join(root, p)
 		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
 			t.Fatal(err)
@@ -20,6 +29,13 @@ func files(t *testing.T, root string, fs map[string]string) {
 			t.Fatal(err)
 		}
 	}
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func names(cks []Checkpoint) []string {
