@@ -288,7 +288,7 @@ func (c *Committer) readPart(ctx context.Context, name, node string, obj, sig st
 	c.pmu.Lock()
 	hit, ok := c.partCache[key]
 	c.pmu.Unlock()
-	if ok && hit.obj == obj && hit.sig == sig {
+	if ok && hit.obj.Same(obj) && hit.sig.Same(sig) {
 		return hit.m, nil
 	}
 	var buf bytes.Buffer

@@ -501,6 +501,7 @@ func (a *Azure) List(ctx context.Context, prefix string) ([]Object, error) {
 				Properties struct {
 					LastModified  string `xml:"Last-Modified"`
 					ContentLength int64  `xml:"Content-Length"`
+					Etag          string
 				}
 			} `xml:"Blobs>Blob"`
 			NextMarker string
@@ -512,7 +513,7 @@ func (a *Azure) List(ctx context.Context, prefix string) ([]Object, error) {
 		}
 		for _, b := range page.Blobs {
 			mod, _ := http.ParseTime(b.Properties.LastModified)
-			out = append(out, Object{Key: strings.TrimPrefix(strings.TrimPrefix(b.Name, a.prefix), "/"), Size: b.Properties.ContentLength, ModTime: mod})
+			out = append(out, Object{Key: strings.TrimPrefix(strings.TrimPrefix(b.Name, a.prefix), "/"), Size: b.Properties.ContentLength, ModTime: mod, ETag: b.Properties.Etag})
 		}
 		if page.NextMarker == "" {
 			return out, nil

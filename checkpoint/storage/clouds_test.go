@@ -504,8 +504,21 @@ func TestSwapContract(t *testing.T) {
 				t.Fatalf("put if absent over an object: %v", err)
 			}
 			v1 := version()
+			listed := func() storage.Object {
+				t.Helper()
+				objs, err := st.List(ctx, "run")
+				if err != nil || len(objs) != 1 {
+					t.Fatalf("listing: %+v %v", objs, err)
+				}
+				return objs[0]
+			}
+			before := listed()
 			if err := sw.PutIf(ctx, "run/latest", []byte(`{"name":"b"}`), v1); err != nil {
 				t.Fatalf("put if unchanged: %v", err)
+			}
+			// A listing tells the write apart, even at the same size.
+			if after := listed(); after.Same(before) || b.name != "dir" && after.ETag == "" {
+				t.Fatalf("the listing shows the rewritten object as it was: %+v, %+v", before, after)
 			}
 			if err := sw.PutIf(ctx, "run/latest", []byte(`{"name":"x"}`), v1); !errors.Is(err, storage.ErrConflict) {
 				t.Fatalf("put with a stale version: %v", err)

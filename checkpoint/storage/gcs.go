@@ -450,15 +450,16 @@ func (g *GCS) list(ctx context.Context, p string, skipUploads bool) ([]Object, e
 	uploads := g.uploadsRoot() + "/"
 	token := ""
 	for {
-		q := url.Values{"prefix": {p}, "fields": {"items(name,size,updated),nextPageToken"}}
+		q := url.Values{"prefix": {p}, "fields": {"items(name,size,updated,generation),nextPageToken"}}
 		if token != "" {
 			q.Set("pageToken", token)
 		}
 		var page struct {
 			Items []struct {
-				Name    string
-				Size    string
-				Updated time.Time
+				Name       string
+				Size       string
+				Updated    time.Time
+				Generation string
 			}
 			NextPageToken string
 		}
@@ -471,7 +472,7 @@ func (g *GCS) list(ctx context.Context, p string, skipUploads bool) ([]Object, e
 				continue
 			}
 			size, _ := strconv.ParseInt(it.Size, 10, 64)
-			out = append(out, Object{Key: strings.TrimPrefix(strings.TrimPrefix(it.Name, g.prefix), "/"), Size: size, ModTime: it.Updated})
+			out = append(out, Object{Key: strings.TrimPrefix(strings.TrimPrefix(it.Name, g.prefix), "/"), Size: size, ModTime: it.Updated, ETag: it.Generation})
 		}
 		if page.NextPageToken == "" {
 			return out, nil

@@ -375,7 +375,7 @@ func (s *S3) List(ctx context.Context, prefix string) ([]Object, error) {
 		if o.Err != nil {
 			return nil, fmt.Errorf("storage: list %s: %w", prefix, o.Err)
 		}
-		out = append(out, Object{Key: strings.TrimPrefix(strings.TrimPrefix(o.Key, s.prefix), "/"), Size: o.Size, ModTime: o.LastModified})
+		out = append(out, Object{Key: strings.TrimPrefix(strings.TrimPrefix(o.Key, s.prefix), "/"), Size: o.Size, ModTime: o.LastModified, ETag: o.ETag})
 	}
 	return out, nil
 }

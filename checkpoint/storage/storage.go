@@ -68,6 +68,16 @@ type Object struct {
 	Size int64
 	// ModTime is when the object was last written, as the store says.
 	ModTime time.Time
+	// ETag changes whenever the object is written (S3's and Azure's ETag,
+	// GCS's generation); "" where the store has none (a directory: its
+	// ModTime has nanoseconds).
+	ETag string
+}
+
+// Same says whether a and b are one write of one object, as listings show
+// it (a reader caches what it read from an object while it is the same).
+func (a Object) Same(b Object) bool {
+	return a.Key == b.Key && a.Size == b.Size && a.ModTime.Equal(b.ModTime) && a.ETag == b.ETag
 }
 
 // Store is an object store.

@@ -101,7 +101,7 @@ func (m *memStore) List(ctx context.Context, prefix string) ([]storage.Object, e
 	var out []storage.Object
 	for k, o := range m.objs {
 		if prefix == "" || strings.HasPrefix(k, prefix+"/") {
-			out = append(out, storage.Object{Key: k, Size: int64(len(o.b)), ModTime: o.mod})
+			out = append(out, storage.Object{Key: k, Size: int64(len(o.b)), ModTime: o.mod, ETag: fmt.Sprint(o.mod.UnixNano())})
 		}
 	}
 	slices.SortFunc(out, func(a, b storage.Object) int { return strings.Compare(a.Key, b.Key) })
