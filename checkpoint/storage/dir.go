@@ -121,9 +121,10 @@ func (d *Dir) GetVersion(ctx context.Context, key string, w io.Writer) (string, 
 	return hex.EncodeToString(sum[:]), err
 }
 
-// PutIf implements Swapper: under an exclusive lock (flock) on a file
-// beside key's, for every process of this machine, the file is replaced
-// only if its bytes are still the version read.
+// PutIf implements Swapper: under an exclusive lock (flock) on the folder
+// that holds key's file, for every process of this machine (and no file of
+// its own left behind), the file is replaced only if its bytes are still
+// the version read.
 func (d *Dir) PutIf(ctx context.Context, key string, b []byte, version string) error {
 	p, err := d.path(key)
 	if err != nil {
@@ -132,7 +133,7 @@ func (d *Dir) PutIf(ctx context.Context, key string, b []byte, version string) e
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		return err
 	}
-	lf, err := os.OpenFile(filepath.Join(filepath.Dir(p), tmpPrefix+"lock-"+filepath.Base(p)), os.O_CREATE|os.O_RDWR, 0o600)
+	lf, err := os.Open(filepath.Dir(p))
 	if err != nil {
 		return fmt.Errorf("storage: put %s if unchanged: %w", key, err)
 	}
