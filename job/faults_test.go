@@ -231,3 +231,30 @@ func TestPushReplayedToRestartedDaemonRefused(t *testing.T) {
 	default:
 	}
 }
+
+// More live nodes than job.nodes: status says so, naming them (no
+// checkpoint of the job commits then).
+func TestStatusSaysMoreLiveNodesThanJobNodes(t *testing.T) {
+	st := newDir(t)
+	var jobs []*Job
+	for _, name := range []string{"n0", "n1", "n2"} {
+		j := New(Config{Run: "run", Node: name, Nodes: 2}, st, nil)
+		if err := j.Register(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		jobs = append(jobs, j)
+	}
+	if _, err := jobs[0].refreshMembers(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if p := jobs[0].Status().Problem; !strings.Contains(p, "3 live nodes (n0, n1, n2) for job.nodes 2") {
+		t.Fatalf("status problem %q", p)
+	}
+	three := New(Config{Run: "run", Node: "n1", Nodes: 3}, st, nil)
+	if _, err := three.refreshMembers(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if p := three.Status().Problem; p != "" {
+		t.Fatalf("a job with as many live nodes as job.nodes has a problem: %q", p)
+	}
+}
