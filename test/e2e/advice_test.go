@@ -121,9 +121,12 @@ advice: {interruptions_per_hour: 60, fleet_poll: 0}
 		})
 		return got
 	}
+	// preemptd measures a save from when it sees its first write, which on
+	// a busy machine comes a little after the write: a save of 0.2 s can
+	// measure 0.199 s. The bounds below allow for that.
 	fast := advised(3)
 	a1 := readAdviceFile(t, d.runDir)
-	if a1.Inputs.SaveMeasured < 3 || a1.Inputs.SaveSeconds < 0.2 || a1.Inputs.SaveSeconds > 2 || math.Abs(a1.Inputs.MTBIHours*3600-60) > 0.01 {
+	if a1.Inputs.SaveMeasured < 3 || a1.Inputs.SaveSeconds < 0.15 || a1.Inputs.SaveSeconds > 2 || math.Abs(a1.Inputs.MTBIHours*3600-60) > 0.01 {
 		t.Fatalf("advice after fast saves: %+v", a1.Inputs)
 	}
 	checkFormula(t, a1)
@@ -131,7 +134,7 @@ advice: {interruptions_per_hour: 60, fleet_poll: 0}
 	writeFile(t, control, "0.8")
 	slow := advised(len(fast) + 4)[len(fast)+1:] // the first after the change was asked for at the fast interval
 	a2 := readAdviceFile(t, d.runDir)
-	if a2.Inputs.SaveSeconds < 0.8 || a2.CheckpointEvery < 1.6*a1.CheckpointEvery {
+	if a2.Inputs.SaveSeconds < 0.7 || a2.CheckpointEvery < 1.6*a1.CheckpointEvery {
 		t.Fatalf("saves 4× slower: interval %.1fs (C %.2fs) after %.1fs (C %.2fs); want about twice as long",
 			a2.CheckpointEvery, a2.Inputs.SaveSeconds, a1.CheckpointEvery, a1.Inputs.SaveSeconds)
 	}
@@ -161,11 +164,18 @@ advice: {interruptions_per_hour: 60, fleet_poll: 0}
 	}
 	d.waitEmergencyDone()
 	var rep fleet.Report
-	waitFor(t, 10*time.Second, "the drill's record in the report", func() bool {
+	var last string
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		out, code := runCLI(t, "report", "--config", d.config, "--all", "--json")
-		return code == 0 && json.Unmarshal([]byte(out), &rep) == nil && rep.Records == 1 && len(rep.Advice) == 1 &&
-			rep.Advice[0].SaveSeconds >= 0.8
-	})
+		last = out
+		if code == 0 && json.Unmarshal([]byte(out), &rep) == nil && rep.Records == 1 && len(rep.Advice) == 1 &&
+			rep.Advice[0].SaveSeconds >= 0.7 {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("no record of the drill carrying the measured save time (≥ 0.7 s) in the report:\n%s", last)
+		}
+	}
 	adv, code := runCLI(t, "advise", "--config", d.config)
 	if code != 0 || !strings.Contains(adv, "checkpoint every:") || !strings.Contains(adv, "measured") {
 		t.Fatalf("advise: %d\n%s", code, adv)
