@@ -15,6 +15,7 @@ import (
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/checkpoint/storage"
 	"github.com/preemptd/preemptd/job"
+	"github.com/preemptd/preemptd/test/fakes"
 	"github.com/preemptd/preemptd/test/peers"
 )
 
@@ -234,7 +235,7 @@ func TestJobNoticesRandomized(t *testing.T) {
 		fmt.Sscan(s, &trials)
 	}
 	start := time.Now()
-	r := runNoticeTrials(t, trials, 16, func(int) storage.Store { return newMemStore() })
+	r := runNoticeTrials(t, trials, 16, func(int) storage.Store { return fakes.NewMemStore() })
 	if t.Failed() {
 		return
 	}

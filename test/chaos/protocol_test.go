@@ -21,6 +21,7 @@ import (
 
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/test/fakes"
 	"github.com/preemptd/preemptd/test/peers"
 )
 
@@ -71,7 +72,7 @@ type trialResult struct {
 
 // protoTrial runs one trial on store (a fresh prefix of it) with the
 // faults rng draws; open gives each node's view of the store.
-func protoTrial(t *testing.T, seed uint64, base storage.Store, mem *memStore) trialResult {
+func protoTrial(t *testing.T, seed uint64, base storage.Store, mem *fakes.MemStore) trialResult {
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	var res trialResult
 	fail := func(format string, a ...any) trialResult {
@@ -104,7 +105,7 @@ func protoTrial(t *testing.T, seed uint64, base storage.Store, mem *memStore) tr
 	start := func(nd *protoNode, faults bool) {
 		fs := &faultStore{Store: base, killAt: -1, rng: rand.New(rand.NewPCG(rng.Uint64(), 1))}
 		if mem != nil {
-			fs.interrupted = mem.interrupted
+			fs.interrupted = mem.Interrupted
 		}
 		if faults {
 			fs.p503, fs.pLost = p503, pLost
@@ -265,7 +266,7 @@ func protoTrial(t *testing.T, seed uint64, base storage.Store, mem *memStore) tr
 		}
 	}
 	if mem != nil {
-		if left := mem.leftUploads(); left > 0 {
+		if left := mem.LeftUploads(); left > 0 {
 			return fail("%d multipart uploads left by nodes running at the end", left)
 		}
 	}
@@ -364,7 +365,7 @@ func parallel[R any](t *testing.T, trials, par int, seedEnv string, trial func(i
 
 // runTrials runs the protocol's trials, par at a time, each on the store mk
 // gives it, and reports what they did.
-func runTrials(t *testing.T, trials, par int, mk func(i int) (storage.Store, *memStore)) trialResult {
+func runTrials(t *testing.T, trials, par int, mk func(i int) (storage.Store, *fakes.MemStore)) trialResult {
 	var total trialResult
 	parallel(t, trials, par, "PREEMPTD_PROTOCOL_SEED", func(i int, seed uint64) (trialResult, error) {
 		st, mem := mk(i)
@@ -392,7 +393,7 @@ func summary(trials int, r trialResult) string {
 func TestJobProtocolRandomized(t *testing.T) {
 	trials := protoTrials(2000)
 	start := time.Now()
-	r := runTrials(t, trials, 16, func(int) (storage.Store, *memStore) { m := newMemStore(); return m, m })
+	r := runTrials(t, trials, 16, func(int) (storage.Store, *fakes.MemStore) { m := fakes.NewMemStore(); return m, m })
 	if t.Failed() {
 		return
 	}
@@ -411,7 +412,7 @@ func TestChaosJobProtocolMinIO(t *testing.T) {
 	s3 := peers.StartMinIO(t)
 	s3.SetEnv(t)
 	start := time.Now()
-	r := runTrials(t, trials, 4, func(i int) (storage.Store, *memStore) {
+	r := runTrials(t, trials, 4, func(i int) (storage.Store, *fakes.MemStore) {
 		st, err := storage.Open(fmt.Sprintf("s3://%s/proto-%d", s3.Bucket, i), storage.Options{Endpoint: s3.Endpoint, Region: "us-east-1", Threads: 2})
 		if err != nil {
 			t.Error(err)

@@ -1,7 +1,8 @@
 // Package fakes holds metadata servers written from GCP's and Azure's
 // documented behaviour, for tests and benchmarks of preemptd (AWS has a real
-// simulator, amazon-ec2-metadata-mock, and needs none). Each can be told to
-// misbehave through Fault.
+// simulator, amazon-ec2-metadata-mock, and needs none), each of which can be
+// told to misbehave through Fault; and an object store in memory
+// (MemStore), for trials too many for a real server.
 package fakes
 
 import (
