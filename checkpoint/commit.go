@@ -193,8 +193,8 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 			return Result{}, err
 		}
 		m.Version, m.Node, m.Attempt, node = AttemptManifestVersion, c.Node, newAttempt(), c.Node
-	default:
-		switch p, err := c.manifest(ctx, ck.Name); {
+	default: // a single node's commits write the name's one manifest
+		switch p, err := c.readManifest(ctx, runKey(c.Run, ck.Name)+"/"+ManifestName, runKey(c.Run, ck.Name)+"/"+SignatureName); {
 		case err == nil:
 			prev = &p
 			m.Version, m.Attempt = AttemptManifestVersion, newAttempt()
@@ -321,7 +321,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	if err := c.Store.PutBytes(ctx, runKey(c.Run, ck.Name)+"/"+ManifestName, b); err != nil {
 		return Result{}, fmt.Errorf("checkpoint %s: manifest: %w", ck.Name, err)
 	}
-	if err := c.advanceLatest(ctx, m); err != nil {
+	if _, err := c.advanceLatest(ctx, m); err != nil {
 		return Result{}, err
 	}
 	if m.Attempt != "" {
@@ -598,16 +598,21 @@ func (c *Committer) readManifest(ctx context.Context, key, sigKey string) (Manif
 	return ParseManifest(buf.Bytes())
 }
 
-// latestManifest is the manifest latest points at: its commit, for a job.
+// latestManifest is the manifest latest points at: its commit, for a job;
+// else the name's one manifest (a single node's, or an earlier release's
+// job's).
 func (c *Committer) latestManifest(ctx context.Context, l Latest) (Manifest, error) {
+	var m Manifest
+	var err error
 	if l.Commit != "" {
-		m, err := c.readCommit(ctx, l.Name, l.Commit)
-		if err != nil {
-			return m, fmt.Errorf("checkpoint %s: %w", l.Name, err)
-		}
-		return m, nil
+		m, err = c.readCommit(ctx, l.Name, l.Commit)
+	} else {
+		m, err = c.readManifest(ctx, runKey(c.Run, l.Name)+"/"+ManifestName, runKey(c.Run, l.Name)+"/"+SignatureName)
 	}
-	return c.manifest(ctx, l.Name)
+	if err != nil && !errors.Is(err, storage.ErrNotFound) {
+		err = fmt.Errorf("checkpoint %s: %w", l.Name, err)
+	}
+	return m, err
 }
 
 // sign is the ed25519 signature of b as stored beside what it signs.
@@ -845,7 +850,7 @@ func (c *Committer) newest(ctx context.Context) (Manifest, error) {
 		return m, fmt.Errorf("run %q has no committed checkpoint", c.Run)
 	}
 	if n := ms[len(ms)-1]; err != nil || newer(n, m) {
-		if aerr := c.advanceLatest(ctx, n); aerr != nil {
+		if _, aerr := c.advanceLatest(ctx, n); aerr != nil {
 			c.log().Warn("a newer checkpoint is committed than latest names; latest not moved", "newest", n.Name, "err", aerr)
 		}
 		return n, nil
@@ -862,15 +867,9 @@ func (c *Committer) Repair(ctx context.Context) (string, error) {
 		return "", err
 	}
 	n := ms[len(ms)-1]
-	l, err := c.latest(ctx)
-	switch {
-	case err == nil && (l.Name == n.Name && l.Commit == n.Commit || !newer(n, l.manifest())):
-		return "", nil
-	case err != nil && !errors.Is(err, storage.ErrNotFound):
+	moved, err := c.advanceLatest(ctx, n)
+	if err != nil || !moved {
 		return "", err
-	}
-	if err := c.advanceLatest(ctx, n); err != nil {
-		return "", fmt.Errorf("repair latest: %w", err)
 	}
 	return n.Name, nil
 }

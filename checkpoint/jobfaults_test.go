@@ -425,9 +425,9 @@ func TestLatestNeverMovesBack(t *testing.T) {
 	slow := &slowReader{Dir: dir, read: make(chan struct{}), release: make(chan struct{})}
 	stalled := &Committer{Store: slow, Run: "r"}
 	done := make(chan error, 1)
-	go func() { done <- stalled.advanceLatest(ctx, res["step-2"].Manifest) }()
+	go func() { _, err := stalled.advanceLatest(ctx, res["step-2"].Manifest); done <- err }()
 	<-slow.read
-	if err := c.advanceLatest(ctx, res["step-3"].Manifest); err != nil {
+	if _, err := c.advanceLatest(ctx, res["step-3"].Manifest); err != nil {
 		t.Fatal(err)
 	}
 	close(slow.release)

@@ -341,8 +341,6 @@ func Detect(root string, ents []fs.DirEntry) string {
 	return LayoutFiles
 }
 
-// hasDistcp says whether dir holds a DCP shard file: a job node other than
-// the coordinator has those without .metadata.
 // metadataLast says whether dir's .metadata is at least as new as every
 // shard (*.distcp) beside it, as DCP writes them: a shard newer than it is
 // a later save's, over the folder of an earlier one, still in progress (or
@@ -361,6 +359,8 @@ func metadataLast(dir string) bool {
 	return true
 }
 
+// hasDistcp says whether dir holds a DCP shard file: a job node other than
+// the coordinator has those without .metadata.
 func hasDistcp(dir string) bool {
 	m, _ := filepath.Glob(filepath.Join(dir, "*.distcp"))
 	return len(m) > 0

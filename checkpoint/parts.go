@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -73,9 +74,12 @@ type PartsError struct {
 	Name    string
 	Have    []string
 	Missing []string // the job's live nodes without a part; empty when unknown
-	// Other are nodes whose part in the store belongs to another save.
-	Other []string
-	Nodes int
+	// Other are nodes whose part in the store belongs to another save;
+	// Refused, nodes whose part is there but was not taken, and why
+	// (unsigned, malformed).
+	Other   []string
+	Refused map[string]string
+	Nodes   int
 }
 
 func (e *PartsError) Error() string {
@@ -88,6 +92,9 @@ func (e *PartsError) Error() string {
 	}
 	if len(e.Other) > 0 {
 		msg += "; the part of " + strings.Join(e.Other, ", ") + " in the store is of another save"
+	}
+	for _, n := range slices.Sorted(maps.Keys(e.Refused)) {
+		msg += "; the part of " + n + " was refused: " + e.Refused[n]
 	}
 	return msg + "; the previous checkpoint stays latest"
 }
@@ -195,7 +202,7 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 	var lastErr error
 	warned := map[string]bool{}
 	err := c.await(ctx, m.Name, func(wctx context.Context) bool {
-		merged, won, perr, err := c.complete(wctx, m)
+		done, perr, err := c.complete(wctx, m)
 		if perr != nil {
 			lastPerr = perr
 		}
@@ -213,13 +220,13 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 			return false
 		}
 		took := c.now().Sub(start)
-		if won {
-			res = c.committed(ctx, merged, took)
+		if done.won {
+			res = c.committed(ctx, done.m, took)
 		} else {
-			c.log().Info("job checkpoint committed by another node", "name", m.Name, "commit", merged.Commit, "parts", len(merged.Parts))
-			res = Result{Manifest: merged, Took: took}
+			c.log().Info("job checkpoint committed by another node", "name", m.Name, "commit", done.m.Commit, "parts", len(done.m.Parts))
+			res = Result{Manifest: done.m, Took: took}
 		}
-		c.collect(ctx, m.Name, merged)
+		c.collect(ctx, done.v, done.m)
 		return true
 	})
 	switch {
@@ -238,7 +245,7 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 type view struct {
 	objs    map[string]storage.Object // by key
 	parts   map[string]Manifest       // by node: each live node's current part, verified
-	bad     map[string]error          // by node: why its part was not taken
+	bad     map[string]error          // by node: why its part was refused
 	members map[string]bool           // the job's live nodes (nil: unknown, every part counts)
 }
 
@@ -374,13 +381,19 @@ func (c *Committer) pick(name string, v view) ([]Manifest, *PartsError) {
 			perr.Other = append(perr.Other, n)
 		}
 	}
+	for n, err := range v.bad {
+		if perr.Refused == nil {
+			perr.Refused = map[string]string{}
+		}
+		perr.Refused[n] = err.Error()
+	}
 	for n := range v.members {
-		if _, ok := v.parts[n]; !ok {
+		if _, ok := v.parts[n]; !ok && v.bad[n] == nil {
 			perr.Missing = append(perr.Missing, n)
 		}
 	}
 	slices.Sort(perr.Missing)
-	if len(best) != c.Nodes || len(perr.Missing) > 0 {
+	if len(best) != c.Nodes || len(perr.Missing) > 0 || len(perr.Refused) > 0 {
 		return nil, perr
 	}
 	slices.SortFunc(best, func(a, b Manifest) int { return strings.Compare(a.Node, b.Node) })
@@ -396,58 +409,61 @@ func sortedNodes(v view) []string {
 	return nodes
 }
 
+// committedJob is what complete found: the job checkpoint's manifest m,
+// whether this node's create made it (won), and the look it came from.
+type committedJob struct {
+	m   Manifest
+	won bool
+	v   view
+}
+
 // complete looks at the job checkpoint's parts once: when this node's part
 // mine and a part of the same save from every other node are there, it
-// commits them (won: this node's create made the manifest) or finds them
-// committed, and moves latest; otherwise perr says which parts are
-// missing.
-func (c *Committer) complete(ctx context.Context, mine Manifest) (m Manifest, won bool, perr *PartsError, err error) {
+// commits them (or finds them committed) and moves latest; otherwise perr
+// says which parts are missing.
+func (c *Committer) complete(ctx context.Context, mine Manifest) (done committedJob, perr *PartsError, err error) {
 	name := mine.Name
 	v, err := c.look(ctx, name)
 	if err != nil {
-		return Manifest{}, false, nil, err
+		return done, nil, err
 	}
 	if v.members != nil && len(v.members) > c.Nodes {
-		live := make([]string, 0, len(v.members))
-		for n := range v.members {
-			live = append(live, n)
-		}
-		slices.Sort(live)
-		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s not committed: %d live nodes (%s) for job.nodes %d: a checkpoint of %d parts would lack the others' files; stop the extra daemon, or set job.nodes to %d on every node: %w",
+		live := slices.Sorted(maps.Keys(v.members))
+		return done, nil, fmt.Errorf("checkpoint %s not committed: %d live nodes (%s) for job.nodes %d: a checkpoint of %d parts would lack the others' files; stop the extra daemon, or set job.nodes to %d on every node: %w",
 			name, len(live), strings.Join(live, ", "), c.Nodes, c.Nodes, len(live), ErrTooManyNodes)
 	}
 	if own, ok := v.parts[c.Node]; !ok || own.Attempt != mine.Attempt {
 		// This node's current part is another (an earlier attempt's write
 		// that landed late, or one put there): this attempt is current.
 		if err := c.writePart(ctx, mine); err != nil {
-			return Manifest{}, false, nil, err
+			return done, nil, err
 		}
-		return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: this node's part in the store was not its current one; written again", name)
+		return done, nil, fmt.Errorf("checkpoint %s: this node's part in the store was not its current one; written again", name)
 	}
 	set, perr := c.pick(name, v)
 	if perr != nil {
-		return Manifest{}, false, perr, nil
+		return done, perr, nil
 	}
 	for _, p := range set {
 		for _, f := range p.Files {
 			key := runKey(c.Run, name) + "/" + p.Object(f)
 			if o, ok := v.objs[key]; !ok || o.Size != f.Size {
-				return Manifest{}, false, nil, fmt.Errorf("checkpoint %s: %s of %s is not in the store whole (%s)", name, f.Path, p.Node, key)
+				return done, nil, fmt.Errorf("checkpoint %s: %s of %s is not in the store whole (%s)", name, f.Path, p.Node, key)
 			}
 		}
 	}
-	m, err = mergeParts(set)
+	m, err := mergeParts(set)
 	if err != nil {
-		return Manifest{}, false, nil, err
+		return done, nil, err
 	}
-	won, err = c.store(ctx, v, m)
+	won, err := c.store(ctx, v, m)
 	if err != nil {
-		return Manifest{}, false, nil, err
+		return done, nil, err
 	}
-	if err := c.advanceLatest(ctx, m); err != nil {
-		return Manifest{}, false, nil, err
+	if _, err := c.advanceLatest(ctx, m); err != nil {
+		return done, nil, err
 	}
-	return m, won, nil, nil
+	return committedJob{m: m, won: won, v: v}, nil, nil
 }
 
 // store makes merged job manifest m durable at its commit key: signature
@@ -501,18 +517,15 @@ func (c *Committer) store(ctx context.Context, v view, m Manifest) (won bool, er
 	return false, nil
 }
 
-// collect deletes what a commit of name leaves behind: the name's job
-// manifests beyond the newest two and latest's (a restore may be reading
-// the one before), and this node's objects of attempts that no manifest
-// kept points at (failed and superseded saves) — never another node's
-// objects, never those of an attempt this node may still write (its
-// commits run one at a time). Failures are logged; the next commit tries
-// again.
-func (c *Committer) collect(ctx context.Context, name string, committed Manifest) {
-	v, err := c.look(ctx, name)
-	if err != nil {
-		return
-	}
+// collect deletes what the commit of committed leaves behind, as v (the
+// look that found it) shows the name: its job manifests beyond the newest
+// two and latest's (a restore may be reading the one before), and this
+// node's objects of attempts that no manifest kept points at (failed and
+// superseded saves) — never another node's objects, never those of an
+// attempt this node may still write (its commits run one at a time).
+// Failures are logged; the next commit tries again.
+func (c *Committer) collect(ctx context.Context, v view, committed Manifest) {
+	name := committed.Name
 	if _, legacy := v.objs[runKey(c.Run, name)+"/"+ManifestName]; legacy {
 		return // a name committed by an earlier release: its objects are not in attempt folders
 	}
@@ -589,46 +602,54 @@ func (c *Committer) commits(ctx context.Context, v view, name string) []Manifest
 // checkpoint already (nodes of a job commit in any order): a conditional
 // replace where the store has one (every store here), so that of nodes
 // moving it at once none moves it back; read again and retried when
-// another got there first.
-func (c *Committer) advanceLatest(ctx context.Context, m Manifest) error {
+// another got there first. moved says it pointed latest at m.
+func (c *Committer) advanceLatest(ctx context.Context, m Manifest) (moved bool, err error) {
 	lb, _ := json.Marshal(latestOf(m))
-	sw, ok := c.Store.(storage.Swapper)
-	for try := 0; ok && try < 8; try++ {
+	sw, swaps := c.Store.(storage.Swapper)
+	for try := 0; swaps && try < 8; try++ {
 		var buf bytes.Buffer
 		version, err := sw.GetVersion(ctx, latestKey(c.Run), &buf)
 		switch {
 		case errors.Is(err, storage.ErrNotFound):
 			version = ""
 		case err != nil:
-			return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
+			return false, fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
 		default:
-			if l, err := parseLatest(buf.Bytes()); err == nil && !newer(m, l.manifest()) {
-				if l.Name != m.Name || l.Commit != m.Commit {
-					c.log().Info("checkpoint committed; latest stays at a newer one", "name", m.Name, "latest", l.Name)
-				}
-				return nil
+			if l, err := parseLatest(buf.Bytes()); err == nil && !c.ahead(m, l) {
+				return false, nil
 			}
 		}
 		err = sw.PutIf(ctx, latestKey(c.Run), lb, version)
 		switch {
 		case err == nil:
-			return nil
+			return true, nil
 		case errors.Is(err, storage.ErrNoSwap):
-			ok = false
+			swaps = false
 		case !errors.Is(err, storage.ErrConflict):
-			return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
+			return false, fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
 		}
 	}
-	if ok {
-		return fmt.Errorf("checkpoint %s: latest: changed by others at every one of 8 tries", m.Name)
+	if swaps {
+		return false, fmt.Errorf("checkpoint %s: latest: changed by others at every one of 8 tries", m.Name)
 	}
-	if l, err := c.latest(ctx); err == nil && !newer(m, l.manifest()) {
-		return nil
+	if l, err := c.latest(ctx); err == nil && !c.ahead(m, l) {
+		return false, nil
 	}
 	if err := c.Store.PutBytes(ctx, latestKey(c.Run), lb); err != nil {
-		return fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
+		return false, fmt.Errorf("checkpoint %s: latest: %w", m.Name, err)
 	}
-	return nil
+	return true, nil
+}
+
+// ahead says whether m is newer than the checkpoint latest l names.
+func (c *Committer) ahead(m Manifest, l Latest) bool {
+	if newer(m, l.manifest()) {
+		return true
+	}
+	if l.Name != m.Name || l.Commit != m.Commit {
+		c.log().Info("checkpoint committed; latest stays at a newer one", "name", m.Name, "latest", l.Name)
+	}
+	return false
 }
 
 // members are the job's live nodes (nil: every part counts).

@@ -334,16 +334,27 @@ func TestJobPartsSigned(t *testing.T) {
 		c.SignKey, c.VerifyKey = priv, pub
 		shardsOf(t, roots[i], "step-1", i, 1000)
 	}
-	// A forged part of node1 (no signature) is there first.
+	// node0's signed part goes up; a part of node1 without a signature
+	// (what anyone who can write the bucket can put there) pairs with it.
+	done := make(chan error, 1)
+	ck0 := scanJobOne(t, roots[0], "step-1")
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := cs[0].Commit(ctx, ck0)
+		done <- err
+	}()
 	forged := &Committer{Store: st, Run: "job", Node: "node1", Nodes: 2, PartPoll: 20 * time.Millisecond}
-	fctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	fctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	forged.Commit(fctx, scanJobOne(t, roots[1], "step-1"))
 	cancel()
-	ctx, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	_, err = cs[0].Commit(ctx, scanJobOne(t, roots[0], "step-1"))
-	cancel2()
-	if !errors.Is(err, ErrPartsMissing) {
-		t.Fatalf("node0 with only a forged part of node1: %v; want node1's part missing", err)
+	if objs, _ := st.List(context.Background(), "job/step-1/"+PartsDir); !slices.ContainsFunc(objs, func(o storage.Object) bool {
+		return o.Key == partKey("job", "step-1", "node1")
+	}) {
+		t.Fatal("the forged part never reached the store")
+	}
+	if err := <-done; !errors.Is(err, ErrPartsMissing) || !strings.Contains(err.Error(), "the part of node1 was refused: part node1: not signed by storage.sign_key") {
+		t.Fatalf("node0 with only a forged part of node1: %v; want node1's part refused, saying why", err)
 	}
 	var wg sync.WaitGroup
 	for i, c := range cs {
@@ -391,7 +402,7 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	st.Get(ctx, partKey("job", "step-1", "node1"), &part)
 	mine, _ := ParseManifest(part.Bytes())
 	st.Delete(ctx, sigKey) // the signature lost
-	if _, _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
+	if _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
 		t.Fatalf("complete over an unsigned manifest: %v %v", perr, err)
 	}
 	reader := &Committer{Store: st, Run: "job", VerifyKey: pub}
@@ -409,7 +420,7 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); !errors.Is(err, ErrUnsigned) {
 		t.Fatalf("the planted manifest restores: %v", err)
 	}
-	if _, _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
+	if _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
 		t.Fatalf("complete over a planted manifest: %v %v", perr, err)
 	}
 	var after bytes.Buffer
