@@ -165,7 +165,7 @@ func (j *Job) pollLoop(ctx context.Context, listings chan<- listing) {
 	tick := time.NewTicker(j.cfg.Poll)
 	defer tick.Stop()
 	for {
-		listed, err := j.list(ctx, known)
+		listed, read, err := j.list(ctx, known)
 		switch {
 		case err != nil && ctx.Err() == nil:
 			if !failing {
@@ -177,17 +177,9 @@ func (j *Job) pollLoop(ctx context.Context, listings chan<- listing) {
 				j.log.Info("job notices readable from the store again")
 				failing = false
 			}
-			known = map[string]Published{}
-			for id, p := range listed.notices {
-				known[id] = p
-			}
-			for id := range listed.withdrawn {
-				if p, ok := listed.tombs[id]; ok {
-					known[id+tombSuffix] = p
-				}
-			}
+			known = read
 			select {
-			case listings <- listed.listing:
+			case listings <- listed:
 			case <-ctx.Done():
 				return
 			}
@@ -202,25 +194,21 @@ func (j *Job) pollLoop(ctx context.Context, listings chan<- listing) {
 
 const tombSuffix = ".withdrawn"
 
-// read is a listing with the tombstones' contents (for housekeeping).
-type read struct {
-	listing
-	tombs map[string]Published
-}
-
 // list reads the notices in the store: one LIST, and a GET of each notice
-// or tombstone not known from an earlier listing. A notice object that is
+// or tombstone not known (by its object's name) from the last listing;
+// read is what this one knows, for the next. A notice object that is
 // malformed or has no deadline stops nobody: it is deleted. Notices and
 // tombstones long past their deadline are deleted too.
-func (j *Job) list(ctx context.Context, known map[string]Published) (read, error) {
+func (j *Job) list(ctx context.Context, known map[string]Published) (l listing, read map[string]Published, err error) {
 	lctx, cancel := context.WithTimeout(ctx, max(4*j.cfg.Poll, 2*time.Second))
 	defer cancel()
 	prefix := j.prefix() + "notices"
 	objs, err := j.store.List(lctx, prefix)
 	if err != nil {
-		return read{}, err
+		return l, nil, err
 	}
-	r := read{listing: listing{notices: map[string]Published{}, withdrawn: map[string]bool{}}, tombs: map[string]Published{}}
+	l = listing{notices: map[string]Published{}, withdrawn: map[string]bool{}}
+	read = map[string]Published{}
 	var drop []string
 	for _, o := range objs {
 		name := strings.TrimPrefix(o.Key, prefix+"/")
@@ -234,18 +222,14 @@ func (j *Job) list(ctx context.Context, known map[string]Published) (read, error
 		if strings.Contains(id, "/") || strings.HasPrefix(id, j.cfg.Node+"--") {
 			continue // not a notice, or this node's own
 		}
-		cacheKey := id
-		if tomb {
-			cacheKey += tombSuffix
-		}
-		p, ok := known[cacheKey]
+		p, ok := known[name]
 		if !ok {
 			var buf bytes.Buffer
 			if err := j.store.Get(lctx, o.Key, &buf); err != nil {
 				if errors.Is(err, storage.ErrNotFound) {
 					continue // withdrawn meanwhile
 				}
-				return read{}, err
+				return l, nil, err
 			}
 			if err := json.Unmarshal(buf.Bytes(), &p); err != nil || p.ID != id || p.Deadline.IsZero() {
 				j.log.Warn("deleting a malformed job notice object (no notice, or none with a deadline)", "key", o.Key)
@@ -257,16 +241,17 @@ func (j *Job) list(ctx context.Context, known map[string]Published) (read, error
 			drop = append(drop, o.Key) // long over: nobody needs it
 			continue
 		}
+		read[name] = p
 		if tomb {
-			r.withdrawn[id], r.tombs[id] = true, p
+			l.withdrawn[id] = true
 		} else {
-			r.notices[id] = p
+			l.notices[id] = p
 		}
 	}
 	if len(drop) > 0 {
 		_ = j.store.Delete(lctx, drop...)
 	}
-	return r, nil
+	return l, read, nil
 }
 
 // emit sends the agent the job notices the entries make, when they change:
