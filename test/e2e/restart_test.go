@@ -98,8 +98,10 @@ func writeRandom(t *testing.T, path string, n int) {
 // part of step-5 goes up, node 1's does not, and node 1 dies (its daemon
 // and its rank, killed); the job stops. A new machine takes node 1's name
 // (an empty folder), the job starts again from the beginning and saves
-// step-5 again — node 0's part of the failed save still in the store —
-// then runs on until a job notice. Step-5 in the store is, byte for byte,
+// step-5 again — node 0's part of the failed save still in the store, and
+// node 0's link held until node 1's part of the new save has long been up
+// (node 1's part is not written beside node 0's old one meanwhile) — then
+// runs on until a job notice. Step-5 in the store is, byte for byte,
 // what the new save wrote on both nodes, and the final checkpoint,
 // restored on two fresh nodes, loads in DCP to the weights the ranks had.
 func TestTorchrunJobNodeReplacedMidSave(t *testing.T) {
@@ -148,14 +150,27 @@ func TestTorchrunJobNodeReplacedMidSave(t *testing.T) {
 	kill0() // its peer gone, the job stops
 	x.Remove(t, "minio-node1", "hold")
 	// 2. A new machine as node 1; the job again from the start, past step-5.
+	// Node 0's link is held this time: the replacement's part of the new
+	// save is up while node 0's part of the failed one is all the store has
+	// of node 0 — it must wait for node 0's part of this save, not merge
+	// with that one.
 	nodes[1] = newNode(1)
+	x.Toxic(t, "minio-node0", "hold", "timeout", map[string]any{"timeout": 0})
 	port = peers.FreePort(t)
 	var outs []*bytes.Buffer
 	var dones []chan struct{}
 	for i := range nodes {
-		out, done, _ := start(i, port, "SAVE_EVERY=5", "STEP_SLEEP=1")
+		out, done, _ := start(i, port, "SAVE_EVERY=5", "STEP_SLEEP=2")
 		outs, dones = append(outs, out), append(dones, done)
 	}
+	waitFor(t, 120*time.Second, "node1's shard of the new step-5 in the store", func() bool {
+		return len(listKeys(t, s3, "runs/torch-replaced/step-5/.preemptd-parts/node1/")) > 0
+	})
+	time.Sleep(3 * time.Second)
+	if len(listKeys(t, s3, "runs/torch-replaced/step-5/.preemptd-parts/node1.json")) != 0 {
+		t.Fatal("node1's part of the new save of step-5 was written beside node0's part of the failed one")
+	}
+	x.Remove(t, "minio-node0", "hold")
 	waitFor(t, 120*time.Second, "step-5 saved again and committed", func() bool {
 		_, names := lsJSON(t, nodes[0].config, env)
 		return slices.Contains(names, "step-5")
