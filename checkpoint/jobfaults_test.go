@@ -443,3 +443,16 @@ func mustJSON(v any) []byte {
 	b, _ := json.Marshal(v)
 	return b
 }
+
+// A parts error of a large job names a few nodes and counts the others.
+func TestPartsErrorOfALargeJobStaysShort(t *testing.T) {
+	var have []string
+	for i := range 999 {
+		have = append(have, fmt.Sprintf("n%04d", i))
+	}
+	msg := (&PartsError{Name: "step-1", Have: have, Missing: []string{"n0999"}, Nodes: 1000}).Error()
+	want := "checkpoint step-1: 999 of 1000 parts in the store (from n0000, n0001, n0002, n0003, n0004, n0005, n0006, n0007 and 991 more); missing the part of n0999; the previous checkpoint stays latest"
+	if msg != want {
+		t.Fatalf("%s\nwant\n%s", msg, want)
+	}
+}

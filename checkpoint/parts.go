@@ -85,18 +85,34 @@ type PartsError struct {
 func (e *PartsError) Error() string {
 	msg := fmt.Sprintf("checkpoint %s: %d of %d parts in the store", e.Name, len(e.Have), e.Nodes)
 	if len(e.Have) > 0 {
-		msg += " (from " + strings.Join(e.Have, ", ") + ")"
+		msg += " (from " + nodeList(e.Have) + ")"
 	}
 	if len(e.Missing) > 0 {
-		msg += "; missing the part of " + strings.Join(e.Missing, ", ")
+		msg += "; missing the part of " + nodeList(e.Missing)
 	}
 	if len(e.Other) > 0 {
-		msg += "; the part of " + strings.Join(e.Other, ", ") + " in the store is of another save"
+		msg += "; the part of " + nodeList(e.Other) + " in the store is of another save"
 	}
-	for _, n := range slices.Sorted(maps.Keys(e.Refused)) {
+	for i, n := range slices.Sorted(maps.Keys(e.Refused)) {
+		if i == maxNames {
+			msg += fmt.Sprintf("; %d more parts refused", len(e.Refused)-maxNames)
+			break
+		}
 		msg += "; the part of " + n + " was refused: " + e.Refused[n]
 	}
 	return msg + "; the previous checkpoint stays latest"
+}
+
+// maxNames is how many nodes an error names before it counts the rest: a
+// job of a thousand nodes must not make a thousand-name log line.
+const maxNames = 8
+
+// nodeList joins nodes, the first maxNames of them and the number of others.
+func nodeList(nodes []string) string {
+	if len(nodes) <= maxNames {
+		return strings.Join(nodes, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(nodes[:maxNames], ", "), len(nodes)-maxNames)
 }
 
 func (e *PartsError) Unwrap() error { return ErrPartsMissing }
@@ -430,7 +446,7 @@ func (c *Committer) complete(ctx context.Context, mine Manifest) (done committed
 	if v.members != nil && len(v.members) > c.Nodes {
 		live := slices.Sorted(maps.Keys(v.members))
 		return done, nil, fmt.Errorf("checkpoint %s not committed: %d live nodes (%s) for job.nodes %d: a checkpoint of %d parts would lack the others' files; stop the extra daemon, or set job.nodes to %d on every node: %w",
-			name, len(live), strings.Join(live, ", "), c.Nodes, c.Nodes, len(live), ErrTooManyNodes)
+			name, len(live), nodeList(live), c.Nodes, c.Nodes, len(live), ErrTooManyNodes)
 	}
 	if own, ok := v.parts[c.Node]; !ok || own.Attempt != mine.Attempt {
 		// This node's current part is another (an earlier attempt's write

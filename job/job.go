@@ -289,8 +289,12 @@ func (j *Job) Status() *agent.JobStatus {
 		}
 	}
 	if len(live) > j.cfg.Nodes {
+		named := strings.Join(live[:min(len(live), 8)], ", ")
+		if len(live) > 8 {
+			named += fmt.Sprintf(" and %d more", len(live)-8)
+		}
 		s.Problem = fmt.Sprintf("%d live nodes (%s) for job.nodes %d: no checkpoint of the job commits; stop the extra daemon, or set job.nodes to %d on every node",
-			len(live), strings.Join(live, ", "), j.cfg.Nodes, len(live))
+			len(live), named, j.cfg.Nodes, len(live))
 	}
 	return s
 }
