@@ -288,7 +288,8 @@ func (s *S3) GetVersion(ctx context.Context, key string, w io.Writer) (string, e
 
 // PutIf implements Swapper with If-Match on the ETag (If-None-Match: *
 // for none): 412, or 404 for an object gone meanwhile, is ErrConflict.
-// GCS's S3-interoperable API takes no If-Match on a write: ErrNoSwap.
+// GCS's S3-interoperable XML API honours If-Match only on reads (its
+// conditional write is x-goog-if-generation-match): ErrNoSwap.
 func (s *S3) PutIf(ctx context.Context, key string, b []byte, version string) error {
 	if s.scheme == "gs" {
 		return ErrNoSwap

@@ -55,13 +55,13 @@ func TestRestartDuringNoticeCommitsAtOnce(t *testing.T) {
 	<-d.exited
 	restarted := time.Now()
 	d = startDaemonIn(t, dir, cfg, s3.Env()...)
-	waitLatest(t, d.config, s3.Env(), "step-3", 30*time.Second)
+	// At once: the upload takes about 8 s here; waiting for the deadline
+	// less the estimate and the margin (the rule this replaces) would start
+	// it about 36 s after the restart.
+	waitLatest(t, d.config, s3.Env(), "step-3", 20*time.Second)
 	took := time.Since(restarted)
 	t.Logf("restarted %v before the deadline; step-3 committed %v after the restart, %v before the deadline",
 		action.Sub(restarted).Round(time.Millisecond), took.Round(time.Millisecond), time.Until(action).Round(time.Millisecond))
-	if time.Now().After(action) {
-		t.Fatalf("step-3 committed after the notice's deadline")
-	}
 	restoreVerified(t, d.config, s3.Env(), filepath.Join(shortDir(t), "restored"), filepath.Join(ckpt, "step-3"))
 	st := d.waitEmergencyDone()
 	if st.Emergency.Checkpoint == nil || st.Emergency.Checkpoint.Name != "step-3" || !st.Emergency.Checkpoint.CommittedAt.Before(action) {
