@@ -394,6 +394,12 @@ func (c *Committer) each(ctx context.Context, idx []int, f func(context.Context,
 	if n <= 0 {
 		n = 4
 	}
+	return eachOf(ctx, n, idx, f)
+}
+
+// eachOf runs f over idx with at most n at once; the first error cancels
+// the rest.
+func eachOf(ctx context.Context, n int, idx []int, f func(context.Context, int) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	sem := make(chan struct{}, n)
@@ -641,10 +647,32 @@ func (c *Committer) verify(ctx context.Context, pub ed25519.PublicKey, sigKey st
 // List returns the run's committed checkpoints — of each name its newest
 // valid manifest — oldest save first, and the latest pointer's name.
 func (c *Committer) List(ctx context.Context) ([]Manifest, string, error) {
+	l, err := c.Listing(ctx)
+	return l.Manifests, l.Latest, err
+}
+
+// Listing is what a look at the run's checkpoints found.
+type Listing struct {
+	// Manifests are the committed checkpoints that verify, oldest first.
+	Manifests []Manifest
+	// Latest is the name latest points at ("" when none).
+	Latest string
+	// Hidden are checkpoints left out because no manifest of theirs reads
+	// or verifies (a wrong storage.verify_key, a planted manifest), by name.
+	Hidden map[string]error
+}
+
+// ErrNothingCommitted is returned when a run has no committed checkpoint:
+// a fresh start, not a failure.
+var ErrNothingCommitted = errors.New("no committed checkpoint")
+
+// Listing lists the run's committed checkpoints and says which it hides.
+func (c *Committer) Listing(ctx context.Context) (Listing, error) {
 	objs, err := c.Store.List(ctx, c.Run)
 	if err != nil {
-		return nil, "", err
+		return Listing{}, err
 	}
+	hidden := map[string]error{}
 	byName := map[string]Manifest{}
 	for _, o := range objs {
 		rest := strings.TrimPrefix(o.Key, c.Run+"/")
@@ -663,11 +691,15 @@ func (c *Committer) List(ctx context.Context) ([]Manifest, string, error) {
 		}
 		if err != nil {
 			c.log().Warn("ignoring checkpoint with a bad manifest", "name", name, "key", o.Key, "err", err)
+			hidden[name] = err
 			continue
 		}
 		if have, ok := byName[name]; !ok || newer(m, have) {
 			byName[name] = m
 		}
+	}
+	for name := range byName {
+		delete(hidden, name)
 	}
 	out := slices.Collect(maps.Values(byName))
 	slices.SortFunc(out, func(a, b Manifest) int {
@@ -679,11 +711,20 @@ func (c *Committer) List(ctx context.Context) ([]Manifest, string, error) {
 		}
 		return 0
 	})
+	res := Listing{Manifests: out, Hidden: hidden}
 	l, err := c.latest(ctx)
 	if err != nil && !errors.Is(err, storage.ErrNotFound) {
-		return out, "", err
+		return res, err
 	}
-	return out, l.Name, nil
+	res.Latest = l.Name
+	return res, nil
+}
+
+// HiddenError says why a run shows no checkpoint although some exist.
+func HiddenError(run string, hidden map[string]error) error {
+	names := slices.Sorted(maps.Keys(hidden))
+	return fmt.Errorf("run %q has %d checkpoint(s) that fail verification and none that passes (%s: %v); "+
+		"check storage.verify_key (or sign_key) against the key the checkpoints were signed with", run, len(names), names[len(names)-1], hidden[names[len(names)-1]])
 }
 
 // prune deletes committed checkpoints beyond Keep, oldest first, never the
@@ -723,9 +764,8 @@ func (c *Committer) prune(ctx context.Context, latest string) error {
 }
 
 // Restore downloads the latest committed checkpoint (or the one named) into
-// dir: every file is written under a temporary folder beside dir and checked
-// against its SHA-256, then moved into place. It returns the manifest and
-// the restored checkpoint's path.
+// dir with RestoreInto's defaults. It returns the manifest and the restored
+// checkpoint's path.
 func (c *Committer) Restore(ctx context.Context, dir, name string) (Manifest, string, error) {
 	return c.RestorePart(ctx, dir, name, "")
 }
@@ -735,95 +775,8 @@ func (c *Committer) Restore(ctx context.Context, dir, name string) (Manifest, st
 // what its ranks read back at the same world size. An empty node restores
 // the whole checkpoint.
 func (c *Committer) RestorePart(ctx context.Context, dir, name, node string) (Manifest, string, error) {
-	var m Manifest
-	var err error
-	if name == "" {
-		m, err = c.newest(ctx)
-	} else {
-		m, err = c.manifest(ctx, name)
-		if errors.Is(err, storage.ErrNotFound) {
-			return m, "", fmt.Errorf("checkpoint %q of run %q is not committed (no manifest)", name, c.Run)
-		}
-	}
-	if err != nil {
-		return m, "", err
-	}
-	if node != "" {
-		var nodes []string
-		for _, p := range m.Parts {
-			nodes = append(nodes, p.Node)
-		}
-		if !slices.Contains(nodes, node) {
-			return m, "", fmt.Errorf("restore --part: checkpoint %s has no part of node %q (its parts: %s)", m.Name, node, strings.Join(nodes, ", "))
-		}
-		m.Files = slices.DeleteFunc(slices.Clone(m.Files), func(f ManifestFile) bool {
-			return f.Node != node && !slices.Contains(m.Markers, f.Path)
-		})
-		m.Bytes = 0
-		for _, f := range m.Files {
-			m.Bytes += f.Size
-		}
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return m, "", err
-	}
-	tmp, err := os.MkdirTemp(dir, ".preemptd-restore-")
-	if err != nil {
-		return m, "", err
-	}
-	defer os.RemoveAll(tmp)
-	for _, f := range m.Files {
-		if err := c.fetch(ctx, m, f, tmp); err != nil {
-			return m, "", err
-		}
-	}
-	// Move each top-level entry into place; refuse to overwrite.
-	tops := map[string]bool{}
-	for _, f := range m.Files {
-		top, _, _ := strings.Cut(f.Path, "/")
-		tops[top] = true
-	}
-	for top := range tops {
-		if _, err := os.Lstat(filepath.Join(dir, top)); err == nil {
-			if top == "latest" || top == "latest_checkpointed_iteration.txt" {
-				continue // a framework's pointer: replaced below
-			}
-			return m, "", fmt.Errorf("restore: %s already exists; restore into an empty folder", filepath.Join(dir, top))
-		}
-	}
-	for top := range tops {
-		if err := os.Rename(filepath.Join(tmp, top), filepath.Join(dir, top)); err != nil {
-			return m, "", fmt.Errorf("restore: %w", err)
-		}
-	}
-	return m, filepath.Join(dir, m.Name), nil
-}
-
-func (c *Committer) fetch(ctx context.Context, m Manifest, f ManifestFile, tmp string) error {
-	if err := SafePath(f.Path); err != nil {
-		return err
-	}
-	dst := filepath.Join(tmp, filepath.FromSlash(f.Path))
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		return err
-	}
-	out, err := os.Create(dst)
-	if err != nil {
-		return err
-	}
-	h := newHashWriter(out)
-	err = c.Store.Get(ctx, runKey(c.Run, m.Name)+"/"+m.Object(f), h)
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("restore %s: %w", f.Path, err)
-	}
-	if h.n != f.Size || h.sum() != f.SHA256 {
-		return fmt.Errorf("restore %s: checksum mismatch (got %d bytes sha256 %s, manifest says %d bytes %s)",
-			f.Path, h.n, h.sum(), f.Size, f.SHA256)
-	}
-	return nil
+	r, err := c.RestoreInto(ctx, dir, RestoreOptions{Name: name, Node: node})
+	return r.Manifest, r.Path, err
 }
 
 // newest is the checkpoint to restore: latest's, unless a newer one is
@@ -838,7 +791,8 @@ func (c *Committer) newest(ctx context.Context) (Manifest, error) {
 	if err != nil && !errors.Is(err, storage.ErrNotFound) {
 		return m, err // latest's checkpoint does not verify, or the store failed: say so, never fall back quietly
 	}
-	ms, _, lerr := c.List(ctx)
+	lst, lerr := c.Listing(ctx)
+	ms := lst.Manifests
 	switch {
 	case lerr != nil && err == nil:
 		return m, nil
@@ -846,8 +800,10 @@ func (c *Committer) newest(ctx context.Context) (Manifest, error) {
 		return m, lerr
 	case len(ms) == 0 && err == nil:
 		return m, nil
+	case len(ms) == 0 && len(lst.Hidden) > 0:
+		return m, HiddenError(c.Run, lst.Hidden)
 	case len(ms) == 0:
-		return m, fmt.Errorf("run %q has no committed checkpoint", c.Run)
+		return m, fmt.Errorf("run %q has %w", c.Run, ErrNothingCommitted)
 	}
 	if n := ms[len(ms)-1]; err != nil || newer(n, m) {
 		if _, aerr := c.advanceLatest(ctx, n); aerr != nil {

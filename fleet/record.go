@@ -61,10 +61,25 @@ type Record struct {
 	// not measured); version 3.
 	SaveSeconds   float64 `json:"save_s,omitempty"`
 	UploadSeconds float64 `json:"upload_s,omitempty"`
+	// Restore is set on the record of a restore (kind "restore"): what a
+	// machine fetched before its trainer could start again.
+	Restore *Restore `json:"restore,omitempty"`
 	// Key is the per-notice object a rollup line came from.
 	Key       string             `json:"key,omitempty"`
 	GPUs      *agent.GPUSnapshot `json:"gpus,omitempty"`
 	UpdatedAt time.Time          `json:"updated_at"`
+}
+
+// KindRestore is the kind of a restore's record.
+const KindRestore agent.Kind = "restore"
+
+// Restore is what one `preemptd restore` did.
+type Restore struct {
+	Seconds      float64 `json:"seconds"`
+	FetchedBytes int64   `json:"fetched_bytes"`
+	KeptBytes    int64   `json:"kept_bytes"`
+	Files        int     `json:"files"`
+	FilesKept    int     `json:"files_kept"`
 }
 
 // Key is the record's object key: _events/day=<YYYY-MM-DD>/<instance>-<provider>-<notice>.json

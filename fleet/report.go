@@ -80,6 +80,10 @@ type Report struct {
 	Lifetime        Stats     `json:"lifetime_before_interruption"`
 	NoticeToDurable Stats     `json:"notice_to_durable"`
 	CheckpointsLost int       `json:"checkpoints_lost"`
+	// Resume is how long restores took (the time a new machine's GPUs
+	// waited for the checkpoint), ResumeFetchedBytes what they fetched.
+	Resume             Stats `json:"resume_seconds"`
+	ResumeFetchedBytes int64 `json:"resume_fetched_bytes"`
 	// SimulatedLeftOut counts the records of drills not in the report.
 	SimulatedLeftOut int   `json:"simulated_left_out,omitempty"`
 	Cost             *Cost `json:"cost,omitempty"`
@@ -119,7 +123,7 @@ func Interruption(r Record) bool {
 func Build(records []Record, since time.Time, prices map[string]Price, withSimulated bool) Report {
 	rep := Report{Since: since}
 	byType, byRegion, byZone := map[string]int{}, map[string]int{}, map[string]int{}
-	var life, durable []float64
+	var life, durable, resume []float64
 	if prices != nil {
 		rep.Cost = &Cost{}
 	}
@@ -139,6 +143,10 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			continue
 		}
 		rep.Records++
+		if r.Kind == KindRestore && r.Restore != nil && r.Outcome == "restored" {
+			resume = append(resume, r.Restore.Seconds)
+			rep.ResumeFetchedBytes += r.Restore.FetchedBytes
+		}
 		if !Interruption(r) {
 			continue
 		}
@@ -222,7 +230,7 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			Committed: rate.Committed, SaveSeconds: save.Seconds(), IntervalSeconds: every.Seconds(), LostSeconds: t.lost / float64(len(t.recs))})
 	}
 	rep.ByType, rep.ByRegion, rep.ByZone = counts(byType), counts(byRegion), counts(byZone)
-	rep.Lifetime, rep.NoticeToDurable = stats(life), stats(durable)
+	rep.Lifetime, rep.NoticeToDurable, rep.Resume = stats(life), stats(durable), stats(resume)
 	return rep
 }
 
@@ -287,6 +295,10 @@ func Print(w io.Writer, r Report) error {
 	}
 	if r.NoticeToDurable.N > 0 {
 		fmt.Fprintf(tw, "notice → durable\tp50 %.1fs\tp95 %.1fs\tmean %.1fs\t(n=%d)\n", r.NoticeToDurable.P50, r.NoticeToDurable.P95, r.NoticeToDurable.Mean, r.NoticeToDurable.N)
+	}
+	if r.Resume.N > 0 {
+		fmt.Fprintf(tw, "resume (restore before training)\tp50 %.1fs\tp95 %.1fs\tmean %.1fs\t(n=%d, %.1f GiB fetched)\n", r.Resume.P50, r.Resume.P95,
+			r.Resume.Mean, r.Resume.N, float64(r.ResumeFetchedBytes)/(1<<30))
 	}
 	tw.Flush()
 	for _, sec := range []struct {

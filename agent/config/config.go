@@ -58,6 +58,7 @@ type Config struct {
 	RunID      string     `yaml:"run_id"`
 	Checkpoint Checkpoint `yaml:"checkpoint"`
 	Storage    Storage    `yaml:"storage"`
+	Restore    Restore    `yaml:"restore"`
 
 	Logs    Logs    `yaml:"logs"`
 	Notify  Notify  `yaml:"notify"`
@@ -220,6 +221,14 @@ type Storage struct {
 	VerifyKey string `yaml:"verify_key"`
 }
 
+// Restore tunes `preemptd restore`: ranges of every file fetched at once.
+type Restore struct {
+	// Threads is how many ranges are fetched at once (default 32).
+	Threads int `yaml:"threads"`
+	// PartSizeMiB is the size of one ranged GET in MiB (default 16).
+	PartSizeMiB int `yaml:"part_size_mib"`
+}
+
 // Logs are the trainer's log files kept in the store.
 type Logs struct {
 	// Paths are files and globs.
@@ -275,6 +284,7 @@ func Default() Config {
 		Trainer:       Trainer{Signal: "SIGTERM"},
 		Checkpoint:    Checkpoint{Layout: "auto", QuietPeriod: Duration(5 * time.Second), Sync: true, Keep: 3},
 		Storage:       Storage{Threads: 8, Checksum: "auto"},
+		Restore:       Restore{Threads: 32, PartSizeMiB: 16},
 		Logs:          Logs{Interval: Duration(30 * time.Second)},
 		Metrics:       Metrics{Listen: "127.0.0.1:9477"},
 		Job:           Job{Poll: Duration(500 * time.Millisecond)},
@@ -687,6 +697,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.Threads < 1 || c.Storage.Threads > 64 {
 		bad("storage.threads", "%d is out of range; use 1 to 64 (default 8)", c.Storage.Threads)
+	}
+	if c.Restore.Threads < 1 || c.Restore.Threads > 256 {
+		bad("restore.threads", "%d is out of range; use 1 to 256 (default 32)", c.Restore.Threads)
+	}
+	if c.Restore.PartSizeMiB < 1 || c.Restore.PartSizeMiB > 1024 {
+		bad("restore.part_size_mib", "%d is out of range; use 1 to 1024 (default 16)", c.Restore.PartSizeMiB)
 	}
 	if c.RunID != "" && (strings.ContainsAny(c.RunID, "/\\\x00") || c.RunID == "." || c.RunID == "..") {
 		bad("run_id", "%q must be one path element (no slashes)", c.RunID)

@@ -191,20 +191,26 @@ func (d *Dir) Copy(ctx context.Context, dst, src string) error {
 
 // Get implements Store.
 func (d *Dir) Get(ctx context.Context, key string, w io.Writer) error {
-	p, err := d.path(key)
-	if err != nil {
-		return err
-	}
-	f, err := os.Open(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%s: %w", key, ErrNotFound)
-	}
+	f, err := d.open(key)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	_, err = io.Copy(w, ctxReader{ctx, f})
 	return err
+}
+
+// open opens key's file (ErrNotFound when there is none).
+func (d *Dir) open(key string) (*os.File, error) {
+	p, err := d.path(key)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", key, ErrNotFound)
+	}
+	return f, err
 }
 
 // List implements Store.

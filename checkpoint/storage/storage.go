@@ -97,6 +97,9 @@ type Store interface {
 	Copy(ctx context.Context, dst, src string) error
 	// Get streams key into w.
 	Get(ctx context.Context, key string, w io.Writer) error
+	// GetRange streams the n bytes of key from offset off into w: exactly
+	// those bytes, or an error (ErrShortRange when fewer came).
+	GetRange(ctx context.Context, key string, off, n int64, w io.Writer) error
 	// List returns every object below prefix.
 	List(ctx context.Context, prefix string) ([]Object, error)
 	// Delete removes keys; missing ones are not an error.

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -66,9 +68,14 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err != nil {
 		return err
 	}
-	ms, latest, err := cm.List(ctx)
+	lst, err := cm.Listing(ctx)
 	if err != nil {
 		return err
+	}
+	ms, latest := lst.Manifests, lst.Latest
+	hidden := map[string]string{}
+	for name, err := range lst.Hidden {
+		hidden[name] = err.Error()
 	}
 	nodes, err := job.ReadMembers(ctx, cm.Store, cm.Run)
 	if err != nil {
@@ -82,7 +89,14 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 			Latest      string                `json:"latest"`
 			Checkpoints []checkpoint.Manifest `json:"checkpoints"`
 			JobNodes    []job.Member          `json:"job_nodes,omitempty"`
-		}{cm.Run, latest, ms, nodes})
+			// Hidden are checkpoints left out because they fail verification.
+			Hidden map[string]string `json:"hidden,omitempty"`
+		}{cm.Run, latest, ms, nodes, hidden})
+	}
+	if len(hidden) > 0 {
+		names := slices.Sorted(maps.Keys(hidden))
+		fmt.Fprintf(stdout, "%d checkpoint(s) hidden because they fail verification (%s: %s); check storage.verify_key (or sign_key) against the key they were signed with\n",
+			len(names), names[len(names)-1], hidden[names[len(names)-1]])
 	}
 	for _, n := range nodes {
 		fmt.Fprintf(stdout, "job node %s: instance %s, host %s, registered %s, refreshed %s\n", n.Node, n.Instance, n.Host,
@@ -110,36 +124,6 @@ func cmdLs(ctx context.Context, args []string, getenv func(string) string, stdou
 			m.CommittedAt.Format(time.RFC3339), mark)
 	}
 	return tw.Flush()
-}
-
-func cmdRestore(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--part NODE] [--config FILE]", stderr, false)
-	part := c.fs.String("part", "", "restore only this job node's part of a multi-node checkpoint, and its markers (nodes are listed by ls)")
-	to := c.fs.String("to", "", "folder to restore into (default: checkpoint.dir)")
-	name := c.fs.String("name", "", "checkpoint to restore (default: the run's latest)")
-	run := c.fs.String("run", "", "the run to restore from (default: run_id)")
-	if err := c.parse(args); err != nil {
-		return err
-	}
-	cfg, cm, err := runCommitter(c, *run, getenv)
-	if err != nil {
-		return err
-	}
-	dir := *to
-	if dir == "" {
-		dir = cfg.Checkpoint.Dir
-	}
-	if dir == "" {
-		return usagef("restore: give --to DIR or set checkpoint.dir")
-	}
-	m, path, err := cm.RestorePart(ctx, dir, *name, *part)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(stderr, "restored %s (step %d, %d files, %d bytes, every checksum verified) from %s\n",
-		m.Name, m.Step, len(m.Files), m.Bytes, cm.Store)
-	fmt.Fprintln(stdout, path)
-	return nil
 }
 
 func cmdUpload(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {

@@ -25,6 +25,7 @@ const (
 	exitFailure    = 1 // the command failed at run time
 	exitUsage      = 2 // bad flags, arguments or configuration
 	exitNotRunning = 3 // status/simulate found no daemon on the socket
+	exitNothing    = 4 // restore: the run has no committed checkpoint yet (a fresh start)
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -58,6 +59,8 @@ func exitCode(err error, stderr io.Writer) int {
 		return exitUsage
 	case errors.Is(err, agent.ErrNotRunning):
 		return exitNotRunning
+	case errors.Is(err, checkpoint.ErrNothingCommitted):
+		return exitNothing
 	}
 	return exitFailure
 }

@@ -62,6 +62,7 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	defer gpus.Close()
 	met := metrics.New(buildVersion(), gpus)
 	met.Provider(det.Provider)
+	met.WatchRestores(cfg.StateDir)
 	prov, err := providers.Build(det.Provider, &cfg, log, func() { met.MetadataError(det.Provider) })
 	if err != nil {
 		return usageError{err}

@@ -93,6 +93,20 @@ func (m *MemStore) Get(ctx context.Context, key string, w io.Writer) error {
 	return err
 }
 
+func (m *MemStore) GetRange(ctx context.Context, key string, off, n int64, w io.Writer) error {
+	m.mu.Lock()
+	o, ok := m.objs[key]
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("mem: %s: %w", key, storage.ErrNotFound)
+	}
+	if off < 0 || n < 0 || off+n > int64(len(o.b)) {
+		return fmt.Errorf("mem: %s bytes %d-%d of %d: %w", key, off, off+n-1, len(o.b), storage.ErrShortRange)
+	}
+	_, err := w.Write(o.b[off : off+n])
+	return err
+}
+
 func (m *MemStore) List(ctx context.Context, prefix string) ([]storage.Object, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
