@@ -42,13 +42,14 @@ type restoreOut struct {
 }
 
 func cmdRestore(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--part NODE] [--wait DURATION] [--json] [--config FILE]", stderr, false)
+	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--part NODE] [--wait DURATION] [--json] [--none-ok] [--config FILE]", stderr, false)
 	part := c.fs.String("part", "", "restore only this job node's part of a multi-node checkpoint, and its markers (nodes are listed by ls)")
 	to := c.fs.String("to", "", "folder to restore into (default: checkpoint.dir)")
 	name := c.fs.String("name", "", "checkpoint to restore (default: the run's latest)")
 	run := c.fs.String("run", "", "the run to restore from (default: run_id)")
 	wait := c.fs.Duration("wait", 0, "keep trying this long while the store cannot be reached or fails (a machine's network may come up after the unit starts); each try continues the last")
 	asJSON := c.fs.Bool("json", false, "print what was restored as JSON on stdout (restored: false when the run has no checkpoint yet)")
+	noneOK := c.fs.Bool("none-ok", false, "exit 0, not 4, when the run has no checkpoint yet (a fresh start): for an init container or a boot script that must let the trainer start")
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -93,6 +94,10 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 		KeptBytes: r.KeptBytes, ResumedBytes: r.ResumedBytes, Refetched: r.Refetched, Stray: r.Stray, Seconds: took.Seconds(), Store: cm.Store.String()}
 	outcome := "restored"
 	switch {
+	case errors.Is(err, checkpoint.ErrNothingCommitted) && *noneOK:
+		outcome = "nothing"
+		fmt.Fprintf(stderr, "restore: run %s has no committed checkpoint in %s: nothing to restore, a fresh start\n", cm.Run, cm.Store)
+		err = nil
 	case errors.Is(err, checkpoint.ErrNothingCommitted):
 		outcome = "nothing"
 		err = fmt.Errorf("%w in %s: nothing to restore, start from scratch (exit %d)", err, cm.Store, exitNothing)
@@ -108,7 +113,7 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 			return jerr
 		}
 	}
-	if err != nil {
+	if err != nil || outcome == "nothing" {
 		return err
 	}
 	fmt.Fprintf(stderr, "restored %s (step %d) from %s in %s: %d files, %s fetched (%s/s)",

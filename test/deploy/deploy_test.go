@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"slices"
 	"strings"
 	"testing"
 
@@ -103,6 +104,29 @@ func TestSystemdUnits(t *testing.T) {
 	if !bytes.Contains(dropIn, []byte("After=preemptd.service")) {
 		t.Fatal("the trainer drop-in does not order the trainer after preemptd")
 	}
+
+	// The restore unit: a oneshot before the trainer, a fresh start (exit
+	// 4) a success; the example trainer unit requires it and is ordered
+	// after it and after preemptd.
+	restore, _ := os.ReadFile(filepath.Join(repo, "systemd/preemptd-restore.service"))
+	for _, want := range []string{"Type=oneshot", "RemainAfterExit=yes", "SuccessExitStatus=4", "--wait", "After=network-online.target"} {
+		if !bytes.Contains(restore, []byte(want)) {
+			t.Errorf("preemptd-restore.service lacks %s", want)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "preemptd-restore.service"), bytes.ReplaceAll(restore, []byte("/usr/bin/preemptd"), []byte(bin)), 0o644)
+	verify(t, dir, "preemptd-restore.service")
+	example, _ := os.ReadFile(filepath.Join(repo, "systemd/trainer-example.service"))
+	for _, want := range []string{"Requires=preemptd-restore.service", "After=preemptd-restore.service", "After=preemptd.service"} {
+		if !bytes.Contains(example, []byte(want)) {
+			t.Errorf("trainer-example.service lacks %s", want)
+		}
+	}
+	example = regexp.MustCompile(`(?m)^(ExecStart=)\S+.*$`).ReplaceAll(example, []byte("${1}/bin/sleep 60"))
+	example = regexp.MustCompile(`(?m)^(User|Group)=.*\n`).ReplaceAll(example, nil)
+	os.WriteFile(filepath.Join(dir, "trainer-example.service"), example, 0o644)
+	verify(t, dir, "trainer-example.service")
+
 	logind, _ := os.ReadFile(filepath.Join(repo, "systemd/logind-preemptd.conf"))
 	if !regexp.MustCompile(`(?m)^InhibitDelayMaxSec=1[0-9]{2}$`).Match(logind) {
 		t.Fatalf("logind drop-in: %s", logind)
@@ -385,6 +409,17 @@ func TestKubernetesManifests(t *testing.T) {
 	if kinds["Pod"] != 1 || kinds["DaemonSet"] != 1 || kinds["ConfigMap"] != 1 {
 		t.Fatalf("kinds = %v", kinds)
 	}
+	// The sidecar Pod restores the latest checkpoint before anything starts.
+	for _, d := range docs(t, filepath.Join(repo, "deploy/kubernetes/sidecar-pod.yaml")) {
+		var p corev1.Pod
+		if yaml.Unmarshal(d, &p) != nil || p.Kind != "Pod" {
+			continue
+		}
+		if ic := p.Spec.InitContainers; len(ic) < 2 || ic[0].Name != "preemptd-restore" || !slices.Contains(ic[0].Args, "restore") ||
+			!slices.Contains(ic[0].Args, "--none-ok") || ic[0].RestartPolicy != nil {
+			t.Errorf("sidecar Pod: the first init container must be a one-shot `preemptd restore --none-ok`: %+v", ic)
+		}
+	}
 }
 
 // TestHelmChart: `helm lint` passes on deploy/helm/preemptd, and what `helm
@@ -408,6 +443,13 @@ func TestHelmChart(t *testing.T) {
 		if kinds["DaemonSet"] != 1 || kinds["ConfigMap"] != 1 || len(kinds) != 2 {
 			t.Fatalf("helm template (%s) kinds = %v", name, kinds)
 		}
+		if !bytes.Contains(out, []byte(`args: ["restore", "--config", "/etc/preemptd/preemptd.yaml", "--wait", "5m", "--none-ok"]`)) {
+			t.Errorf("helm template (%s): no restore init container before preemptd", name)
+		}
+	}
+	out, err := exec.Command(helm, "template", "preemptd", chart, "--set", "restore.enabled=false").Output()
+	if err != nil || bytes.Contains(out, []byte("preemptd-restore")) || bytes.Contains(out, []byte("initContainers")) {
+		t.Errorf("helm template with restore.enabled=false: %v\n%s", err, out)
 	}
 }
 

@@ -177,6 +177,7 @@ type Link struct {
 	Near     string // this side's address
 	Far      string // the namespace's address
 	linkRate string
+	downRate string
 }
 
 var links atomic.Int32
@@ -230,6 +231,22 @@ func (l *Link) SetRate(t testing.TB, rate string) {
 		t.Fatalf("tc: %v\n%s", err, out)
 	}
 	l.linkRate = rate
+}
+
+// SetDownRate caps the far side's egress (what the server sends: a
+// download's direction) to rate, as SetRate caps the near side's.
+func (l *Link) SetDownRate(t testing.TB, rate string) {
+	t.Helper()
+	verb := "add"
+	if l.downRate != "" {
+		verb = "change"
+	}
+	out, err := exec.Command("ip", "netns", "exec", l.NS, "tc", "qdisc", verb, "dev", strings.TrimSuffix(l.Dev, "h")+"n", "root", "tbf",
+		"rate", rate, "burst", "256kb", "latency", "50ms").CombinedOutput()
+	if err != nil {
+		t.Fatalf("tc: %v\n%s", err, out)
+	}
+	l.downRate = rate
 }
 
 // IncompleteUploads counts the multipart uploads left in the bucket.

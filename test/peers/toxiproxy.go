@@ -79,8 +79,16 @@ func (x *Toxiproxy) Front(t testing.TB, name string, s3 *S3, rate int) string {
 // in KB/s) to the upstream direction of a proxy.
 func (x *Toxiproxy) Toxic(t testing.TB, proxy, name, kind string, attrs map[string]any) {
 	t.Helper()
+	x.ToxicOn(t, proxy, "upstream", name, kind, attrs)
+}
+
+// ToxicOn adds a toxic to one direction of a proxy: "upstream" (what the
+// client sends: uploads) or "downstream" (what the server answers:
+// downloads).
+func (x *Toxiproxy) ToxicOn(t testing.TB, proxy, stream, name, kind string, attrs map[string]any) {
+	t.Helper()
 	x.call(t, http.MethodPost, "/proxies/"+proxy+"/toxics", map[string]any{"name": name, "type": kind,
-		"stream": "upstream", "toxicity": 1.0, "attributes": attrs})
+		"stream": stream, "toxicity": 1.0, "attributes": attrs})
 }
 
 // Remove deletes a toxic.
