@@ -373,10 +373,15 @@ func (rs *restore) fetchAll(ctx context.Context, files []*restoreFile) error {
 			}
 		})
 	}
-	// One goroutine per file feeds its ranges and waits for its hash, a
-	// few files ahead of the workers (so that small files overlap).
+	// One goroutine per file feeds its ranges and waits for its hash. The
+	// files take turns to feed, in order, so that the workers finish one
+	// file's ranges before most of the next's: its hash then runs while
+	// the next file downloads, rather than all of them at the end. Small
+	// files overlap: a file's turn ends once its ranges are handed out.
 	var feeders sync.WaitGroup
-	ahead := make(chan struct{}, max(rs.o.Threads, 4))
+	ahead := make(chan struct{}, 2*max(rs.o.Threads, 4))
+	turn := make(chan struct{})
+	close(turn)
 	for _, rf := range files {
 		select {
 		case ahead <- struct{}{}:
@@ -385,9 +390,11 @@ func (rs *restore) fetchAll(ctx context.Context, files []*restoreFile) error {
 		if ctx.Err() != nil {
 			break
 		}
+		mine, next := turn, make(chan struct{})
+		turn = next
 		feeders.Go(func() {
 			defer func() { <-ahead }()
-			if err := rf.fetch(ctx, tasks); err != nil {
+			if err := rf.fetch(ctx, tasks, mine, next); err != nil {
 				cancel(err)
 			}
 		})
@@ -408,7 +415,20 @@ func (rs *restore) fetchAll(ctx context.Context, files []*restoreFile) error {
 
 // fetch fetches rf's missing ranges (handing them to the workers on tasks)
 // while a hasher reads the ranges back in order as they land.
-func (rf *restoreFile) fetch(ctx context.Context, tasks chan<- task) error {
+func (rf *restoreFile) fetch(ctx context.Context, tasks chan<- task, turn <-chan struct{}, next chan<- struct{}) error {
+	passed := false
+	pass := func() {
+		if !passed {
+			close(next)
+			passed = true
+		}
+	}
+	defer pass()
+	select {
+	case <-turn:
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
 	tries := 2
 	fresh := false
 	for try := 0; ; try++ {
@@ -433,6 +453,7 @@ func (rf *restoreFile) fetch(ctx context.Context, tasks chan<- task) error {
 				return context.Cause(ctx)
 			}
 		}
+		pass()
 		var err error
 		select {
 		case err = <-rf.hashed:

@@ -40,11 +40,24 @@ step, once per request:
 checkpoint_signals are preemptd's trainer.checkpoint_signal, if set: the
 signal also asks for a checkpoint, without a read of the file.
 
+On a new machine, restore() fetches the run's latest checkpoint (through
+the `preemptd` command, with every byte checked) and returns the folder to
+load, or None on a fresh start; in a distributed job rank 0 chooses the
+checkpoint and one rank per node fetches it, so every rank loads the same:
+
+    dist.init_process_group(...)
+    path = preemptd.restore()              # "/data/ckpt/step-500" or None
+    if path:
+        load_checkpoint(path)
+
 Copy this file next to your script, or `pip install` the folder holding it
 (clients/python in preemptd's repository). It reads:
 
   PREEMPTD_RUN_DIR  where notice.json and preemptd.sock are (default
                     /run/preemptd; preemptd's run_dir)
+  PREEMPTD_BIN      the preemptd command restore() and latest() run
+                    (default: preemptd on the PATH)
+  PREEMPTD_CONFIG   its configuration (read by preemptd itself)
 """
 
 import http.client
@@ -52,10 +65,12 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
-__all__ = ["Preemption", "read_notice", "read_advice", "wait_notice", "wait_advice", "seconds_left", "run_dir"]
+__all__ = ["Preemption", "read_notice", "read_advice", "wait_notice", "wait_advice", "seconds_left", "run_dir",
+           "latest", "restore", "RestoreError"]
 
 NOTICE_FILE = "notice.json"
 ADVICE_FILE = "advice.json"
@@ -290,3 +305,104 @@ def _agree(flag, group=None):
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+class RestoreError(RuntimeError):
+    """`preemptd restore` (or `ls`) failed: the store could not be read, a
+    checkpoint failed verification, a file did not match its SHA-256."""
+
+
+def _preemptd(args, config=None, run=None):
+    cmd = [os.environ.get("PREEMPTD_BIN", "preemptd")] + list(args)
+    if config:
+        cmd += ["--config", config]
+    if run:
+        cmd += ["--run", run]
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        raise RestoreError("cannot run %s: %s (set PREEMPTD_BIN)" % (cmd[0], e)) from e
+    return p
+
+
+def latest(config=None, run=None):
+    """The name of the run's latest committed checkpoint, or None when it
+    has none yet (`preemptd ls --json`)."""
+    p = _preemptd(["ls", "--json"], config, run)
+    if p.returncode != 0:
+        raise RestoreError("preemptd ls failed (exit %d): %s" % (p.returncode, p.stderr.strip()))
+    out = json.loads(p.stdout)
+    if not out.get("checkpoints"):
+        if out.get("hidden"):
+            raise RestoreError("the run's checkpoints fail verification: %s" % out["hidden"])
+        return None
+    return out.get("latest") or out["checkpoints"][-1]["name"]
+
+
+def _restore_here(to, name, part, wait, config, run):
+    args = ["restore", "--json", "--none-ok"]
+    if to:
+        args += ["--to", to]
+    if name:
+        args += ["--name", name]
+    if part:
+        args += ["--part", part]
+    if wait:
+        args += ["--wait", "%ds" % int(wait)]
+    p = _preemptd(args, config, run)
+    try:
+        out = json.loads(p.stdout)
+    except ValueError:
+        out = {}
+    if p.returncode != 0:
+        raise RestoreError("preemptd restore failed (exit %d): %s" % (p.returncode, p.stderr.strip()))
+    return out
+
+
+def restore(to=None, name=None, part=None, wait=None, config=None, run=None, group=None):
+    """Fetch the run's latest checkpoint (or name) into to (default:
+    preemptd's checkpoint.dir) and return its folder, or None when the run
+    has nothing committed yet (a fresh start). Files already there with the
+    right SHA-256 are kept; an interrupted restore continues.
+
+    With torch.distributed initialised, every rank must call it: rank 0
+    chooses the checkpoint, the first rank of each node (LOCAL_RANK 0)
+    fetches it — only that node's part when part names the node (job.node)
+    — and every rank returns the same folder. part: this node's name in a
+    multi-node job, to fetch its shards and the markers only; None fetches
+    the whole checkpoint (any world size can load it)."""
+    try:
+        import torch.distributed as dist
+        distributed = dist.is_available() and dist.is_initialized()
+    except ImportError:
+        distributed = False
+    if not distributed:
+        return _restore_here(to, name, part, wait, config, run).get("path") or None
+    rank = dist.get_rank(group)
+    chosen = [None, None]  # name, error
+    if rank == 0:
+        try:
+            chosen[0] = name or latest(config, run)
+        except RestoreError as e:
+            chosen[1] = str(e)
+    dist.broadcast_object_list(chosen, src=0, group=group)
+    if chosen[1]:
+        raise RestoreError(chosen[1])
+    if chosen[0] is None:
+        return None  # a fresh start, on every rank
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    mine = [None, None]  # path, error
+    if local == 0:
+        try:
+            mine[0] = _restore_here(to, chosen[0], part, wait, config, run).get("path")
+        except RestoreError as e:
+            mine[1] = str(e)
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    errors = [e for _, e in every if e]
+    if errors:
+        raise RestoreError(errors[0])
+    # torchrun numbers a node's ranks contiguously: its LOCAL_RANK 0 is
+    # rank - LOCAL_RANK.
+    return every[rank - local][0]
+

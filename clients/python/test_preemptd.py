@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import socketserver
 import tempfile
 import threading
@@ -255,6 +256,96 @@ class AgreementTest(unittest.TestCase):
         got = self.run_ranks(told=set())
         self.assertEqual(got[0], [False] * 5)
         self.assertEqual(got[1], [False] * 5)
+
+
+def _make_store(root):
+    """A run with step-3 committed (preemptd upload) in a folder store;
+    returns the config's path."""
+    ck = os.path.join(root, "ckpt", "step-3")
+    os.makedirs(ck)
+    with open(os.path.join(ck, "__0_0.distcp"), "wb") as f:
+        f.write(os.urandom(300 << 10))
+    with open(os.path.join(ck, ".metadata"), "wb") as f:
+        f.write(b"meta")
+    cfg = os.path.join(root, "preemptd.yaml")
+    with open(cfg, "w") as f:
+        f.write("run_id: py\ncheckpoint: {layout: dcp}\nrun_dir: %s\nstate_dir: %s\n"
+                % (os.path.join(root, "run"), os.path.join(root, "state")))
+    os.makedirs(os.path.join(root, "state"))
+    subprocess.run([os.environ["PREEMPTD_BIN"], "upload", "--config", cfg, ck], check=True,
+                   stdout=subprocess.DEVNULL)
+    return cfg
+
+
+def _restore_rank(rank, port, cfg, to, local, results):
+    import torch.distributed as dist
+
+    os.environ["LOCAL_RANK"] = str(local)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank, world_size=2)
+    try:
+        results.put((rank, preemptd.restore(to=to, config=cfg), None))
+    except Exception as e:  # noqa: BLE001 — reported to the test
+        results.put((rank, None, repr(e)))
+    dist.destroy_process_group()
+
+
+@unittest.skipUnless(os.environ.get("PREEMPTD_BIN"), "PREEMPTD_BIN (the preemptd binary) not set")
+class RestoreTest(unittest.TestCase):
+    """restore()/latest() through the real preemptd command and a folder store."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.cfg = _make_store(self.root)
+
+    def test_one_process(self):
+        self.assertEqual(preemptd.latest(config=self.cfg), "step-3")
+        to = os.path.join(self.root, "new")
+        path = preemptd.restore(to=to, config=self.cfg)
+        self.assertEqual(path, os.path.join(to, "step-3"))
+        with open(os.path.join(self.root, "ckpt", "step-3", "__0_0.distcp"), "rb") as a, \
+                open(os.path.join(path, "__0_0.distcp"), "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        self.assertEqual(preemptd.restore(to=to, config=self.cfg), path)  # kept: nothing fetched
+
+    def test_fresh_start_is_none(self):
+        self.assertIsNone(preemptd.latest(config=self.cfg, run="nothing-yet"))
+        self.assertIsNone(preemptd.restore(to=os.path.join(self.root, "x"), config=self.cfg, run="nothing-yet"))
+
+    def test_failure_raises(self):
+        with self.assertRaises(preemptd.RestoreError):
+            preemptd.restore(to=os.path.join(self.root, "x"), name="step-9", config=self.cfg)
+
+    def run_ranks(self, locals_, tos):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            if os.environ.get("PREEMPTD_REQUIRE_TORCH") == "1":
+                raise
+            self.skipTest("torch not installed")
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_restore_rank, args=(r, port, self.cfg, tos[r], locals_[r], q)) for r in range(2)]
+        for p in procs:
+            p.start()
+        got = {r: (path, err) for r, path, err in (q.get(timeout=120) for _ in procs)}
+        for p in procs:
+            p.join(30)
+        return got
+
+    def test_ranks_of_one_node_agree(self):
+        to = os.path.join(self.root, "node")
+        got = self.run_ranks([0, 1], [to, to])
+        want = os.path.join(to, "step-3")
+        self.assertEqual(got, {0: (want, None), 1: (want, None)})
+
+    def test_two_nodes_each_fetch(self):
+        tos = [os.path.join(self.root, "n0"), os.path.join(self.root, "n1")]
+        got = self.run_ranks([0, 0], tos)
+        self.assertEqual(got, {0: (os.path.join(tos[0], "step-3"), None), 1: (os.path.join(tos[1], "step-3"), None)})
+        self.assertTrue(os.path.exists(os.path.join(tos[1], "step-3", ".metadata")))
 
 
 if __name__ == "__main__":

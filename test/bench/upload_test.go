@@ -43,6 +43,14 @@ func machine() string {
 
 func timeIt(t *testing.T, env []string, name string, args ...string) time.Duration {
 	t.Helper()
+	d, _ := timeCPU(t, env, name, args...)
+	return d
+}
+
+// timeCPU runs the command and returns its wall time and the CPU time
+// (user and system) it used.
+func timeCPU(t *testing.T, env []string, name string, args ...string) (wall, cpu time.Duration) {
+	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), env...)
 	start := time.Now()
@@ -51,7 +59,7 @@ func timeIt(t *testing.T, env []string, name string, args ...string) time.Durati
 	if err != nil {
 		t.Fatalf("%s %v: %v\n%s", filepath.Base(name), args, err, out)
 	}
-	return d
+	return d, cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 }
 
 func median(ds []time.Duration) time.Duration {
