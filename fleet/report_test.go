@@ -201,3 +201,23 @@ func TestJobNoticeRecord(t *testing.T) {
 		t.Fatalf("a cloud's job notice: %+v", r)
 	}
 }
+
+// TestReportShowsResume: restore records give the time lost to resume
+// (the restore's seconds) and what was fetched; failed restores and fresh
+// starts are left out of it.
+func TestReportShowsResume(t *testing.T) {
+	at := time.Date(2026, 5, 1, 10, 0, 0, 0, time.UTC)
+	rec := func(outcome string, sec float64, fetched int64) Record {
+		return Record{Version: RecordVersion, Kind: KindRestore, Provider: "restore", NoticedAt: at, Outcome: outcome,
+			Restore: &Restore{Seconds: sec, FetchedBytes: fetched}}
+	}
+	rep := Build([]Record{rec("restored", 20, 2<<30), rec("restored", 40, 2<<30), rec("failed", 5, 0)}, time.Time{}, nil, false)
+	if rep.Resume.N != 2 || rep.Resume.Mean != 30 || rep.ResumeFetchedBytes != 4<<30 || rep.Interruptions != 0 {
+		t.Fatalf("resume %+v, fetched %d, interruptions %d", rep.Resume, rep.ResumeFetchedBytes, rep.Interruptions)
+	}
+	var b strings.Builder
+	Print(&b, rep)
+	if !strings.Contains(b.String(), "resume (restore before training)") || !strings.Contains(b.String(), "4.0 GiB fetched") {
+		t.Fatalf("report:\n%s", b.String())
+	}
+}

@@ -67,3 +67,30 @@ func TestMetrics(t *testing.T) {
 	}
 	scrape(t, New("v", nil), false)
 }
+
+// TestLastRestore: the last `preemptd restore` (a process of its own) is
+// read from state_dir at each scrape: nothing before one, then its figures.
+func TestLastRestore(t *testing.T) {
+	dir := t.TempDir()
+	m := New("v", nil)
+	m.WatchRestores(dir)
+	if out := scrape(t, m, true); strings.Contains(out, "preemptd_restore_last") {
+		t.Fatalf("restore metrics before any restore:\n%s", out)
+	}
+	at := time.Unix(1700000000, 0)
+	if err := WriteLastRestore(dir, LastRestore{Run: "r1", Outcome: "restored", StartedAt: at, Seconds: 12.5,
+		FetchedBytes: 1 << 30, KeptBytes: 512}); err != nil {
+		t.Fatal(err)
+	}
+	out := scrape(t, m, true)
+	for _, want := range []string{
+		`preemptd_restore_last_seconds{outcome="restored",run="r1"} 12.5`,
+		`preemptd_restore_last_fetched_bytes{outcome="restored",run="r1"} 1.073741824e+09`,
+		`preemptd_restore_last_kept_bytes{outcome="restored",run="r1"} 512`,
+		`preemptd_restore_last_timestamp_seconds{outcome="restored",run="r1"} 1.7e+09`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
