@@ -370,7 +370,10 @@ def restore(to=None, name=None, part=None, wait=None, config=None, run=None, gro
     fetches it — only that node's part when part names the node (job.node)
     — and every rank returns the same folder. part: this node's name in a
     multi-node job, to fetch its shards and the markers only; None fetches
-    the whole checkpoint (any world size can load it)."""
+    the whole checkpoint (any world size can load it). A node's part is
+    enough only when its ranks read no other node's files: DCP writes a
+    replicated tensor (a DDP model, a step counter) once, into the
+    coordinator's files, and every rank reads it from there."""
     try:
         import torch.distributed as dist
         distributed = dist.is_available() and dist.is_initialized()

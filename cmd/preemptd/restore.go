@@ -43,7 +43,7 @@ type restoreOut struct {
 
 func cmdRestore(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	c := newFlags("restore", "restore [--to DIR] [--name CKPT] [--run RUN] [--part NODE] [--wait DURATION] [--json] [--none-ok] [--config FILE]", stderr, false)
-	part := c.fs.String("part", "", "restore only this job node's part of a multi-node checkpoint, and its markers (nodes are listed by ls)")
+	part := c.fs.String("part", "", "restore only this job node's part of a multi-node checkpoint, and its markers (nodes are listed by ls); enough only where its ranks read no other node's files: DCP writes a replicated tensor (a DDP model) once, into the coordinator's files")
 	to := c.fs.String("to", "", "folder to restore into (default: checkpoint.dir)")
 	name := c.fs.String("name", "", "checkpoint to restore (default: the run's latest)")
 	run := c.fs.String("run", "", "the run to restore from (default: run_id)")

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"syscall"
+	"sync"
 	"testing"
 	"time"
 
@@ -275,15 +276,31 @@ func torchrunJob(t *testing.T, sp storePeer) {
 		if m := jobManifest(t, nodes[0], final); len(m.Parts) != 2 {
 			t.Fatalf("round %d: %s has %d parts; want both nodes'", round, final, len(m.Parts))
 		}
-		// Two fresh nodes: restore, then load under a two-node torchrun.
+		// Two fresh nodes restore at once, then load under a two-node
+		// torchrun. Each needs the whole checkpoint, not only its part: DCP
+		// writes a replicated tensor (the DDP model here) once, into the
+		// coordinator's shard, and every rank reads it from there.
 		port = peers.FreePort(t)
 		var checks []*bytes.Buffer
+		fresh := make([]string, len(nodes))
+		restored := make([]string, len(nodes))
+		var wg sync.WaitGroup
 		for i, n := range nodes {
-			fresh := filepath.Join(shortDir(t), "ckpt")
-			if out, code := runCLIEnv(t, n.env, "restore", "--config", n.config, "--to", fresh); code != 0 {
-				t.Fatalf("round %d: restore on fresh node%d: %s", round, i, out)
+			fresh[i] = filepath.Join(shortDir(t), "ckpt")
+			wg.Go(func() {
+				cmd := exec.Command(bin, "restore", "--config", n.config, "--to", fresh[i])
+				cmd.Env = append(cleanEnv(), n.env...)
+				if out, err := cmd.CombinedOutput(); err != nil {
+					restored[i] = fmt.Sprintf("%v: %s", err, out)
+				}
+			})
+		}
+		wg.Wait()
+		for i, n := range nodes {
+			if restored[i] != "" {
+				t.Fatalf("round %d: restore on fresh %s: %s", round, n.name, restored[i])
 			}
-			out, done := torchrunNode(t, i, port, "CKPT_DIR="+fresh, "ROWS=65536", "CHECK_DIR="+filepath.Join(fresh, final))
+			out, done := torchrunNode(t, i, port, "CKPT_DIR="+fresh[i], "ROWS=65536", "CHECK_DIR="+filepath.Join(fresh[i], final))
 			checks, dones[i] = append(checks, out), done
 		}
 		for i := range nodes {
@@ -300,4 +317,48 @@ func torchrunJob(t *testing.T, sp storePeer) {
 		t.Logf("round %d: both ranks saved %s and loaded it back on fresh nodes: %v", round, final, finals)
 	}
 	t.Logf("%d of 2 notices landed in the middle of a save", midSaves)
+}
+
+// TestMultinodeExampleResumes: examples/multinode/train.py itself (written
+// for torch 2.2+, run here on torch 1.13 through test/torch/torch2's
+// dcp.save/dcp.load) under torchrun: it starts fresh, saves, and once its
+// checkpoint is committed, a new machine's empty folder resumes from it
+// through preemptd.restore() — the same step and the same weights.
+func TestMultinodeExampleResumes(t *testing.T) {
+	peers.RequireTorch(t)
+	dir := shortDir(t)
+	script, _ := filepath.Abs("../../examples/multinode/train.py")
+	shim, _ := filepath.Abs("../torch/torch2")
+	client, _ := filepath.Abs("../../clients/python")
+	cfg := filepath.Join(dir, "preemptd.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("provider: local\nrun_id: example\ncheckpoint: {layout: dcp}\nrun_dir: %s\nstate_dir: %s\n",
+		filepath.Join(dir, "run"), filepath.Join(dir, "state"))), 0o644)
+	os.MkdirAll(filepath.Join(dir, "state"), 0o755)
+	run := func(ckpt string, steps int) string {
+		t.Helper()
+		_, out, done := startTorchrun(t, "example", []string{"--nproc_per_node", "2", "--master_port", fmt.Sprint(peers.FreePort(t)),
+			"--redirects", "2", "--tee", "2", script}, []string{"CKPT_DIR=" + ckpt, "SAVE_EVERY=3", fmt.Sprintf("STEPS=%d", steps), "WIDTH=256",
+			"PYTHONPATH=" + shim + ":" + client, "PREEMPTD_BIN=" + bin, "PREEMPTD_CONFIG=" + cfg, "PREEMPTD_RUN_DIR=" + filepath.Join(dir, "run")})
+		select {
+		case <-done:
+		case <-time.After(3 * time.Minute):
+			t.Fatal("the example did not finish")
+		}
+		return out.String()
+	}
+	first := filepath.Join(dir, "first")
+	out := run(first, 6)
+	saved := regexp.MustCompile(`saved step-6, checksum (-?[0-9.]+)`).FindStringSubmatch(out)
+	if !strings.Contains(out, "no checkpoint committed yet") || saved == nil {
+		t.Fatalf("first run:\n%s", out)
+	}
+	if b, code := runCLIEnv(t, nil, "upload", "--config", cfg, filepath.Join(first, "step-6")); code != 0 {
+		t.Fatalf("upload: %s", b)
+	}
+	second := filepath.Join(dir, "second")
+	out = run(second, 7)
+	want := fmt.Sprintf("resumed from %s at step 6, checksum %s", filepath.Join(second, "step-6"), saved[1])
+	if !strings.Contains(out, want) {
+		t.Fatalf("the new machine did not resume: want %q in\n%s", want, out)
+	}
 }
