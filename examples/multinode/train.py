@@ -29,6 +29,7 @@ in state() (torch.distributed.checkpoint.state_dict.get_state_dict gives
 both, FSDP-aware).
 """
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,7 @@ if path:
 elif rank == 0:
     print("no checkpoint committed yet: starting at step 0", flush=True)
 
+start = step
 while step < STEPS:
     x = torch.randn(32, WIDTH, device=device)
     loss = model(x).pow(2).mean()
@@ -95,6 +97,8 @@ while step < STEPS:
     loss.backward()
     optim.step()
     step += 1
+    if step == start + 1 and rank == 0:
+        print(f"step {step} done: training again at {time.time():.3f}", flush=True)
     if stop.should_stop():  # a collective: every rank, every step
         if rank == 0:
             print(f"stopping at step {step}; {stop.seconds_left()} s to the deadline", flush=True)
