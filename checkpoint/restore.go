@@ -571,6 +571,34 @@ func (w *placeWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// placeBufs are ReadFrom's buffers: one a worker at a time.
+var placeBufs = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
+// ReadFrom fills 1 MiB at a time before each pwrite, rather than one for
+// every read of the body (a few KiB each).
+func (w *placeWriter) ReadFrom(r io.Reader) (int64, error) {
+	bp := placeBufs.Get().(*[]byte)
+	defer placeBufs.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, err := io.ReadFull(r, buf)
+		if n > 0 {
+			m, werr := w.Write(buf[:n])
+			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		switch {
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			return total, nil
+		case err != nil:
+			return total, err
+		}
+	}
+}
+
 // stray lists the files under path that m does not (a folder's only).
 func stray(path string, m Manifest) []string {
 	listed := map[string]bool{}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 
 	"github.com/minio/minio-go/v7"
 )
@@ -71,12 +72,17 @@ func (s *S3) GetRange(ctx context.Context, key string, off, n int64, w io.Writer
 	if err := o.SetRange(off, off+n-1); err != nil {
 		return err
 	}
-	obj, err := s.c.GetObject(ctx, s.bucket, k, o)
+	// Core's GetObject hands over the response's body itself (the
+	// Client's wraps every Read in a goroutine's round trip).
+	body, _, hdr, err := minio.Core{Client: s.c}.GetObject(ctx, s.bucket, k, o)
 	if err != nil {
 		return notFound(err, key)
 	}
-	defer obj.Close()
-	return notFound(copyRange(w, obj, key, off, n), key)
+	defer body.Close()
+	if hdr.Get("Content-Range") == "" && (off != 0 || hdr.Get("Content-Length") != strconv.FormatInt(n, 10)) {
+		return fmt.Errorf("storage: get %s bytes %d-%d: the server sent no Content-Range: not the range", key, off, off+n-1)
+	}
+	return notFound(copyRange(w, body, key, off, n), key)
 }
 
 // GetRange implements Store: the JSON API's media download with a Range
