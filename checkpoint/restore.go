@@ -124,6 +124,17 @@ func (c *Committer) RestoreInto(ctx context.Context, dir string, o RestoreOption
 		}
 		return rf.kept
 	})
+	// A marker of other bytes (a torn save of the same name) goes now: the
+	// folder must not look complete while its other files are replaced.
+	for _, rf := range fetch {
+		if slices.Contains(m.Markers, rf.f.Path) {
+			if fi, err := os.Lstat(rf.dst); err == nil && fi.Mode().IsRegular() {
+				if err := os.Remove(rf.dst); err != nil {
+					return r, fmt.Errorf("restore: %w", err)
+				}
+			}
+		}
+	}
 	rs.report()
 	if err := rs.fetchAll(ctx, fetch); err != nil {
 		return r, err

@@ -112,9 +112,19 @@ func TestRestoreInRangesKeepsWhatIsThere(t *testing.T) {
 		b, _ := os.ReadFile(stale)
 		b[100] ^= 1
 		os.WriteFile(stale, b, 0o644)
+		os.WriteFile(filepath.Join(r.Path, ".metadata"), []byte("a torn save's"), 0o644)
+		ctx2, cancel := context.WithCancel(ctx)
+		c.Store = &rangeFaults{Store: st, fault: func(string, int64, int) (bool, bool) { cancel(); return false, false }}
+		if _, err := c.RestoreInto(ctx2, dst, o); err == nil {
+			t.Fatal("a cancelled restore succeeded")
+		}
+		if _, err := os.Stat(filepath.Join(r.Path, ".metadata")); err == nil {
+			t.Fatal("another save's marker stayed while the checkpoint's files were being replaced")
+		}
+		c.Store = st
 		r, err = c.RestoreInto(ctx, dst, o)
-		if err != nil || r.Kept != 3 || r.Fetched != 1 || r.FetchedBytes != int64(len(b)) {
-			t.Fatalf("restore over a stale file: %+v %v", r, err)
+		if err != nil || r.Kept != 2 || r.Fetched != 2 || r.FetchedBytes+r.ResumedBytes != int64(len(b))+512 {
+			t.Fatalf("restore over a stale file and marker: %+v %v", r, err)
 		}
 		sameTree(t, src, r.Path)
 		if leftovers, _ := filepath.Glob(filepath.Join(r.Path, "*.preemptd-partial*")); len(leftovers) > 0 {
