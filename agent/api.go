@@ -135,6 +135,11 @@ func (a *Agent) serveSimulate(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
 		return
 	}
+	if n.Job && a.deps.Relay == nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "job: this daemon is not a node of a multi-node job " +
+			"(job.nodes is 1), so a job drill has no other node to stop; leave --job out for a drill of this machine"})
+		return
+	}
 	if err := a.Inject(n); err != nil {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
 		return
@@ -210,12 +215,18 @@ func ListenSocket(path string) (net.Listener, error) {
 		os.Remove(tmp)
 		return nil, fmt.Errorf("socket mode: %w", err)
 	}
+	mine, err := os.Lstat(tmp)
+	if err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("socket %s: %w", tmp, err)
+	}
 	if err := os.Rename(tmp, path); err != nil {
 		l.Close()
 		os.Remove(tmp)
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
-	return &socketListener{Listener: l, path: path}, nil
+	return &socketListener{Listener: l, path: path, mine: mine}, nil
 }
 
 type peerKey struct{}
@@ -284,11 +295,16 @@ func supplementaryGroups(pid int) []int {
 type socketListener struct {
 	net.Listener
 	path string
+	mine os.FileInfo // the socket file this listener made
 }
 
+// Close stops listening and removes the socket only while the path is still
+// this listener's own: another daemon's socket there is left alone.
 func (l *socketListener) Close() error {
 	err := l.Listener.Close()
-	os.Remove(l.path)
+	if cur, serr := os.Lstat(l.path); serr == nil && os.SameFile(cur, l.mine) {
+		os.Remove(l.path)
+	}
 	return err
 }
 
@@ -330,6 +346,15 @@ func NewClient(path string) *Client {
 	return &Client{http: &http.Client{Transport: tr}}
 }
 
+// RequestError is the daemon's refusal of a request: its HTTP status and
+// its words.
+type RequestError struct {
+	Status int
+	Msg    string
+}
+
+func (e *RequestError) Error() string { return e.Msg }
+
 // ErrNotRunning is returned when no daemon answers on the socket.
 var ErrNotRunning = errors.New("preemptd is not running (no answer on its socket)")
 
@@ -357,9 +382,9 @@ func (c *Client) do(ctx context.Context, method, path string, body io.Reader, ou
 	if resp.StatusCode >= 400 {
 		var e struct{ Error string }
 		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			return resp.StatusCode, errors.New(e.Error)
+			return resp.StatusCode, &RequestError{Status: resp.StatusCode, Msg: e.Error}
 		}
-		return resp.StatusCode, fmt.Errorf("local api: %s", resp.Status)
+		return resp.StatusCode, &RequestError{Status: resp.StatusCode, Msg: "local api: " + resp.Status}
 	}
 	if out != nil && resp.StatusCode != http.StatusNoContent {
 		if err := json.Unmarshal(b, out); err != nil {

@@ -139,3 +139,25 @@ func TestSimulateAfterStopIsRefused(t *testing.T) {
 		t.Fatalf("Simulate after stop = %v", err)
 	}
 }
+
+// TestSocketRemovedOnlyByItsOwner: a listener whose path now holds another
+// listener's socket leaves that socket in place when it closes.
+func TestSocketRemovedOnlyByItsOwner(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), SocketName)
+	first, err := ListenSocket(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := ListenSocket(sock) // renamed over the first's path
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Close()
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("the first listener removed the second's socket: %v", err)
+	}
+	second.Close()
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Fatalf("the owner's close left its socket: %v", err)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"net"
 	"net/url"
 	"os"
@@ -480,6 +481,36 @@ func EnvVars() map[string]string {
 	return out
 }
 
+// otherEnv are the PREEMPTD_* names that are not configuration keys but
+// are still preemptd's own: read by the binary (CONFIG, DMI_ROOT), set by
+// it for hooks and trainers, or read by its packaging and tooling.
+var otherEnv = []string{"CONFIG", "DMI_ROOT", "KIND", "NOTICE_ID", "ACTION", "DEADLINE", "SECONDS_LEFT", "NOTICE_FILE",
+	"BIN", "HELPER", "TOOLS", "VERSION", "ARCH", "REQUIRE_TORCH"}
+
+// UnknownEnv names the PREEMPTD_* variables in environ (KEY=VALUE) that
+// preemptd does not understand, each with the nearest known name when one
+// is close ("PREEMPTD_TRAINER_SIGNL (did you mean PREEMPTD_TRAINER_SIGNAL?)"):
+// such a typo would otherwise be silently ignored.
+func UnknownEnv(environ []string) []string {
+	known := slices.Collect(maps.Keys(EnvVars()))
+	for _, n := range otherEnv {
+		known = append(known, EnvPrefix+n)
+	}
+	var out []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(name, EnvPrefix) || slices.Contains(known, name) {
+			continue
+		}
+		if near := nearest(name, known); near != "" {
+			name += " (did you mean " + near + "?)"
+		}
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
+}
+
 func envName(key string) string {
 	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
 }
@@ -680,6 +711,15 @@ func (c *Config) Validate() error {
 	if u := c.Storage.URL; u != "" {
 		pu, err := url.Parse(u)
 		switch {
+		case err == nil && (pu.Scheme == "http" || pu.Scheme == "https") && !strings.Contains(pu.Host, ".blob.") && pu.Host != "":
+			// An S3-compatible server's address (MinIO at http://127.0.0.1:9000/bkt): the bucket
+			// goes in the URL, the server in storage.endpoint.
+			bucket, prefix, _ := strings.Cut(strings.Trim(pu.Path, "/"), "/")
+			if bucket == "" {
+				bucket = "BUCKET"
+			}
+			bad("storage.url", "%q is a server's address, not a store: for an S3-compatible server write storage.url: s3://%s and storage.endpoint: %s://%s",
+				u, strings.TrimSuffix(bucket+"/"+prefix, "/"), pu.Scheme, pu.Host)
 		case err != nil || !slices.Contains([]string{"file", "s3", "gs", "azblob", "https"}, pu.Scheme) ||
 			(pu.Scheme == "https" && !strings.Contains(pu.Host, ".blob.")):
 			bad("storage.url", "%q is not a URL like file:///var/lib/preemptd/store, s3://bucket/prefix, gs://bucket/prefix or azblob://account/container/prefix", u)

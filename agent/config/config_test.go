@@ -309,7 +309,8 @@ func TestErrorsNameTheKeyAndTheFix(t *testing.T) {
 	}
 	for _, tc := range []struct{ url, want string }{
 		{"s3://", "names no bucket"}, {"gs://", "names no bucket"}, {"ftp://x/y", "azblob://account/container/prefix"}, {"file://", "names no directory"},
-		{"azblob://acct", "names no container"}, {"https://example.com/c/p", "azblob://account/container/prefix"},
+		{"azblob://acct", "names no container"}, {"https://example.com/c/p", "storage.endpoint: https://example.com"},
+		{"http://127.0.0.1:9000/bkt/runs", "write storage.url: s3://bkt/runs and storage.endpoint: http://127.0.0.1:9000"},
 		{"https://acct.blob.core.windows.net/", "names no container"},
 	} {
 		c := Default()
@@ -324,5 +325,14 @@ func TestErrorsNameTheKeyAndTheFix(t *testing.T) {
 		if err := c.Validate(); err != nil {
 			t.Errorf("storage.url %q: %v", u, err)
 		}
+	}
+}
+
+func TestUnknownEnvNamed(t *testing.T) {
+	got := UnknownEnv([]string{"PREEMPTD_TRAINER_SIGNL=SIGUSR1", "PREEMPTD_TRAINER_SIGNAL=SIGINT", "PREEMPTD_CONFIG=/x",
+		"HOME=/root", "PREEMPTD_WHATEVER=1", "PREEMPTD_DMI_ROOT=/d"})
+	want := []string{"PREEMPTD_TRAINER_SIGNL (did you mean PREEMPTD_TRAINER_SIGNAL?)", "PREEMPTD_WHATEVER"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("UnknownEnv = %q, want %q", got, want)
 	}
 }

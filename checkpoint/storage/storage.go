@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/url"
 	"os"
@@ -136,7 +137,14 @@ type Options struct {
 	// Checksum is the per-part check the server makes: auto (CRC32C where
 	// the server checks it, else Content-MD5), md5 or crc32c.
 	Checksum string
+	// ReadOnly opens a store only to read it: a local directory that does
+	// not exist is ErrNoStore instead of being created.
+	ReadOnly bool
 }
+
+// ErrNoStore is Open's answer, with ReadOnly, for a local store whose
+// folder does not exist: nothing was ever written there.
+var ErrNoStore = errors.New("no store there")
 
 func (o Options) getenv() func(string) string {
 	if o.Getenv != nil {
@@ -171,6 +179,12 @@ func Open(rawURL string, o Options) (Store, error) {
 		}
 		if u.Path == "" {
 			return nil, fmt.Errorf("storage.url: %q names no directory", rawURL)
+		}
+		if o.ReadOnly {
+			if _, err := os.Stat(u.Path); errors.Is(err, fs.ErrNotExist) {
+				return nil, fmt.Errorf("%w: %s does not exist", ErrNoStore, u.Path)
+			}
+			return &Dir{root: u.Path}, nil
 		}
 		return NewDir(u.Path)
 	case "s3", "gs":

@@ -35,7 +35,7 @@ func cmdAdvise(ctx context.Context, args []string, getenv func(string) string, s
 	cancel()
 	source := "the running daemon (" + cfg.Socket() + ")"
 	if errors.Is(err, agent.ErrNotRunning) {
-		cm, err := newCommitter(&cfg, getenv, nil)
+		cm, err := readCommitter(&cfg, getenv)
 		if err != nil {
 			return err
 		}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,11 +21,32 @@ import (
 	"github.com/preemptd/preemptd/job"
 )
 
-// newCommitter opens the configured store for the run.
+// newCommitter opens the configured store for the run (creating a local
+// one that does not exist yet: for the commands that write).
 func newCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logger) (*checkpoint.Committer, error) {
+	return openCommitter(cfg, getenv, log, false)
+}
+
+// readCommitter opens the store for a command that only reads it (ls,
+// restore, report, advise): it creates nothing, and a local store that does
+// not exist is an error (wrapping storage.ErrNoStore) that says where it
+// looked and how to point at the daemon's.
+func readCommitter(cfg *config.Config, getenv func(string) string) (*checkpoint.Committer, error) {
+	return openCommitter(cfg, getenv, nil, true)
+}
+
+func openCommitter(cfg *config.Config, getenv func(string) string, log *slog.Logger, readOnly bool) (*checkpoint.Committer, error) {
 	st, err := storage.Open(cfg.StorageURL(), storage.Options{Endpoint: cfg.Storage.Endpoint, Region: cfg.Storage.Region,
 		IMDSEndpoint: cfg.AWS.Endpoint, GCPMetadata: cfg.GCP.Endpoint, AzureIMDS: cfg.Azure.Endpoint, Getenv: getenv,
-		Threads: uint(cfg.Storage.Threads), Checksum: cfg.Storage.Checksum})
+		Threads: uint(cfg.Storage.Threads), Checksum: cfg.Storage.Checksum, ReadOnly: readOnly})
+	if errors.Is(err, storage.ErrNoStore) {
+		where := "storage.url"
+		if cfg.Storage.URL == "" {
+			where = "state_dir " + cfg.StateDir + ", whose store/ folder is the default store"
+		}
+		return nil, fmt.Errorf("%w (from %s): nothing was ever uploaded there. If the daemon keeps its store elsewhere, "+
+			"pass the daemon's --config, or --state-dir DIR", err, where)
+	}
 	if err != nil {
 		return nil, usageError{err}
 	}
@@ -53,7 +75,7 @@ func runCommitter(c *common, run string, getenv func(string) string) (config.Con
 	if run != "" {
 		cfg.RunID = run
 	}
-	cm, err := newCommitter(&cfg, getenv, nil)
+	cm, err := readCommitter(&cfg, getenv)
 	return cfg, cm, err
 }
 
@@ -141,6 +163,9 @@ func cmdUpload(ctx context.Context, args []string, getenv func(string) string, s
 	target, err := filepath.Abs(c.fs.Arg(0))
 	if err != nil {
 		return err
+	}
+	if _, err := os.Lstat(target); err != nil {
+		return fmt.Errorf("upload: %s does not exist: give the path of one checkpoint, like ./checkpoints/step-100", target)
 	}
 	root, name := filepath.Dir(target), filepath.Base(target)
 	cks, err := checkpoint.Scan(root, cfg.Checkpoint.Layout, 0, time.Now())

@@ -7,6 +7,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"runtime/debug"
 	"strings"
@@ -16,6 +19,7 @@ import (
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/checkpoint"
+	"github.com/preemptd/preemptd/internal/runlock"
 	"github.com/preemptd/preemptd/providers"
 )
 
@@ -313,7 +317,7 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 	defer cancel()
 	st, err := agent.NewClient(cfg.Socket()).Status(ctx)
 	if err != nil {
-		return err
+		return notRunning(&cfg, err)
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -324,9 +328,34 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 	return nil
 }
 
+// notRunning adds to a "no daemon answers" error where this command looked
+// and how to point it at the daemon that runs.
+func notRunning(cfg *config.Config, err error) error {
+	if !errors.Is(err, agent.ErrNotRunning) {
+		return err
+	}
+	if pid := runlock.Holder(cfg.RunDir); pid > 0 {
+		return fmt.Errorf("%w: preemptd (pid %d) holds %s but does not answer on %s; see its log (journalctl -u preemptd)",
+			err, pid, filepath.Join(cfg.RunDir, runlock.Name), cfg.Socket())
+	}
+	return fmt.Errorf("%w: looked for its socket at %s; if the daemon runs with another configuration, pass the same --config (or --run-dir) as it",
+		err, cfg.Socket())
+}
+
 func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "state:\t%s\n", st.State)
+	state := st.State
+	if st.State == "done" {
+		// The path is over; the machine is not gone yet.
+		state = "done: the emergency path has finished"
+		for _, n := range st.Notices {
+			if n.Class == agent.ClassFatal && n.Deadline.After(now) {
+				state += fmt.Sprintf("; the machine goes in %s (%s notice)", n.Deadline.Sub(now).Round(time.Second), n.Kind)
+				break
+			}
+		}
+	}
+	fmt.Fprintf(tw, "state:\t%s\n", state)
 	fmt.Fprintf(tw, "provider:\t%s\n", st.Provider)
 	fmt.Fprintf(tw, "version:\t%s\n", st.Version)
 	fmt.Fprintf(tw, "up since:\t%s\n", st.StartedAt.Format(time.RFC3339))
@@ -416,6 +445,9 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 		if err != nil {
 			return usageError{fmt.Errorf("--in: %w", err)}
 		}
+		if d < 0 {
+			return usagef("--in: %s is in the past; give the time from now to the deadline, like 30s", *in)
+		}
 		req.In = d.String()
 	}
 	cfg, err := c.load(getenv)
@@ -426,8 +458,11 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	n, err := cl.Simulate(rctx, req)
 	cancel()
+	if re := (*agent.RequestError)(nil); errors.As(err, &re) && re.Status == http.StatusBadRequest {
+		return usageError{err} // the daemon refused the request itself (--job without a job, say)
+	}
 	if err != nil {
-		return err
+		return notRunning(&cfg, err)
 	}
 	deadline := "none"
 	if !n.Deadline.IsZero() {
@@ -442,7 +477,7 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 	for {
 		st, err := cl.Status(wctx)
 		if err != nil {
-			return err
+			return notRunning(&cfg, err)
 		}
 		// An earlier path (an earlier drill) may be in the status: wait for this one's.
 		if e := st.Emergency; e != nil && e.Notice.Key() == n.Key() && !e.FinishedAt.IsZero() {
@@ -503,6 +538,12 @@ func cmdKeygen(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usagef("keygen takes no arguments (the folder is --out DIR)")
+	}
+	if err := os.MkdirAll(*dir, 0o700); err != nil {
+		return fmt.Errorf("keygen --out: %w", err)
 	}
 	signPath, verifyPath, err := checkpoint.GenerateKeys(*dir)
 	if err != nil {

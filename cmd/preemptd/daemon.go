@@ -25,6 +25,7 @@ import (
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/fleet"
 	"github.com/preemptd/preemptd/internal/memory"
+	"github.com/preemptd/preemptd/internal/runlock"
 	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/logship"
 	"github.com/preemptd/preemptd/providers"
@@ -50,12 +51,23 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	log := newLogger(stderr, cfg.LogLevel)
 	// run_dir is read by the trainer (notice.json, the socket): 0755;
 	// state_dir holds the store by default: 0700.
-	for dir, mode := range map[string]os.FileMode{cfg.RunDir: 0o755, cfg.StateDir: 0o700} {
-		if err := safeDir(dir, mode); err != nil {
-			return err
-		}
+	// One daemon per run_dir: the lock is taken before anything else there
+	// (the socket, notice.json) or under state_dir is touched.
+	if err := safeDir(cfg.RunDir, 0o755); err != nil {
+		return err
+	}
+	lock, err := runlock.Acquire(cfg.RunDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
+	if err := safeDir(cfg.StateDir, 0o700); err != nil {
+		return err
 	}
 
+	for _, name := range config.UnknownEnv(os.Environ()) {
+		log.Warn("environment variable ignored: it is not a preemptd setting", "name", name)
+	}
 	det := detect(ctx, &cfg, getenv)
 	log.Info("provider chosen", "provider", det.Provider, "reasons", det.Reasons)
 	gpus := gpu.WithTimeout(gpu.Open(log), 0) // NVML never blocks the emergency path
@@ -98,6 +110,10 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		defer jb.Wait()
 	}
 	if cfg.Checkpoint.Dir != "" {
+		if _, err := os.Stat(cfg.Checkpoint.Dir); errors.Is(err, fs.ErrNotExist) {
+			log.Warn("checkpoint.dir does not exist: creating it and watching it; if the trainer saves elsewhere (a typo?), nothing will upload",
+				"dir", cfg.Checkpoint.Dir)
+		}
 		syncer := &checkpoint.Syncer{Dir: cfg.Checkpoint.Dir, Layout: cfg.Checkpoint.Layout, Quiet: cfg.Checkpoint.QuietPeriod.D(),
 			Committer: cm, Background: cfg.Checkpoint.Sync, Margin: 3 * time.Second, Log: log.With("part", "checkpoint")}
 		if adv != nil {

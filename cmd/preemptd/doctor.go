@@ -17,6 +17,7 @@ import (
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/agent/gpu"
 	"github.com/preemptd/preemptd/agent/trainer"
+	"github.com/preemptd/preemptd/internal/runlock"
 	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/providers"
 )
@@ -43,6 +44,9 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		fmt.Fprintf(stdout, "%-4s  %-10s %s\n", level, what, detail)
 	}
 	report("OK", "config", "valid")
+	for _, name := range config.UnknownEnv(os.Environ()) {
+		report("WARN", "env", name+" is not a preemptd setting and is ignored (preemptd run lists none of it; the keys: README, Configuration)")
+	}
 
 	// Metadata.
 	det := detect(ctx, &cfg, getenv)
@@ -81,6 +85,25 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		} else {
 			report("OK", "run_dir", cfg.RunDir)
 		}
+	}
+
+	if pid := runlock.Holder(cfg.RunDir); pid > 0 {
+		report("INFO", "daemon", fmt.Sprintf("preemptd (pid %d) runs with this run_dir; a second `preemptd run` on it would be refused", pid))
+	}
+
+	// The checkpoint folder: a typo there means nothing ever uploads.
+	switch st, err := os.Stat(cfg.Checkpoint.Dir); {
+	case cfg.Checkpoint.Dir == "":
+		report("INFO", "checkpoint", "checkpoint.dir not set: checkpoints are not watched or uploaded")
+	case errors.Is(err, fs.ErrNotExist):
+		report("WARN", "checkpoint", fmt.Sprintf("checkpoint.dir %s does not exist: `preemptd run` creates and watches it, "+
+			"but if it is not where the trainer saves (a typo?), nothing will ever upload", cfg.Checkpoint.Dir))
+	case err != nil:
+		report("FAIL", "checkpoint", err.Error())
+	case !st.IsDir():
+		report("FAIL", "checkpoint", fmt.Sprintf("checkpoint.dir %s is not a folder", cfg.Checkpoint.Dir))
+	default:
+		report("OK", "checkpoint", fmt.Sprintf("watching %s (layout %s)", cfg.Checkpoint.Dir, cfg.Checkpoint.Layout))
 	}
 
 	// Store: write, read back, delete — but a local store that does not

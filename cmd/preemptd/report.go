@@ -39,7 +39,7 @@ func cmdReport(ctx context.Context, args []string, getenv func(string) string, s
 			return usageError{err}
 		}
 	}
-	cm, err := newCommitter(&cfg, getenv, nil)
+	cm, err := readCommitter(&cfg, getenv)
 	if err != nil {
 		return err
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/agent/metrics"
 	"github.com/preemptd/preemptd/checkpoint"
+	"github.com/preemptd/preemptd/checkpoint/storage"
 	"github.com/preemptd/preemptd/fleet"
 )
 
@@ -57,6 +58,20 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 		return usagef("restore: --wait %s is negative", *wait)
 	}
 	cfg, cm, err := runCommitter(c, *run, getenv)
+	if errors.Is(err, storage.ErrNoStore) {
+		// Nothing was ever written there: a fresh start (exit 4), said with
+		// where it looked, in case that is the wrong place.
+		if *asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			enc.Encode(restoreOut{Run: cfg.Run(getenv), Store: cfg.StorageURL(), Error: err.Error()})
+		}
+		if *noneOK {
+			fmt.Fprintf(stderr, "restore: %v\nrestore: nothing to restore, a fresh start\n", err)
+			return nil
+		}
+		return fmt.Errorf("%w: %w (exit %d)", checkpoint.ErrNothingCommitted, err, exitNothing)
+	}
 	if err != nil {
 		return err
 	}

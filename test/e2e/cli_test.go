@@ -44,6 +44,8 @@ func TestExitCodes(t *testing.T) {
 	dir := shortDir(t)
 	bad := filepath.Join(dir, "bad.yaml")
 	writeFile(t, bad, "trainer: {signal: SIGFOO}\npoll_interval: 1ms\n")
+	serverURL := filepath.Join(dir, "server.yaml")
+	writeFile(t, serverURL, "storage: {url: \"http://127.0.0.1:9000/bkt/runs\"}\n")
 	tests := []struct {
 		name string
 		args []string
@@ -59,7 +61,13 @@ func TestExitCodes(t *testing.T) {
 		{"invalid config names keys", []string{"run", "--config", bad}, 2,
 			[]string{"trainer.signal: unknown signal \"SIGFOO\"", "poll_interval: 1ms is out of range"}},
 		{"missing config", []string{"status", "--config", filepath.Join(dir, "none.yaml")}, 2, []string{"config file not found"}},
-		{"status with no daemon", []string{"status", "--run-dir", dir}, 3, []string{"not running"}},
+		{"status with no daemon", []string{"status", "--run-dir", dir}, 3,
+			[]string{"not running", filepath.Join(dir, "preemptd.sock"), "pass the same --config"}},
+		{"simulate in the past", []string{"simulate", "--run-dir", dir, "--in", "-5s"}, 2, []string{"--in: -5s is in the past"}},
+		{"storage.url a server's address", []string{"ls", "--run-dir", dir, "--config", serverURL}, 2,
+			[]string{"storage.url: s3://bkt/runs", "storage.endpoint: http://127.0.0.1:9000"}},
+		{"upload a missing folder", []string{"upload", "--state-dir", filepath.Join(dir, "state"), filepath.Join(dir, "no-such-step")}, 1,
+			[]string{"no-such-step does not exist: give the path of one checkpoint"}},
 		{"simulate bad kind", []string{"simulate", "--run-dir", dir, "--kind", "explode"}, 2, []string{"unknown notice kind"}},
 	}
 	for _, tt := range tests {

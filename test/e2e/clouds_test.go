@@ -119,4 +119,11 @@ func TestLocalTriggerFile(t *testing.T) {
 	if r.Signal != "SIGUSR2" || r.Notice.Kind != agent.KindStop || r.Notice.Provider != "local" {
 		t.Fatalf("record = %+v", r)
 	}
+	// Once the path is over the notice still stands: status says the path
+	// is done and that the machine is still to go, not just "done".
+	d.waitEmergencyDone()
+	out, _ := runCLI(t, "status", "--config", d.config)
+	if !strings.Contains(out, "done: the emergency path has finished; the machine goes in ") || !strings.Contains(out, "(stop notice)") {
+		t.Fatalf("status:\n%s", out)
+	}
 }
