@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/advice"
+
+	"github.com/preemptd/preemptd/internal/redact"
 )
 
 // Config is what the agent needs of preemptd's configuration.
@@ -247,7 +249,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			if err := w.Watch(ctx, notices); err != nil && !errors.Is(err, context.Canceled) {
 				a.log.Error("watcher stopped", "watcher", i, "err", err)
 				a.mu.Lock()
-				a.watchErrs[fmt.Sprint(i)] = err.Error()
+				a.watchErrs[fmt.Sprint(i)] = redact.String(err.Error())
 				a.mu.Unlock()
 			}
 		})

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"sync"
 	"time"
+
+	"github.com/preemptd/preemptd/internal/redact"
 )
 
 // EmergencyReport records one run of the emergency path.
@@ -218,7 +220,7 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 		err := s.Run(stepCtx, n)
 		sr := StepReport{Name: s.Name(), StartedAt: start, Duration: a.now().Sub(start)}
 		if err != nil {
-			sr.Error = err.Error()
+			sr.Error = redact.String(err.Error())
 			a.log.Error("emergency step failed", "step", s.Name(), "err", err)
 		} else {
 			a.log.Info("emergency step done", "step", s.Name(), "took", sr.Duration.Round(time.Millisecond).String())
@@ -246,7 +248,7 @@ func (a *Agent) emergencyPath(path *pathCtx, done chan struct{}, n Notice) {
 		a.update(func(r *EmergencyReport) {
 			r.Acked = err == nil
 			if err != nil {
-				r.AckError = err.Error()
+				r.AckError = redact.String(err.Error())
 			}
 		})
 		if err != nil {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/preemptd/preemptd/internal/redact"
 )
 
 // HookReport is one hook command's result.
@@ -42,7 +44,7 @@ func (a *Agent) runHooks(ctx context.Context, n Notice, deadline time.Time) []Ho
 		}
 		rep := HookReport{Command: command, Duration: a.now().Sub(start)}
 		if err != nil {
-			rep.Error = err.Error()
+			rep.Error = redact.String(err.Error())
 			a.log.Error("hook failed", "command", command, "err", err, "output", string(out))
 		} else {
 			a.log.Info("hook ran", "command", command, "took", rep.Duration.Round(time.Millisecond).String(), "output", string(out))

@@ -98,7 +98,7 @@ func NewAzure(account, container, prefix string, o Options) (*Azure, error) {
 			ep = "http://169.254.169.254"
 		}
 		id := &azureIdentity{endpoint: ep, clientID: getenv("AZURE_CLIENT_ID"), resource: "https://storage.azure.com/", hc: direct.Client(10 * time.Second)}
-		a.tokens = oauth2.ReuseTokenSourceWithExpiry(nil, id, 5*time.Minute)
+		a.tokens = newRefreshEarly(id)
 		a.auth = "managed identity (" + ep + ")"
 		if id.clientID != "" {
 			a.auth = "managed identity " + id.clientID + " (" + ep + ")"

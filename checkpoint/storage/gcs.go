@@ -86,7 +86,7 @@ func NewGCS(bucket, prefix string, o Options) (*GCS, error) {
 		g.tokens, g.auth = ts, "service-account key "+p
 	default:
 		g.meta = newGCEMeta(o.GCPMetadata, getenv)
-		g.tokens, g.auth = oauth2.ReuseTokenSourceWithExpiry(nil, g.meta, 5*time.Minute), "the VM's service account (metadata server "+g.meta.host+")"
+		g.tokens, g.auth = newRefreshEarly(g.meta), "the VM's service account (metadata server "+g.meta.host+")"
 	}
 	return g, nil
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/preemptd/preemptd/internal/redact"
 )
 
 // part is one slice of a file uploaded on its own.
@@ -149,6 +151,8 @@ func withRetries(ctx context.Context, attempts int, attempt func() (*http.Respon
 	pause := 250 * time.Millisecond
 	for n := 1; ; n++ {
 		resp, err := attempt()
+		// A request's URL may carry a SAS: no *url.Error leaves a store whole.
+		redact.URLError(err)
 		var fin final
 		switch {
 		case errors.As(err, &fin):

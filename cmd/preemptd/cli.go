@@ -19,6 +19,7 @@ import (
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/checkpoint"
+	"github.com/preemptd/preemptd/internal/redact"
 	"github.com/preemptd/preemptd/internal/runlock"
 	"github.com/preemptd/preemptd/providers"
 )
@@ -56,7 +57,7 @@ func exitCode(err error, stderr io.Writer) int {
 	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return exitOK
 	}
-	fmt.Fprintln(stderr, "preemptd:", err)
+	fmt.Fprintln(stderr, "preemptd:", redact.String(err.Error()))
 	var ue usageError
 	switch {
 	case errors.As(err, &ue):

@@ -25,6 +25,7 @@ import (
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/fleet"
 	"github.com/preemptd/preemptd/internal/memory"
+	"github.com/preemptd/preemptd/internal/redact"
 	"github.com/preemptd/preemptd/internal/runlock"
 	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/logship"
@@ -35,7 +36,8 @@ import (
 func newLogger(w io.Writer, level string) *slog.Logger {
 	var l slog.Level
 	_ = l.UnmarshalText([]byte(level))
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}))
+	// Secrets in URLs (an Azure SAS in a request's URL) never reach the journal.
+	return slog.New(redact.Handler(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l})))
 }
 
 // cmdRun is the daemon: wiring only.

@@ -17,6 +17,7 @@ import (
 	"github.com/preemptd/preemptd/agent/metrics"
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/internal/redact"
 	"github.com/preemptd/preemptd/fleet"
 )
 
@@ -82,7 +83,7 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 	if dir == "" {
 		return usagef("restore: give --to DIR or set checkpoint.dir")
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	log := slog.New(redact.Handler(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	cm.Log = log
 	o := checkpoint.RestoreOptions{Name: *name, Node: *part, Threads: cfg.Restore.Threads, PartSize: int64(cfg.Restore.PartSizeMiB) << 20}
 	bar := newProgress(stderr)

@@ -1,13 +1,24 @@
 package e2e
 
 import (
+	"bytes"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/preemptd/preemptd/agent"
+	"github.com/preemptd/preemptd/checkpoint/storage"
+	"github.com/preemptd/preemptd/test/peers"
 )
 
 // asNobody runs preemptd as uid/gid 65534.
@@ -105,5 +116,70 @@ func TestWebhookSecretNowhere(t *testing.T) {
 	}
 	if !strings.Contains(string(log), "webhook not delivered") {
 		t.Fatal("the webhook failure was not exercised")
+	}
+}
+
+// TestAzureSASNowhere: with an Azure SAS as the store's credential and
+// every checkpoint upload cut off mid-request (so that Go's *url.Error,
+// which prints the request's URL and with it the SAS, is what fails), the
+// SAS's signature reaches neither the log, nor the status, nor the event
+// records in the store, nor `report`; the failures did happen.
+func TestAzureSASNowhere(t *testing.T) {
+	a := peers.StartAzurite(t)
+	sas := peers.AzuriteSAS()
+	q, _ := url.ParseQuery(sas)
+	sig := q.Get("sig")
+	target, _ := url.Parse(a.Endpoint)
+	rp := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: target.Scheme, Host: target.Host})
+	var cut atomic.Int64
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/step-") {
+			cut.Add(1)
+			if c, _, err := w.(http.Hijacker).Hijack(); err == nil {
+				c.Close() // the connection dies mid-request
+			}
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(proxy.Close)
+
+	dir := shortDir(t)
+	ckpt := filepath.Join(dir, "ckpt")
+	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName), "--ckpt-dir", ckpt, "--ckpt-bytes", "65536")
+	d := startDaemonIn(t, dir, fmt.Sprintf(`provider: local
+log_level: debug
+trainer: {pid_file: %q}
+checkpoint: {dir: %q, layout: dcp}
+storage: {url: %q, endpoint: %q}
+`, tr.pidFile, ckpt, a.URL("runs"), proxy.URL+target.Path), "AZURE_STORAGE_SAS_TOKEN="+sas)
+	runCLI(t, "simulate", "--config", d.config, "--kind", "terminate", "--in", "20s", "--wait")
+	status, _ := runCLI(t, "status", "--config", d.config, "--json")
+	report, _ := runCLIEnv(t, []string{"AZURE_STORAGE_SAS_TOKEN=" + sas}, "report", "--config", d.config)
+	time.Sleep(500 * time.Millisecond)
+	log, _ := os.ReadFile(d.logf)
+	for _, s := range []string{sig, url.QueryEscape(sig)} {
+		for what, text := range map[string]string{"log": string(log), "status": status, "report": report} {
+			if strings.Contains(text, s) {
+				t.Errorf("the SAS signature is in the %s", what)
+			}
+		}
+	}
+	st := a.Open(t, "runs", storage.Options{})
+	objs, err := st.List(t.Context(), "_events")
+	if err != nil || len(objs) == 0 {
+		t.Fatalf("no event record in the store (%v): nothing was checked", err)
+	}
+	for _, o := range objs {
+		var b bytes.Buffer
+		if err := st.Get(t.Context(), o.Key, &b); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(b.String(), sig) || strings.Contains(b.String(), url.QueryEscape(sig)) {
+			t.Errorf("the SAS signature is in the event record %s", o.Key)
+		}
+	}
+	if cut.Load() == 0 || !strings.Contains(string(log), "?REDACTED") {
+		t.Fatalf("the upload failures were not exercised (%d cut):\n%s", cut.Load(), log)
 	}
 }
