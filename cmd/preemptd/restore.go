@@ -17,8 +17,8 @@ import (
 	"github.com/preemptd/preemptd/agent/metrics"
 	"github.com/preemptd/preemptd/checkpoint"
 	"github.com/preemptd/preemptd/checkpoint/storage"
-	"github.com/preemptd/preemptd/internal/redact"
 	"github.com/preemptd/preemptd/fleet"
+	"github.com/preemptd/preemptd/internal/redact"
 )
 
 // restoreOut is restore --json's answer.
