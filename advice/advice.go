@@ -151,10 +151,13 @@ func (r Rate) WithPrior(save, upload, window time.Duration) Rate {
 const NoticeMargin = 5 * time.Second
 
 // NoticeWindow is the notice a cloud gives before it takes a spot machine:
-// AWS 2 minutes, GCP and Azure 30 seconds; 0 for others.
+// Alibaba 5 minutes, AWS and Tencent 2 minutes, GCP and Azure 30 seconds;
+// 0 for others.
 func NoticeWindow(provider string) time.Duration {
 	switch provider {
-	case "aws":
+	case "alibaba":
+		return 5 * time.Minute
+	case "aws", "tencent":
 		return 2 * time.Minute
 	case "gcp", "azure":
 		return 30 * time.Second

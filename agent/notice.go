@@ -98,7 +98,7 @@ func Classify(n Notice, now time.Time, fatalWithin time.Duration) Class {
 
 // Notice is one termination, maintenance or rebalance notice as a provider saw it.
 type Notice struct {
-	// Provider is the source: aws, gcp, azure, local, simulate or signal.
+	// Provider is the source: aws, gcp, azure, alibaba, tencent, local, simulate or signal.
 	Provider string `json:"provider"`
 	Kind     Kind   `json:"kind"`
 	// ID identifies the notice at its provider; the agent dedupes on

@@ -19,10 +19,12 @@ import (
 	"github.com/preemptd/preemptd/agent"
 	"github.com/preemptd/preemptd/agent/config"
 	"github.com/preemptd/preemptd/internal/direct"
+	"github.com/preemptd/preemptd/providers/alibaba"
 	"github.com/preemptd/preemptd/providers/aws"
 	"github.com/preemptd/preemptd/providers/azure"
 	"github.com/preemptd/preemptd/providers/gcp"
 	"github.com/preemptd/preemptd/providers/local"
+	"github.com/preemptd/preemptd/providers/tencent"
 )
 
 // azureAssetTag is the chassis asset tag of every Azure VM; plain Hyper-V
@@ -34,7 +36,7 @@ type DetectConfig struct {
 	// DMIRoot defaults to /sys/class/dmi/id.
 	DMIRoot string
 	// Endpoints of the metadata services; empty means each cloud's default.
-	AWSEndpoint, GCPEndpoint, AzureEndpoint string
+	AWSEndpoint, GCPEndpoint, AzureEndpoint, AlibabaEndpoint, TencentEndpoint string
 	// Timeout bounds each probe; default 1s.
 	Timeout time.Duration
 	// SkipProbes stops after DMI.
@@ -76,6 +78,12 @@ func Detect(ctx context.Context, cfg DetectConfig) Detection {
 		{"gcp", func(ctx context.Context, hc *http.Client) (bool, string) { return probeGCP(ctx, hc, cfg.GCPEndpoint) }},
 		{"azure", func(ctx context.Context, hc *http.Client) (bool, string) {
 			return probeAzure(ctx, hc, cfg.AzureEndpoint)
+		}},
+		{"alibaba", func(ctx context.Context, hc *http.Client) (bool, string) {
+			return probeAlibaba(ctx, hc, cfg.AlibabaEndpoint)
+		}},
+		{"tencent", func(ctx context.Context, hc *http.Client) (bool, string) {
+			return probeTencent(ctx, hc, cfg.TencentEndpoint)
 		}},
 	}
 	ok := make([]bool, len(probes))
@@ -128,6 +136,10 @@ func fromDMI(root string) (string, string) {
 		return "gcp", "DMI product is Google Compute Engine"
 	case sys == "Microsoft Corporation" && readDMI(root, "chassis_asset_tag") == azureAssetTag:
 		return "azure", "DMI vendor is Microsoft with Azure's chassis asset tag"
+	case sys == "Alibaba Cloud" || strings.HasPrefix(product, "Alibaba Cloud ECS"):
+		return "alibaba", "DMI vendor is Alibaba Cloud"
+	case sys == "Tencent Cloud":
+		return "tencent", "DMI vendor is Tencent Cloud"
 	}
 	return "", ""
 }
@@ -170,6 +182,33 @@ func probeAzure(ctx context.Context, hc *http.Client, ep string) (bool, string) 
 	return answer(hc, req, func(r *http.Response, body string) bool { return r.StatusCode == 200 && body != "" })
 }
 
+// probeAlibaba asks for a metadata token, as the hardened mode requires
+// (a normal-mode service hands one out as well), then for the instance ID.
+func probeAlibaba(ctx context.Context, hc *http.Client, ep string) (bool, string) {
+	ep = endpoint(ep, "", alibaba.DefaultEndpoint)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, ep+"/latest/meta-data/instance-id", nil)
+	treq, _ := http.NewRequestWithContext(ctx, http.MethodPut, ep+alibaba.PathToken, nil)
+	treq.Header.Set(alibaba.HeaderTTL, "60")
+	if resp, err := hc.Do(treq); err == nil {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			req.Header.Set(alibaba.HeaderToken, strings.TrimSpace(string(b)))
+		}
+	}
+	return answer(hc, req, func(r *http.Response, body string) bool {
+		return r.StatusCode == 200 && strings.HasPrefix(body, "i-")
+	})
+}
+
+func probeTencent(ctx context.Context, hc *http.Client, ep string) (bool, string) {
+	ep = endpoint(ep, "", tencent.DefaultEndpoint)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, ep+"/latest/meta-data/instance-id", nil)
+	return answer(hc, req, func(r *http.Response, body string) bool {
+		return r.StatusCode == 200 && strings.HasPrefix(body, "ins-")
+	})
+}
+
 func answer(hc *http.Client, req *http.Request, good func(*http.Response, string) bool) (bool, string) {
 	resp, err := hc.Do(req)
 	if err != nil {
@@ -208,8 +247,14 @@ func Build(name string, cfg *config.Config, log *slog.Logger, onError func()) (B
 	case "azure":
 		p := azure.New(azure.Config{Endpoint: cfg.Azure.Endpoint, PollInterval: poll, Ack: cfg.Azure.Ack, Logger: log, OnError: onError})
 		return Built{Watcher: p, Acker: p, Identifier: p}, nil
+	case "alibaba":
+		p := alibaba.New(alibaba.Config{Endpoint: cfg.Alibaba.Endpoint, PollInterval: poll, Logger: log, OnError: onError})
+		return Built{Watcher: p, Identifier: p}, nil
+	case "tencent":
+		p := tencent.New(tencent.Config{Endpoint: cfg.Tencent.Endpoint, PollInterval: poll, Logger: log, OnError: onError})
+		return Built{Watcher: p, Identifier: p}, nil
 	case "local":
 		return Built{Watcher: local.New(cfg.TriggerFile(), log)}, nil
 	}
-	return Built{}, fmt.Errorf("provider: %q is not one of aws, gcp, azure, local", name)
+	return Built{}, fmt.Errorf("provider: %q is not one of aws, gcp, azure, alibaba, tencent, local", name)
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/preemptd/preemptd/agent/config"
+	"github.com/preemptd/preemptd/test/fakes"
 )
 
 func dmi(t *testing.T, files map[string]string) string {
@@ -40,12 +41,14 @@ func TestDetectDMI(t *testing.T) {
 		{"azure", map[string]string{"sys_vendor": "Microsoft Corporation", "chassis_asset_tag": azureAssetTag}, "azure"},
 		{"hyper-v is not azure", map[string]string{"sys_vendor": "Microsoft Corporation", "chassis_asset_tag": "none"}, "local"},
 		{"laptop", map[string]string{"sys_vendor": "LENOVO"}, "local"},
+		{"alibaba", map[string]string{"sys_vendor": "Alibaba Cloud", "product_name": "Alibaba Cloud ECS"}, "alibaba"},
+		{"tencent", map[string]string{"sys_vendor": "Tencent Cloud", "product_name": "CVM"}, "tencent"},
 	}
 	dead := closedURL(t)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d := Detect(t.Context(), DetectConfig{DMIRoot: dmi(t, tt.files), AWSEndpoint: dead, GCPEndpoint: dead,
-				AzureEndpoint: dead, Timeout: 200 * time.Millisecond})
+				AzureEndpoint: dead, AlibabaEndpoint: dead, TencentEndpoint: dead, Timeout: 200 * time.Millisecond})
 			if d.Provider != tt.want || len(d.Reasons) == 0 {
 				t.Fatalf("Detect = %+v, want %s", d, tt.want)
 			}
@@ -81,22 +84,31 @@ func TestDetectProbes(t *testing.T) {
 		http.Error(w, "", 400)
 	}))
 	defer azure.Close()
+	ali := fakes.NewAlibaba()
+	ali.Hardened = true
+	alibaba := httptest.NewServer(ali)
+	defer alibaba.Close()
+	tencent := httptest.NewServer(fakes.NewTencent())
+	defer tencent.Close()
 	dead := closedURL(t)
 	none := t.TempDir()
 	for _, tc := range []struct {
-		name               string
-		awsEP, gcpEP, azEP string
-		want               string
+		name                             string
+		awsEP, gcpEP, azEP, aliEP, tenEP string
+		want                             string
 	}{
-		{"aws", aws.URL, dead, dead, "aws"},
-		{"gcp", dead, strings.TrimPrefix(gcp.URL, "http://"), dead, "gcp"},
-		{"azure", dead, dead, azure.URL, "azure"},
-		{"gcp server is not aws or azure", gcp.URL, gcp.URL, gcp.URL, "gcp"},
-		{"nothing", dead, dead, dead, "local"},
+		{"aws", aws.URL, dead, dead, dead, dead, "aws"},
+		{"gcp", dead, strings.TrimPrefix(gcp.URL, "http://"), dead, dead, dead, "gcp"},
+		{"azure", dead, dead, azure.URL, dead, dead, "azure"},
+		{"alibaba, hardened mode", dead, dead, dead, alibaba.URL, dead, "alibaba"},
+		{"tencent", dead, dead, dead, dead, tencent.URL, "tencent"},
+		{"gcp server is not aws or azure", gcp.URL, gcp.URL, gcp.URL, gcp.URL, gcp.URL, "gcp"},
+		{"tencent server is not alibaba", dead, dead, dead, tencent.URL, tencent.URL, "tencent"},
+		{"nothing", dead, dead, dead, dead, dead, "local"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := Detect(t.Context(), DetectConfig{DMIRoot: none, AWSEndpoint: tc.awsEP, GCPEndpoint: tc.gcpEP,
-				AzureEndpoint: tc.azEP, Timeout: 500 * time.Millisecond})
+				AzureEndpoint: tc.azEP, AlibabaEndpoint: tc.aliEP, TencentEndpoint: tc.tenEP, Timeout: 500 * time.Millisecond})
 			if d.Provider != tc.want {
 				t.Fatalf("Detect = %+v, want %s", d, tc.want)
 			}
@@ -107,7 +119,7 @@ func TestDetectProbes(t *testing.T) {
 func TestBuild(t *testing.T) {
 	cfg := config.Default()
 	cfg.RunDir = t.TempDir()
-	for _, name := range []string{"aws", "gcp", "azure", "local"} {
+	for _, name := range []string{"aws", "gcp", "azure", "alibaba", "tencent", "local"} {
 		b, err := Build(name, &cfg, nil, nil)
 		if err != nil || b.Watcher == nil || (name == "azure") != (b.Acker != nil) || (name == "local") != (b.Identifier == nil) {
 			t.Errorf("Build(%s) = %+v, %v", name, b, err)
@@ -125,14 +137,14 @@ func TestDetectSaysSomethingAnswered(t *testing.T) {
 	forbidden := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "no", 403) }))
 	defer forbidden.Close()
 	d := Detect(t.Context(), DetectConfig{DMIRoot: dmi(t, map[string]string{"sys_vendor": "LENOVO"}), AWSEndpoint: forbidden.URL,
-		GCPEndpoint: forbidden.URL, AzureEndpoint: forbidden.URL, Timeout: time.Second})
+		GCPEndpoint: forbidden.URL, AzureEndpoint: forbidden.URL, AlibabaEndpoint: forbidden.URL, TencentEndpoint: forbidden.URL, Timeout: time.Second})
 	last := d.Reasons[len(d.Reasons)-1]
 	if d.Provider != "local" || strings.Contains(last, "no metadata service answered") || !strings.Contains(last, "not as any cloud") {
 		t.Fatalf("Detect = %+v", d)
 	}
 	dead := closedURL(t)
 	d = Detect(t.Context(), DetectConfig{DMIRoot: dmi(t, map[string]string{"sys_vendor": "LENOVO"}), AWSEndpoint: dead,
-		GCPEndpoint: dead, AzureEndpoint: dead, Timeout: 200 * time.Millisecond})
+		GCPEndpoint: dead, AzureEndpoint: dead, AlibabaEndpoint: dead, TencentEndpoint: dead, Timeout: 200 * time.Millisecond})
 	if last := d.Reasons[len(d.Reasons)-1]; !strings.Contains(last, "no metadata service answered") {
 		t.Fatalf("nothing answering: %+v", d)
 	}

@@ -38,7 +38,7 @@ const EnvPrefix = "PREEMPTD_"
 
 // Config is all of preemptd's configuration.
 type Config struct {
-	// Provider is auto, aws, gcp, azure or local.
+	// Provider is auto, aws, gcp, azure, alibaba, tencent or local.
 	Provider     string   `yaml:"provider"`
 	PollInterval Duration `yaml:"poll_interval"`
 	FatalWithin  Duration `yaml:"fatal_within"`
@@ -69,6 +69,8 @@ type Config struct {
 	AWS     AWS     `yaml:"aws"`
 	GCP     GCP     `yaml:"gcp"`
 	Azure   Azure   `yaml:"azure"`
+	Alibaba Alibaba `yaml:"alibaba"`
+	Tencent Tencent `yaml:"tencent"`
 	Local   Local   `yaml:"local"`
 	Trainer Trainer `yaml:"trainer"`
 	Hooks   Hooks   `yaml:"hooks"`
@@ -150,6 +152,20 @@ type Azure struct {
 	// all (also events shared with other VMs, which an ack releases for
 	// every one of them) or off. true and false mean mine and off.
 	Ack string `yaml:"ack"`
+}
+
+// Alibaba configures the Alibaba Cloud ECS metadata provider (the spot
+// instance's release time, about five minutes ahead).
+type Alibaba struct {
+	// Endpoint is the metadata service (default http://100.100.100.200).
+	Endpoint string `yaml:"endpoint"`
+}
+
+// Tencent configures the Tencent Cloud CVM metadata provider (the spot
+// instance's reclaim time, about two minutes ahead).
+type Tencent struct {
+	// Endpoint is the metadata service (default http://metadata.tencentyun.com).
+	Endpoint string `yaml:"endpoint"`
 }
 
 // The azure.ack values.
@@ -575,7 +591,7 @@ func setFromString(v reflect.Value, s string) error {
 	return nil
 }
 
-var providers = []string{"auto", "aws", "gcp", "azure", "local"}
+var providers = []string{"auto", "aws", "gcp", "azure", "alibaba", "tencent", "local"}
 
 // layouts mirrors checkpoint.Layouts (config does not import checkpoint).
 var layouts = []string{"auto", "dcp", "orbax", "deepspeed", "megatron", "lightning", "hf", "files"}
@@ -635,6 +651,8 @@ func (c *Config) Validate() error {
 	checkURL("aws.endpoint", c.AWS.Endpoint, false)
 	checkURL("gcp.endpoint", c.GCP.Endpoint, true)
 	checkURL("azure.endpoint", c.Azure.Endpoint, false)
+	checkURL("alibaba.endpoint", c.Alibaba.Endpoint, false)
+	checkURL("tencent.endpoint", c.Tencent.Endpoint, false)
 	if c.Azure.Endpoint == "" {
 		bad("azure.endpoint", "must be set (default http://169.254.169.254)")
 	}

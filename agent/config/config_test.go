@@ -153,7 +153,7 @@ func TestValidateNamesKeyAndFix(t *testing.T) {
 		mutate func(*Config)
 		want   string
 	}{
-		{"provider", func(c *Config) { c.Provider = "oracle" }, "provider: \"oracle\" is not one of auto, aws, gcp, azure, local"},
+		{"provider", func(c *Config) { c.Provider = "oracle" }, "provider: \"oracle\" is not one of auto, aws, gcp, azure, alibaba, tencent, local"},
 		{"poll too fast", func(c *Config) { c.PollInterval = Duration(time.Millisecond) }, "poll_interval: 1ms is out of range; use 100ms to 1m"},
 		{"signal", func(c *Config) { c.Trainer.Signal = "SIGFOO" }, "trainer.signal: unknown signal \"SIGFOO\""},
 		{"rebalance signal", func(c *Config) { c.Trainer.RebalanceSignal = "99" }, "trainer.rebalance_signal"},

@@ -229,7 +229,7 @@ func newFlags(name, synopsis string, stderr io.Writer, daemon bool) *common {
 	c.fs.StringVar(&c.runDir, "run-dir", "", runDir)
 	c.fs.StringVar(&c.stateDir, "state-dir", "", stateDir)
 	if daemon {
-		c.fs.StringVar(&c.provider, "provider", "", "provider: auto, aws, gcp, azure or local")
+		c.fs.StringVar(&c.provider, "provider", "", "provider: auto, aws, gcp, azure, alibaba, tencent or local")
 		c.fs.StringVar(&c.pollInterval, "poll-interval", "", "poll_interval, e.g. 1s")
 		c.fs.StringVar(&c.logLevel, "log-level", "", "log_level: debug, info, warn, error")
 		c.fs.StringVar(&c.pidFile, "trainer-pid-file", "", "trainer.pid_file")
@@ -519,10 +519,12 @@ func detect(ctx context.Context, cfg *config.Config, getenv func(string) string)
 		return providers.Detection{Provider: cfg.Provider, Reasons: []string{"provider is set to " + cfg.Provider + " in the configuration"}}
 	}
 	return providers.Detect(ctx, providers.DetectConfig{
-		DMIRoot:       getenv("PREEMPTD_DMI_ROOT"),
-		AWSEndpoint:   cfg.AWS.Endpoint,
-		GCPEndpoint:   cfg.GCP.Endpoint,
-		AzureEndpoint: cfg.Azure.Endpoint,
+		DMIRoot:         getenv("PREEMPTD_DMI_ROOT"),
+		AWSEndpoint:     cfg.AWS.Endpoint,
+		GCPEndpoint:     cfg.GCP.Endpoint,
+		AzureEndpoint:   cfg.Azure.Endpoint,
+		AlibabaEndpoint: cfg.Alibaba.Endpoint,
+		TencentEndpoint: cfg.Tencent.Endpoint,
 	})
 }
 

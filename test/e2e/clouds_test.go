@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -125,5 +126,77 @@ func TestLocalTriggerFile(t *testing.T) {
 	out, _ := runCLI(t, "status", "--config", d.config)
 	if !strings.Contains(out, "done: the emergency path has finished; the machine goes in ") || !strings.Contains(out, "(stop notice)") {
 		t.Fatalf("status:\n%s", out)
+	}
+}
+
+// spotCloud runs a daemon against a termination-time cloud's fake (cfg
+// names the provider and its endpoint), sets the time with set, and checks
+// that the trainer is signalled with that deadline, that doctor names the
+// instance, and that the event record carries the provider and instance.
+func spotCloud(t *testing.T, provider, cfg, instanceID string, set func(time.Time)) {
+	t.Helper()
+	dir := shortDir(t)
+	tr := startTrainer(t, filepath.Join(dir, "run", agent.NoticeFileName))
+	d := startDaemonIn(t, dir, fmt.Sprintf("provider: %s\n%strainer: {pid_file: %q}\npoll_interval: 200ms\n", provider, cfg, tr.pidFile))
+	if out, code := runCLI(t, "doctor", "--config", d.config); !strings.Contains(out, "provider "+provider+": "+instanceID) {
+		t.Fatalf("doctor (exit %d) does not name the instance:\n%s", code, out)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if st := d.status(); len(st.Notices) != 0 {
+		t.Fatalf("a notice before any was set: %+v", st.Notices)
+	}
+	deadline := time.Now().Add(90 * time.Second).Truncate(time.Second)
+	set(deadline)
+	r := tr.waitSignal(10 * time.Second)
+	if r.Signal != "SIGTERM" || r.Notice.Provider != provider || r.Notice.Kind != agent.KindTerminate ||
+		r.Notice.Deadline == nil || !r.Notice.Deadline.Equal(deadline) {
+		t.Fatalf("record = %+v, want deadline %v", r, deadline)
+	}
+	d.waitEmergencyDone()
+	waitFor(t, 10*time.Second, "the event record", func() bool {
+		found := false
+		filepath.WalkDir(filepath.Join(dir, "state"), func(p string, e os.DirEntry, err error) error {
+			if err == nil && !e.IsDir() && strings.Contains(p, "_events") {
+				b, _ := os.ReadFile(p)
+				found = found || (strings.Contains(string(b), `"provider": "`+provider+`"`) && strings.Contains(string(b), instanceID))
+			}
+			return nil
+		})
+		return found
+	})
+}
+
+// TestAlibabaSpotRelease: the hardened-mode ECS metadata service's release
+// time (UTC) reaches the trainer as the deadline.
+func TestAlibabaSpotRelease(t *testing.T) {
+	s := fakes.NewAlibaba()
+	s.Hardened = true
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+	spotCloud(t, "alibaba", fmt.Sprintf("alibaba: {endpoint: %q}\n", srv.URL), "i-bp1fakefakefake0001", func(at time.Time) {
+		s.SetRelease(at.UTC().Format(time.RFC3339))
+	})
+}
+
+// TestTencentSpotReclaim: the CVM metadata service's reclaim time, in
+// UTC+8, reaches the trainer as the right instant (not eight hours late).
+func TestTencentSpotReclaim(t *testing.T) {
+	s := fakes.NewTencent()
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+	spotCloud(t, "tencent", fmt.Sprintf("tencent: {endpoint: %q}\n", srv.URL), "ins-fake0001", func(at time.Time) {
+		s.SetReclaim(at.In(time.FixedZone("CST", 8*3600)).Format(time.DateTime))
+	})
+}
+
+// TestDetectAlibabaAndTencent: DMI names both clouds.
+func TestDetectAlibabaAndTencent(t *testing.T) {
+	for vendor, want := range map[string]string{"Alibaba Cloud": "alibaba", "Tencent Cloud": "tencent"} {
+		dmi := t.TempDir()
+		writeFile(t, filepath.Join(dmi, "sys_vendor"), vendor+"\n")
+		out, code := runCLIEnv(t, []string{"PREEMPTD_DMI_ROOT=" + dmi}, "detect", "--run-dir", shortDir(t))
+		if code != 0 || !strings.HasPrefix(out, want+"\n") {
+			t.Errorf("%s: exit %d\n%s", vendor, code, out)
+		}
 	}
 }

@@ -1,4 +1,4 @@
-// Package fakes holds metadata servers written from GCP's and Azure's
+// Package fakes holds metadata servers written from GCP's, Azure's, Alibaba's and Tencent's
 // documented behaviour, for tests and benchmarks of preemptd (AWS has a real
 // simulator, amazon-ec2-metadata-mock, and needs none), each of which can be
 // told to misbehave through Fault; and an object store in memory
