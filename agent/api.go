@@ -135,7 +135,7 @@ func (a *Agent) serveSimulate(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
 		return
 	}
-	if n.Job && a.deps.Relay == nil {
+	if n.Job && a.deps.Job == nil {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "job: this daemon is not a node of a multi-node job " +
 			"(job.nodes is 1), so a job drill has no other node to stop; leave --job out for a drill of this machine"})
 		return

@@ -21,6 +21,23 @@ type Relay interface {
 	Withdrawn(n Notice)
 }
 
+// Relays tells each of its relays, in order.
+type Relays []Relay
+
+// Fatal implements Relay.
+func (rs Relays) Fatal(n Notice) {
+	for _, r := range rs {
+		r.Fatal(n)
+	}
+}
+
+// Withdrawn implements Relay.
+func (rs Relays) Withdrawn(n Notice) {
+	for _, r := range rs {
+		r.Withdrawn(n)
+	}
+}
+
 // Acker acknowledges a notice once the emergency path is over, letting the
 // platform proceed early (Azure Scheduled Events).
 type Acker interface {

@@ -3,7 +3,7 @@
 # through the Go module proxy, into a cache outside the clone (reused by
 # every clone and by CI):
 #   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
-# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, fake-gcs-server, versitygw, Azurite, python3-torch); prints the cache path.
+# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, fake-gcs-server, versitygw, Azurite, python3-torch, Slurm and munge); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
@@ -18,6 +18,8 @@ AZURITE_VERSION=3.37.0     # Microsoft's Azure Storage emulator (npm; runs on no
 VERSITYGW_VERSION=v1.8.0   # a second S3 implementation (posix backend)
 AWSCLI_VERSION=2.9.19-1
 TORCH_VERSION=1.13.1+dfsg-4 # Debian's python3-torch (CPU), for the real torchrun trials
+SLURM_VERSION=22.05.8-4+deb12u3 # Debian's slurmctld, slurmd and slurm-client, for the Slurm e2e test
+MUNGE_VERSION=0.5.15-2+deb12u1  # Slurm's authentication daemon
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
 set_=${1:-test}
@@ -84,6 +86,17 @@ if ! dpkg-query -W -f='${Version}' python3-torch 2>/dev/null | grep -qx "$TORCH_
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "python3-torch=$TORCH_VERSION"; } >&2
   else
     echo "tools: python3-torch $TORCH_VERSION not installed and not root: the torchrun tests will skip" >&2
+  fi
+fi
+# Slurm (one-node cluster started by the tests) and munge, from Debian, pinned.
+if ! dpkg-query -W -f='${Version}' slurmd 2>/dev/null | grep -qx "$SLURM_VERSION" ||
+  ! dpkg-query -W -f='${Version}' munge 2>/dev/null | grep -qx "$MUNGE_VERSION"; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "tools: installing Slurm $SLURM_VERSION and munge $MUNGE_VERSION from Debian (once; under a minute)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "slurmctld=$SLURM_VERSION" "slurmd=$SLURM_VERSION" "slurm-client=$SLURM_VERSION" "munge=$MUNGE_VERSION"; } >&2
+  else
+    echo "tools: Slurm $SLURM_VERSION not installed and not root: the Slurm test will skip" >&2
   fi
 fi
 if [ "$set_" = bench ]; then

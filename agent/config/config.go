@@ -75,6 +75,7 @@ type Config struct {
 	Trainer Trainer `yaml:"trainer"`
 	Hooks   Hooks   `yaml:"hooks"`
 	Job     Job     `yaml:"job"`
+	Slurm   Slurm   `yaml:"slurm"`
 	Advice  Advice  `yaml:"advice"`
 }
 
@@ -152,6 +153,28 @@ type Azure struct {
 	// all (also events shared with other VMs, which an ack releases for
 	// every one of them) or off. true and false mean mine and off.
 	Ack string `yaml:"ack"`
+}
+
+// Slurm makes preemptd act on a Slurm node's jobs, whatever the cloud: at
+// a fatal notice the node is drained and its jobs signalled through
+// scancel; once the checkpoint is durable they are requeued; a withdrawn
+// notice resumes the node.
+type Slurm struct {
+	Enabled bool `yaml:"enabled"`
+	// Node is this machine's Slurm NodeName (default: the short hostname).
+	Node string `yaml:"node"`
+	// Target is which of a job's processes get trainer.signal (and
+	// trainer.rebalance_signal, trainer.checkpoint_signal): full (the batch script,
+	// its children and every step: scancel --full; the default), steps
+	// (only what srun started, as --signal=SIG@secs does) or batch (the
+	// batch script's shell alone, for a script that traps it, as
+	// --signal=B:SIG@secs).
+	Target string `yaml:"target"`
+	// Requeue the jobs once the checkpoint is durable (default true).
+	Requeue bool `yaml:"requeue"`
+	// Drain the node at the notice, with a reason naming it (default
+	// true); undone when the notice is withdrawn.
+	Drain bool `yaml:"drain"`
 }
 
 // Alibaba configures the Alibaba Cloud ECS metadata provider (the spot
@@ -305,6 +328,7 @@ func Default() Config {
 		Logs:          Logs{Interval: Duration(30 * time.Second)},
 		Metrics:       Metrics{Listen: "127.0.0.1:9477"},
 		Job:           Job{Poll: Duration(500 * time.Millisecond)},
+		Slurm:         Slurm{Target: "full", Requeue: true, Drain: true},
 		Advice:        Advice{Enabled: true, MaxInterval: Duration(24 * time.Hour), FleetPoll: Duration(time.Minute)},
 	}
 }
@@ -680,6 +704,16 @@ func (c *Config) Validate() error {
 	}
 	if _, err := trainer.ParseSignal(c.Trainer.Signal); err != nil {
 		bad("trainer.signal", "%v", err)
+	}
+	if !slices.Contains([]string{"full", "steps", "batch"}, c.Slurm.Target) {
+		bad("slurm.target", "%q is not one of full, steps, batch", c.Slurm.Target)
+	}
+	if c.Slurm.Enabled && c.RunID == "" {
+		bad("run_id", "slurm.enabled needs run_id set: the daemon runs outside the jobs, so it cannot name their checkpoints by SLURM_JOB_ID "+
+			"as `preemptd restore` inside a job would; set the same run_id for both (e.g. the training's name)")
+	}
+	if c.Slurm.Enabled && (c.Trainer.PIDFile != "" || c.Trainer.Match != "" || c.Trainer.Unit != "" || c.Trainer.GPUProcesses) {
+		bad("slurm.enabled", "the node's Slurm jobs are the trainer (signalled through scancel): leave trainer.pid_file, trainer.match, trainer.unit and trainer.gpu_processes unset")
 	}
 	if c.Trainer.RebalanceSignal != "" {
 		if _, err := trainer.ParseSignal(c.Trainer.RebalanceSignal); err != nil {

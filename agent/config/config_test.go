@@ -169,6 +169,11 @@ func TestValidateNamesKeyAndFix(t *testing.T) {
 		{"job node", func(c *Config) { c.Job.Node = "a/b" }, "job.node: \"a/b\" must be"},
 		{"job listen", func(c *Config) { c.Job.Listen = "9478" }, "job.listen: \"9478\" is not host:port"},
 		{"job poll", func(c *Config) { c.Job.Poll = Duration(time.Millisecond) }, "job.poll: 1ms is out of range"},
+		{"slurm without run_id", func(c *Config) { c.Slurm.Enabled = true }, "run_id: slurm.enabled needs run_id set"},
+		{"slurm and a process target", func(c *Config) { c.Slurm.Enabled, c.RunID, c.Trainer.Match = true, "r", "train.py" },
+			"slurm.enabled: the node's Slurm jobs are the trainer"},
+		{"slurm target", func(c *Config) { c.Slurm.Target = "everything" }, "slurm.target: \"everything\" is not one of full, steps, batch"},
+		{"alibaba endpoint", func(c *Config) { c.Alibaba.Endpoint = "100.100.100.200" }, "alibaba.endpoint"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -30,6 +30,7 @@ import (
 	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/logship"
 	"github.com/preemptd/preemptd/providers"
+	"github.com/preemptd/preemptd/slurm"
 	"github.com/preemptd/preemptd/systemd"
 )
 
@@ -102,12 +103,12 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	var steps []agent.Step
 	var services []func(context.Context) error
 	watchers := []agent.Watcher{prov.Watcher}
-	var relay agent.Relay
+	var relays agent.Relays
 	var jobStatus func() *agent.JobStatus
 	if jb != nil {
 		jb.OnFanOut = met.JobFanOut
 		watchers = append(watchers, jb)
-		relay, jobStatus = jb, jb.Status
+		relays, jobStatus = append(relays, jb), jb.Status
 		services = append(services, jb.Run)
 		defer jb.Wait()
 	}
@@ -130,6 +131,15 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 		services = append(services, syncer.Run)
 	} else {
 		log.Info("checkpoint.dir not set: checkpoints are not watched or uploaded")
+	}
+	var sl *slurm.Slurm
+	if cfg.Slurm.Enabled {
+		sl = slurm.New(slurm.Config{Node: cfg.Slurm.Node, Target: cfg.Slurm.Target, Requeue: cfg.Slurm.Requeue,
+			Drain: cfg.Slurm.Drain}, log)
+		relays = append(relays, sl)              // drain at a fatal notice, resume when it is withdrawn
+		steps = append(steps, slurm.Step{S: sl}) // requeue once the checkpoint step is over
+		log.Info("slurm node: its jobs are the trainer", "node", sl.Node(), "target", cfg.Slurm.Target,
+			"requeue", cfg.Slurm.Requeue, "drain", cfg.Slurm.Drain)
 	}
 	if feed != nil {
 		services = append(services, feed.Run)
@@ -158,14 +168,22 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	if cfg.Trainer.GPUProcesses {
 		extra = gpus
 	}
-	tr, err := trainer.New(trainer.Config{
+	procs, err := trainer.New(trainer.Config{
 		PIDFile: cfg.Trainer.PIDFile, Match: cfg.Trainer.Match, Unit: cfg.Trainer.Unit, Group: cfg.Trainer.Group,
 	}, extra, log.With("part", "trainer"))
 	if err != nil {
 		return usageError{err}
 	}
-	if !tr.Configured() {
+	var tr agent.Trainer = procs
+	switch {
+	case sl != nil:
+		tr = slurm.Trainer{S: sl}
+	case !procs.Configured():
 		log.Warn("no trainer target configured: notices will be published (notice.json, hooks, API) but no process signalled; set trainer.pid_file, trainer.match or trainer.unit")
+	}
+	var relay agent.Relay
+	if len(relays) > 0 {
+		relay = relays
 	}
 
 	// A logind delay lock, so that a shutdown waits for the emergency path;

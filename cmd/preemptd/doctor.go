@@ -20,6 +20,7 @@ import (
 	"github.com/preemptd/preemptd/internal/runlock"
 	"github.com/preemptd/preemptd/job"
 	"github.com/preemptd/preemptd/providers"
+	"github.com/preemptd/preemptd/slurm"
 )
 
 // errDoctor is returned when a check failed (exit code 1).
@@ -163,6 +164,31 @@ func cmdDoctor(ctx context.Context, args []string, getenv func(string) string, s
 		report("OK", "gpu", fmt.Sprintf("driver %s, CUDA %s, %d GPU(s), %d process(es) on them", snap.Driver, snap.CUDA, len(snap.Devices), len(snap.GPUPIDs())))
 	} else {
 		report("INFO", "gpu", snap.Reason)
+	}
+
+	// Slurm: the node's jobs are the trainer.
+	if cfg.Slurm.Enabled {
+		sl := slurm.New(slurm.Config{Node: cfg.Slurm.Node, Target: cfg.Slurm.Target}, nil)
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		reason, state, err := sl.NodeState(sctx)
+		jobs, jerr := sl.Jobs(sctx)
+		cancel()
+		switch {
+		case err != nil:
+			report("FAIL", "slurm", fmt.Sprintf("node %s: %v (is slurm.node this machine's NodeName, and SLURM_CONF set as for any Slurm command?)", sl.Node(), err))
+		case jerr != nil:
+			report("FAIL", "slurm", fmt.Sprintf("squeue: %v", jerr))
+		default:
+			msg := fmt.Sprintf("node %s is %s; %d job(s) running there %v would get %s (%s)", sl.Node(), state, len(jobs), jobs, cfg.Trainer.Signal, cfg.Slurm.Target)
+			if reason != "" {
+				msg += "; drain reason: " + reason
+			}
+			report("OK", "slurm", msg)
+		}
+		if failed {
+			return errDoctor
+		}
+		return nil
 	}
 
 	// Trainer.
