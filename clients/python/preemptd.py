@@ -329,6 +329,8 @@ def latest(config=None, run=None):
     """The name of the run's latest committed checkpoint, or None when it
     has none yet (`preemptd ls --json`)."""
     p = _preemptd(["ls", "--json"], config, run)
+    if p.returncode == 4:
+        return None  # no store yet: nothing was ever committed (a fresh start)
     if p.returncode != 0:
         raise RestoreError("preemptd ls failed (exit %d): %s" % (p.returncode, p.stderr.strip()))
     out = json.loads(p.stdout)

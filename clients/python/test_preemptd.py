@@ -311,6 +311,18 @@ class RestoreTest(unittest.TestCase):
         self.assertIsNone(preemptd.latest(config=self.cfg, run="nothing-yet"))
         self.assertIsNone(preemptd.restore(to=os.path.join(self.root, "x"), config=self.cfg, run="nothing-yet"))
 
+    def test_no_store_yet_is_none(self):
+        """A first machine whose local store was never written: latest() and
+        restore() say fresh start (preemptd exits 4), and create nothing."""
+        fresh = os.path.join(self.root, "fresh")
+        os.makedirs(fresh)
+        cfg = os.path.join(fresh, "preemptd.yaml")
+        with open(cfg, "w") as f:
+            f.write("run_id: py\nrun_dir: %s\nstate_dir: %s\n" % (os.path.join(fresh, "run"), os.path.join(fresh, "state")))
+        self.assertIsNone(preemptd.latest(config=cfg))
+        self.assertIsNone(preemptd.restore(to=os.path.join(fresh, "x"), config=cfg))
+        self.assertFalse(os.path.exists(os.path.join(fresh, "state")))
+
     def test_failure_raises(self):
         with self.assertRaises(preemptd.RestoreError):
             preemptd.restore(to=os.path.join(self.root, "x"), name="step-9", config=self.cfg)

@@ -76,6 +76,11 @@ func runCommitter(c *common, run string, getenv func(string) string) (config.Con
 		cfg.RunID = run
 	}
 	cm, err := readCommitter(&cfg, getenv)
+	if errors.Is(err, storage.ErrNoStore) {
+		// Nothing was ever committed there: for ls and restore that is a
+		// fresh start (exit 4), said with where they looked.
+		err = fmt.Errorf("%w: %w", checkpoint.ErrNothingCommitted, err)
+	}
 	return cfg, cm, err
 }
 

@@ -94,7 +94,8 @@ Every command takes --config FILE (default $PREEMPTD_CONFIG, then
 /etc/preemptd/preemptd.yaml if it exists) and --help.
 
 Exit codes: 0 ok; 1 failure; 2 bad usage or configuration;
-3 no daemon answering on the socket (status, simulate).
+3 no daemon answering on the socket (status, simulate);
+4 nothing committed yet (restore; ls when the store does not exist).
 `
 
 var bracketed = regexp.MustCompile(`\[[^\]]*\]`)

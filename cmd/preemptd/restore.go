@@ -71,7 +71,7 @@ func cmdRestore(ctx context.Context, args []string, getenv func(string) string, 
 			fmt.Fprintf(stderr, "restore: %v\nrestore: nothing to restore, a fresh start\n", err)
 			return nil
 		}
-		return fmt.Errorf("%w: %w (exit %d)", checkpoint.ErrNothingCommitted, err, exitNothing)
+		return fmt.Errorf("%w; nothing to restore, start from scratch (exit %d)", err, exitNothing)
 	}
 	if err != nil {
 		return err

@@ -53,8 +53,8 @@ func TestSecondDaemonRefused(t *testing.T) {
 
 // TestReadOnlyCommandsCreateNothing: ls, report, advise and restore against
 // a store that does not exist (a typo'd --state-dir) create nothing, say
-// where they looked and how to point at the daemon's store; restore calls it
-// a fresh start (exit 4).
+// where they looked and how to point at the daemon's store; ls and restore
+// call it a fresh start (exit 4, as the Python helper's latest() reads it).
 func TestReadOnlyCommandsCreateNothing(t *testing.T) {
 	dir := shortDir(t)
 	state, run := filepath.Join(dir, "stat"), filepath.Join(dir, "run")
@@ -63,7 +63,7 @@ func TestReadOnlyCommandsCreateNothing(t *testing.T) {
 		args []string
 		code int
 	}{
-		{[]string{"ls"}, 1},
+		{[]string{"ls"}, 4},
 		{[]string{"report"}, 1},
 		{[]string{"advise"}, 1},
 		{[]string{"restore", "--to", filepath.Join(dir, "to")}, 4},

@@ -195,6 +195,14 @@ func TestReportCommand(t *testing.T) {
 	cfg := filepath.Join(dir, "c.yaml")
 	writeFile(t, cfg, fmt.Sprintf("run_dir: %s\nstate_dir: %s\nstorage: {url: \"file://%s\"}\n", dir, dir, store))
 	out, code := runCLI(t, "report", "--config", cfg)
+	if code != 1 || !strings.Contains(out, store+" does not exist") {
+		t.Fatalf("no store: %d %s", code, out)
+	}
+	if _, err := os.Stat(store); err == nil {
+		t.Fatal("report created the store")
+	}
+	os.MkdirAll(store, 0o755)
+	out, code = runCLI(t, "report", "--config", cfg)
 	if code != 0 || !strings.Contains(out, "no event records") {
 		t.Fatalf("empty store: %d %s", code, out)
 	}
