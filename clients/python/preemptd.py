@@ -66,7 +66,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 __all__ = ["Preemption", "read_notice", "read_advice", "wait_notice", "wait_advice", "seconds_left", "run_dir",
@@ -195,8 +194,12 @@ class Preemption:
     def __init__(self, path=None, signals=(signal.SIGTERM,), install=True, group=None,
                  checkpoint_signals=(), fallback_every=None):
         self._dir = run_dir(path)
-        self._signalled = threading.Event()
-        self._ckpt_signalled = threading.Event()
+        # Set by the signal handlers, which do nothing else: a handler runs
+        # in the main thread between any two bytecodes, even inside another
+        # handler, so one that took a lock (threading.Event.set does) hangs
+        # when a second signal lands while the first holds it.
+        self._signalled = False
+        self._ckpt_signalled = False
         self._group = group
         self._mtime = None
         self._notice = None
@@ -214,10 +217,10 @@ class Preemption:
 
     def _on_signal(self, signum, frame):
         self.signal_received = signum
-        self._signalled.set()
+        self._signalled = True
 
     def _on_checkpoint_signal(self, signum, frame):
-        self._ckpt_signalled.set()
+        self._ckpt_signalled = True
 
     def advice(self):
         """preemptd's advice, re-read only when advice.json changed."""
@@ -235,7 +238,7 @@ class Preemption:
         """This process alone: a checkpoint was asked for (checkpoint_now on a
         request not acted on yet, or the checkpoint signal, or fallback_every
         seconds without advice)."""
-        if self._ckpt_signalled.is_set():
+        if self._ckpt_signalled:
             return True
         a = self.advice()
         if a is None:
@@ -252,7 +255,7 @@ class Preemption:
         if agreed:
             a = self.advice()
             self._acted = a.get("request") if a else self._acted
-            self._ckpt_signalled.clear()
+            self._ckpt_signalled = False
             self._last_ckpt = time.monotonic()
         return agreed
 
@@ -275,7 +278,7 @@ class Preemption:
 
     def requested(self):
         """This process alone: signalled, or a fatal notice published."""
-        return self._signalled.is_set() or _fatal(self.notice())
+        return self._signalled or _fatal(self.notice())
 
     def seconds_left(self):
         """Seconds to the notice's deadline, or None."""

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import socketserver
+import sys
 import tempfile
 import threading
 import time
@@ -131,6 +132,54 @@ class SignalTest(unittest.TestCase):
             signal.signal(signal.SIGUSR1, old)
 
 
+_STORM_CHILD = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import preemptd
+p = preemptd.Preemption(sys.argv[2], signals=(signal.SIGTERM,), checkpoint_signals=(signal.SIGUSR1,))
+print("ready", flush=True)
+asked = 0
+deadline = time.monotonic() + 20
+while not p.requested():
+    if p.should_checkpoint():
+        asked += 1
+    if time.monotonic() > deadline:
+        print("never told to stop", flush=True)
+        sys.exit(3)
+print("stopped by %d after %d checkpoint requests" % (p.signal_received, asked), flush=True)
+"""
+
+
+class SignalStormTest(unittest.TestCase):
+    """The handlers only set a flag: a storm of the checkpoint signal (every
+    2 ms) and two stop signals microseconds apart (preemptd and torchrun, or
+    systemd) neither hang the main thread nor overflow its stack."""
+
+    def test_storm(self):
+        here = os.path.dirname(os.path.abspath(preemptd.__file__))
+        # Every 2 ms, then flat out: the handler that took a lock (Event.set)
+        # hung in the first flat-out trial.
+        for trial, gap in enumerate((0.002, 0.002, 0, 0)):
+            child = subprocess.Popen([sys.executable, "-c", _STORM_CHILD, here, tempfile.mkdtemp()],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.assertEqual(child.stdout.readline().strip(), "ready")
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                os.kill(child.pid, signal.SIGUSR1)
+                if gap:
+                    time.sleep(gap)
+            os.kill(child.pid, signal.SIGTERM)
+            os.kill(child.pid, signal.SIGTERM)
+            try:
+                out, err = child.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                out, err = child.communicate()
+                self.fail("trial %d: the main thread hung in the storm\n%s" % (trial, err[-2000:]))
+            self.assertEqual(child.returncode, 0, "trial %d: %s%s" % (trial, out, err[-2000:]))
+            self.assertIn("stopped by %d" % signal.SIGTERM, out)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     answers = []
 
@@ -202,7 +251,7 @@ def _rank(rank, port, told, results, checkpoint=False):
             if checkpoint:  # this rank's daemon asks for a checkpoint
                 write_advice(d, dict(ADVICE, checkpoint_now=True, request=1))
             else:
-                p._signalled.set()  # as the signal handler does
+                p._signalled = True  # as the signal handler does
         out.append(p.should_checkpoint() if checkpoint else p.should_stop())
     results.put((rank, out))
     dist.destroy_process_group()
