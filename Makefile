@@ -11,7 +11,7 @@ BIN         := bin/preemptd
 LOCAL       := $(CURDIR)/.preemptd
 TOOLS        = $(shell scripts/tools.sh)
 
-.PHONY: all build run demo test test-short lint tools fuzz bench chaos package clean
+.PHONY: all build run demo test test-short lint tools fuzz bench chaos package wheel clean
 
 all: build
 
@@ -45,6 +45,10 @@ test: tools lint
 
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...
+
+## wheel: the Python helper's wheel in dist/python, built offline (flit_core cached by tools)
+wheel: tools
+	scripts/wheel.sh $(CURDIR)/dist/python
 
 ## package: .deb and .rpm in $(DIST) (nfpm, pinned; default dist/, the tests use a temp dir)
 DIST        ?= dist

@@ -20,6 +20,7 @@ AWSCLI_VERSION=2.9.19-1
 TORCH_VERSION=1.13.1+dfsg-4 # Debian's python3-torch (CPU), for the real torchrun trials
 SLURM_VERSION=22.05.8-4+deb12u3 # Debian's slurmctld, slurmd and slurm-client, for the Slurm e2e test
 MUNGE_VERSION=0.5.15-2+deb12u1  # Slurm's authentication daemon
+FLIT_CORE_VERSION=3.10.1  # the Python helper's wheel build backend (PyPI), for offline builds
 
 cache="${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}"
 set_=${1:-test}
@@ -86,6 +87,19 @@ if ! dpkg-query -W -f='${Version}' python3-torch 2>/dev/null | grep -qx "$TORCH_
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "python3-torch=$TORCH_VERSION"; } >&2
   else
     echo "tools: python3-torch $TORCH_VERSION not installed and not root: the torchrun tests will skip" >&2
+  fi
+fi
+# flit_core from PyPI, pinned: the wheel of clients/python builds offline
+# from this folder (scripts/wheel.sh).
+flit_dir="$cache/flit_core-$FLIT_CORE_VERSION"
+if ! ls "$flit_dir"/flit_core-"$FLIT_CORE_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "tools: downloading flit_core $FLIT_CORE_VERSION from PyPI (once; cached in $flit_dir)" >&2
+  rm -rf "$flit_dir.tmp" && mkdir -p "$flit_dir.tmp"
+  if python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$flit_dir.tmp" "flit_core==$FLIT_CORE_VERSION" >&2; then
+    rm -rf "$flit_dir" && mv "$flit_dir.tmp" "$flit_dir"
+  else
+    echo "tools: flit_core $FLIT_CORE_VERSION could not be downloaded (python3 -m pip, PyPI): the wheel test will skip (fail under CI)" >&2
+    rm -rf "$flit_dir.tmp"
   fi
 fi
 # Slurm (one-node cluster started by the tests) and munge, from Debian, pinned.

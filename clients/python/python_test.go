@@ -1,5 +1,6 @@
-// Package python holds preemptd's trainer-side helper (preemptd.py, one
-// stdlib module); this test runs its unittest suite with the interpreter
+// Package python holds preemptd's trainer-side helper (the preemptd
+// package, standard library only, typed, built as a wheel by
+// scripts/wheel.sh); this test runs its unittest suite with the interpreter
 // that has Debian's python3-torch, so that `make test` covers it; restore()
 // and latest() run the preemptd binary built here.
 package python

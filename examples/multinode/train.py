@@ -18,8 +18,9 @@ then finds every file in place and fetches nothing.)
 
 A notice on one node reaches every node's preemptd within a second (through
 the store; within milliseconds with job.listen), and each sends SIGTERM to
-its own ranks. preemptd.py (clients/python in preemptd's repository: copy it
-beside this file, or pip install that folder) turns "this rank was told" into
+its own ranks. The preemptd package (clients/python in preemptd's repository:
+pip install the wheel `make wheel` builds, or copy the folder beside this
+file) turns "this rank was told" into
 "the job stops now", agreed by every rank: a DCP save is collective, and a
 rank that stopped alone would leave the others hanging in it.
 

@@ -6,7 +6,7 @@ The state is a replicated MLP (DDP; DCP has the coordinator write it) and a
 table sharded across the ranks (a ShardedTensor: each rank writes its own
 rows, to its own node's folder), so that every node holds a part of each
 checkpoint and rank 0's node the .metadata. The loop asks preemptd's helper
-(clients/python/preemptd.py) every step whether to stop: the ranks agree
+(clients/python) every step whether to stop: the ranks agree
 (all_reduce MAX), all save the same step, and exit 0.
 
   torchrun --nnodes 2 --node_rank R --nproc_per_node 1 --master_addr ... \\

@@ -1,4 +1,4 @@
-"""preemptd's trainer-side helper: one file, Python's standard library only.
+"""preemptd's trainer-side helper: one package, Python's standard library only, typed.
 
 preemptd signals the training process (SIGTERM by default) and writes
 <run_dir>/notice.json when a machine is about to go. In a distributed job
@@ -50,8 +50,9 @@ checkpoint and one rank per node fetches it, so every rank loads the same:
     if path:
         load_checkpoint(path)
 
-Copy this file next to your script, or `pip install` the folder holding it
-(clients/python in preemptd's repository). It reads:
+Install it from the wheel (`make wheel` in preemptd's repository builds
+dist/python/preemptd-<version>-py3-none-any.whl, which `pip install` takes
+offline), or copy this package folder next to your script. It reads:
 
   PREEMPTD_RUN_DIR  where notice.json and preemptd.sock are (default
                     /run/preemptd; preemptd's run_dir)
@@ -60,6 +61,8 @@ Copy this file next to your script, or `pip install` the folder holding it
   PREEMPTD_CONFIG   its configuration (read by preemptd itself)
 """
 
+from __future__ import annotations
+
 import http.client
 import json
 import os
@@ -67,6 +70,13 @@ import signal
 import socket
 import subprocess
 import time
+from types import FrameType
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+Notice = Dict[str, Any]
+"""A notice: notice.json as a dict (provider, kind, id, class, deadline, …)."""
+Advice = Dict[str, Any]
+"""Checkpoint advice: advice.json as a dict (checkpoint_every_s, checkpoint_now, request, …)."""
 
 __all__ = ["Preemption", "read_notice", "read_advice", "wait_notice", "wait_advice", "seconds_left", "run_dir",
            "latest", "restore", "RestoreError"]
@@ -76,39 +86,41 @@ ADVICE_FILE = "advice.json"
 SOCKET_FILE = "preemptd.sock"
 
 
-def run_dir(path=None):
+def run_dir(path: Optional[str] = None) -> str:
     """preemptd's run_dir: path, else $PREEMPTD_RUN_DIR, else /run/preemptd."""
     return path or os.environ.get("PREEMPTD_RUN_DIR") or "/run/preemptd"
 
 
-def read_notice(path=None):
+def read_notice(path: Optional[str] = None) -> Optional[Notice]:
     """The current notice (notice.json as a dict), or None when there is none.
 
     The file is replaced atomically by preemptd, so a read never sees half of
     one; a file that is not JSON counts as no notice.
     """
-    try:
-        with open(os.path.join(run_dir(path), NOTICE_FILE), "rb") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
+    return _read_json(os.path.join(run_dir(path), NOTICE_FILE))
 
 
-def read_advice(path=None):
+def read_advice(path: Optional[str] = None) -> Optional[Advice]:
     """preemptd's checkpoint advice (advice.json as a dict: checkpoint_every_s,
     checkpoint_now, request, reason, inputs), or None when there is none."""
+    return _read_json(os.path.join(run_dir(path), ADVICE_FILE))
+
+
+def _read_json(p: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in file p, or None (missing, unreadable, not an object)."""
     try:
-        with open(os.path.join(run_dir(path), ADVICE_FILE), "rb") as f:
-            return json.loads(f.read())
+        with open(p, "rb") as f:
+            doc = json.loads(f.read())
     except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
-def _fatal(notice):
-    return bool(notice) and notice.get("class") == "fatal" and not notice.get("withdrawn")
+def _fatal(notice: Optional[Notice]) -> bool:
+    return notice is not None and notice.get("class") == "fatal" and not notice.get("withdrawn")
 
 
-def seconds_left(notice, now=None):
+def seconds_left(notice: Optional[Notice], now: Optional[float] = None) -> Optional[float]:
     """Seconds from now to the notice's deadline (never negative); None
     without a deadline."""
     if not notice or not notice.get("deadline"):
@@ -117,7 +129,7 @@ def seconds_left(notice, now=None):
     return max(0.0, deadline - (time.time() if now is None else now))
 
 
-def _parse_time(s):
+def _parse_time(s: str) -> float:
     # RFC 3339 with nanoseconds (Go's format): keep microseconds for fromisoformat.
     from datetime import datetime
 
@@ -131,11 +143,11 @@ def _parse_time(s):
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
+    def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
-    def connect(self):
+    def connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
@@ -146,15 +158,18 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def wait_advice(timeout=30.0, path=None):
+def wait_advice(timeout: float = 30.0, path: Optional[str] = None) -> Advice:
     """Long-poll preemptd's socket until it asks for a checkpoint
     (checkpoint_now) or timeout seconds pass; the advice (a dict) either way.
     Raises OSError when no daemon answers (or advice is off)."""
     body = _get(path, "/v1/advice?wait=%ds" % max(0, int(timeout)), timeout)
-    return json.loads(body)
+    if body is None:
+        raise OSError("preemptd answered with no advice")
+    result: Advice = json.loads(body)
+    return result
 
 
-def _get(path, url, timeout):
+def _get(path: Optional[str], url: str, timeout: float) -> Optional[bytes]:
     conn = _UnixHTTPConnection(os.path.join(run_dir(path), SOCKET_FILE), timeout=timeout + 10)
     try:
         conn.request("GET", url)
@@ -163,13 +178,13 @@ def _get(path, url, timeout):
         if resp.status == 204:
             return None
         if resp.status != 200:
-            raise OSError("preemptd answered %d: %s" % (resp.status, body[:200]))
-        return body
+            raise OSError("preemptd answered %d: %s" % (resp.status, body[:200].decode(errors="replace")))
+        return bytes(body)
     finally:
         conn.close()
 
 
-def wait_notice(timeout=30.0, path=None):
+def wait_notice(timeout: float = 30.0, path: Optional[str] = None) -> Optional[Notice]:
     """Long-poll preemptd's socket for a notice: the notice (a dict) as soon
     as there is one, or None after timeout seconds. Raises OSError when no
     daemon answers."""
@@ -191,8 +206,8 @@ class Preemption:
     advice (no daemon, advice off); None: no checkpoint asked for then.
     """
 
-    def __init__(self, path=None, signals=(signal.SIGTERM,), install=True, group=None,
-                 checkpoint_signals=(), fallback_every=None):
+    def __init__(self, path: Optional[str] = None, signals: Iterable[int] = (signal.SIGTERM,), install: bool = True,
+                 group: Any = None, checkpoint_signals: Iterable[int] = (), fallback_every: Optional[float] = None) -> None:
         self._dir = run_dir(path)
         # Set by the signal handlers, which do nothing else: a handler runs
         # in the main thread between any two bytecodes, even inside another
@@ -201,28 +216,28 @@ class Preemption:
         self._signalled = False
         self._ckpt_signalled = False
         self._group = group
-        self._mtime = None
-        self._notice = None
-        self._advice_mtime = None
-        self._advice = None
-        self._acted = None  # the advice request last acted on
+        self._mtime: Optional[int] = None
+        self._notice: Optional[Notice] = None
+        self._advice_mtime: Optional[int] = None
+        self._advice: Optional[Advice] = None
+        self._acted: Any = None  # the advice request last acted on
         self._fallback = fallback_every
         self._last_ckpt = time.monotonic()
-        self.signal_received = None
+        self.signal_received: Optional[int] = None
         if install:
             for s in signals:
                 signal.signal(s, self._on_signal)
             for s in checkpoint_signals:
                 signal.signal(s, self._on_checkpoint_signal)
 
-    def _on_signal(self, signum, frame):
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self.signal_received = signum
         self._signalled = True
 
-    def _on_checkpoint_signal(self, signum, frame):
+    def _on_checkpoint_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._ckpt_signalled = True
 
-    def advice(self):
+    def advice(self) -> Optional[Advice]:
         """preemptd's advice, re-read only when advice.json changed."""
         p = os.path.join(self._dir, ADVICE_FILE)
         try:
@@ -234,7 +249,7 @@ class Preemption:
             self._advice_mtime, self._advice = mtime, read_advice(self._dir)
         return self._advice
 
-    def checkpoint_requested(self):
+    def checkpoint_requested(self) -> bool:
         """This process alone: a checkpoint was asked for (checkpoint_now on a
         request not acted on yet, or the checkpoint signal, or fallback_every
         seconds without advice)."""
@@ -245,7 +260,7 @@ class Preemption:
             return self._fallback is not None and time.monotonic() - self._last_ckpt >= self._fallback
         return bool(a.get("checkpoint_now")) and a.get("request") != self._acted
 
-    def should_checkpoint(self):
+    def should_checkpoint(self) -> bool:
         """checkpoint_requested(), agreed by every rank (a collective when
         torch.distributed is initialised): True on every rank at the same step,
         once per request. Save a checkpoint when it is; preemptd sees it
@@ -259,12 +274,12 @@ class Preemption:
             self._last_ckpt = time.monotonic()
         return agreed
 
-    def checkpoint_every(self):
+    def checkpoint_every(self) -> Optional[float]:
         """The advised interval in seconds, or None without advice."""
         a = self.advice()
         return a.get("checkpoint_every_s") if a else None
 
-    def notice(self):
+    def notice(self) -> Optional[Notice]:
         """The notice preemptd published, re-read only when the file changed."""
         p = os.path.join(self._dir, NOTICE_FILE)
         try:
@@ -276,15 +291,15 @@ class Preemption:
             self._mtime, self._notice = mtime, read_notice(self._dir)
         return self._notice
 
-    def requested(self):
+    def requested(self) -> bool:
         """This process alone: signalled, or a fatal notice published."""
         return self._signalled or _fatal(self.notice())
 
-    def seconds_left(self):
+    def seconds_left(self) -> Optional[float]:
         """Seconds to the notice's deadline, or None."""
         return seconds_left(self.notice())
 
-    def should_stop(self):
+    def should_stop(self) -> bool:
         """requested(), agreed by every rank (a collective when
         torch.distributed is initialised): True on every rank at the same
         step as soon as any rank was told."""
@@ -292,7 +307,7 @@ class Preemption:
         return _agree(mine, self._group)
 
 
-def _agree(flag, group=None):
+def _agree(flag: bool, group: Any = None) -> bool:
     """MAX of flag over the ranks of group, when there is a process group."""
     try:
         import torch
@@ -315,7 +330,7 @@ class RestoreError(RuntimeError):
     checkpoint failed verification, a file did not match its SHA-256."""
 
 
-def _preemptd(args, config=None, run=None):
+def _preemptd(args: Sequence[str], config: Optional[str] = None, run: Optional[str] = None) -> "subprocess.CompletedProcess[str]":
     cmd = [os.environ.get("PREEMPTD_BIN", "preemptd")] + list(args)
     if config:
         cmd += ["--config", config]
@@ -328,7 +343,7 @@ def _preemptd(args, config=None, run=None):
     return p
 
 
-def latest(config=None, run=None):
+def latest(config: Optional[str] = None, run: Optional[str] = None) -> Optional[str]:
     """The name of the run's latest committed checkpoint, or None when it
     has none yet (`preemptd ls --json`)."""
     p = _preemptd(["ls", "--json"], config, run)
@@ -341,10 +356,12 @@ def latest(config=None, run=None):
         if out.get("hidden"):
             raise RestoreError("the run's checkpoints fail verification: %s" % out["hidden"])
         return None
-    return out.get("latest") or out["checkpoints"][-1]["name"]
+    name: str = out.get("latest") or out["checkpoints"][-1]["name"]
+    return name
 
 
-def _restore_here(to, name, part, wait, config, run):
+def _restore_here(to: Optional[str], name: Optional[str], part: Optional[str], wait: Optional[float],
+                  config: Optional[str], run: Optional[str]) -> Dict[str, Any]:
     args = ["restore", "--json", "--none-ok"]
     if to:
         args += ["--to", to]
@@ -356,7 +373,7 @@ def _restore_here(to, name, part, wait, config, run):
         args += ["--wait", "%ds" % int(wait)]
     p = _preemptd(args, config, run)
     try:
-        out = json.loads(p.stdout)
+        out: Dict[str, Any] = json.loads(p.stdout)
     except ValueError:
         out = {}
     if p.returncode != 0:
@@ -364,7 +381,8 @@ def _restore_here(to, name, part, wait, config, run):
     return out
 
 
-def restore(to=None, name=None, part=None, wait=None, config=None, run=None, group=None):
+def restore(to: Optional[str] = None, name: Optional[str] = None, part: Optional[str] = None, wait: Optional[float] = None,
+            config: Optional[str] = None, run: Optional[str] = None, group: Any = None) -> Optional[str]:
     """Fetch the run's latest checkpoint (or name) into to (default:
     preemptd's checkpoint.dir) and return its folder, or None when the run
     has nothing committed yet (a fresh start). Files already there with the
@@ -387,7 +405,7 @@ def restore(to=None, name=None, part=None, wait=None, config=None, run=None, gro
     if not distributed:
         return _restore_here(to, name, part, wait, config, run).get("path") or None
     rank = dist.get_rank(group)
-    chosen = [None, None]  # name, error
+    chosen: List[Optional[str]] = [None, None]  # name, error
     if rank == 0:
         try:
             chosen[0] = name or latest(config, run)
@@ -399,18 +417,19 @@ def restore(to=None, name=None, part=None, wait=None, config=None, run=None, gro
     if chosen[0] is None:
         return None  # a fresh start, on every rank
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    mine = [None, None]  # path, error
+    mine: List[Optional[str]] = [None, None]  # path, error
     if local == 0:
         try:
             mine[0] = _restore_here(to, chosen[0], part, wait, config, run).get("path")
         except RestoreError as e:
             mine[1] = str(e)
-    every = [None] * dist.get_world_size(group)
+    every: List[List[Optional[str]]] = [[None, None] for _ in range(dist.get_world_size(group))]
     dist.all_gather_object(every, mine, group=group)
     errors = [e for _, e in every if e]
     if errors:
         raise RestoreError(errors[0])
     # torchrun numbers a node's ranks contiguously: its LOCAL_RANK 0 is
     # rank - LOCAL_RANK.
-    return every[rank - local][0]
+    path: Optional[str] = every[int(rank) - local][0]
+    return path
 
