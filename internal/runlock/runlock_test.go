@@ -1,13 +1,13 @@
 package runlock
 
 import (
+	"bufio"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -37,39 +37,51 @@ func TestSecondAcquireNamesTheHolder(t *testing.T) {
 	l2.Release()
 }
 
-// TestHolderKilledFreesTheLock: a holder that dies without releasing (flock
-// by a real child process, SIGKILLed) leaves no stale lock.
+// TestHolderKilledFreesTheLock: a holder that dies without releasing (a
+// real process, this test binary run as a holder, SIGKILLed) leaves no
+// stale lock, and while it lives the refusal names its PID.
 func TestHolderKilledFreesTheLock(t *testing.T) {
-	flock, err := exec.LookPath("flock")
-	if err != nil {
-		t.Skip("flock(1) not installed")
-	}
 	dir := t.TempDir()
-	p := filepath.Join(dir, Name)
-	cmd := exec.Command(flock, "-x", p, "sleep", "60")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // sleep inherits the descriptor: kill both
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "RUNLOCK_HOLD="+dir)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		l, err := Acquire(dir)
-		var held *HeldError
-		if errors.As(err, &held) {
-			break
-		}
-		l.Release() // flock(1) has not taken it yet
-
-		if time.Now().After(deadline) {
-			t.Fatalf("the child never held the lock: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	defer cmd.Process.Kill()
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	if strings.TrimSpace(line) != "held" {
+		t.Fatalf("the holder said %q", line)
 	}
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	_, err = Acquire(dir)
+	var held *HeldError
+	if !errors.As(err, &held) || held.PID != cmd.Process.Pid {
+		t.Fatalf("while the holder lives: %v", err)
+	}
+	cmd.Process.Kill()
 	cmd.Wait()
 	l, err := Acquire(dir)
 	if err != nil {
 		t.Fatalf("after the holder was killed: %v", err)
 	}
 	l.Release()
+}
+
+// TestMain is also the holder TestHolderKilledFreesTheLock runs (this
+// binary with RUNLOCK_HOLD set): it takes the lock, says so, and waits to
+// be killed.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("RUNLOCK_HOLD"); dir != "" {
+		if _, err := Acquire(dir); err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		fmt.Println("held")
+		time.Sleep(time.Minute)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
 }
