@@ -49,7 +49,7 @@ func New(cfg Config) *Provider {
 		ep = DefaultEndpoint
 	}
 	p := &Provider{ep: ep, hc: direct.Client(5 * time.Second)}
-	p.Watcher = &termtime.Watcher{Provider: "tencent", Path: ep + "/latest/meta-data/" + PathTermination,
+	p.Watcher = &termtime.Watcher{Path: ep + "/latest/meta-data/" + PathTermination,
 		Get:   func(ctx context.Context) ([]byte, error) { return p.get(ctx, PathTermination) },
 		Parse: ParseTerminationTime, Poll: cfg.PollInterval, Log: cfg.Logger.With("provider", "tencent"), OnError: cfg.OnError, Now: cfg.Now}
 	return p

@@ -26,8 +26,7 @@ var ErrNotFound = errors.New("not found")
 
 // Watcher polls one termination-time document.
 type Watcher struct {
-	Provider string // "alibaba", "tencent"
-	Path     string // the document, for the log
+	Path string // the document, for the log
 	// Get reads the document; ErrNotFound when there is none.
 	Get func(ctx context.Context) ([]byte, error)
 	// Parse turns the document into a notice (its ID and deadline).
