@@ -106,7 +106,7 @@ fi
 if ! dpkg-query -W -f='${Version}' slurmd 2>/dev/null | grep -qx "$SLURM_VERSION" ||
   ! dpkg-query -W -f='${Version}' munge 2>/dev/null | grep -qx "$MUNGE_VERSION"; then
   if [ "$(id -u)" = 0 ]; then
-    echo "tools: installing Slurm $SLURM_VERSION and munge $MUNGE_VERSION from Debian (once; under a minute)" >&2
+    echo "tools: installing Slurm $SLURM_VERSION and munge $MUNGE_VERSION from Debian (once)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       "slurmctld=$SLURM_VERSION" "slurmd=$SLURM_VERSION" "slurm-client=$SLURM_VERSION" "munge=$MUNGE_VERSION"; } >&2
   else
