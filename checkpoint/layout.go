@@ -84,9 +84,11 @@ func (c Checkpoint) Signature() string {
 }
 
 var (
-	digits       = regexp.MustCompile(`[0-9]+`)
-	orbaxStep    = regexp.MustCompile(`^[0-9]+$`)
-	orbaxTmp     = regexp.MustCompile(`\.orbax-checkpoint-tmp-`)
+	digits    = regexp.MustCompile(`[0-9]+`)
+	orbaxStep = regexp.MustCompile(`^[0-9]+$`)
+	// orbaxTmp is Orbax's temporary folder: "<step>.orbax-checkpoint-tmp"
+	// (0.12) or "<step>.orbax-checkpoint-tmp-<timestamp>" (earlier).
+	orbaxTmp     = regexp.MustCompile(`\.orbax-checkpoint-tmp(-|$)`)
 	hfCheckpoint = regexp.MustCompile(`^checkpoint-[0-9]+$`)
 )
 
@@ -107,7 +109,7 @@ func stepOf(name string) int64 {
 // temporary names writers use.
 func hidden(name string) bool {
 	return strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".tmp") || strings.HasSuffix(name, ".partial") ||
-		strings.Contains(name, ".orbax-checkpoint-tmp-")
+		orbaxTmp.MatchString(name)
 }
 
 // tree lists the regular files under root/rel, relative to root.

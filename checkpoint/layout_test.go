@@ -62,6 +62,10 @@ func TestScanLayouts(t *testing.T) {
 		{"orbax renamed and tmp", map[string]string{
 			"100/state/x": "a", "100/_CHECKPOINT_METADATA": "{}",
 			"200.orbax-checkpoint-tmp-1700000000/state/x": "b"}, LayoutOrbax, []string{"100"}, "100/_CHECKPOINT_METADATA"},
+		// Orbax 0.12 names its temporary folder without a timestamp.
+		{"orbax tmp without a suffix", map[string]string{
+			"100/default/x": "a", "100/_CHECKPOINT_METADATA": "{}",
+			"200.orbax-checkpoint-tmp/default/x": "b"}, LayoutOrbax, []string{"100"}, "100/_CHECKPOINT_METADATA"},
 		{"deepspeed latest names the tag", map[string]string{
 			"global_step10/mp_rank_00_model_states.pt": "a", "global_step20/mp_rank_00_model_states.pt": "b",
 			"latest": "global_step10\n"}, LayoutDeepSpeed, []string{"global_step10"}, "latest"},
@@ -104,6 +108,34 @@ func TestScanLayouts(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestOrbaxFirstSaveInProgress: Orbax's first save, still in its temporary
+// folder (0.12 names it "<step>.orbax-checkpoint-tmp", earlier versions add
+// "-<timestamp>"), is no checkpoint of any layout, however long it takes.
+func TestOrbaxFirstSaveInProgress(t *testing.T) {
+	for _, tmp := range []string{"10.orbax-checkpoint-tmp", "10.orbax-checkpoint-tmp-1700000000"} {
+		root := t.TempDir()
+		files(t, root, map[string]string{tmp + "/default/x": "b"})
+		if got := Detect(root, mustReadDir(t, root)); got != LayoutOrbax {
+			t.Errorf("%s: detected %s, want orbax", tmp, got)
+		}
+		for _, layout := range []string{LayoutAuto, LayoutOrbax, LayoutFiles} {
+			cks, err := Scan(root, layout, time.Second, time.Now().Add(time.Hour))
+			if err != nil || len(cks) != 0 {
+				t.Errorf("%s, layout %s: complete = %v (%v), want none", tmp, layout, names(cks), err)
+			}
+		}
+	}
+}
+
+func mustReadDir(t *testing.T, dir string) []os.DirEntry {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ents
 }
 
 // TestQuietPeriod: a layout without a marker waits for the quiet period.

@@ -69,6 +69,7 @@ func TestSaveKey(t *testing.T) {
 	for in, want := range map[string]string{
 		"step-2/__0_0.distcp":                       "step-2",
 		"100.orbax-checkpoint-tmp-1712/state/array": "100",
+		"100.orbax-checkpoint-tmp/default/array":    "100",
 		"tmp-checkpoint-500/model.safetensors":      "checkpoint-500",
 		"epoch=1-step=20.ckpt.tmp":                  "epoch=1-step=20.ckpt",
 		"global_step10/mp_rank_00_model_states.pt":  "global_step10",

@@ -612,11 +612,11 @@ func (s *Syncer) needsQuiet() bool {
 
 // saveKey is the top-level entry of the folder a path below it belongs to,
 // with the temporary names writers use before a rename taken off (Orbax's
-// "100.orbax-checkpoint-tmp-…", Hugging Face's "tmp-checkpoint-100",
+// "100.orbax-checkpoint-tmp" or "100.orbax-checkpoint-tmp-…", Hugging Face's "tmp-checkpoint-100",
 // ".tmp" and ".partial"), so that the rename keeps the save's start.
 func saveKey(rel string) string {
 	first, _, _ := strings.Cut(filepath.ToSlash(rel), "/")
-	if i := strings.Index(first, ".orbax-checkpoint-tmp-"); i >= 0 {
+	if i := strings.Index(first, ".orbax-checkpoint-tmp"); i >= 0 {
 		first = first[:i]
 	}
 	first = strings.TrimPrefix(first, "tmp-")
