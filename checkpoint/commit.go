@@ -233,6 +233,15 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		}
 	}
 	data = append(data, copies...)
+	// Every file is opened now, as the scan saw it, and read through these
+	// descriptors: a framework that removes the checkpoint meanwhile (HF's
+	// save_total_limit, Lightning's save_top_k, Orbax's max_to_keep while
+	// newer saves are written) takes its names away, not the bytes.
+	pinned, err := pin(ck)
+	if err != nil {
+		return Result{}, err
+	}
+	defer closeAll(pinned)
 	var sent int64
 	var sentMu sync.Mutex
 	put := func(ctx context.Context, i int) error {
@@ -253,11 +262,14 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 				return nil
 			}
 		}
-		file, err := openScanned(ck, ck.Files[i])
-		if err != nil {
-			return err
+		file := pinned[i]
+		if file == nil {
+			var err error
+			if file, err = openScanned(ck, ck.Files[i]); err != nil {
+				return err
+			}
+			defer file.Close()
 		}
-		defer file.Close()
 		if f.SHA256 == "" && ck.Files[i].Ino != 0 { // hashed ahead: not read twice
 			if sum, ok := c.sums.peek(versionOf(ck.Files[i])); ok {
 				f.SHA256 = sum
@@ -304,7 +316,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		}
 		m.Pairs = pair
 	}
-	if err := unchanged(ck); err != nil {
+	if err := unchanged(ck, pinned); err != nil {
 		return Result{}, err
 	}
 	m.SentBytes = sent
@@ -430,14 +442,50 @@ func eachOf(ctx context.Context, n int, idx []int, f func(context.Context, int) 
 
 // unchanged re-reads the files' sizes and times: a checkpoint rewritten
 // while it was uploading is not committed.
-func unchanged(ck Checkpoint) error {
-	for _, f := range ck.Files {
-		st, err := os.Stat(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+func unchanged(ck Checkpoint, pinned []*os.File) error {
+	for i, f := range ck.Files {
+		var st os.FileInfo
+		var err error
+		if i < len(pinned) && pinned[i] != nil {
+			st, err = pinned[i].Stat() // the file read, even if its name is gone
+		} else {
+			st, err = os.Stat(filepath.Join(ck.Root, filepath.FromSlash(f.Path)))
+		}
 		if err != nil || st.Size() != f.Size || !st.ModTime().Equal(f.ModTime) {
 			return fmt.Errorf("checkpoint %s: %s: %w", ck.Name, f.Path, ErrChanged)
 		}
 	}
 	return nil
+}
+
+// maxPinned bounds the files a commit holds open at once; a checkpoint of
+// more files opens the rest one at a time as they upload, by name.
+const maxPinned = 4096
+
+// pin opens every file of ck (the first maxPinned), each checked to be the
+// file the scan saw; nil entries are opened later by name.
+func pin(ck Checkpoint) ([]*os.File, error) {
+	pinned := make([]*os.File, len(ck.Files))
+	for i, f := range ck.Files {
+		if i >= maxPinned {
+			break
+		}
+		file, err := openScanned(ck, f)
+		if err != nil {
+			closeAll(pinned)
+			return nil, err
+		}
+		pinned[i] = file
+	}
+	return pinned, nil
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		if f != nil {
+			f.Close()
+		}
+	}
 }
 
 // reuse is what the newest committed checkpoint of the run holds.

@@ -7,9 +7,11 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -193,6 +195,48 @@ func TestChangedDuringUploadNotCommitted(t *testing.T) {
 		}
 		if _, latest, _ := c.List(ctx); latest != "step-1" {
 			t.Fatalf("latest = %q, want step-1", latest)
+		}
+	})
+}
+
+// rotator removes the checkpoint's folder as its first file starts to
+// upload: a framework rotating old checkpoints away (HF's
+// save_total_limit, Lightning's save_top_k) while preemptd syncs them.
+type rotator struct {
+	storage.Store
+	dir  string
+	once *sync.Once
+}
+
+func (r rotator) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
+	r.once.Do(func() { os.RemoveAll(r.dir) })
+	return r.Store.PutFile(ctx, key, f, size)
+}
+
+// TestRotatedAwayDuringUploadCommitted: a complete checkpoint removed by
+// its framework while it uploads is still committed whole — its files were
+// opened before the first byte went — and restores to the bytes it had.
+func TestRotatedAwayDuringUploadCommitted(t *testing.T) {
+	stores(t, func(t *testing.T, st storage.Store) {
+		ctx := t.Context()
+		root := t.TempDir()
+		dcp(t, root, "step-1", map[string]int{"__0_0.distcp": 300 << 10, "__1_0.distcp": 200 << 10})
+		want := sumTree(t, filepath.Join(root, "step-1"))
+		ck := scanOne(t, root, "step-1")
+		c := &Committer{Store: rotator{Store: st, dir: filepath.Join(root, "step-1"), once: &sync.Once{}}, Run: "r"}
+		if _, err := c.Commit(ctx, ck); err != nil {
+			t.Fatalf("Commit of a checkpoint rotated away mid-upload: %v", err)
+		}
+		if _, err := os.Stat(filepath.Join(root, "step-1")); !os.IsNotExist(err) {
+			t.Fatalf("the folder was not removed during the upload: %v", err)
+		}
+		dst := t.TempDir()
+		_, p, err := c.Restore(ctx, dst, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := sumTree(t, p); !maps.Equal(got, want) {
+			t.Fatalf("restored %v, want %v", got, want)
 		}
 	})
 }
