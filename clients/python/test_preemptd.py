@@ -239,14 +239,16 @@ class SocketTest(unittest.TestCase):
             srv.server_close()
 
 
-def _rank(rank, port, told, results, checkpoint=False):
+def _rank(rank, port, told, results, checkpoint=False, lagged=False):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank, world_size=2)
     d = tempfile.mkdtemp()
     p = preemptd.Preemption(d, install=False)
+    if lagged:  # as on a GPU: the answer of the call before, read without a wait
+        p._agreement = preemptd._Agreement(lagged=True)
     out = []
-    for step in range(5):
+    for step in range(6):
         if step == 2 and rank in told:
             if checkpoint:  # this rank's daemon asks for a checkpoint
                 write_advice(d, dict(ADVICE, checkpoint_now=True, request=1))
@@ -276,13 +278,13 @@ class AgreementTest(unittest.TestCase):
                 raise
             self.skipTest("torch not installed")
 
-    def run_ranks(self, told, checkpoint=False):
+    def run_ranks(self, told, checkpoint=False, lagged=False):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, port, told, q, checkpoint)) for r in range(2)]
+        procs = [ctx.Process(target=_rank, args=(r, port, told, q, checkpoint, lagged)) for r in range(2)]
         for p in procs:
             p.start()
         got = dict(q.get(timeout=120) for _ in procs)
@@ -293,18 +295,145 @@ class AgreementTest(unittest.TestCase):
 
     def test_one_rank_told_all_stop_at_the_same_step(self):
         got = self.run_ranks(told={1})
-        self.assertEqual(got[0], [False, False, True, True, True])
+        self.assertEqual(got[0], [False, False, True, True, True, True])
         self.assertEqual(got[1], got[0])
 
     def test_checkpoint_asked_on_one_node_all_save_once(self):
         got = self.run_ranks(told={1}, checkpoint=True)
-        self.assertEqual(got[0], [False, False, True, False, False])
+        self.assertEqual(got[0], [False, False, True, False, False, False])
         self.assertEqual(got[1], got[0])
 
     def test_nobody_told_nobody_stops(self):
         got = self.run_ranks(told=set())
-        self.assertEqual(got[0], [False] * 5)
-        self.assertEqual(got[1], [False] * 5)
+        self.assertEqual(got[0], [False] * 6)
+        self.assertEqual(got[1], [False] * 6)
+
+    def test_lagged_all_stop_one_step_later(self):
+        got = self.run_ranks(told={1}, lagged=True)
+        self.assertEqual(got[0], [False, False, False, True, True, True])
+        self.assertEqual(got[1], got[0])
+
+    def test_lagged_checkpoint_once(self):
+        # The answer after the checkpoint still carries its request: it is
+        # not taken for a second one.
+        got = self.run_ranks(told={0}, checkpoint=True, lagged=True)
+        self.assertEqual(got[0], [False, False, False, True, False, False])
+        self.assertEqual(got[1], got[0])
+
+    def test_agreement_device(self):
+        import torch
+
+        self.assertEqual(preemptd._Agreement(device="cpu").device(), torch.device("cpu"))
+        # the rank's own device, as given (Lightning's pl_module.device)
+        self.assertEqual(preemptd._Agreement(device=torch.device("cuda", 3)).device(), torch.device("cuda", 3))
+
+
+def _have(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@unittest.skipUnless(_have("lightning"), "Lightning not installed")
+class LightningCallbackTest(unittest.TestCase):
+    """preemptd.lightning.Preemptd in a real Lightning Trainer (CPU)."""
+
+    def fit(self, at_step, doc, advice=False, max_steps=8):
+        import lightning as L
+        import torch
+
+        from preemptd.lightning import Preemptd
+
+        run, ckpt = tempfile.mkdtemp(), tempfile.mkdtemp()
+
+        class Model(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = torch.nn.Linear(4, 1)
+
+            def training_step(self, batch, _):
+                return self.net(batch[0]).pow(2).mean()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        class Tell(L.Callback):  # preemptd publishes at step at_step
+            def on_train_batch_start(self, trainer, *_):
+                if trainer.global_step == at_step:
+                    (write_advice if advice else write_notice)(run, doc)
+
+        cb = Preemptd(dirpath=ckpt, path=run, signals=())
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[Tell(), cb])
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+        trainer.fit(Model(), torch.utils.data.DataLoader(data, batch_size=4))
+        return trainer, cb, sorted(os.listdir(ckpt))
+
+    def test_notice_saves_and_stops(self):
+        trainer, cb, files = self.fit(3, FATAL)
+        self.assertEqual(trainer.global_step, 4, "stops after the batch the notice came in")
+        self.assertEqual(files, ["preempted-step=4.ckpt"])
+        self.assertEqual(cb.preemption.device.type, "cpu", "the agreement on the module's own device")
+        # Lightning itself loads what it wrote.
+        import torch
+
+        self.assertEqual(torch.load(cb.last_path, weights_only=False)["global_step"], 4)
+
+    def test_advice_saves_once_and_trains_on(self):
+        trainer, _, files = self.fit(3, dict(ADVICE, checkpoint_now=True, request=7), advice=True)
+        self.assertEqual(trainer.global_step, 8, "a checkpoint asked for is no stop")
+        self.assertEqual(files, ["preempted-step=4.ckpt"], "once per request")
+
+    def test_advisory_notice_is_no_stop(self):
+        trainer, _, files = self.fit(3, dict(FATAL, **{"class": "advisory"}))
+        self.assertEqual((trainer.global_step, files), (8, []))
+
+
+@unittest.skipUnless(_have("transformers"), "Transformers not installed")
+class HFCallbackTest(unittest.TestCase):
+    """preemptd.hf.PreemptdCallback in a real Hugging Face Trainer (CPU)."""
+
+    def train(self, at_step, doc, advice=False):
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+        from preemptd.hf import PreemptdCallback
+
+        run, out = tempfile.mkdtemp(), tempfile.mkdtemp()
+
+        class Tell(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == at_step:
+                    (write_advice if advice else write_notice)(run, doc)
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, i):
+                return {"input_ids": torch.tensor([i % 7 + 1] * 8), "labels": torch.tensor(i % 2)}
+
+        model = BertForSequenceClassification(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+                                                         num_attention_heads=1, intermediate_size=8, num_labels=2))
+        args = TrainingArguments(output_dir=out, max_steps=8, save_strategy="no", per_device_train_batch_size=4,
+                                 report_to=[], logging_strategy="no", disable_tqdm=True, use_cpu=True)
+        cb = PreemptdCallback(path=run, signals=())
+        trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Tell(), cb])
+        trainer.train()
+        return trainer, cb, sorted(os.listdir(out))
+
+    def test_notice_saves_and_stops(self):
+        trainer, cb, dirs = self.train(3, FATAL)
+        self.assertEqual((trainer.state.global_step, cb.stopped_at), (4, 4))
+        self.assertEqual(dirs, ["checkpoint-4"])
+        self.assertTrue(os.path.exists(os.path.join(trainer.args.output_dir, "checkpoint-4", "trainer_state.json")))
+
+    def test_advice_saves_once_and_trains_on(self):
+        trainer, _, dirs = self.train(3, dict(ADVICE, checkpoint_now=True, request=7), advice=True)
+        self.assertEqual(trainer.state.global_step, 8)
+        self.assertEqual(dirs, ["checkpoint-4"])
 
 
 def _make_store(root):

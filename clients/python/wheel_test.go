@@ -52,6 +52,8 @@ func TestWheelInstallsOffline(t *testing.T) {
 here = os.path.dirname(preemptd.__file__)
 assert here.startswith(sys.prefix), here
 assert os.path.exists(os.path.join(here, "py.typed"))
+# the trainers' modules ship too (they import their framework only when imported)
+assert all(os.path.exists(os.path.join(here, m)) for m in ("lightning.py", "hf.py"))
 d = tempfile.mkdtemp()
 open(os.path.join(d, "notice.json"), "w").write('{"class": "fatal", "kind": "preempt"}')
 assert preemptd.Preemption(d, install=False).requested()

@@ -204,11 +204,25 @@ class Preemption:
     trainer.checkpoint_signal ("checkpoint, keep training"), if set.
     fallback_every: seconds between checkpoints when preemptd publishes no
     advice (no daemon, advice off); None: no checkpoint asked for then.
+    device: where the agreement's tensor lives — this rank's own device
+    (Lightning's pl_module.device, the Trainer's args.device); by default
+    the CPU for gloo and torch.cuda.current_device() for NCCL (each rank
+    must have called torch.cuda.set_device, as NCCL itself needs).
+
+    On a GPU the agreement never waits for the step in flight: poll()
+    starts a non-blocking all_reduce and reads, one call later, the answer
+    of the call before (copied to pinned host memory behind a CUDA event),
+    so every rank still acts at the same step, one step after it was told,
+    and the host waits at most for the previous step's kernels. On the CPU
+    (gloo) the answer is immediate.
     """
 
     def __init__(self, path: Optional[str] = None, signals: Iterable[int] = (signal.SIGTERM,), install: bool = True,
-                 group: Any = None, checkpoint_signals: Iterable[int] = (), fallback_every: Optional[float] = None) -> None:
+                 group: Any = None, checkpoint_signals: Iterable[int] = (), fallback_every: Optional[float] = None,
+                 device: Any = None) -> None:
         self._dir = run_dir(path)
+        self._agreement = _Agreement(group, device)
+        self._stale = 0  # answers still to come from before the last checkpoint
         # Set by the signal handlers, which do nothing else: a handler runs
         # in the main thread between any two bytecodes, even inside another
         # handler, so one that took a lock (threading.Event.set does) hangs
@@ -236,6 +250,16 @@ class Preemption:
 
     def _on_checkpoint_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._ckpt_signalled = True
+
+    @property
+    def device(self) -> Any:
+        """The device of the agreement's tensor (None: chosen by backend);
+        set it to this rank's own device once it is known."""
+        return self._agreement._device
+
+    @device.setter
+    def device(self, device: Any) -> None:
+        self._agreement._device = device
 
     def advice(self) -> Optional[Advice]:
         """preemptd's advice, re-read only when advice.json changed."""
@@ -265,14 +289,30 @@ class Preemption:
         torch.distributed is initialised): True on every rank at the same step,
         once per request. Save a checkpoint when it is; preemptd sees it
         complete and stops asking."""
-        mine = self.checkpoint_requested()
-        agreed = _agree(mine, self._group)
-        if agreed:
-            a = self.advice()
-            self._acted = a.get("request") if a else self._acted
-            self._ckpt_signalled = False
-            self._last_ckpt = time.monotonic()
-        return agreed
+        return self.poll(stop=False)[1]
+
+    def _checkpointed(self) -> None:
+        a = self.advice()
+        self._acted = a.get("request") if a else self._acted
+        self._ckpt_signalled = False
+        self._last_ckpt = time.monotonic()
+
+    def poll(self, stop: bool = True, checkpoint: bool = True) -> Tuple[bool, bool]:
+        """(should_stop, should_checkpoint) in one collective: call it on
+        every rank at the same point of each step, and act on the answer
+        (stop wins: save, then stop)."""
+        mine = (self.requested() if stop else False, self.checkpoint_requested() if checkpoint else False)
+        agreed = self._agreement.agree(mine)
+        ckpt = agreed[1]
+        if self._stale > 0:
+            # The answer in flight was asked before the last checkpoint was
+            # acted on: it still carries that request.
+            self._stale -= 1
+            ckpt = False
+        if ckpt:
+            self._checkpointed()
+            self._stale = self._agreement.lag
+        return agreed[0], ckpt
 
     def checkpoint_every(self) -> Optional[float]:
         """The advised interval in seconds, or None without advice."""
@@ -303,26 +343,82 @@ class Preemption:
         """requested(), agreed by every rank (a collective when
         torch.distributed is initialised): True on every rank at the same
         step as soon as any rank was told."""
-        mine = self.requested()
-        return _agree(mine, self._group)
+        return self.poll(checkpoint=False)[0]
 
 
-def _agree(flag: bool, group: Any = None) -> bool:
-    """MAX of flag over the ranks of group, when there is a process group."""
-    try:
+class _Agreement:
+    """The MAX of a few flags over the ranks of a process group: immediate
+    on the CPU; on an accelerator, lagged by one call so that no call waits
+    for the work in flight (see Preemption)."""
+
+    def __init__(self, group: Any = None, device: Any = None, lagged: Optional[bool] = None) -> None:
+        self._group = group
+        self._device = device
+        self._lagged = lagged  # None: lagged on an accelerator only
+        self._pending: Any = None  # (work, host tensor, event) of the last call, on a GPU
+        self.lag = 0  # calls between a rank's flag and the answer that carries it
+
+    def _dist(self) -> Any:
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            return None
+        return dist if dist.is_available() and dist.is_initialized() else None
+
+    def device(self) -> Any:
+        """The agreement tensor's device: the one given, else by backend."""
         import torch
-        import torch.distributed as dist
-    except ImportError:
-        return bool(flag)
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    backend = dist.get_backend(group)
-    device = "cpu"
-    if backend == "nccl":
-        device = "cuda"
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+
+        if self._device is not None:
+            return torch.device(self._device)
+        dist = self._dist()
+        if dist is not None and dist.get_backend(self._group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def agree(self, flags: Sequence[bool]) -> Tuple[bool, ...]:
+        dist = self._dist()
+        if dist is None:
+            return tuple(bool(f) for f in flags)
+        import torch
+
+        device = self.device()
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+        if not (device.type != "cpu" if self._lagged is None else self._lagged):
+            self.lag = 0
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+            return tuple(bool(v) for v in t.tolist())
+        # Start this call's reduction; answer with the previous call's.
+        self.lag = 1
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        work.wait()  # orders the stream after the collective; the host does not block
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=_pinnable(device))
+        host.copy_(t, non_blocking=True)
+        event = _event(device)
+        before, self._pending = self._pending, (work, host, event)
+        if before is None:
+            return tuple(False for _ in flags)
+        _, prev_host, prev_event = before
+        if prev_event is not None:
+            prev_event.synchronize()  # the previous step's reduction: long done
+        return tuple(bool(v) for v in prev_host.tolist())
+
+
+def _pinnable(device: Any) -> bool:
+    return bool(device.type == "cuda")
+
+
+def _event(device: Any) -> Any:
+    """An event recorded on device's current stream, or None where there is none."""
+    import torch
+
+    mod = getattr(torch, device.type, None)
+    if mod is None or not hasattr(mod, "Event"):
+        return None
+    e = mod.Event()
+    e.record()
+    return e
+
 
 
 class RestoreError(RuntimeError):
