@@ -237,7 +237,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	// descriptors: a framework that removes the checkpoint meanwhile (HF's
 	// save_total_limit, Lightning's save_top_k, Orbax's max_to_keep while
 	// newer saves are written) takes its names away, not the bytes.
-	pinned, err := pin(ck)
+	pinned, pointers, err := pin(ck)
 	if err != nil {
 		return Result{}, err
 	}
@@ -247,6 +247,19 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 	put := func(ctx context.Context, i int) error {
 		f := &m.Files[i]
 		key := runKey(c.Run, ck.Name) + "/" + m.Object(*f)
+		if b := pointers[i]; b != nil {
+			// A pointer file as it named this checkpoint, whatever it
+			// names by now.
+			sum := sha256.Sum256(b)
+			f.SHA256 = hex.EncodeToString(sum[:])
+			if err := c.Store.PutBytes(ctx, key, b); err != nil {
+				return err
+			}
+			sentMu.Lock()
+			sent += f.Size
+			sentMu.Unlock()
+			return nil
+		}
 		// A file that may be reused (the latest checkpoint has one of its
 		// size) is hashed first, to decide — usually already, while the
 		// trainer wrote the rest (Prehash); any other is hashed while it
@@ -316,7 +329,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		}
 		m.Pairs = pair
 	}
-	if err := unchanged(ck, pinned); err != nil {
+	if err := unchanged(ck, pinned, pointers); err != nil {
 		return Result{}, err
 	}
 	m.SentBytes = sent
@@ -442,8 +455,11 @@ func eachOf(ctx context.Context, n int, idx []int, f func(context.Context, int) 
 
 // unchanged re-reads the files' sizes and times: a checkpoint rewritten
 // while it was uploading is not committed.
-func unchanged(ck Checkpoint, pinned []*os.File) error {
+func unchanged(ck Checkpoint, pinned []*os.File, pointers [][]byte) error {
 	for i, f := range ck.Files {
+		if i < len(pointers) && pointers[i] != nil {
+			continue // sent as it was read, consistent with the scan
+		}
 		var st os.FileInfo
 		var err error
 		if i < len(pinned) && pinned[i] != nil {
@@ -462,10 +478,19 @@ func unchanged(ck Checkpoint, pinned []*os.File) error {
 // more files opens the rest one at a time as they upload, by name.
 const maxPinned = 4096
 
+// maxPointer bounds a pointer file read whole (DeepSpeed's latest names a
+// tag; readMarker takes no more than 4 KiB either).
+const maxPointer = 64 << 10
+
 // pin opens every file of ck (the first maxPinned), each checked to be the
-// file the scan saw; nil entries are opened later by name.
-func pin(ck Checkpoint) ([]*os.File, error) {
+// file the scan saw; nil entries are opened later by name. A pointer file
+// (a marker beside the checkpoint's folder: DeepSpeed's latest, Megatron's
+// latest_checkpointed_iteration.txt) is read whole instead, as the scan saw
+// it: the framework rewrites it in place at its next save, to name that
+// one, often before this checkpoint has finished uploading.
+func pin(ck Checkpoint) ([]*os.File, [][]byte, error) {
 	pinned := make([]*os.File, len(ck.Files))
+	pointers := make([][]byte, len(ck.Files))
 	for i, f := range ck.Files {
 		if i >= maxPinned {
 			break
@@ -473,11 +498,40 @@ func pin(ck Checkpoint) ([]*os.File, error) {
 		file, err := openScanned(ck, f)
 		if err != nil {
 			closeAll(pinned)
-			return nil, err
+			return nil, nil, err
+		}
+		if pointer(ck, f.Path) && f.Size <= maxPointer {
+			b, err := readWhole(ck, f, file)
+			file.Close()
+			if err != nil {
+				closeAll(pinned)
+				return nil, nil, err
+			}
+			pointers[i] = b
+			continue
 		}
 		pinned[i] = file
 	}
-	return pinned, nil
+	return pinned, pointers, nil
+}
+
+// pointer says whether path is a marker outside the checkpoint's own
+// folder (or file).
+func pointer(ck Checkpoint, path string) bool {
+	return slices.Contains(ck.Markers, path) && path != ck.Name && !strings.HasPrefix(path, ck.Name+"/")
+}
+
+// readWhole reads file (f as scanned) and checks it did not change meanwhile.
+func readWhole(ck Checkpoint, f File, file *os.File) ([]byte, error) {
+	b, err := io.ReadAll(io.NewSectionReader(file, 0, f.Size+1))
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint %s: %w", ck.Name, err)
+	}
+	st, err := file.Stat()
+	if err != nil || int64(len(b)) != f.Size || st.Size() != f.Size || !st.ModTime().Equal(f.ModTime) {
+		return nil, fmt.Errorf("checkpoint %s: %s: %w", ck.Name, f.Path, ErrChanged)
+	}
+	return b, nil
 }
 
 func closeAll(files []*os.File) {

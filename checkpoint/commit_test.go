@@ -241,6 +241,54 @@ func TestRotatedAwayDuringUploadCommitted(t *testing.T) {
 	})
 }
 
+// saveAgain is DeepSpeed saving its next tag while the previous one
+// uploads: as the first file starts, it writes global_step20 and rewrites
+// latest in place to name it.
+type saveAgain struct {
+	storage.Store
+	root string
+	once *sync.Once
+}
+
+func (s saveAgain) PutFile(ctx context.Context, key string, f *os.File, size int64) error {
+	s.once.Do(func() {
+		os.MkdirAll(filepath.Join(s.root, "global_step20"), 0o755)
+		os.WriteFile(filepath.Join(s.root, "global_step20", "mp_rank_00_model_states.pt"), []byte("newer"), 0o644)
+		time.Sleep(10 * time.Millisecond)
+		os.WriteFile(filepath.Join(s.root, "latest"), []byte("global_step20"), 0o644) // same inode, new bytes
+	})
+	return s.Store.PutFile(ctx, key, f, size)
+}
+
+// TestPointerRewrittenDuringUploadCommitted: DeepSpeed's latest, rewritten
+// to name the next tag while the previous tag uploads, does not stop that
+// tag's commit: latest is sent as it named it, and restores so.
+func TestPointerRewrittenDuringUploadCommitted(t *testing.T) {
+	stores(t, func(t *testing.T, st storage.Store) {
+		ctx := t.Context()
+		root := t.TempDir()
+		randomFile(t, filepath.Join(root, "global_step10", "mp_rank_00_model_states.pt"), 300<<10)
+		if err := os.WriteFile(filepath.Join(root, "latest"), []byte("global_step10"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		ck := findScanned(t, Scan, LayoutDeepSpeed, root, "global_step10")
+		c := &Committer{Store: saveAgain{Store: st, root: root, once: &sync.Once{}}, Run: "r"}
+		if _, err := c.Commit(ctx, ck); err != nil {
+			t.Fatalf("Commit while latest moved on: %v", err)
+		}
+		if b, _ := os.ReadFile(filepath.Join(root, "latest")); string(b) != "global_step20" {
+			t.Fatalf("latest was not rewritten during the upload: %q", b)
+		}
+		dst := t.TempDir()
+		if _, _, err := c.Restore(ctx, dst, ""); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(filepath.Join(dst, "latest")); err != nil || string(b) != "global_step10" {
+			t.Fatalf("restored latest = %q (%v), want global_step10", b, err)
+		}
+	})
+}
+
 // TestRestoreRefusesEscapeAndCorruption: a manifest naming a path outside
 // the target, and an object whose bytes do not match, are both refused.
 func TestRestoreRefusesEscapeAndCorruption(t *testing.T) {
