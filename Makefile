@@ -11,7 +11,7 @@ BIN         := bin/preemptd
 LOCAL       := $(CURDIR)/.preemptd
 TOOLS        = $(shell scripts/tools.sh)
 
-.PHONY: all build run demo test test-short lint tools fuzz bench chaos package wheel clean
+.PHONY: all build run demo test test-short lint tools fuzz bench chaos package wheel frameworks-table clean
 
 all: build
 
@@ -45,6 +45,11 @@ test: tools lint
 
 test-short: tools
 	PREEMPTD_TOOLS=$(TOOLS) $(GO) test -short -count=1 ./...
+
+## frameworks-table: the framework trials (TestFrameworks, which make test
+## runs too), their table of what was shown written into README.md
+frameworks-table: tools
+	PREEMPTD_TOOLS=$(TOOLS) PREEMPTD_FRAMEWORK_TABLE=$(CURDIR)/README.md $(GO) test -count=1 -timeout 40m -run 'TestFrameworks$$' -v ./test/e2e
 
 ## wheel: the Python helper's wheel in dist/python, built offline (flit_core cached by tools)
 wheel: tools

@@ -3,7 +3,7 @@
 # through the Go module proxy, into a cache outside the clone (reused by
 # every clone and by CI):
 #   ${PREEMPTD_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/preemptd/tools}/<tool>-<version>/<tool>
-# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, fake-gcs-server, versitygw, Azurite, python3-torch, Slurm and munge); prints the cache path.
+# Usage: scripts/tools.sh [test|bench]   (default test: AEMM, MinIO, nfpm, toxiproxy, helm, fake-gcs-server, versitygw, Azurite, python3-torch, Slurm and munge, the Python frameworks' venv); prints the cache path.
 set -euo pipefail
 
 AEMM_VERSION=v1.13.0
@@ -100,6 +100,35 @@ if ! ls "$flit_dir"/flit_core-"$FLIT_CORE_VERSION"-*.whl >/dev/null 2>&1; then
   else
     echo "tools: flit_core $FLIT_CORE_VERSION could not be downloaded (python3 -m pip, PyPI): the wheel test will skip (fail under CI)" >&2
     rm -rf "$flit_dir.tmp"
+  fi
+fi
+# The Python frameworks (torch 2.x, Lightning, Transformers, Accelerate, JAX
+# and Orbax, DeepSpeed) from PyPI, every package pinned by
+# test/frameworks/requirements*.txt, in a venv named by those files' hash:
+# installed once (about 5 GB; the seconds it took are in install-seconds),
+# then reused by every clone. PREEMPTD_FRAMEWORKS=0 skips it (the framework
+# tests then skip, and fail under CI).
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${PREEMPTD_FRAMEWORKS:-1}" != 0 ] && [ -f "$root/test/frameworks/requirements.txt" ]; then
+  fw_key=$(cat "$root/test/frameworks/requirements.txt" "$root/test/frameworks/requirements-build.txt" | sha256sum | cut -c1-12)
+  fw_dir="$cache/frameworks-$fw_key"
+  if [ ! -f "$fw_dir/installed" ]; then
+    echo "tools: installing the Python frameworks into $fw_dir from PyPI (once; about 5 GB)" >&2
+    fw_start=$(date +%s)
+    # A venv's scripts name its folder, so it is built in place; only a
+    # finished install gets the "installed" mark (a broken one is redone).
+    rm -rf "$fw_dir"
+    if python3 -m venv "$fw_dir" >&2 &&
+      "$fw_dir/bin/python" -m pip install --quiet --progress-bar off --no-deps -r "$root/test/frameworks/requirements.txt" >&2 &&
+      DS_BUILD_OPS=0 "$fw_dir/bin/python" -m pip install --quiet --progress-bar off --no-deps --no-build-isolation \
+        -r "$root/test/frameworks/requirements-build.txt" >&2; then
+      echo $(($(date +%s) - fw_start)) > "$fw_dir/install-seconds"
+      touch "$fw_dir/installed"
+      echo "tools: the Python frameworks took $(cat "$fw_dir/install-seconds") s to install" >&2
+    else
+      echo "tools: the Python frameworks could not be installed (PyPI): the framework tests will skip (fail under CI)" >&2
+      rm -rf "$fw_dir"
+    fi
   fi
 fi
 # Slurm (one-node cluster started by the tests) and munge, from Debian, pinned.

@@ -1,43 +1,45 @@
-"""Hugging Face Trainer, preemptd-aware: SIGTERM makes the callback ask the
-Trainer to save and stop at the end of the step. The Trainer writes
-checkpoint-N/ (no marker file), so preemptd waits for a quiet period before it
-counts it complete (layout: hf in preemptd.yaml beside this file)."""
+"""The Hugging Face Trainer with preemptd: checkpoint-N/ every SAVE_EVERY
+steps (save_total_limit keeps the newest 2 here; preemptd syncs each as it
+completes, even one the Trainer removes while it uploads), and the
+preemptd.hf.PreemptdCallback saves and stops on preemptd's signal
+(SIGTERM) or notice, every rank at the same step. On a new machine
+preemptd.restore() brings the run's latest checkpoint-N/ back and train()
+resumes from it.
+
+  pip install preemptd-*.whl     # `make wheel` in preemptd's repository
+  python train.py                # or torchrun/accelerate launch; preemptd runs beside it
+
+The model is a small BERT built from its config (nothing downloaded): put
+yours in its place. It runs on the CPU as it is.
+"""
 import os
-import signal
 
 import torch
-from transformers import (AutoModelForSequenceClassification, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-OUT = os.environ.get("CKPT_DIR", "/data/ckpt")
-requested = False
+import preemptd
+from preemptd.hf import PreemptdCallback
 
-
-def on_term(*_):
-    global requested
-    requested = True
-
-
-signal.signal(signal.SIGTERM, on_term)
-
-
-class SaveOnSignal(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if requested:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
+CKPT_DIR = os.environ.get("CKPT_DIR", "/data/ckpt")
+SAVE_EVERY = int(os.environ.get("SAVE_EVERY", "500"))
+STEPS = int(os.environ.get("STEPS", "-1"))  # -1: until preempted
 
 
 class Random(torch.utils.data.Dataset):
     def __len__(self):
-        return 100000
+        return 1 << 20
 
     def __getitem__(self, i):
-        return {"input_ids": torch.randint(0, 1000, (32,)), "labels": torch.tensor(i % 2)}
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 1000, (32,), generator=g), "labels": torch.tensor(i % 2)}
 
 
-model = AutoModelForSequenceClassification.from_pretrained("prajjwal1/bert-tiny", num_labels=2)
-args = TrainingArguments(output_dir=OUT, save_steps=500, save_total_limit=3, report_to=[])
-resume = any(d.startswith("checkpoint-") for d in os.listdir(OUT)) if os.path.isdir(OUT) else False
-Trainer(model=model, args=args, train_dataset=Random(), callbacks=[SaveOnSignal()]).train(resume_from_checkpoint=resume or None)
+model = BertForSequenceClassification(BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=128, num_labels=2))
+args = TrainingArguments(output_dir=CKPT_DIR, save_steps=SAVE_EVERY, save_total_limit=2, max_steps=STEPS,
+                         report_to=[], logging_strategy="no", disable_tqdm=True)
+resume = preemptd.restore()  # the latest committed checkpoint-N/, or None on the first start
+print("resuming from", resume, flush=True)
+trainer = Trainer(model=model, args=args, train_dataset=Random(), callbacks=[PreemptdCallback()])
+trainer.train(resume_from_checkpoint=resume)
+print("stopped at step", trainer.state.global_step, flush=True)

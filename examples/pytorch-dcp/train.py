@@ -1,66 +1,80 @@
-"""PyTorch + torch.distributed.checkpoint under torchrun, preemptd-aware.
+"""torchrun + torch.distributed.checkpoint (torch 2.x) with preemptd: a DCP
+checkpoint every SAVE_EVERY steps (dcp.async_save: the save goes on while
+training does), and on preemptd's signal (SIGTERM, sent to the ranks
+themselves) or notice every rank stops on the same step and saves once
+more. On a new machine preemptd.restore() brings the run's latest
+checkpoint back (rank 0 chooses, one rank per node fetches) and every rank
+loads it.
 
-Run:  torchrun --nproc-per-node=8 train.py
-preemptd (preemptd.yaml beside this file) sends SIGTERM to the workers
-themselves (trainer.gpu_processes), not only to torchrun, so every rank stops
-on the same step and saves at once; DCP writes .metadata last, which is
-preemptd's sign that the checkpoint is complete. On a new machine,
-`preemptd restore` brings the latest committed checkpoint back first.
+  pip install preemptd-*.whl     # `make wheel` in preemptd's repository
+  torchrun --nproc-per-node=8 train.py
+
+NCCL on GPUs, gloo on the CPU (it runs on a laptop as it is). DCP writes
+.metadata last: preemptd's sign that the checkpoint is complete.
 """
-import json
 import os
-import signal
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import preemptd
 
 CKPT_DIR = os.environ.get("CKPT_DIR", "/data/ckpt")
-NOTICE = os.environ.get("PREEMPTD_NOTICE_FILE", "/run/preemptd/notice.json")
-stop = torch.zeros(1)
+SAVE_EVERY = int(os.environ.get("SAVE_EVERY", "1000"))
+STEPS = int(os.environ.get("STEPS", "1000000000"))
 
-
-def on_term(signum, frame):
-    stop.fill_(1)  # checked at the next step boundary
-
-
-signal.signal(signal.SIGTERM, on_term)
-dist.init_process_group("nccl")
+stop = preemptd.Preemption()  # SIGTERM, and <run_dir>/notice.json ($PREEMPTD_RUN_DIR)
+backend = "nccl" if torch.cuda.is_available() else "gloo"
+dist.init_process_group(backend)
 rank = dist.get_rank()
-torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4096, 4096).cuda())
+device = torch.device("cpu")
+if backend == "nccl":
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1024, 1024).to(device))
 opt = torch.optim.AdamW(model.parameters())
+# async_save's collectives run in a background thread: a gloo group of their own.
+save_group = dist.new_group(backend="gloo")
+
+
+def state(step):
+    m, o = get_state_dict(model, opt)
+    return {"model": m, "optim": o, "step": torch.tensor(step)}
+
 
 step = 0
-latest = sorted((d for d in os.listdir(CKPT_DIR) if d.startswith("step-")), key=lambda d: int(d[5:])) if os.path.isdir(CKPT_DIR) else []
-if latest:
-    state = {"model": model.state_dict(), "opt": opt.state_dict()}
-    dcp.load(state, checkpoint_id=os.path.join(CKPT_DIR, latest[-1]))
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    step = int(latest[-1][5:])
+resume = preemptd.restore()  # every rank: the same folder, or None on the first start
+if resume:
+    sd = state(0)
+    dcp.load(sd, checkpoint_id=resume)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    step = int(sd["step"])
+if rank == 0:
+    print("resuming from", resume, flush=True)
 
-
-def save(step):
-    dcp.save({"model": model.state_dict(), "opt": opt.state_dict()},
-             checkpoint_id=os.path.join(CKPT_DIR, f"step-{step}"))
-
-
-while True:
-    x = torch.randn(64, 4096, device="cuda")
-    loss = model(x).pow(2).mean()
+pending = None  # the async save in flight
+while step < STEPS:
+    loss = model(torch.randn(64, 1024, device=device)).pow(2).mean()
     opt.zero_grad()
     loss.backward()
     opt.step()
     step += 1
-    # Every rank must agree to stop on the same step.
-    flag = stop.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() > 0:
-        if rank == 0 and os.path.exists(NOTICE):
-            print("preempted:", json.load(open(NOTICE))["seconds_left"], "s left", flush=True)
-        save(step)
+    if stop.should_stop():  # agreed by every rank
+        if pending:
+            pending.result()
+        if rank == 0:
+            print("preempted,", stop.seconds_left(), "s left; saving step", step, flush=True)
+        dcp.save(state(step), checkpoint_id=os.path.join(CKPT_DIR, f"step-{step}"))
         break
-    if step % 1000 == 0:
-        save(step)
+    if step % SAVE_EVERY == 0:
+        if pending:
+            pending.result()  # one save at a time
+        pending = dcp.async_save(state(step), checkpoint_id=os.path.join(CKPT_DIR, f"step-{step}"),
+                                 process_group=save_group)
+if pending:
+    pending.result()
+if rank == 0:
+    print("stopped at step", step, flush=True)
 dist.destroy_process_group()

@@ -48,6 +48,12 @@ func TestMain(m *testing.M) {
 	}
 	aemmBin = findAEMM()
 	code := m.Run()
+	if f := os.Getenv("PREEMPTD_FRAMEWORK_TABLE"); f != "" && len(fwResults) > 0 {
+		if err := writeFrameworkTable(f); err != nil {
+			fmt.Fprintln(os.Stderr, "frameworks table:", err)
+			code = 1
+		}
+	}
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

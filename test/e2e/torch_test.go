@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,10 +34,19 @@ func torchrun(t *testing.T, env ...string) (*exec.Cmd, *bytes.Buffer, chan struc
 // (logged as label when the test fails).
 func startTorchrun(t *testing.T, label string, args, env []string) (*exec.Cmd, *bytes.Buffer, chan struct{}) {
 	t.Helper()
-	cmd := exec.Command(peers.Python, append([]string{"-m", "torch.distributed.run"}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
 	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd, done := startGroup(t, label, &out, out.String, peers.Python, append([]string{"-m", "torch.distributed.run"}, args...), env)
+	return cmd, &out, done
+}
+
+// startGroup starts name args… with env added, in a process group of its
+// own that is killed whole at the test's end, its output into out; when the
+// test fails, text() is logged as label.
+func startGroup(t *testing.T, label string, out io.Writer, text func() string, name string, args, env []string) (*exec.Cmd, chan struct{}) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -47,10 +57,10 @@ func startTorchrun(t *testing.T, label string, args, env []string) (*exec.Cmd, *
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-done
 		if t.Failed() {
-			t.Logf("%s output:\n%s", label, out.String())
+			t.Logf("%s output:\n%s", label, text())
 		}
 	})
-	return cmd, &out, done
+	return cmd, done
 }
 
 // inProgress is a step folder whose save has begun and not ended (no

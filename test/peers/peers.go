@@ -6,6 +6,8 @@ package peers
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -287,4 +289,53 @@ func RequireTorch(t testing.TB) {
 		t.Fatalf("%s cannot import torch; `make tools` (as root) installs Debian's python3-torch", Python)
 	}
 	t.Skipf("%s cannot import torch; run `make tools` as root", Python)
+}
+
+// Frameworks is the python of the frameworks' venv scripts/tools.sh
+// installs (torch 2.x, Lightning, Transformers, Accelerate, JAX and Orbax,
+// DeepSpeed; pinned by test/frameworks/requirements*.txt, in a folder
+// named by their hash); the test is skipped without it (fails under CI).
+func Frameworks(t testing.TB) string {
+	t.Helper()
+	root, err := filepath.Abs(filepath.Join(moduleRoot(), "test", "frameworks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	for _, f := range []string{"requirements.txt", "requirements-build.txt"} {
+		b, err := os.ReadFile(filepath.Join(root, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.Write(b)
+	}
+	cache := os.Getenv("PREEMPTD_TOOLS")
+	if cache == "" {
+		base, _ := os.UserCacheDir()
+		cache = filepath.Join(base, "preemptd", "tools")
+	}
+	dir := filepath.Join(cache, "frameworks-"+hex.EncodeToString(h.Sum(nil))[:12])
+	if _, err := os.Stat(filepath.Join(dir, "installed")); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("the frameworks' venv %s is not installed: scripts/tools.sh installs it", dir)
+		}
+		t.Skipf("the frameworks' venv %s is not installed: run scripts/tools.sh", dir)
+	}
+	return filepath.Join(dir, "bin", "python")
+}
+
+// moduleRoot is the repository's root: the folder of go.mod above this
+// test's working directory.
+func moduleRoot() string {
+	d, _ := os.Getwd()
+	for {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d
+		}
+		up := filepath.Dir(d)
+		if up == d {
+			return "."
+		}
+		d = up
+	}
 }
