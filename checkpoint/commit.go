@@ -297,7 +297,7 @@ func (c *Committer) Commit(ctx context.Context, ck Checkpoint) (Result, error) {
 		if err := c.track(key, 1); err != nil {
 			return err
 		}
-		err = c.Store.PutFile(ctx, key, file, f.Size)
+		err := c.Store.PutFile(ctx, key, file, f.Size)
 		if err == nil {
 			c.track(key, -1) // a failed upload stays listed for Cleanup
 		}
