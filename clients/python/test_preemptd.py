@@ -250,11 +250,14 @@ def _rank(rank, port, told, results, checkpoint=False, lagged=False):
     out = []
     for step in range(6):
         if step == 2 and rank in told:
-            if checkpoint:  # this rank's daemon asks for a checkpoint
+            if checkpoint is True:  # this rank's daemon asks for a checkpoint
                 write_advice(d, dict(ADVICE, checkpoint_now=True, request=1))
             else:
                 p._signalled = True  # as the signal handler does
-        out.append(p.should_checkpoint() if checkpoint else p.should_stop())
+        if checkpoint == "both":  # both methods every step, as the docstring's loop does
+            out.append((p.should_stop(), p.should_checkpoint()))
+        else:
+            out.append(p.should_checkpoint() if checkpoint else p.should_stop())
     results.put((rank, out))
     dist.destroy_process_group()
 
@@ -318,6 +321,14 @@ class AgreementTest(unittest.TestCase):
         # not taken for a second one.
         got = self.run_ranks(told={0}, checkpoint=True, lagged=True)
         self.assertEqual(got[0], [False, False, False, True, False, False])
+        self.assertEqual(got[1], got[0])
+
+    def test_lagged_both_methods_each_step(self):
+        # On a GPU each call answers with the call before, here the other
+        # method's: the stop still reaches every rank at the same step.
+        got = self.run_ranks(told={1}, checkpoint="both", lagged=True)
+        stops = [s for s, _ in got[0]]
+        self.assertEqual(stops, [False, False, False, True, True, True])
         self.assertEqual(got[1], got[0])
 
     def test_agreement_device(self):

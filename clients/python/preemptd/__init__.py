@@ -230,10 +230,7 @@ class Preemption:
         self._signalled = False
         self._ckpt_signalled = False
         self._group = group
-        self._mtime: Optional[int] = None
-        self._notice: Optional[Notice] = None
-        self._advice_mtime: Optional[int] = None
-        self._advice: Optional[Advice] = None
+        self._files: Dict[str, Tuple[Optional[int], Optional[Dict[str, Any]]]] = {}  # name → (mtime, doc)
         self._acted: Any = None  # the advice request last acted on
         self._fallback = fallback_every
         self._last_ckpt = time.monotonic()
@@ -261,17 +258,22 @@ class Preemption:
     def device(self, device: Any) -> None:
         self._agreement._device = device
 
+    def _cached(self, name: str) -> Optional[Dict[str, Any]]:
+        """The JSON object in run_dir/name, re-read only when the file changed."""
+        try:
+            mtime = os.stat(os.path.join(self._dir, name)).st_mtime_ns
+        except OSError:
+            self._files[name] = (None, None)
+            return None
+        seen, doc = self._files.get(name, (None, None))
+        if mtime != seen:
+            doc = _read_json(os.path.join(self._dir, name))
+            self._files[name] = (mtime, doc)
+        return doc
+
     def advice(self) -> Optional[Advice]:
         """preemptd's advice, re-read only when advice.json changed."""
-        p = os.path.join(self._dir, ADVICE_FILE)
-        try:
-            mtime = os.stat(p).st_mtime_ns
-        except OSError:
-            self._advice_mtime, self._advice = None, None
-            return None
-        if mtime != self._advice_mtime:
-            self._advice_mtime, self._advice = mtime, read_advice(self._dir)
-        return self._advice
+        return self._cached(ADVICE_FILE)
 
     def checkpoint_requested(self) -> bool:
         """This process alone: a checkpoint was asked for (checkpoint_now on a
@@ -301,9 +303,11 @@ class Preemption:
         """(should_stop, should_checkpoint) in one collective: call it on
         every rank at the same point of each step, and act on the answer
         (stop wins: save, then stop)."""
-        mine = (self.requested() if stop else False, self.checkpoint_requested() if checkpoint else False)
-        agreed = self._agreement.agree(mine)
-        ckpt = agreed[1]
+        # Both flags go into every call, whichever the caller acts on: on a
+        # GPU each call answers with the call before, which may have been the
+        # other method's (should_stop, then should_checkpoint, each step).
+        agreed = self._agreement.agree((self.requested(), self.checkpoint_requested()))
+        ckpt = agreed[1] and checkpoint
         if self._stale > 0:
             # The answer in flight was asked before the last checkpoint was
             # acted on: it still carries that request.
@@ -312,7 +316,7 @@ class Preemption:
         if ckpt:
             self._checkpointed()
             self._stale = self._agreement.lag
-        return agreed[0], ckpt
+        return agreed[0] and stop, ckpt
 
     def checkpoint_every(self) -> Optional[float]:
         """The advised interval in seconds, or None without advice."""
@@ -321,15 +325,7 @@ class Preemption:
 
     def notice(self) -> Optional[Notice]:
         """The notice preemptd published, re-read only when the file changed."""
-        p = os.path.join(self._dir, NOTICE_FILE)
-        try:
-            mtime = os.stat(p).st_mtime_ns
-        except OSError:
-            self._mtime, self._notice = None, None
-            return None
-        if mtime != self._mtime:
-            self._mtime, self._notice = mtime, read_notice(self._dir)
-        return self._notice
+        return self._cached(NOTICE_FILE)
 
     def requested(self) -> bool:
         """This process alone: signalled, or a fatal notice published."""
@@ -392,7 +388,7 @@ class _Agreement:
         self.lag = 1
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         work.wait()  # orders the stream after the collective; the host does not block
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=_pinnable(device))
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda")
         host.copy_(t, non_blocking=True)
         event = _event(device)
         before, self._pending = self._pending, (work, host, event)
@@ -402,10 +398,6 @@ class _Agreement:
         if prev_event is not None:
             prev_event.synchronize()  # the previous step's reduction: long done
         return tuple(bool(v) for v in prev_host.tolist())
-
-
-def _pinnable(device: Any) -> bool:
-    return bool(device.type == "cuda")
 
 
 def _event(device: Any) -> Any:
