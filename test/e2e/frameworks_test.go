@@ -268,7 +268,7 @@ func runFramework(t *testing.T, python string, fw framework, res *fwResult) {
 			if slices.Contains(lines(fwSaved, s), saving) || (fw.incomplete != nil && !fw.incomplete(ckpt, saving)) {
 				return false
 			}
-			return !fw.rotates || len(fwRotated(ckpt, fw, lines(fwSaved, s))) > 0
+			return !fw.rotates || len(fwRotated(ckpt, lines(fwSaved, s))) > 0
 		})
 		st, noticed := d.drill(agent.SimulateRequest{Kind: "terminate", In: "20s"})
 		rr.MidSave = saving
@@ -283,7 +283,7 @@ func runFramework(t *testing.T, python string, fw framework, res *fwResult) {
 		}
 		rr.Final = m[1]
 		sum := m[2]
-		rr.Rotated = fwRotated(ckpt, fw, lines(fwSaved, out.String()))
+		rr.Rotated = fwRotated(ckpt, lines(fwSaved, out.String()))
 		if fw.rotates && len(rr.Rotated) == 0 {
 			t.Fatalf("round %d: the framework removed no checkpoint while it trained", round)
 		}
@@ -352,7 +352,7 @@ func runFramework(t *testing.T, python string, fw framework, res *fwResult) {
 }
 
 // fwRotated are the saved checkpoints the framework has removed since.
-func fwRotated(dir string, fw framework, saved []string) []string {
+func fwRotated(dir string, saved []string) []string {
 	var gone []string
 	for _, n := range saved {
 		if missing(filepath.Join(dir, n)) {
