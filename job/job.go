@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
@@ -59,7 +60,11 @@ type Member struct {
 	Push        string    `json:"push,omitempty"`
 	Version     string    `json:"version,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
+	// RefreshedAt is when the registration was last rewritten, as the
+	// store's listing says.
 	RefreshedAt time.Time `json:"refreshed_at"`
+
+	listed storage.Object // the object it was read from
 }
 
 // Published is a fatal notice of one node as the job's other nodes see it.
@@ -108,12 +113,15 @@ type Job struct {
 	seenMu      sync.Mutex
 	seen        map[string]time.Time
 
-	mu        sync.Mutex
-	started   time.Time
-	members   []Member
-	membersAt time.Time
-	mine      map[string]mine // this node's published notices, by agent key
-	wg        sync.WaitGroup
+	mu            sync.Mutex
+	started       time.Time
+	members       []Member
+	membersAt     time.Time
+	registrations Registrations   // read once each (see ReadMembersCached)
+	listed        int             // registration objects in the last listing
+	cleared       bool            // this node's earlier lives' registrations removed
+	mine          map[string]mine // this node's published notices, by agent key
+	wg            sync.WaitGroup
 }
 
 // New returns the job of cfg over store.
@@ -138,9 +146,13 @@ func nonce() string {
 	return hex.EncodeToString(b)
 }
 
-func (j *Job) prefix() string               { return j.cfg.Run + "/_job/" }
-func (j *Job) memberKey(node string) string { return j.prefix() + "nodes/" + node + ".json" }
-func (j *Job) noticeKey(id string) string   { return j.prefix() + "notices/" + id + ".json" }
+func (j *Job) prefix() string             { return j.cfg.Run + "/_job/" }
+func (j *Job) nodeKey(node string) string { return j.prefix() + "nodes/" + node }
+
+// memberKey is this life's registration: one object per node and
+// incarnation, its body the same at every refresh.
+func (j *Job) memberKey() string          { return j.nodeKey(j.cfg.Node) + "/" + j.incarnation + ".json" }
+func (j *Job) noticeKey(id string) string { return j.prefix() + "notices/" + id + ".json" }
 
 // tombstoneKey marks publication id withdrawn: a listing that holds it
 // ignores the notice, even when the notice's create lands after the
@@ -160,10 +172,40 @@ func (j *Job) Register(ctx context.Context) error {
 		Push: j.cfg.Advertise, Version: j.cfg.Version, StartedAt: j.started, RefreshedAt: j.now().UTC()}
 	j.mu.Unlock()
 	b, _ := json.Marshal(m)
-	if err := j.store.PutBytes(ctx, j.memberKey(j.cfg.Node), b); err != nil {
+	if err := j.store.PutBytes(ctx, j.memberKey(), b); err != nil {
 		return fmt.Errorf("job: register %s: %w", j.cfg.Node, err)
 	}
+	j.clearEarlier(ctx)
 	return nil
+}
+
+// clearEarlier removes, once, the registrations of this node's earlier
+// lives (and of the one-object form older releases wrote): a restarted
+// node's listing stays one object.
+func (j *Job) clearEarlier(ctx context.Context) {
+	j.mu.Lock()
+	done := j.cleared
+	j.mu.Unlock()
+	if done {
+		return
+	}
+	objs, err := j.store.List(ctx, j.nodeKey(j.cfg.Node))
+	if err != nil {
+		return
+	}
+	for _, o := range objs {
+		if o.Key != j.memberKey() {
+			if err := j.store.Delete(ctx, o.Key); err != nil && !errors.Is(err, storage.ErrNotFound) {
+				return
+			}
+		}
+	}
+	if err := j.store.Delete(ctx, j.nodeKey(j.cfg.Node)+".json"); err != nil && !errors.Is(err, storage.ErrNotFound) {
+		return
+	}
+	j.mu.Lock()
+	j.cleared = true
+	j.mu.Unlock()
 }
 
 // Run keeps this node registered and the member list fresh, and serves
@@ -175,8 +217,12 @@ func (j *Job) Run(ctx context.Context) error {
 		go func() { errc <- j.serve(ctx) }()
 	}
 	// Until every node has registered, the members are read every few
-	// seconds (the nodes of a job start in any order); then every refresh.
+	// seconds (the nodes of a job start in any order); then at most one
+	// listing page (1,000 registrations) per refresh: a job of more
+	// nodes reads its list every few refreshes.
 	next := time.Duration(0)
+	var sinceRead time.Duration
+	complete := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -189,54 +235,101 @@ func (j *Job) Run(ctx context.Context) error {
 		if err := j.Register(ctx); err != nil && ctx.Err() == nil {
 			j.log.Warn("job registration not refreshed; retrying", "err", err)
 		}
-		ms, err := j.refreshMembers(ctx)
-		if err != nil && ctx.Err() == nil {
-			j.log.Warn("job members not read; retrying", "err", err)
+		sinceRead += next
+		j.mu.Lock()
+		pages := max(1, (j.listed+999)/1000)
+		j.mu.Unlock()
+		if !complete || sinceRead >= time.Duration(pages)*j.cfg.Refresh {
+			ms, err := j.refreshMembers(ctx)
+			if err != nil && ctx.Err() == nil {
+				j.log.Warn("job members not read; retrying", "err", err)
+			}
+			sinceRead = 0
+			complete = err == nil && j.liveCount(ms) >= j.cfg.Nodes
 		}
 		next = j.cfg.Refresh
-		if live := j.liveCount(ms); live < j.cfg.Nodes {
+		if !complete {
 			next = min(j.cfg.Refresh, 5*time.Second)
 		}
 	}
 }
 
-// ReadMembers lists the registrations of run's nodes in st.
+// ReadMembers lists the registrations of run's nodes in st: one listing,
+// and a GET of each registration (ReadMembersCached reads each once).
 func ReadMembers(ctx context.Context, st storage.Store, run string) ([]Member, error) {
+	ms, _, err := ReadMembersCached(ctx, st, run, nil)
+	return ms, err
+}
+
+// Registrations are the registration objects already read, by key: a
+// registration's object (<node>/<incarnation>.json) is written once per life
+// of a daemon with the same body, and refreshed by rewriting it, so a
+// listing's time says when it was last refreshed and its body need not be
+// read again.
+type Registrations map[string]Member
+
+// ReadMembersCached is ReadMembers reading only registrations not in
+// cache (and registrations of the older one-object-per-node form whose
+// object changed): one listing a call in steady state, a page per 1,000
+// registrations. It returns the members (each node's newest registration,
+// RefreshedAt the listing's time) and the cache for the next call.
+func ReadMembersCached(ctx context.Context, st storage.Store, run string, cache Registrations) ([]Member, Registrations, error) {
 	prefix := run + "/_job/nodes/"
 	objs, err := st.List(ctx, strings.TrimSuffix(prefix, "/"))
 	if err != nil {
-		return nil, err
+		return nil, cache, err
 	}
-	var out []Member
+	next := Registrations{}
+	newest := map[string]Member{}
 	for _, o := range objs {
-		name, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
-		if !ok || strings.Contains(name, "/") {
+		rest, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
+		if !ok {
 			continue
 		}
-		var buf bytes.Buffer
-		if err := st.Get(ctx, o.Key, &buf); err != nil {
-			if errors.Is(err, storage.ErrNotFound) {
+		node, inc, perLife := strings.Cut(rest, "/")
+		if strings.Contains(inc, "/") {
+			continue
+		}
+		m, cached := cache[o.Key]
+		if cached && !perLife && !m.listed.Same(o) {
+			cached = false // the older form: its body changes at every refresh
+		}
+		if !cached {
+			var buf bytes.Buffer
+			if err := st.Get(ctx, o.Key, &buf); err != nil {
+				if errors.Is(err, storage.ErrNotFound) {
+					continue
+				}
+				return nil, cache, err
+			}
+			m = Member{}
+			if json.Unmarshal(buf.Bytes(), &m) != nil || m.Node != node || (perLife && m.Incarnation != inc) {
 				continue
 			}
-			return nil, err
+			m.listed = o
 		}
-		var m Member
-		if json.Unmarshal(buf.Bytes(), &m) != nil || m.Node != name {
-			continue
+		next[o.Key] = m
+		if perLife && !o.ModTime.IsZero() {
+			m.RefreshedAt = o.ModTime.UTC()
 		}
-		out = append(out, m)
+		if have, ok := newest[node]; !ok || m.RefreshedAt.After(have.RefreshedAt) {
+			newest[node] = m
+		}
 	}
-	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.Node, b.Node) })
-	return out, nil
+	out := slices.SortedFunc(maps.Values(newest), func(a, b Member) int { return strings.Compare(a.Node, b.Node) })
+	return out, next, nil
 }
 
 func (j *Job) refreshMembers(ctx context.Context) ([]Member, error) {
-	ms, err := ReadMembers(ctx, j.store, j.cfg.Run)
+	j.mu.Lock()
+	cache := j.registrations
+	j.mu.Unlock()
+	ms, cache, err := ReadMembersCached(ctx, j.store, j.cfg.Run, cache)
 	if err != nil {
 		return nil, err
 	}
 	j.mu.Lock()
-	j.members, j.membersAt = ms, j.now()
+	j.members, j.membersAt, j.registrations, j.listed = ms, j.now(), cache, len(cache)
 	j.mu.Unlock()
 	return ms, nil
 }
@@ -258,9 +351,11 @@ func (j *Job) live(m Member) bool { return j.now().Sub(m.RefreshedAt) <= j.ttl()
 // when the list is more than a few seconds old.
 func (j *Job) Members(ctx context.Context) (map[string]bool, error) {
 	j.mu.Lock()
-	ms, at := j.members, j.membersAt
+	ms, at, pages := j.members, j.membersAt, max(1, (j.listed+999)/1000)
 	j.mu.Unlock()
-	if j.now().Sub(at) > 5*time.Second {
+	// Read again when a few seconds old: a listing (a page per 1,000
+	// nodes, each every 5 s at most) and no GET of a registration already read.
+	if j.now().Sub(at) > time.Duration(pages)*5*time.Second {
 		var err error
 		if ms, err = j.refreshMembers(ctx); err != nil {
 			return nil, err

@@ -4,8 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -298,11 +302,19 @@ func TestPushRefusedWithoutTheToken(t *testing.T) {
 }
 
 func TestMembersLiveOnly(t *testing.T) {
-	st := newDir(t)
+	root := t.TempDir()
+	st, err := storage.NewDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
 	nodes := startNodes(t, st, "run", []string{"n0", "n1"}, "")
 	old := New(Config{Run: "run", Node: "gone", Refresh: 30 * time.Second}, st, nil)
-	old.now = func() time.Time { return time.Now().Add(-time.Hour) }
 	if err := old.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Its registration was last rewritten an hour ago, as the store says.
+	hourAgo := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(filepath.Join(root, filepath.FromSlash(old.memberKey())), hourAgo, hourAgo); err != nil {
 		t.Fatal(err)
 	}
 	nodes[0].membersAt = time.Time{} // read again
@@ -374,5 +386,90 @@ func TestWithdrawnNoticeNotBroughtBack(t *testing.T) {
 	case n := <-out:
 		t.Fatalf("a stale listing brought the withdrawn notice back: %+v", n)
 	default:
+	}
+}
+
+// countStore counts the requests asked of a store.
+type countStore struct {
+	storage.Store
+	lists, gets, puts atomic.Int64
+}
+
+func (c *countStore) List(ctx context.Context, prefix string) ([]storage.Object, error) {
+	c.lists.Add(1)
+	return c.Store.List(ctx, prefix)
+}
+
+func (c *countStore) Get(ctx context.Context, key string, w io.Writer) error {
+	c.gets.Add(1)
+	return c.Store.Get(ctx, key, w)
+}
+
+func (c *countStore) PutBytes(ctx context.Context, key string, b []byte) error {
+	c.puts.Add(1)
+	return c.Store.PutBytes(ctx, key, b)
+}
+
+func (c *countStore) reset() { c.lists.Store(0); c.gets.Store(0); c.puts.Store(0) }
+
+// The registry in steady state: a node's refresh is one PUT, and reading
+// the members one listing; a registration is read once per life of its
+// daemon, and a restarted node's earlier registration is removed.
+func TestRegistryReadsEachLifeOnce(t *testing.T) {
+	ctx := context.Background()
+	st := &countStore{Store: newDir(t)}
+	var nodes []*Job
+	for i := range 8 {
+		j := New(Config{Run: "run", Node: fmt.Sprintf("n%d", i), Nodes: 8}, st, nil)
+		if err := j.Register(ctx); err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, j)
+	}
+	if _, err := nodes[0].refreshMembers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if g := st.gets.Load(); g != 8 {
+		t.Fatalf("first read: %d GETs; want 8 (one a registration)", g)
+	}
+	for round := range 3 {
+		for _, j := range nodes {
+			if err := j.Register(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		st.reset()
+		nodes[0].mu.Lock()
+		nodes[0].membersAt = time.Time{} // stale: the notice path reads again
+		nodes[0].mu.Unlock()
+		m, err := nodes[0].Members(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m) != 8 || st.lists.Load() != 1 || st.gets.Load() != 0 {
+			t.Fatalf("round %d: %d members with %d LISTs and %d GETs; want 8 members, 1 LIST, no GET", round, len(m), st.lists.Load(), st.gets.Load())
+		}
+	}
+	// n3's daemon restarts: its new life is read once, its old one is gone.
+	restarted := New(Config{Run: "run", Node: "n3", Nodes: 8}, st, nil)
+	if err := restarted.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st.reset()
+	ms, err := nodes[0].refreshMembers(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.gets.Load() != 1 || len(ms) != 8 {
+		t.Fatalf("after a restart: %d GETs, %d members; want 1 GET (the new life), 8 members", st.gets.Load(), len(ms))
+	}
+	for _, m := range ms {
+		if m.Node == "n3" && m.Incarnation != restarted.incarnation {
+			t.Fatalf("n3 is its old life %s; want %s", m.Incarnation, restarted.incarnation)
+		}
+	}
+	objs, err := st.List(ctx, "run/_job/nodes/n3")
+	if err != nil || len(objs) != 1 {
+		t.Fatalf("n3's registrations after the restart: %v %v; want only the new life's", objs, err)
 	}
 }
