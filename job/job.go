@@ -64,7 +64,8 @@ type Member struct {
 	// store's listing says.
 	RefreshedAt time.Time `json:"refreshed_at"`
 
-	listed storage.Object // the object it was read from
+	listed    storage.Object // the object it was read from
+	storeTime bool           // RefreshedAt is the store's listed time
 }
 
 // Published is a fatal notice of one node as the job's other nodes see it.
@@ -120,6 +121,7 @@ type Job struct {
 	registrations Registrations   // read once each (see ReadMembersCached)
 	listed        int             // registration objects in the last listing
 	cleared       bool            // this node's earlier lives' registrations removed
+	putAt         time.Time       // when this node's last registration write ended
 	mine          map[string]mine // this node's published notices, by agent key
 	wg            sync.WaitGroup
 }
@@ -175,6 +177,9 @@ func (j *Job) Register(ctx context.Context) error {
 	if err := j.store.PutBytes(ctx, j.memberKey(), b); err != nil {
 		return fmt.Errorf("job: register %s: %w", j.cfg.Node, err)
 	}
+	j.mu.Lock()
+	j.putAt = j.now()
+	j.mu.Unlock()
 	j.clearEarlier(ctx)
 	return nil
 }
@@ -310,7 +315,7 @@ func ReadMembersCached(ctx context.Context, st storage.Store, run string, cache 
 		}
 		next[o.Key] = m
 		if perLife && !o.ModTime.IsZero() {
-			m.RefreshedAt = o.ModTime.UTC()
+			m.RefreshedAt, m.storeTime = o.ModTime.UTC(), true
 		}
 		if have, ok := newest[node]; !ok || m.RefreshedAt.After(have.RefreshedAt) {
 			newest[node] = m
@@ -327,6 +332,23 @@ func (j *Job) refreshMembers(ctx context.Context) ([]Member, error) {
 	ms, cache, err := ReadMembersCached(ctx, j.store, j.cfg.Run, cache)
 	if err != nil {
 		return nil, err
+	}
+	// The store's times in this node's clock: this node's own registration
+	// was listed with the time of its last write, which ended at putAt
+	// (a store's clock, or its times' granularity, may differ from ours).
+	j.mu.Lock()
+	putAt := j.putAt
+	j.mu.Unlock()
+	var offset time.Duration
+	for _, m := range ms {
+		if m.Node == j.cfg.Node && m.Incarnation == j.incarnation && m.storeTime && !putAt.IsZero() {
+			offset = putAt.Sub(m.RefreshedAt)
+		}
+	}
+	for i := range ms {
+		if ms[i].storeTime {
+			ms[i].RefreshedAt = ms[i].RefreshedAt.Add(offset)
+		}
 	}
 	j.mu.Lock()
 	j.members, j.membersAt, j.registrations, j.listed = ms, j.now(), cache, len(cache)

@@ -473,3 +473,48 @@ func TestRegistryReadsEachLifeOnce(t *testing.T) {
 		t.Fatalf("n3's registrations after the restart: %v %v; want only the new life's", objs, err)
 	}
 }
+
+// skewed is a store whose clock is hours behind this machine's.
+type skewed struct{ storage.Store }
+
+func (s skewed) List(ctx context.Context, prefix string) ([]storage.Object, error) {
+	objs, err := s.Store.List(ctx, prefix)
+	for i := range objs {
+		objs[i].ModTime = objs[i].ModTime.Add(-3 * time.Hour)
+	}
+	return objs, err
+}
+
+// Liveness is read in the store's own clock: a store whose times are
+// hours off this machine's leaves every refreshed node live, and a node
+// not refreshed for longer than the TTL still goes.
+func TestMembersLiveInTheStoresClock(t *testing.T) {
+	root := t.TempDir()
+	dir, err := storage.NewDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := skewed{dir}
+	nodes := startNodes(t, st, "run", []string{"n0", "n1", "n2"}, "")
+	gone := New(Config{Run: "run", Node: "gone", Refresh: 30 * time.Second}, st, nil)
+	if err := gone.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	hourAgo := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(filepath.Join(root, filepath.FromSlash(gone.memberKey())), hourAgo, hourAgo); err != nil {
+		t.Fatal(err)
+	}
+	if err := nodes[0].Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nodes[0].refreshMembers(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	m, err := nodes[0].Members(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m) != 3 || !m["n1"] || !m["n2"] || m["gone"] {
+		t.Fatalf("members %v; want n0, n1 and n2 live, not the node unrefreshed for an hour", m)
+	}
+}
