@@ -138,6 +138,9 @@ type Committer struct {
 	// waiting names the job checkpoint whose other parts (or marker) a
 	// commit is waiting for, with its data sent: "" when none.
 	waiting atomic.Value
+	// asked counts the store requests of looks at a job checkpoint (LIST
+	// pages and part reads), to pace them.
+	asked atomic.Int64
 
 	// partCache holds the part manifests read, by key (see readPart).
 	pmu       sync.Mutex

@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/bits"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/preemptd/preemptd/checkpoint/storage"
@@ -80,6 +82,9 @@ type PartsError struct {
 	Other   []string
 	Refused map[string]string
 	Nodes   int
+	// Committer, when every part is in the store, is the node whose commit
+	// of them this one waits for (see commitTurn).
+	Committer string
 }
 
 func (e *PartsError) Error() string {
@@ -99,6 +104,9 @@ func (e *PartsError) Error() string {
 			break
 		}
 		msg += "; the part of " + n + " was refused: " + e.Refused[n]
+	}
+	if e.Committer != "" {
+		msg += "; waiting for " + e.Committer + " to commit them"
 	}
 	return msg + "; the previous checkpoint stays latest"
 }
@@ -217,8 +225,9 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 	var lastPerr *PartsError // what was missing the last time it could be told
 	var lastErr error
 	warned := map[string]bool{}
+	t := turn{first: true}
 	err := c.await(ctx, m.Name, func(wctx context.Context) bool {
-		done, perr, err := c.complete(wctx, m)
+		done, perr, err := c.complete(wctx, m, &t)
 		if perr != nil {
 			lastPerr = perr
 		}
@@ -260,16 +269,22 @@ func (c *Committer) commitPart(ctx context.Context, m Manifest, start time.Time)
 // prefix, and the part manifests of the live nodes read from it.
 type view struct {
 	objs    map[string]storage.Object // by key
-	parts   map[string]Manifest       // by node: each live node's current part, verified
+	listed  map[string]bool           // by node: the live nodes whose part manifest is listed
+	parts   map[string]Manifest       // by node: the current parts read, verified
 	bad     map[string]error          // by node: why its part was refused
 	members map[string]bool           // the job's live nodes (nil: unknown, every part counts)
 }
 
+// readers is how many part manifests a look reads at once.
+const readers = 16
+
 // look lists checkpoint name's prefix once and reads the parts of the
-// job's live nodes (each read again only when its object changed).
-func (c *Committer) look(ctx context.Context, name string) (view, error) {
-	v := view{objs: map[string]storage.Object{}, parts: map[string]Manifest{}, bad: map[string]error{}}
+// job's live nodes that read says to (nil: all of them; each read again
+// only when its object changed), readers at a time.
+func (c *Committer) look(ctx context.Context, name string, read func(node string, v view) bool) (view, error) {
+	v := view{objs: map[string]storage.Object{}, listed: map[string]bool{}, parts: map[string]Manifest{}, bad: map[string]error{}}
 	objs, err := c.Store.List(ctx, runKey(c.Run, name))
+	c.asked.Add(int64(max(1, (len(objs)+999)/1000))) // a page per 1,000 keys
 	if err != nil {
 		return v, err
 	}
@@ -280,6 +295,7 @@ func (c *Committer) look(ctx context.Context, name string) (view, error) {
 		return v, err
 	}
 	prefix := runKey(c.Run, name) + "/" + PartsDir + "/"
+	var toRead []storage.Object
 	for _, o := range objs {
 		node, ok := strings.CutSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
 		if !ok || !strings.HasPrefix(o.Key, prefix) || strings.Contains(node, "/") || SafeNode(node) != nil {
@@ -288,14 +304,66 @@ func (c *Committer) look(ctx context.Context, name string) (view, error) {
 		if v.members != nil && !v.members[node] {
 			continue // a node not (or no longer) in the job: an earlier incarnation's
 		}
-		p, err := c.readPart(ctx, name, node, o, v.objs[partSigKey(c.Run, name, node)])
-		if err != nil {
-			v.bad[node] = err
+		v.listed[node] = true
+		toRead = append(toRead, o)
+	}
+	var mu sync.Mutex
+	sem := make(chan struct{}, readers)
+	var wg sync.WaitGroup
+	for _, o := range toRead {
+		node := strings.TrimSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
+		if read != nil && !read(node, v) {
 			continue
 		}
-		v.parts[node] = p
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			p, err := c.readPart(ctx, name, node, o, v.objs[partSigKey(c.Run, name, node)])
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				v.bad[node] = err
+				return
+			}
+			v.parts[node] = p
+		})
 	}
+	wg.Wait()
 	return v, nil
+}
+
+// turn is where one node's wait for a job checkpoint's commit stands.
+type turn struct {
+	first    bool      // the next look is the first since this node's part was written
+	whole    time.Time // when this node first saw every part in the store
+	snapshot string    // the listing of the parts then
+}
+
+// commitTurn says whether this node reads every part and commits them
+// now, and else which node it waits for. Reading every part is N requests,
+// so not every node does it (N² for the job): the node whose own part
+// made the set whole (it sees them all at its first look after writing
+// it) and the first live node by name commit at once; should neither have
+// committed, more nodes join at every 2 polls, doubling each time (the
+// 2nd and 3rd by name, then the 4th to 7th, ...), so that a node dead after
+// its part was written delays the commit by a few polls at most.
+func (c *Committer) commitTurn(v view, t *turn) (now bool, waitFor string) {
+	nodes := slices.Sorted(maps.Keys(v.listed))
+	if v.members != nil {
+		nodes = slices.Sorted(maps.Keys(v.members))
+	}
+	i := slices.Index(nodes, c.Node)
+	if t.first || i <= 0 {
+		return true, ""
+	}
+	if t.whole.IsZero() {
+		t.whole = c.now()
+	}
+	tier := bits.Len(uint(i+1)) - 1 // 1 for the 2nd and 3rd, 2 for the 4th to 7th, ...
+	if c.now().Sub(t.whole) >= time.Duration(tier)*2*c.poll() {
+		return true, ""
+	}
+	return false, nodes[0]
 }
 
 // cachedPart is a part manifest as read, with the objects it came from.
@@ -304,21 +372,42 @@ type cachedPart struct {
 	m        Manifest
 }
 
+// recall is the manifest read from key while its object (obj, and its
+// signature's, sig, as listed) is the one it was read from.
+func (c *Committer) recall(key string, obj, sig storage.Object) (Manifest, bool) {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	hit, ok := c.partCache[key]
+	if ok && hit.obj.Same(obj) && hit.sig.Same(sig) {
+		return hit.m, true
+	}
+	return Manifest{}, false
+}
+
+// remember caches m, read from key (obj and sig, as listed), verified.
+func (c *Committer) remember(key string, obj, sig storage.Object, m Manifest) {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if c.partCache == nil {
+		c.partCache = map[string]cachedPart{}
+	}
+	c.partCache[key] = cachedPart{obj: obj, sig: sig, m: m}
+}
+
 // readPart reads node's part manifest (obj, its listing; sig, its
 // signature's), checking it, from the cache while neither has changed.
 func (c *Committer) readPart(ctx context.Context, name, node string, obj, sig storage.Object) (Manifest, error) {
 	key := partKey(c.Run, name, node)
-	c.pmu.Lock()
-	hit, ok := c.partCache[key]
-	c.pmu.Unlock()
-	if ok && hit.obj.Same(obj) && hit.sig.Same(sig) {
-		return hit.m, nil
+	if m, ok := c.recall(key, obj, sig); ok {
+		return m, nil
 	}
 	var buf bytes.Buffer
+	c.asked.Add(1)
 	if err := c.Store.Get(ctx, key, &buf); err != nil {
 		return Manifest{}, err
 	}
 	if pub := c.readKey(); pub != nil {
+		c.asked.Add(1)
 		if err := c.verify(ctx, pub, partSigKey(c.Run, name, node), buf.Bytes()); err != nil {
 			return Manifest{}, fmt.Errorf("part %s: %w", node, err)
 		}
@@ -336,12 +425,7 @@ func (c *Committer) readPart(ctx context.Context, name, node string, obj, sig st
 			return m, fmt.Errorf("part manifest of %s lists %s as node %s's, attempt %s", node, f.Path, f.Node, f.Attempt)
 		}
 	}
-	c.pmu.Lock()
-	if c.partCache == nil {
-		c.partCache = map[string]cachedPart{}
-	}
-	c.partCache[key] = cachedPart{obj: obj, sig: sig, m: m}
-	c.pmu.Unlock()
+	c.remember(key, obj, sig, m)
 	return m, nil
 }
 
@@ -437,9 +521,11 @@ type committedJob struct {
 // mine and a part of the same save from every other node are there, it
 // commits them (or finds them committed) and moves latest; otherwise perr
 // says which parts are missing.
-func (c *Committer) complete(ctx context.Context, mine Manifest) (done committedJob, perr *PartsError, err error) {
+func (c *Committer) complete(ctx context.Context, mine Manifest, t *turn) (done committedJob, perr *PartsError, err error) {
 	name := mine.Name
-	v, err := c.look(ctx, name)
+	first := t.first
+	t.first = false
+	v, err := c.look(ctx, name, func(node string, _ view) bool { return node == c.Node })
 	if err != nil {
 		return done, nil, err
 	}
@@ -455,6 +541,28 @@ func (c *Committer) complete(ctx context.Context, mine Manifest) (done committed
 			return done, nil, err
 		}
 		return done, nil, fmt.Errorf("checkpoint %s: this node's part in the store was not its current one; written again", name)
+	}
+	// Until the listing shows a part from every live node, no part is read.
+	if perr := c.unlisted(name, v); perr != nil {
+		return done, perr, nil
+	}
+	// Every part is there: committed already (by the node whose turn it
+	// was), or this node's turn to read them all and commit.
+	if m, ok := c.committedWith(ctx, v, mine); ok {
+		if _, err := c.advanceLatest(ctx, m); err != nil {
+			return done, nil, err
+		}
+		return committedJob{m: m, v: v}, nil, nil
+	}
+	t.first = first
+	now, waitFor := c.commitTurn(v, t)
+	t.first = false
+	if !now {
+		have := slices.Sorted(maps.Keys(v.listed))
+		return done, &PartsError{Name: name, Nodes: c.Nodes, Have: have, Committer: waitFor}, nil
+	}
+	if v, err = c.look(ctx, name, nil); err != nil {
+		return done, nil, err
 	}
 	set, perr := c.pick(name, v)
 	if perr != nil {
@@ -480,6 +588,64 @@ func (c *Committer) complete(ctx context.Context, mine Manifest) (done committed
 		return done, nil, err
 	}
 	return committedJob{m: m, won: won, v: v}, nil, nil
+}
+
+// unlisted says which live nodes' parts the listing of v lacks (nil when
+// none does, and there are job.nodes of them).
+func (c *Committer) unlisted(name string, v view) *PartsError {
+	perr := &PartsError{Name: name, Nodes: c.Nodes, Have: slices.Sorted(maps.Keys(v.listed))}
+	for n := range v.members {
+		if !v.listed[n] {
+			perr.Missing = append(perr.Missing, n)
+		}
+	}
+	slices.Sort(perr.Missing)
+	if len(perr.Missing) > 0 || len(v.listed) < c.Nodes {
+		return perr
+	}
+	return nil
+}
+
+// committedWith finds, among the job manifests v lists for mine's name,
+// one that verifies and holds mine (its node and attempt): every part of
+// this node's save committed by another node. Each manifest is read once
+// while its object is unchanged.
+func (c *Committer) committedWith(ctx context.Context, v view, mine Manifest) (Manifest, bool) {
+	prefix := runKey(c.Run, mine.Name) + "/" + CommitsDir + "/"
+	for key, o := range v.objs {
+		cid, ok := strings.CutSuffix(strings.TrimPrefix(key, prefix), ".json")
+		if !ok || !strings.HasPrefix(key, prefix) || strings.Contains(cid, "/") {
+			continue
+		}
+		m, err := c.readCommitCached(ctx, mine.Name, cid, o, v.objs[commitSigKey(c.Run, mine.Name, cid)])
+		if err != nil {
+			continue
+		}
+		if slices.ContainsFunc(m.Parts, func(p Part) bool { return p.Node == c.Node && p.Attempt == mine.Attempt }) {
+			return m, true
+		}
+	}
+	return Manifest{}, false
+}
+
+// readCommitCached reads the job manifest cid of name (obj and sig, its
+// listing and its signature's), verified, from the cache while neither
+// has changed.
+func (c *Committer) readCommitCached(ctx context.Context, name, cid string, obj, sig storage.Object) (Manifest, error) {
+	key := commitKey(c.Run, name, cid)
+	if m, ok := c.recall(key, obj, sig); ok {
+		return m, nil
+	}
+	c.asked.Add(1)
+	m, err := c.readManifest(ctx, key, commitSigKey(c.Run, name, cid))
+	if err != nil {
+		return m, err
+	}
+	if m.Commit != cid || m.Name != name || m.Run != c.Run {
+		return m, fmt.Errorf("job manifest %s names commit %q of %q, run %q", key, m.Commit, m.Name, m.Run)
+	}
+	c.remember(key, obj, sig, m)
+	return m, nil
 }
 
 // store makes merged job manifest m durable at its commit key: signature
@@ -741,7 +907,7 @@ func (c *Committer) waitPair(ctx context.Context, ck Checkpoint, m Manifest) (*P
 		if changed = localMarker(ck); changed {
 			return true
 		}
-		v, err := c.look(wctx, ck.Name)
+		v, err := c.look(wctx, ck.Name, c.mayCoordinate(ck))
 		if err != nil {
 			return false
 		}
@@ -770,23 +936,65 @@ func (c *Committer) waitPair(ctx context.Context, ck Checkpoint, m Manifest) (*P
 	return pair, nil
 }
 
-// await calls try every PartPoll until it says done, marking this
-// committer as waiting on the job's other nodes for name, until the
-// caller's deadline (else PartWait); it returns why the wait ended early.
+// mayCoordinate says which parts a look for ck's coordinator reads: those
+// of nodes whose upload holds one of the layout's markers (ck's own folder
+// lacks them) — one part, not every node's; every part when the layout
+// names no marker.
+func (c *Committer) mayCoordinate(ck Checkpoint) func(string, view) bool {
+	markers := ck.Markers
+	if ck.Part && len(markers) == 0 {
+		markers = []string{ck.Name + "/.metadata"} // a DCP rank's part: the coordinator's marker
+	}
+	if len(markers) == 0 {
+		return nil
+	}
+	prefix := runKey(c.Run, ck.Name) + "/" + PartsDir + "/"
+	return func(node string, v view) bool {
+		if node == c.Node {
+			return false
+		}
+		for key := range v.objs {
+			rest, ok := strings.CutPrefix(key, prefix+node+"/")
+			if !ok {
+				continue
+			}
+			_, path, _ := strings.Cut(rest, "/") // past the attempt
+			if slices.ContainsFunc(markers, func(mk string) bool { return objectName(ck.Name, mk) == path }) {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+// waitRate is how many store requests a second a node's looks may ask
+// while it waits for the other nodes' parts: a look that asks more (a
+// checkpoint of more than 1,000 objects lists in pages; parts read for the
+// first time) is followed by a longer pause, so a waiting node asks about
+// as much of the store at 1,000 nodes as at 8. With the registry's
+// re-read (a listing page every 5 s at most) that is under 4 a second.
+const waitRate = 3.5
+
+// await calls try every PartPoll (longer after a look that asked more of
+// the store than waitRate allows), marking this committer as waiting on
+// the job's other nodes for name, until the caller's deadline (else
+// PartWait); it returns why the wait ended early.
 func (c *Committer) await(ctx context.Context, name string, try func(ctx context.Context) bool) error {
 	wctx, cancel := c.partCtx(ctx)
 	defer cancel()
 	defer c.setWaiting(name)()
-	tick := time.NewTicker(c.poll())
-	defer tick.Stop()
-	for !try(wctx) {
+	for {
+		start, asked := time.Now(), c.asked.Load()
+		if try(wctx) {
+			return nil
+		}
+		pause := max(c.poll(), time.Duration(float64(c.asked.Load()-asked)/waitRate*float64(time.Second)))
 		select {
-		case <-tick.C:
+		case <-time.After(time.Until(start.Add(pause))):
 		case <-wctx.Done():
 			return context.Cause(wctx)
 		}
 	}
-	return nil
 }
 
 // localMarker says whether a part's folder has grown its own marker.

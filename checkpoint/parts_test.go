@@ -6,12 +6,14 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"errors"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -402,7 +404,7 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	st.Get(ctx, partKey("job", "step-1", "node1"), &part)
 	mine, _ := ParseManifest(part.Bytes())
 	st.Delete(ctx, sigKey) // the signature lost
-	if _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
+	if _, perr, err := cs[1].complete(ctx, mine, &turn{first: true}); err != nil || perr != nil {
 		t.Fatalf("complete over an unsigned manifest: %v %v", perr, err)
 	}
 	reader := &Committer{Store: st, Run: "job", VerifyKey: pub}
@@ -420,7 +422,7 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); !errors.Is(err, ErrUnsigned) {
 		t.Fatalf("the planted manifest restores: %v", err)
 	}
-	if _, perr, err := cs[1].complete(ctx, mine); err != nil || perr != nil {
+	if _, perr, err := cs[1].complete(ctx, mine, &turn{first: true}); err != nil || perr != nil {
 		t.Fatalf("complete over a planted manifest: %v %v", perr, err)
 	}
 	var after bytes.Buffer
@@ -430,5 +432,90 @@ func TestJobUnsignedManifestSignedOnlyIfBacked(t *testing.T) {
 	}
 	if _, _, err := reader.Restore(ctx, t.TempDir(), "step-1"); err != nil {
 		t.Fatalf("after the node replaced the planted manifest with its merge: %v", err)
+	}
+}
+
+// partReads counts the GETs of part manifests, and of job manifests.
+type partReads struct {
+	storage.Store
+	parts, commits atomic.Int64
+}
+
+func (p *partReads) Get(ctx context.Context, key string, w io.Writer) error {
+	switch {
+	case strings.Contains(key, "/"+PartsDir+"/") && strings.HasSuffix(key, ".json"):
+		p.parts.Add(1)
+	case strings.Contains(key, "/"+CommitsDir+"/") && strings.HasSuffix(key, ".json"):
+		p.commits.Add(1)
+	}
+	return p.Store.Get(ctx, key, w)
+}
+
+// While the nodes of a job wait for the last part, none reads another's
+// part manifest (the listing says which are there); once every part is
+// there, the node whose part completed the set and the first node by name
+// read them and commit, and every other node reads only the job manifest
+// that holds its part: the parts are read about twice per commit, not
+// once per node and node.
+func TestJobPartsReadByTheCommittersOnly(t *testing.T) {
+	const n = 8
+	dir, err := storage.NewDir(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &partReads{Store: dir}
+	names := []string{}
+	for i := range n {
+		names = append(names, "node"+string(rune('0'+i)))
+	}
+	cs, roots := jobNodes(t, st, n, names...)
+	for i, r := range roots {
+		shardsOf(t, r, "step-5", i, 4<<10)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	res := make([]Result, n)
+	for i := range n - 1 {
+		ck := scanJobOne(t, roots[i], "step-5")
+		wg.Go(func() { res[i], errs[i] = cs[i].Commit(context.Background(), ck) })
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		objs, _ := st.List(context.Background(), "job/step-5/"+PartsDir)
+		parts := 0
+		for _, o := range objs {
+			if strings.HasSuffix(o.Key, ".json") {
+				parts++
+			}
+		}
+		if parts == n-1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d parts written", parts)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(10 * cs[0].PartPoll) // the waiting nodes look again and again
+	// Each node reads its own part once, and each pairing node the
+	// coordinator's.
+	if got := st.parts.Load(); got > 2*n-1 {
+		t.Errorf("%d part manifests read while waiting; want at most %d (each node's own, and the coordinator's by each other node, once)", got, 2*n-1)
+	}
+	st.parts.Store(0)
+	ck := scanJobOne(t, roots[n-1], "step-5")
+	res[n-1], errs[n-1] = cs[n-1].Commit(context.Background(), ck)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("node%d: %v", i, err)
+		}
+		if res[i].Manifest.Commit != res[0].Manifest.Commit || len(res[i].Manifest.Parts) != n {
+			t.Fatalf("node%d: commit %s of %d parts; want %s of %d", i, res[i].Manifest.Commit, len(res[i].Manifest.Parts), res[0].Manifest.Commit, n)
+		}
+	}
+	t.Logf("from the last part on: %d part manifests and %d job manifests read", st.parts.Load(), st.commits.Load())
+	if got := st.parts.Load(); got > 2*n {
+		t.Errorf("%d part manifests read to commit; want at most %d (two committers), not one read per node and node (%d)", got, 2*n, n*n)
 	}
 }
