@@ -1,7 +1,9 @@
 package advice
 
 import (
+	"fmt"
 	"math"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"time"
@@ -171,5 +173,56 @@ func TestAdvisor(t *testing.T) {
 	}
 	if g := a.MinGap(); g != sec(40) {
 		t.Fatalf("MinGap = %s, want the save time (no upload measured)", g)
+	}
+}
+
+// A job's interval is a machine's ÷ √nodes, and says why.
+func TestJobInterval(t *testing.T) {
+	in := Inputs{Save: 30 * time.Second, Rate: Rate{MTBI: 50 * time.Hour}, Max: 48 * time.Hour}
+	one, _ := Interval(in)
+	for _, n := range []int{8, 64} {
+		in.Nodes = n
+		got, why := Interval(in)
+		want := time.Duration(float64(one) / math.Sqrt(float64(n)))
+		if d := got - want; d < -time.Second || d > time.Second {
+			t.Errorf("%d nodes: %v; want a machine's %v ÷ √%d = %v", n, got, one, n, want)
+		}
+		if !strings.Contains(why, fmt.Sprintf("a job of %d nodes", n)) {
+			t.Errorf("%d nodes: the reason %q does not say it is a job's", n, why)
+		}
+	}
+}
+
+// TestJobIntervalMinimisesSimulatedLoss checks JobMTBI's derivation by
+// simulation: 16 machines, each interrupted at random (Poisson) every 50 h
+// on average, every interruption stopping the job and losing the work since
+// its last complete checkpoint, each checkpoint blocking it for C = 30 s.
+// The share of the job's time lost (work lost and saves) is lowest at the
+// interval Interval gives for the job (a machine's ÷ √16), and clearly
+// higher at half or twice it, and at a single machine's interval.
+func TestJobIntervalMinimisesSimulatedLoss(t *testing.T) {
+	const nodes = 16
+	m, c := 50*time.Hour, 30*time.Second
+	single, _ := Interval(Inputs{Save: c, Rate: Rate{MTBI: m}})
+	job, _ := Interval(Inputs{Save: c, Rate: Rate{MTBI: m}, Nodes: nodes})
+	lost := func(every time.Duration) float64 {
+		rng := rand.New(rand.NewPCG(1, 2)) // the same interruptions for every interval
+		mean := JobMTBI(m, nodes).Seconds()
+		cycle := (every + c).Seconds()
+		var total, useful float64
+		for range 40000 {
+			gap := rng.ExpFloat64() * mean // the job's time between interruptions of any node
+			total += gap
+			useful += math.Floor(gap/cycle) * every.Seconds()
+		}
+		return 1 - useful/total
+	}
+	at := lost(job)
+	t.Logf("share lost: job interval %v %.4f; half %.4f; twice %.4f; a machine's interval %v %.4f",
+		job, at, lost(job/2), lost(2*job), single, lost(single))
+	for _, other := range []time.Duration{job / 2, 2 * job, single} {
+		if l := lost(other); l < at*1.05 {
+			t.Errorf("interval %v loses %.4f of the job's time; the job's interval %v should lose at least 5%% less (%.4f)", other, l, job, at)
+		}
 	}
 }

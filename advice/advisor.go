@@ -35,6 +35,9 @@ type Inputs2 struct {
 	SaveMeasured  int     `json:"saves_measured"`
 	UploadSeconds float64 `json:"upload_s"`
 	MTBIHours     float64 `json:"mtbi_h"`
+	// JobNodes is the job's size when it has more than one node: the
+	// interval uses its M, mtbi_h ÷ job_nodes (advice.JobMTBI).
+	JobNodes      int     `json:"job_nodes,omitempty"`
 	Interruptions int     `json:"interruptions"`
 	ObservedHours float64 `json:"observed_hours"`
 	Committed     float64 `json:"committed_fraction"`
@@ -58,6 +61,8 @@ type Config struct {
 	// Window is the cloud's notice window (AWS 2 min, GCP and Azure 30 s):
 	// whether a save and its upload fit in it is p's prior.
 	Window time.Duration
+	// Nodes is the job's number of nodes (0 or 1: a single machine).
+	Nodes int
 }
 
 // savesKept is how many recent saves C is the mean of: few, so that the
@@ -204,7 +209,7 @@ func (a *Advisor) Advice(now time.Time) Advice {
 	slices.SortFunc(risks, func(x, y Risk) int { return x.At.Compare(y.At) })
 	save, n := a.saveLocked()
 	rate := a.rate.WithPrior(save, a.upload, a.cfg.Window)
-	t, formula := Interval(Inputs{Save: save, Upload: a.upload, Rate: rate, Risks: risks, Min: a.cfg.Min, Max: a.cfg.Max})
+	t, formula := Interval(Inputs{Save: save, Upload: a.upload, Rate: rate, Risks: risks, Nodes: a.cfg.Nodes, Min: a.cfg.Min, Max: a.cfg.Max})
 	from := a.last
 	if from.IsZero() {
 		from = a.started
@@ -224,9 +229,16 @@ func (a *Advisor) Advice(now time.Time) Advice {
 		Version: 1, CheckpointEvery: t.Seconds(), CheckpointNow: a.pending != "", Request: a.request, Reason: reason,
 		LastCheckpoint: a.last, DueAt: due, UpdatedAt: now,
 		Inputs: Inputs2{SaveSeconds: save.Seconds(), SaveMeasured: n, UploadSeconds: a.upload.Seconds(),
-			MTBIHours: rate.MTBI.Hours(), Interruptions: rate.Interruptions, ObservedHours: rate.Hours,
+			MTBIHours: rate.MTBI.Hours(), JobNodes: jobNodes(a.cfg.Nodes), Interruptions: rate.Interruptions, ObservedHours: rate.Hours,
 			Committed: rate.Committed, Watched: rate.Watched, Basis: rate.Basis, Risks: risks, Formula: formula},
 	}
+}
+
+func jobNodes(n int) int {
+	if n > 1 {
+		return n
+	}
+	return 0
 }
 
 // MinGap is the least time between two checkpoint requests by signal: the

@@ -3,8 +3,10 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/preemptd/preemptd/advice"
@@ -19,10 +21,30 @@ const RecentWindow = 15 * time.Minute
 // rateEvery is how many polls pass between estimates of the rate.
 const rateEvery = 10
 
+// RateWindow is how far back the daemon's estimate of the interruption
+// rate reads: the compacted days of the last four weeks (a daemon reads
+// each day's rollup once, not the fleet's whole history).
+const RateWindow = 28
+
+// LateDays is how long a day's records may still arrive late (a machine
+// that came back, a clock): the feed compacts the days from LateDays ago to
+// the day before yesterday, and reads their rollups again now and then.
+const LateDays = 7
+
+// compactEvery is how often a daemon compacts the late days, and
+// rereadEvery how often it reads their rollups again.
+const (
+	compactEvery = time.Hour
+	rereadEvery  = 6 * time.Hour
+)
+
 // Feed reads the store's event records for the advisor: interruptions
-// nearby in the last RecentWindow (every Poll) and the interruption rate of
-// this machine's instance type and region (every tenth poll, compacting past
-// days it had to read record by record).
+// nearby in the last RecentWindow (every Poll: one listing of today's
+// records, and a GET only of those of this machine's zone and type or of
+// its job) and the interruption rate of this machine's instance type and
+// region (every tenth poll: the rollups of the last RateWindow days, each
+// read once), compacting the late days every hour. Its requests a day do
+// not grow with the days of records the store holds.
 type Feed struct {
 	Store   storage.Store
 	Advisor *advice.Advisor
@@ -38,7 +60,15 @@ type Feed struct {
 	Log  *slog.Logger
 	Now  func() time.Time
 
-	seen map[string]bool
+	seen      map[string]bool
+	days      map[string]dayRecords // rollups read, by day
+	compacted time.Time             // the late days' last compaction
+}
+
+// dayRecords is a day's rollup as the feed read it.
+type dayRecords struct {
+	records []Record
+	read    time.Time
 }
 
 // PriorFor is the prior rate for inst: perHour when set, else from the GPU
@@ -61,13 +91,40 @@ func Observations(records []Record, inst agent.Instance) []advice.Obs {
 		if inst.Type != "" && (r.Instance.Type != inst.Type || (inst.Region != "" && r.Instance.Region != inst.Region)) {
 			continue
 		}
-		o := advice.Obs{Watched: r.Watched || r.Version < 2, Committed: !r.CommittedAt.IsZero()}
+		o := advice.Obs{Watched: r.Watched || r.Version < 2, Committed: SavedAfterSignal(r)}
 		if !r.Instance.StartedAt.IsZero() && r.NoticedAt.After(r.Instance.StartedAt) {
 			o.Lifetime = r.NoticedAt.Sub(r.Instance.StartedAt)
 		}
 		out = append(out, o)
 	}
 	return out
+}
+
+// near says whether a record's key may be of an interruption this feed
+// turns into a risk: of this machine's zone and type, or of its job (keys
+// of earlier releases name neither: read).
+func (f *Feed) near(key string, inst agent.Instance) bool {
+	zone, typ, run, ok := keyFields(key)
+	if !ok {
+		return true
+	}
+	if f.Job != "" && run == RunTag(f.Job) {
+		return true
+	}
+	return inst.Type != "" && inst.Zone != "" && zone == orUnknownKey(inst.Zone) && typ == orUnknownKey(inst.Type)
+}
+
+// SavedAfterSignal says whether r's notice ended with a checkpoint that
+// the trainer completed after it was signalled (after the notice, where no
+// signal was sent) and that was committed: the work up to the notice was
+// kept. A commit of a checkpoint completed before — the newest one taken up
+// when the trainer saved nothing new — kept only what was already saved.
+func SavedAfterSignal(r Record) bool {
+	from := r.SignalledAt
+	if from.IsZero() {
+		from = r.NoticedAt
+	}
+	return !r.CommittedAt.IsZero() && !r.CheckpointComplete.IsZero() && !r.CheckpointComplete.Before(from)
 }
 
 // Run polls until ctx ends.
@@ -95,10 +152,33 @@ func (f *Feed) Run(ctx context.Context) error {
 }
 
 func (f *Feed) rate(ctx context.Context) {
-	l, err := Read(ctx, f.Store, time.Time{})
-	if err != nil {
-		f.Log.Debug("event records not read; the estimate stays", "err", err)
-		return
+	now := f.Now().UTC()
+	if now.Sub(f.compacted) >= compactEvery {
+		f.compacted = now
+		f.compactLate(ctx, now)
+	}
+	if f.days == nil {
+		f.days = map[string]dayRecords{}
+	}
+	var records []Record
+	for d := 2; d < RateWindow+2; d++ { // the compacted days: before yesterday
+		day := now.AddDate(0, 0, -d).Format(time.DateOnly)
+		dr, ok := f.days[day]
+		if !ok || (d <= LateDays && now.Sub(dr.read) >= rereadEvery) {
+			recs, err := readRollup(ctx, f.Store, day)
+			if err != nil {
+				f.Log.Debug("a day's event records not read; the estimate stays", "day", day, "err", err)
+				return
+			}
+			dr = dayRecords{records: recs, read: now}
+			f.days[day] = dr
+		}
+		records = append(records, dr.records...)
+	}
+	for day := range f.days {
+		if day < now.AddDate(0, 0, -RateWindow-1).Format(time.DateOnly) {
+			delete(f.days, day)
+		}
 	}
 	inst := f.Instance()
 	var gpus []string
@@ -106,13 +186,61 @@ func (f *Feed) rate(ctx context.Context) {
 		gpus = f.GPUs()
 	}
 	prior, basis := PriorFor(f.PerHour, gpus, inst)
-	f.Advisor.SetRate(advice.Estimate(prior, basis, Observations(l.Records, inst)))
-	// Days before yesterday read record by record get their rollup.
-	days, n, err := Compact(ctx, f.Store, l, f.Now().UTC().AddDate(0, 0, -1))
-	if err != nil {
-		f.Log.Warn("event records not compacted", "err", err)
-	} else if days > 0 {
-		f.Log.Info("event records compacted", "days", days, "records", n)
+	f.Advisor.SetRate(advice.Estimate(prior, basis, Observations(records, inst)))
+}
+
+// readRollup reads day's rollup (no records when there is none).
+func readRollup(ctx context.Context, st storage.Store, day string) ([]Record, error) {
+	var buf jsonBuf
+	buf.limit = 1 << 30
+	if err := st.Get(ctx, RollupKey(day), &buf); err != nil {
+		if errors.Is(err, storage.ErrNotFound) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	recs, _ := parseRollup(buf.b)
+	return recs, nil
+}
+
+// compactLate compacts the days from LateDays ago to the day before
+// yesterday that hold records read on their own: a listing of each day's
+// partition, and for a day with records, their GETs, the rollup's
+// conditional replace and their deletion (CompactDay).
+func (f *Feed) compactLate(ctx context.Context, now time.Time) {
+	for d := 2; d <= LateDays; d++ {
+		day := now.AddDate(0, 0, -d).Format(time.DateOnly)
+		objs, err := f.Store.List(ctx, EventsPrefix+"/day="+day)
+		if err != nil {
+			f.Log.Debug("event records not listed for compaction", "day", day, "err", err)
+			return
+		}
+		if len(objs) == 0 {
+			continue
+		}
+		var mu sync.Mutex
+		var singles []Record
+		parallel(ctx, objs, func(o storage.Object) error {
+			var buf jsonBuf
+			var r Record
+			if f.Store.Get(ctx, o.Key, &buf) != nil || json.Unmarshal(buf.b, &r) != nil || !known(r) {
+				return nil // unreadable: left where it is, for the report to count
+			}
+			r.Key = o.Key
+			mu.Lock()
+			singles = append(singles, r)
+			mu.Unlock()
+			return nil
+		})
+		n, deleted, err := CompactDay(ctx, f.Store, day, singles)
+		if err != nil {
+			f.Log.Warn("event records not compacted", "day", day, "err", err)
+			continue
+		}
+		if n > 0 {
+			delete(f.days, day) // read again
+			f.Log.Info("event records compacted", "day", day, "records", n, "deleted", deleted)
+		}
 	}
 }
 
@@ -142,6 +270,9 @@ func (f *Feed) recent(ctx context.Context) {
 			}
 			if o.ModTime.Before(now.Add(-RecentWindow)) && !o.ModTime.IsZero() {
 				continue
+			}
+			if !f.near(o.Key, inst) {
+				continue // another zone's or type's, of another job: not read
 			}
 			var buf jsonBuf
 			var r Record

@@ -7,10 +7,14 @@ package fleet
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"path"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/preemptd/preemptd/agent"
@@ -82,9 +86,13 @@ type Restore struct {
 	FilesKept    int     `json:"files_kept"`
 }
 
-// Key is the record's object key: _events/day=<YYYY-MM-DD>/<instance>-<provider>-<notice>.json
+// Key is the record's object key:
+// _events/day=<YYYY-MM-DD>/<zone>__<type>__<run>__<instance>-<provider>-<notice>.json
 // (a Hive-style partition, so that DuckDB, Athena and BigQuery read the
-// day from the path; records before version 3 are under _events/<day>/).
+// day from the path; the zone, instance type and a tag of the run in the
+// name, so that a daemon looking for interruptions near it reads only
+// those records). Records before version 3 are under _events/<day>/, and
+// version 3's names lack the zone, type and run.
 func Key(r Record) string {
 	inst := r.Instance.ID
 	if inst == "" {
@@ -93,8 +101,36 @@ func Key(r Record) string {
 	if inst == "" {
 		inst = "unknown"
 	}
-	return fmt.Sprintf("%s/day=%s/%s-%s-%s.json", EventsPrefix, r.NoticedAt.UTC().Format("2006-01-02"),
+	return fmt.Sprintf("%s/day=%s/%s__%s__%s__%s-%s-%s.json", EventsPrefix, r.NoticedAt.UTC().Format("2006-01-02"),
+		orUnknownKey(r.Instance.Zone), orUnknownKey(r.Instance.Type), RunTag(r.Run),
 		storage.SafeElement(inst), storage.SafeElement(r.Provider), storage.SafeElement(r.NoticeID))
+}
+
+func orUnknownKey(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return storage.SafeElement(s)
+}
+
+// RunTag names a run in record keys: a short hash ("none" without one).
+func RunTag(run string) string {
+	if run == "" {
+		return "none"
+	}
+	sum := sha256.Sum256([]byte(run))
+	return hex.EncodeToString(sum[:4])
+}
+
+// keyFields reads the zone, instance type and run tag from a record's key
+// (ok false for the names of earlier releases, which lack them).
+func keyFields(key string) (zone, typ, run string, ok bool) {
+	name := path.Base(key)
+	f := strings.SplitN(name, "__", 4)
+	if len(f) != 4 {
+		return "", "", "", false
+	}
+	return f[0], f[1], f[2], true
 }
 
 // FromEvent builds the record of ev.

@@ -135,8 +135,16 @@ func TestFromEvent(t *testing.T) {
 		!r.SignalledAt.Equal(t0.Add(time.Millisecond)) || r.Reason != "logs: store down" {
 		t.Fatalf("record = %+v", r)
 	}
-	if k := Key(r); k != "_events/day=2026-03-01/123-gcp-preempted.json" {
+	if k := Key(r); k != "_events/day=2026-03-01/unknown__a3-highgpu-8g__none__123-gcp-preempted.json" {
 		t.Fatalf("key = %s", k)
+	}
+	r.Instance.Zone, r.Run = "us-central1-a", "llama-70b"
+	zone, typ, run, ok := keyFields(Key(r))
+	if !ok || zone != "us-central1-a" || typ != "a3-highgpu-8g" || run != RunTag("llama-70b") || run == RunTag("other") {
+		t.Fatalf("fields of %s: %q %q %q %v", Key(r), zone, typ, run, ok)
+	}
+	if _, _, _, ok := keyFields("_events/day=2026-03-01/123-gcp-preempted.json"); ok {
+		t.Fatal("an earlier release's key read as having fields")
 	}
 }
 
@@ -219,5 +227,33 @@ func TestReportShowsResume(t *testing.T) {
 	Print(&b, rep)
 	if !strings.Contains(b.String(), "resume (restore before training)") || !strings.Contains(b.String(), "4.0 GiB fetched") {
 		t.Fatalf("report:\n%s", b.String())
+	}
+}
+
+// p counts a notice as committed only when the checkpoint it committed was
+// completed after the trainer's signal: committing the newest checkpoint
+// saved before it (the trainer saved nothing new) kept no work.
+func TestObservationsCountOnlySavesAfterTheSignal(t *testing.T) {
+	at := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
+	rec := func(signalled, complete, committed time.Time) Record {
+		return Record{Version: RecordVersion, Kind: agent.KindTerminate, Class: agent.ClassFatal, Watched: true, NoticedAt: at,
+			SignalledAt: signalled, CheckpointComplete: complete, CommittedAt: committed}
+	}
+	s := at.Add(time.Second)
+	for _, tc := range []struct {
+		name string
+		r    Record
+		want bool
+	}{
+		{"saved after the signal, committed", rec(s, s.Add(20*time.Second), s.Add(40*time.Second)), true},
+		{"an older checkpoint committed", rec(s, at.Add(-10*time.Minute), s.Add(30*time.Second)), false},
+		{"saved after the signal, not committed", rec(s, s.Add(20*time.Second), time.Time{}), false},
+		{"no signal: saved after the notice, committed", rec(time.Time{}, at.Add(5*time.Second), at.Add(9*time.Second)), true},
+		{"no signal: an older checkpoint committed", rec(time.Time{}, at.Add(-time.Hour), at.Add(9*time.Second)), false},
+	} {
+		obs := Observations([]Record{tc.r}, agent.Instance{})
+		if len(obs) != 1 || obs[0].Committed != tc.want {
+			t.Errorf("%s: %+v; want committed %v", tc.name, obs, tc.want)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -17,10 +18,10 @@ import (
 
 // RollupPrefix holds one newline-delimited JSON file per compacted day:
 // _events/rollups/day=<YYYY-MM-DD>/records.ndjson, every record of that day
-// with the key of the per-notice object it came from. Per-notice records
-// stay where they are: a record listed that its day's rollup lacks, or
-// written after it, is read on its own, so one that arrives late is never
-// lost.
+// with the key of the per-notice object it came from. The per-notice
+// records it holds are deleted once it is written (CompactDay); a record
+// listed that its day's rollup lacks, or written after it, is read on its
+// own, so one that arrives late is never lost.
 const RollupPrefix = EventsPrefix + "/rollups"
 
 // RollupName is the file name of a day's rollup.
@@ -218,36 +219,104 @@ func parallel(ctx context.Context, items []storage.Object, f func(storage.Object
 }
 
 // Compact writes the rollup of every day before `before` (UTC) that has
-// records read on their own: the day's rollup merged with them, newest
-// record per key. Running it again with nothing new writes nothing; a
-// record that arrives after it is read on its own until the next.
-// It returns the days written and the records they hold.
+// records read on their own (see CompactDay). Running it again with
+// nothing new writes nothing; a record that arrives after it is read on
+// its own until the next. It returns the days written and the records
+// they hold.
 func Compact(ctx context.Context, st storage.Store, l Loaded, before time.Time) (days, records int, err error) {
 	cut := before.UTC().Format(time.DateOnly)
-	perDay := map[string][]Record{}
-	for _, r := range l.Records {
-		day, _, ok := dayOf(r.Key)
-		if ok {
-			perDay[day] = append(perDay[day], r)
-		}
-	}
 	for _, day := range slices.Sorted(maps.Keys(l.Singly)) {
 		if day >= cut {
 			continue
 		}
-		var b bytes.Buffer
-		recs := perDay[day]
-		slices.SortFunc(recs, func(x, y Record) int { return strings.Compare(x.Key, y.Key) })
-		for _, r := range recs {
-			line, _ := json.Marshal(r)
-			b.Write(line)
-			b.WriteByte('\n')
+		n, _, err := CompactDay(ctx, st, day, l.Singly[day])
+		if err != nil {
+			return days, records, err
 		}
-		if err := st.PutBytes(ctx, RollupKey(day), b.Bytes()); err != nil {
-			return days, records, fmt.Errorf("rollup %s: %w", day, err)
+		if n > 0 {
+			days++
+			records += n
 		}
-		days++
-		records += len(recs)
 	}
 	return days, records, nil
+}
+
+// CompactDay merges singles, records of day read on their own (each with
+// its Key), into the day's rollup, and then deletes their objects: the
+// rollup replaces them, so the day's listing shrinks to the rollup. The
+// rollup is read and replaced as one version (a conditional create or
+// replace), so of daemons compacting the day at once one writes and the
+// others give way (ErrConflict: nothing written, nothing deleted); a
+// record that arrived after singles were listed is not among them and
+// stays, read on its own until the next compaction. Where the store takes
+// no conditional replace the rollup is rewritten and nothing is deleted.
+// It returns the records the rollup holds (0 when it gave way) and the
+// objects deleted.
+func CompactDay(ctx context.Context, st storage.Store, day string, singles []Record) (records, deleted int, err error) {
+	if len(singles) == 0 {
+		return 0, 0, nil
+	}
+	sw, ok := st.(storage.Swapper)
+	if !ok {
+		return 0, 0, fmt.Errorf("rollup %s: %s takes no conditional write", day, st)
+	}
+	var buf jsonBuf
+	buf.limit = 1 << 30
+	version, err := sw.GetVersion(ctx, RollupKey(day), &buf)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		version, buf.b = "", nil
+	case err != nil:
+		return 0, 0, fmt.Errorf("rollup %s: %w", day, err)
+	}
+	have, _ := parseRollup(buf.b)
+	byKey := map[string]Record{}
+	for _, r := range have {
+		byKey[r.Key] = r
+	}
+	for _, r := range singles {
+		if old, ok := byKey[r.Key]; !ok || !r.UpdatedAt.Before(old.UpdatedAt) {
+			byKey[r.Key] = r
+		}
+	}
+	var b bytes.Buffer
+	for _, k := range slices.Sorted(maps.Keys(byKey)) {
+		line, _ := json.Marshal(byKey[k])
+		b.Write(line)
+		b.WriteByte('\n')
+	}
+	err = sw.PutIf(ctx, RollupKey(day), b.Bytes(), version)
+	switch {
+	case errors.Is(err, storage.ErrConflict):
+		return 0, 0, nil // another daemon compacted the day meanwhile
+	case errors.Is(err, storage.ErrNoSwap):
+		if version == "" {
+			err = st.Create(ctx, RollupKey(day), b.Bytes())
+			if errors.Is(err, storage.ErrExists) {
+				return 0, 0, nil
+			}
+		} else {
+			err = st.PutBytes(ctx, RollupKey(day), b.Bytes())
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("rollup %s: %w", day, err)
+		}
+		if version != "" {
+			return len(byKey), 0, nil // not replaced as one version: the records stay too
+		}
+	case err != nil:
+		return 0, 0, fmt.Errorf("rollup %s: %w", day, err)
+	}
+	keys := make([]string, 0, len(singles))
+	for _, r := range singles {
+		keys = append(keys, r.Key)
+	}
+	slices.Sort(keys)
+	for chunk := range slices.Chunk(keys, 1000) {
+		if err := st.Delete(ctx, chunk...); err != nil {
+			return len(byKey), deleted, fmt.Errorf("rollup %s written; its records not deleted: %w", day, err)
+		}
+		deleted += len(chunk)
+	}
+	return len(byKey), deleted, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"os"
@@ -137,7 +138,15 @@ func TestFeedRisks(t *testing.T) {
 	}
 	put(t, st, Key(rec("i-zone", "us-east-1a", "", 2*time.Minute, false)), rec("i-zone", "us-east-1a", "", 2*time.Minute, false))
 	put(t, st, Key(rec("i-node", "us-east-1c", "run-a", time.Minute, false)), rec("i-node", "us-east-1c", "run-a", time.Minute, false))
+	other := rec("i-other-type", "us-east-1a", "", time.Minute, false)
+	other.Instance.Type = "g5.xlarge"
+	put(t, st, Key(other), other)
+	counted := &countReads{Store: st}
+	f.Store = counted
 	f.recent(ctx)
+	if counted.gets != 2 {
+		t.Fatalf("%d records read; want the 2 near this machine (its zone and type, its job), not another zone's or type's", counted.gets)
+	}
 	a := adv.Advice(now)
 	kinds := map[string]bool{}
 	for _, r := range a.Inputs.Risks {
@@ -151,9 +160,11 @@ func TestFeedRisks(t *testing.T) {
 	}
 }
 
-// TestFeedRateCompacts: the feed's estimate reads the records of this
-// instance type and region (not others', not drills), and compacts the days
-// before yesterday it had to read record by record, never today's.
+// TestFeedRateCompacts: the feed compacts the days before yesterday (their
+// records replaced by the day's rollup, their objects deleted), never
+// today's, and estimates from the compacted days' records of this instance
+// type and region (not others', not drills; today's wait for their
+// rollup), reading each day's rollup once.
 func TestFeedRateCompacts(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
@@ -173,17 +184,115 @@ func TestFeedRateCompacts(t *testing.T) {
 	adv := advice.New(advice.Config{}, now, advice.Rate{})
 	f := &Feed{Store: st, Advisor: adv, Instance: func() agent.Instance { return me }, Now: time.Now, Log: slog.New(slog.DiscardHandler)}
 	f.rate(ctx)
-	// a, b, e: lifetimes 10 + 20 + 30 h; prior A100 2.3 %/h weighed as 3.
+	// a, b: lifetimes 10 + 20 h; prior A100 2.3 %/h weighed as 3.
 	a := adv.Advice(now)
-	wantM := (3/0.023 + 60) / 6
-	if a.Inputs.Interruptions != 3 || math.Abs(a.Inputs.MTBIHours-wantM) > 1e-6 {
-		t.Fatalf("estimate: %d interruptions, M %.3f h; want 3, %.3f h", a.Inputs.Interruptions, a.Inputs.MTBIHours, wantM)
+	wantM := (3/0.023 + 30) / 5
+	if a.Inputs.Interruptions != 2 || math.Abs(a.Inputs.MTBIHours-wantM) > 1e-6 {
+		t.Fatalf("estimate: %d interruptions, M %.3f h; want 2, %.3f h", a.Inputs.Interruptions, a.Inputs.MTBIHours, wantM)
 	}
 	l, _ := Read(ctx, st, time.Time{})
-	if l.Rollups != 2 || len(l.Records) != 5 {
-		t.Fatalf("after the feed: %d rollups, %d records; want the 2 past days compacted, all 5 records", l.Rollups, len(l.Records))
+	if l.Rollups != 2 || len(l.Records) != 5 || len(l.Singly) != 1 {
+		t.Fatalf("after the feed: %d rollups, %d records, read singly %v; want the 2 past days compacted, all 5 records, only today's read singly",
+			l.Rollups, len(l.Records), l.Singly)
+	}
+	for _, ago := range []time.Duration{72 * time.Hour, 96 * time.Hour} {
+		if objs, _ := st.List(ctx, EventsPrefix+"/day="+now.Add(-ago).Format(time.DateOnly)); len(objs) != 0 {
+			t.Fatalf("%v ago: %d records left beside the rollup; want them replaced by it", ago, len(objs))
+		}
+	}
+	// Again: nothing new to compact, no rollup read again.
+	counted := &countReads{Store: st}
+	f.Store = counted
+	f.rate(ctx)
+	if counted.gets != 0 || counted.lists != 0 {
+		t.Fatalf("a second estimate within the hour: %d GETs, %d LISTs; want none (the rollups were read)", counted.gets, counted.lists)
 	}
 	if _, err := os.Stat(filepath.Join(root, filepath.FromSlash(RollupKey(now.Format(time.DateOnly))))); err == nil {
 		t.Fatal("today was compacted")
+	}
+}
+
+// countReads counts a store's GETs and listings.
+type countReads struct {
+	storage.Store
+	gets, lists int
+}
+
+func (c *countReads) Get(ctx context.Context, key string, w io.Writer) error {
+	c.gets++
+	return c.Store.Get(ctx, key, w)
+}
+
+func (c *countReads) List(ctx context.Context, prefix string) ([]storage.Object, error) {
+	c.lists++
+	return c.Store.List(ctx, prefix)
+}
+
+// racing is a store on which another compactor writes the rollup between
+// this one's read of it and its conditional replace.
+type racing struct {
+	storage.Store
+	between func()
+}
+
+func (r *racing) GetVersion(ctx context.Context, key string, w io.Writer) (string, error) {
+	v, err := r.Store.(storage.Swapper).GetVersion(ctx, key, w)
+	if r.between != nil {
+		r.between()
+		r.between = nil
+	}
+	return v, err
+}
+
+func (r *racing) PutIf(ctx context.Context, key string, b []byte, version string) error {
+	return r.Store.(storage.Swapper).PutIf(ctx, key, b, version)
+}
+
+// Of two daemons compacting a day at once one writes the rollup and
+// deletes the records it holds; the other gives way and deletes nothing;
+// a record that arrived after they listed the day stays, and every record
+// is read.
+func TestCompactDayOneWriterNoRecordLost(t *testing.T) {
+	ctx := context.Background()
+	dir, _ := storage.NewDir(t.TempDir())
+	day := t0.Format(time.DateOnly)
+	var singles []Record
+	for i := range 5 {
+		r := Record{Version: RecordVersion, Instance: agent.Instance{ID: fmt.Sprintf("i-%d", i), Type: "p5.48xlarge"}, Provider: "aws",
+			Kind: agent.KindTerminate, Class: agent.ClassFatal, NoticeID: "n", NoticedAt: t0.Add(time.Duration(i) * time.Hour), UpdatedAt: t0}
+		r.Key = Key(r)
+		put(t, dir, r.Key, r)
+		singles = append(singles, r)
+	}
+	late := Record{Version: RecordVersion, Instance: agent.Instance{ID: "i-late", Type: "p5.48xlarge"}, Provider: "aws",
+		Kind: agent.KindTerminate, Class: agent.ClassFatal, NoticeID: "n", NoticedAt: t0.Add(20 * time.Hour), UpdatedAt: t0}
+	st := &racing{Store: dir}
+	var otherN, otherDeleted int
+	var otherErr error
+	st.between = func() {
+		otherN, otherDeleted, otherErr = CompactDay(ctx, dir, day, singles[:3]) // the other daemon saw only three
+		put(t, dir, Key(late), late)                                            // and a record arrives late
+	}
+	n, deleted, err := CompactDay(ctx, st, day, singles)
+	if err != nil || otherErr != nil {
+		t.Fatal(err, otherErr)
+	}
+	if otherN != 3 || otherDeleted != 3 || n != 0 || deleted != 0 {
+		t.Fatalf("the other daemon wrote %d and deleted %d, this one %d and %d; want 3 and 3, then this one giving way", otherN, otherDeleted, n, deleted)
+	}
+	l, err := Read(ctx, dir, time.Time{})
+	if err != nil || len(l.Records) != 6 || l.Rollups != 1 || len(l.Singly[day]) != 3 {
+		t.Fatalf("%d records, %d rollups, %d read singly (%v); want all 6, the rollup, the 2 not in it and the late one singly", len(l.Records), l.Rollups, len(l.Singly[day]), err)
+	}
+	// The next compaction takes the rest into the rollup.
+	n, deleted, err = CompactDay(ctx, dir, day, l.Singly[day])
+	if err != nil || n != 6 || deleted != 3 {
+		t.Fatalf("second compaction: %d records, %d deleted, %v; want 6 and 3", n, deleted, err)
+	}
+	if objs, _ := dir.List(ctx, EventsPrefix+"/day="+day); len(objs) != 0 {
+		t.Fatalf("%d records left beside the rollup", len(objs))
+	}
+	if l, _ := Read(ctx, dir, time.Time{}); len(l.Records) != 6 {
+		t.Fatalf("%d records after the second compaction; want 6", len(l.Records))
 	}
 }

@@ -45,7 +45,7 @@ func cmdAdvise(ctx context.Context, args []string, getenv func(string) string, s
 		}
 		inst := agent.Instance{Type: *typ, Region: *region}
 		prior, basis := fleet.PriorFor(cfg.Advice.InterruptionsPerHour, nil, inst)
-		a := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D()}, time.Now(),
+		a := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D(), Nodes: cfg.Job.Nodes}, time.Now(),
 			advice.Estimate(prior, basis, fleet.Observations(l.Records, inst)))
 		adv = a.Advice(time.Now())
 		adv.CheckpointNow, adv.Request, adv.DueAt = false, 0, time.Time{}

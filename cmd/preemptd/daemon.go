@@ -458,7 +458,7 @@ func newAdvice(ctx context.Context, cfg *config.Config, provider string, gpus ag
 	if provider == "gcp" {
 		window = cfg.GCP.PreemptWindow.D()
 	}
-	adv := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D(), Window: window}, time.Now(),
+	adv := advice.New(advice.Config{Min: cfg.Advice.MinInterval.D(), Max: cfg.Advice.MaxInterval.D(), Window: window, Nodes: cfg.Job.Nodes}, time.Now(),
 		advice.Estimate(prior, basis, nil))
 	if cfg.Advice.FleetPoll.D() <= 0 {
 		return adv, nil
