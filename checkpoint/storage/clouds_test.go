@@ -3,6 +3,7 @@ package storage_test
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/rand"
 	"encoding/base64"
 	"errors"
@@ -550,5 +551,181 @@ func TestSwapContract(t *testing.T) {
 				t.Fatalf("listing after the swaps: %+v %v (nothing but the object)", objs, err)
 			}
 		})
+	}
+}
+
+// xmlMultipart is GCS's XML API multipart upload as Google documents it
+// (start with POST ?uploads, parts by PUT ?partNumber&uploadId checked by
+// their Content-MD5, POST ?uploadId to assemble, DELETE ?uploadId to
+// abort, GET ?uploads to list), in front of fake-gcs-server, which has
+// none: the assembled object goes to the emulator through its JSON API,
+// and every other request passes through.
+type xmlMultipart struct {
+	t        *testing.T
+	upstream *url.URL
+	proxy    *httputil.ReverseProxy
+	flip     atomic.Bool // flip one bit of the next part's body
+	mu       sync.Mutex
+	uploads  map[string]map[int][]byte // upload id → parts
+	keys     map[string]string         // upload id → object
+	starts   atomic.Int64
+	parts    atomic.Int64
+	aborts   atomic.Int64
+	// objects counts objects created, temporaries named _preemptd/uploads/
+	// among them; deletes counts objects deleted.
+	objects, temporaries, deletes atomic.Int64
+}
+
+func (x *xmlMultipart) front(upstream string) string {
+	x.upstream, _ = url.Parse(upstream)
+	x.proxy = httputil.NewSingleHostReverseProxy(x.upstream)
+	x.uploads, x.keys = map[string]map[int][]byte{}, map[string]string{}
+	srv := httptest.NewServer(x)
+	x.t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+func (x *xmlMultipart) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	bucket, object, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	switch {
+	case strings.HasPrefix(r.URL.Path, "/upload/"):
+		b, _ := io.ReadAll(r.Body)
+		x.objects.Add(1)
+		if bytes.Contains(b[:min(len(b), 1024)], []byte("_preemptd/uploads/")) {
+			x.temporaries.Add(1)
+		}
+		r.Body = io.NopCloser(bytes.NewReader(b))
+	case r.Method == http.MethodDelete && strings.HasPrefix(r.URL.Path, "/storage/v1/"):
+		x.deletes.Add(1)
+	case r.Method == http.MethodPost && q.Has("uploads"):
+		x.starts.Add(1)
+		id := fmt.Sprintf("upload-%d", x.starts.Load())
+		x.mu.Lock()
+		x.uploads[id], x.keys[id] = map[int][]byte{}, object
+		x.mu.Unlock()
+		fmt.Fprintf(w, "<InitiateMultipartUploadResult><Bucket>%s</Bucket><Key>%s</Key><UploadId>%s</UploadId></InitiateMultipartUploadResult>", bucket, object, id)
+		return
+	case r.Method == http.MethodPut && q.Has("uploadId"):
+		b, _ := io.ReadAll(r.Body)
+		if x.flip.CompareAndSwap(true, false) {
+			b[len(b)/2] ^= 1
+		}
+		sum := md5sum(b)
+		if r.Header.Get("Content-MD5") != base64.StdEncoding.EncodeToString(sum[:]) {
+			w.WriteHeader(http.StatusBadRequest)
+			fmt.Fprint(w, "<Error><Code>BadDigest</Code><Message>The Content-MD5 you specified did not match what we received.</Message></Error>")
+			return
+		}
+		n, _ := strconv.Atoi(q.Get("partNumber"))
+		x.mu.Lock()
+		parts, ok := x.uploads[q.Get("uploadId")]
+		if ok {
+			parts[n] = b
+		}
+		x.mu.Unlock()
+		if !ok {
+			http.Error(w, "<Error><Code>NoSuchUpload</Code></Error>", http.StatusNotFound)
+			return
+		}
+		x.parts.Add(1)
+		w.Header().Set("ETag", fmt.Sprintf("%q", fmt.Sprintf("%x", sum)))
+		return
+	case r.Method == http.MethodPost && q.Has("uploadId"):
+		id := q.Get("uploadId")
+		x.mu.Lock()
+		parts := x.uploads[id]
+		delete(x.uploads, id)
+		x.mu.Unlock()
+		var whole []byte
+		for n := 1; n <= len(parts); n++ {
+			whole = append(whole, parts[n]...)
+		}
+		u := fmt.Sprintf("%s/upload/storage/v1/b/%s/o?uploadType=media&name=%s", x.upstream, bucket, url.QueryEscape(object))
+		req, _ := http.NewRequest(http.MethodPost, u, bytes.NewReader(whole))
+		req.Header.Set("Authorization", r.Header.Get("Authorization"))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			http.Error(w, fmt.Sprintf("<Error><Message>assembling: %v %v</Message></Error>", err, resp), http.StatusInternalServerError)
+			return
+		}
+		resp.Body.Close()
+		fmt.Fprintf(w, "<CompleteMultipartUploadResult><Key>%s</Key></CompleteMultipartUploadResult>", object)
+		return
+	case r.Method == http.MethodDelete && q.Has("uploadId"):
+		x.mu.Lock()
+		_, ok := x.uploads[q.Get("uploadId")]
+		delete(x.uploads, q.Get("uploadId"))
+		x.mu.Unlock()
+		if !ok {
+			http.Error(w, "<Error><Code>NoSuchUpload</Code></Error>", http.StatusNotFound)
+			return
+		}
+		x.aborts.Add(1)
+		w.WriteHeader(http.StatusNoContent)
+		return
+	case r.Method == http.MethodGet && q.Has("uploads"):
+		x.mu.Lock()
+		fmt.Fprint(w, "<ListMultipartUploadsResult>")
+		for id, key := range x.keys {
+			if _, open := x.uploads[id]; open && strings.HasPrefix(key, q.Get("prefix")) {
+				fmt.Fprintf(w, "<Upload><Key>%s</Key><UploadId>%s</UploadId></Upload>", key, id)
+			}
+		}
+		fmt.Fprint(w, "</ListMultipartUploadsResult>")
+		x.mu.Unlock()
+		return
+	}
+	x.proxy.ServeHTTP(w, r)
+}
+
+func (x *xmlMultipart) open() int {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return len(x.uploads)
+}
+
+func md5sum(b []byte) [16]byte { return md5.Sum(b) }
+
+// TestGCSXMLMultipartNoTemporaries: where GCS has its XML API multipart
+// upload (Cloud Storage does), a file of several parts goes up as one:
+// its parts are not objects, so no temporary object is created, and none
+// deleted (with soft delete, the default, every deleted temporary would be
+// kept and billed for a week). A part whose bytes do not match its
+// Content-MD5 is refused and the upload aborted, nothing left; an upload a
+// crash left is aborted by AbortUploads.
+func TestGCSXMLMultipartNoTemporaries(t *testing.T) {
+	x := &xmlMultipart{t: t}
+	st := backends[0].start(t, x.front, storage.Options{PartSize: 5 << 20, Threads: 4})
+	f, want := randomFile(t, 23<<20)
+	if err := st.PutFile(t.Context(), "ck/shard", f, int64(len(want))); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(get(t, st, "ck/shard"), want) {
+		t.Fatal("read back differs")
+	}
+	if x.starts.Load() != 1 || x.parts.Load() != 5 || x.temporaries.Load() != 0 || x.deletes.Load() != 0 {
+		t.Fatalf("%d uploads, %d parts, %d temporary objects, %d deletes; want 1 upload of 5 parts, no temporary object, no delete",
+			x.starts.Load(), x.parts.Load(), x.temporaries.Load(), x.deletes.Load())
+	}
+	// One bit of a part flipped on the way: refused, aborted, nothing there.
+	x.flip.Store(true)
+	err := st.PutFile(t.Context(), "ck/other", f, int64(len(want)))
+	if err == nil {
+		t.Fatal("a part with a flipped bit was accepted")
+	}
+	t.Logf("refused: %v", err)
+	if x.aborts.Load() != 1 || x.open() != 0 {
+		t.Fatalf("%d aborted, %d uploads open; want the failed one aborted", x.aborts.Load(), x.open())
+	}
+	if err := st.Get(t.Context(), "ck/other", io.Discard); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("after a refused part the key reads %v, want ErrNotFound", err)
+	}
+	// An upload a crash left: AbortUploads finds and aborts it.
+	x.mu.Lock()
+	x.uploads["left-by-a-crash"], x.keys["left-by-a-crash"] = map[int][]byte{1: []byte("x")}, "runs/ck/left"
+	x.mu.Unlock()
+	if n, err := st.AbortUploads(t.Context(), "ck/left"); err != nil || n != 1 || x.open() != 0 {
+		t.Fatalf("AbortUploads: %d, %v; %d uploads open; want the one a crash left aborted", n, err, x.open())
 	}
 }

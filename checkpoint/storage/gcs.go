@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -28,7 +29,9 @@ import (
 // JSON API with an OAuth token: the VM's service account (from the
 // metadata server) or a service-account key (GOOGLE_APPLICATION_CREDENTIALS).
 //
-// A file larger than one part goes up as a parallel composite upload: its
+// A file larger than one part goes up as an XML API multipart upload, its
+// parts Threads at once (see gcsxml.go: no temporary objects), or, on a
+// server without one, as a parallel composite upload: its
 // parts are uploaded Threads at once as temporary objects under
 // <prefix>/_preemptd/uploads/<key>/<upload>/, each with the CRC32C of its
 // bytes in its metadata (GCS refuses a part whose bytes do not match), then
@@ -46,6 +49,7 @@ type GCS struct {
 	meta     *gceMeta           // the metadata server, when the token comes from it
 	partSize int64
 	threads  uint
+	xmlMPU   atomic.Int32 // xmlUnknown, xmlYes or xmlNo (see gcsxml.go)
 }
 
 // gcsScope is what preemptd asks for: read and write objects, nothing else.
@@ -253,6 +257,17 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 			return fmt.Errorf("storage: put %s: %w", key, err)
 		}
 		return nil
+	}
+	if g.xmlMPU.Load() != xmlNo {
+		err := g.putXML(ctx, k, f, size, max(g.partSize, (size+maxXMLParts-1)/maxXMLParts))
+		if !errors.Is(err, errNoXMLMultipart) {
+			if err != nil {
+				return fmt.Errorf("storage: put %s: %w", key, err)
+			}
+			g.xmlMPU.Store(xmlYes)
+			return nil
+		}
+		g.xmlMPU.Store(xmlNo) // an emulator: composite, below
 	}
 	var id [8]byte
 	rand.Read(id[:])
@@ -509,17 +524,24 @@ func (g *GCS) Delete(ctx context.Context, keys ...string) error {
 // itself otherwise), found with one listing of every upload in flight.
 func (g *GCS) AbortUploads(ctx context.Context, keys ...string) (int, error) {
 	mine := map[string]bool{}
+	var names []string
 	for _, key := range keys {
-		if err := checkKey(key); err != nil {
+		k, err := g.key(key)
+		if err != nil {
 			return 0, err
 		}
 		mine[g.uploads(key)] = true
+		names = append(names, k)
+	}
+	aborted, err := g.abortXMLUnder(ctx, names)
+	if err != nil {
+		return aborted, fmt.Errorf("storage: abort: %w", err)
 	}
 	objs, err := g.list(ctx, g.uploadsRoot()+"/", false)
 	if err != nil {
 		return 0, err
 	}
-	var names []string
+	names = nil
 	uploads := map[string]bool{}
 	for _, o := range objs {
 		name := path.Join(g.prefix, o.Key)
@@ -529,9 +551,9 @@ func (g *GCS) AbortUploads(ctx context.Context, keys ...string) (int, error) {
 		}
 	}
 	if err := deleteEach(ctx, names, g.threads, g.deleteObject); err != nil {
-		return 0, fmt.Errorf("storage: abort: %w", err)
+		return aborted, fmt.Errorf("storage: abort: %w", err)
 	}
-	return len(uploads), nil
+	return aborted + len(uploads), nil
 }
 
 // CheckAccess is the doctor's credential check: a token, the VM's
