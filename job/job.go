@@ -156,6 +156,16 @@ func (j *Job) nodeKey(node string) string { return j.prefix() + "nodes/" + node 
 func (j *Job) memberKey() string          { return j.nodeKey(j.cfg.Node) + "/" + j.incarnation + ".json" }
 func (j *Job) noticeKey(id string) string { return j.prefix() + "notices/" + id + ".json" }
 
+// stampKey is the notices' change stamp: rewritten (a new nonce) after
+// every notice created and every withdrawal, so that the other nodes list
+// the notices only when it changed (see pollLoop).
+func (j *Job) stampKey() string { return j.prefix() + "notices.changed" }
+
+// touch rewrites the change stamp, retrying until ctx ends.
+func (j *Job) touch(ctx context.Context) {
+	retry(ctx, func() error { return j.store.PutBytes(ctx, j.stampKey(), []byte(nonce())) })
+}
+
 // tombstoneKey marks publication id withdrawn: a listing that holds it
 // ignores the notice, even when the notice's create lands after the
 // withdrawal's delete (a request already on its way when it was given up).
@@ -502,6 +512,7 @@ func (j *Job) publish(ctx context.Context, p Published) {
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
 		err := j.store.Create(ctx, j.noticeKey(p.ID), b)
 		if err == nil || errors.Is(err, storage.ErrExists) {
+			j.touch(ctx)
 			return
 		}
 		if ctx.Err() != nil {
@@ -548,6 +559,7 @@ func (j *Job) Withdrawn(n agent.Notice) {
 		all.Go(func() {
 			b, _ := json.Marshal(p)
 			retry(ctx, func() error { return j.store.PutBytes(ctx, j.tombstoneKey(p.ID), b) })
+			j.touch(ctx)
 		})
 		all.Go(func() {
 			select { // a delete before a create in flight lands would leave the notice behind it
@@ -556,6 +568,7 @@ func (j *Job) Withdrawn(n agent.Notice) {
 			case <-ctx.Done():
 			}
 			retry(ctx, func() error { return j.store.Delete(ctx, j.noticeKey(p.ID)) })
+			j.touch(ctx)
 		})
 		all.Wait()
 	})

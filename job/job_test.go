@@ -3,6 +3,7 @@ package job
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -516,5 +517,48 @@ func TestMembersLiveInTheStoresClock(t *testing.T) {
 	}
 	if len(m) != 3 || !m["n1"] || !m["n2"] || m["gone"] {
 		t.Fatalf("members %v; want n0, n1 and n2 live, not the node unrefreshed for an hour", m)
+	}
+}
+
+// A watching node reads the notices' change stamp every poll (a GET) and
+// lists the notices only when it changed, or every listEvery polls: a
+// notice arrives at the next poll after its stamp, and one whose node died
+// before writing the stamp within listEvery polls.
+func TestWatchListsWhenTheStampChanges(t *testing.T) {
+	st := &countStore{Store: newDir(t)}
+	nodes := startNodes(t, st, "run", []string{"n0", "n1"}, "")
+	time.Sleep(100 * time.Millisecond) // both have listed once
+	st.reset()
+	const polls = 60
+	time.Sleep(polls * 20 * time.Millisecond)
+	lists, gets := st.lists.Load(), st.gets.Load()
+	t.Logf("2 nodes, %d polls each: %d LISTs, %d GETs", polls, lists, gets)
+	if lists > 2*(polls/listEvery+1) || gets < polls {
+		t.Fatalf("%d LISTs and %d GETs in %d polls of 2 nodes; want at most %d LISTs (one per node every %d polls) and a GET a poll",
+			lists, gets, polls, 2*(polls/listEvery+1), listEvery)
+	}
+	// A notice: the stamp changes, the other node lists at its next poll.
+	begin := time.Now()
+	nodes[1].Fatal(fatal("i-1", time.Minute))
+	if got, ok := next(t, nodes[0], 5*time.Second); !ok || got.Kind != agent.KindJob {
+		t.Fatal("no job notice")
+	}
+	if d := time.Since(begin); d > listEvery*20*time.Millisecond/2 {
+		t.Errorf("the notice took %v: not the stamp's change (a listing comes every %v)", d, listEvery*20*time.Millisecond)
+	}
+	nodes[1].Withdrawn(fatal("i-1", time.Minute))
+	if got, ok := next(t, nodes[0], 5*time.Second); !ok || !got.Withdrawn {
+		t.Fatalf("withdrawal not seen: %+v", got)
+	}
+	// A node that died between its notice's create and the stamp: heard by
+	// the listing every listEvery polls.
+	p := Published{Run: "run", ID: "n1--aws-i-2--dead", Node: "n1", Provider: "aws", Kind: agent.KindTerminate, NoticeID: "i-2",
+		NoticedAt: time.Now().UTC(), Deadline: time.Now().UTC().Add(time.Minute)}
+	b, _ := json.Marshal(p)
+	if err := st.Create(context.Background(), nodes[1].noticeKey(p.ID), b); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := next(t, nodes[0], 5*time.Second); !ok || got.Kind != agent.KindJob {
+		t.Fatal("a notice without its stamp was never heard")
 	}
 }

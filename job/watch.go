@@ -156,16 +156,36 @@ func (j *Job) applyListing(st *watchState, l listing) {
 	}
 }
 
-// pollLoop lists the store's notices every job.poll and sends each
-// complete listing (the other nodes' notices and tombstones, each read
-// once); a listing that fails sends nothing.
+// listEvery is how many polls may pass without a listing of the notices
+// while their change stamp stays the same: a node that died between its
+// notice's create and the stamp's write is heard within it.
+const listEvery = 20
+
+// pollLoop reads the notices' change stamp every job.poll (one GET) and
+// lists the store's notices when it changed, and every listEvery polls
+// whatever it says, sending each complete listing (the other nodes'
+// notices and tombstones, each read once); a listing that fails sends
+// nothing. A GET costs a twelfth of a LIST at S3's prices.
 func (j *Job) pollLoop(ctx context.Context, listings chan<- listing) {
 	known := map[string]Published{}
 	failing := false
 	tick := time.NewTicker(j.cfg.Poll)
 	defer tick.Stop()
-	for {
+	lastStamp, sinceList := "", listEvery
+	for ; ; sinceList++ {
+		stamp, serr := j.readStamp(ctx)
+		if serr == nil && stamp == lastStamp && sinceList < listEvery {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			continue
+		}
 		listed, read, err := j.list(ctx, known)
+		if err == nil && serr == nil {
+			lastStamp, sinceList = stamp, 0
+		}
 		switch {
 		case err != nil && ctx.Err() == nil:
 			if !failing {
@@ -193,6 +213,20 @@ func (j *Job) pollLoop(ctx context.Context, listings chan<- listing) {
 }
 
 const tombSuffix = ".withdrawn"
+
+// readStamp reads the notices' change stamp ("" when there is none).
+func (j *Job) readStamp(ctx context.Context) (string, error) {
+	sctx, cancel := context.WithTimeout(ctx, max(4*j.cfg.Poll, 2*time.Second))
+	defer cancel()
+	var buf bytes.Buffer
+	if err := j.store.Get(sctx, j.stampKey(), &buf); err != nil {
+		if errors.Is(err, storage.ErrNotFound) {
+			return "", nil
+		}
+		return "", err
+	}
+	return buf.String(), nil
+}
 
 // list reads the notices in the store: one LIST, and a GET of each notice
 // or tombstone not known (by its object's name) from the last listing;
