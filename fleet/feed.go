@@ -84,20 +84,26 @@ func PriorFor(perHour float64, gpus []string, inst agent.Instance) (float64, str
 // region are inst's (all of them when inst's type is unknown), drills left out.
 func Observations(records []Record, inst agent.Instance) []advice.Obs {
 	var out []advice.Obs
-	for _, r := range records {
-		if r.Simulated || !Interruption(r) {
+	for i := range records {
+		r := &records[i]
+		if r.Simulated || !Interruption(*r) {
 			continue
 		}
 		if inst.Type != "" && (r.Instance.Type != inst.Type || (inst.Region != "" && r.Instance.Region != inst.Region)) {
 			continue
 		}
-		o := advice.Obs{Watched: r.Watched || r.Version < 2, Committed: SavedAfterSignal(r)}
-		if !r.Instance.StartedAt.IsZero() && r.NoticedAt.After(r.Instance.StartedAt) {
-			o.Lifetime = r.NoticedAt.Sub(r.Instance.StartedAt)
-		}
-		out = append(out, o)
+		out = append(out, obsOf(r))
 	}
 	return out
+}
+
+// obsOf is interruption r as the estimate takes it.
+func obsOf(r *Record) advice.Obs {
+	o := advice.Obs{Watched: r.Watched || r.Version < 2, Committed: SavedAfterSignal(*r)}
+	if !r.Instance.StartedAt.IsZero() && r.NoticedAt.After(r.Instance.StartedAt) {
+		o.Lifetime = r.NoticedAt.Sub(r.Instance.StartedAt)
+	}
+	return o
 }
 
 // near says whether a record's key may be of an interruption this feed
@@ -129,26 +135,34 @@ func SavedAfterSignal(r Record) bool {
 
 // Run polls until ctx ends.
 func (f *Feed) Run(ctx context.Context) error {
-	if f.Now == nil {
-		f.Now = time.Now
-	}
-	if f.Log == nil {
-		f.Log = slog.New(slog.DiscardHandler)
-	}
-	f.seen = map[string]bool{}
 	tick := time.NewTicker(f.Poll)
 	defer tick.Stop()
 	for i := 0; ; i++ {
-		if i%rateEvery == 0 {
-			f.rate(ctx)
-		}
-		f.recent(ctx)
+		f.Step(ctx, i)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
 		}
 	}
+}
+
+// Step is poll i of Run: the recent records, and every rateEvery-th poll
+// (the first included) the rate and, hourly, the late days' compaction.
+func (f *Feed) Step(ctx context.Context, i int) {
+	if f.Now == nil {
+		f.Now = time.Now
+	}
+	if f.Log == nil {
+		f.Log = slog.New(slog.DiscardHandler)
+	}
+	if f.seen == nil {
+		f.seen = map[string]bool{}
+	}
+	if i%rateEvery == 0 {
+		f.rate(ctx)
+	}
+	f.recent(ctx)
 }
 
 func (f *Feed) rate(ctx context.Context) {

@@ -129,12 +129,15 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 	}
 	unpriced := map[string]bool{}
 	type acc struct {
-		recs               []Record
+		obs                []advice.Obs // the type's interruptions, drills left out
+		n                  int
+		typ, provider      string
 		lost, save, upload float64
 		saves              int
 	}
 	perType := map[string]*acc{}
-	for _, r := range records {
+	for i := range records {
+		r := &records[i]
 		if r.NoticedAt.Before(since) {
 			continue
 		}
@@ -147,7 +150,7 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			resume = append(resume, r.Restore.Seconds)
 			rep.ResumeFetchedBytes += r.Restore.FetchedBytes
 		}
-		if !Interruption(r) {
+		if !Interruption(*r) {
 			continue
 		}
 		rep.Interruptions++
@@ -174,10 +177,13 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 		}
 		t := perType[orUnknown(r.Instance.Type)]
 		if t == nil {
-			t = &acc{}
+			t = &acc{typ: r.Instance.Type, provider: r.Instance.Provider}
 			perType[orUnknown(r.Instance.Type)] = t
 		}
-		t.recs = append(t.recs, r)
+		t.n++
+		if !r.Simulated {
+			t.obs = append(t.obs, obsOf(r))
+		}
 		t.lost += lost
 		if r.SaveSeconds > 0 {
 			t.save += r.SaveSeconds
@@ -213,21 +219,21 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 			inst.Type = ""
 		}
 		prior, basis := advice.Prior(nil, inst.Type)
-		rate := advice.Estimate(prior, basis, Observations(t.recs, agent.Instance{Type: t.recs[0].Instance.Type}))
+		rate := advice.Estimate(prior, basis, t.obs)
 		in := advice.Inputs{Rate: rate}
 		if t.saves > 0 {
 			in.Save = time.Duration(t.save / float64(t.saves) * float64(time.Second))
 			in.Upload = time.Duration(t.upload / float64(t.saves) * float64(time.Second))
 		}
-		rate = rate.WithPrior(in.Save, in.Upload, advice.NoticeWindow(t.recs[0].Instance.Provider))
+		rate = rate.WithPrior(in.Save, in.Upload, advice.NoticeWindow(t.provider))
 		in.Rate = rate
 		every, _ := advice.Interval(in)
 		save := in.Save
 		if save <= 0 {
 			save = advice.DefaultSave
 		}
-		rep.Advice = append(rep.Advice, TypeAdvice{Type: typ, Interruptions: len(t.recs), MTBIHours: rate.MTBI.Hours(), Basis: rate.Basis,
-			Committed: rate.Committed, SaveSeconds: save.Seconds(), IntervalSeconds: every.Seconds(), LostSeconds: t.lost / float64(len(t.recs))})
+		rep.Advice = append(rep.Advice, TypeAdvice{Type: typ, Interruptions: t.n, MTBIHours: rate.MTBI.Hours(), Basis: rate.Basis,
+			Committed: rate.Committed, SaveSeconds: save.Seconds(), IntervalSeconds: every.Seconds(), LostSeconds: t.lost / float64(t.n)})
 	}
 	rep.ByType, rep.ByRegion, rep.ByZone = counts(byType), counts(byRegion), counts(byZone)
 	rep.Lifetime, rep.NoticeToDurable, rep.Resume = stats(life), stats(durable), stats(resume)

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	gojson "github.com/goccy/go-json"
 	"github.com/preemptd/preemptd/checkpoint/storage"
 )
 
@@ -72,7 +73,8 @@ type Loaded struct {
 
 // Read reads every record noticed on or after since's day (zero: all):
 // one GET per compacted day, one per record not in a rollup; records are
-// read in parallel.
+// read in parallel, in order of their keys. A record read on its own
+// replaces its day's rollup's line of the same key (it was written after).
 func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error) {
 	objs, err := st.List(ctx, EventsPrefix)
 	if err != nil {
@@ -96,9 +98,8 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 		}
 	}
 	out := Loaded{Singly: map[string][]Record{}, Rollups: len(rollups)}
-	byKey := map[string]Record{}
+	perDay := map[string][]Record{} // each day's records, the rollup's first
 	var mu sync.Mutex
-	inRollup := map[string]bool{}
 	err = parallel(ctx, slices.Collect(maps.Values(rollups)), func(o storage.Object) error {
 		var buf jsonBuf
 		buf.limit = 1 << 30
@@ -106,23 +107,36 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 			return fmt.Errorf("rollup %s: %w", o.Key, err)
 		}
 		recs, bad := parseRollup(buf.b)
+		day, _, _ := dayOf(o.Key)
 		mu.Lock()
 		defer mu.Unlock()
 		out.Bad += bad
-		for _, r := range recs {
-			byKey[r.Key] = r
-			inRollup[r.Key] = true
-		}
+		perDay[day] = recs
 		return nil
 	})
 	if err != nil {
 		return out, err
 	}
+	// A record listed that its day's rollup holds, and older than the
+	// rollup, is not read again: the day's keys are looked up only for the
+	// days with such records (today's, late ones).
+	inRollup := map[string]map[string]int{} // day → key → index in perDay[day]
+	keysOf := func(day string) map[string]int {
+		m, ok := inRollup[day]
+		if !ok {
+			m = make(map[string]int, len(perDay[day]))
+			for i, r := range perDay[day] {
+				m[r.Key] = i
+			}
+			inRollup[day] = m
+		}
+		return m
+	}
 	var read []storage.Object
 	for _, o := range singles {
 		day, _, _ := dayOf(o.Key)
 		ro, compacted := rollups[day]
-		if compacted && inRollup[o.Key] && o.ModTime.Before(ro.ModTime.Add(-rollupSlack)) {
+		if _, in := keysOf(day)[o.Key]; compacted && in && o.ModTime.Before(ro.ModTime.Add(-rollupSlack)) {
 			continue
 		}
 		read = append(read, o)
@@ -141,16 +155,28 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 			return nil
 		}
 		r.Key = o.Key
-		byKey[o.Key] = r
 		day, _, _ := dayOf(o.Key)
+		if i, ok := keysOf(day)[o.Key]; ok {
+			perDay[day][i] = r
+		} else {
+			perDay[day] = append(perDay[day], r)
+			inRollup[day][o.Key] = len(perDay[day]) - 1
+		}
 		out.Singly[day] = append(out.Singly[day], r)
 		return nil
 	})
 	if err != nil {
 		return out, err
 	}
-	for _, k := range slices.Sorted(maps.Keys(byKey)) {
-		out.Records = append(out.Records, byKey[k])
+	n := 0
+	for _, recs := range perDay {
+		n += len(recs)
+	}
+	out.Records = make([]Record, 0, n)
+	for _, day := range slices.Sorted(maps.Keys(perDay)) {
+		recs := perDay[day]
+		slices.SortFunc(recs, func(a, b Record) int { return strings.Compare(a.Key, b.Key) }) // a rollup's are in order already
+		out.Records = append(out.Records, recs...)
 	}
 	return out, nil
 }
@@ -172,7 +198,7 @@ func parseRollup(b []byte) ([]Record, int) {
 			continue
 		}
 		var r Record
-		if err := json.Unmarshal(line, &r); err != nil || r.Key == "" || !known(r) {
+		if err := gojson.Unmarshal(line, &r); err != nil || r.Key == "" || !known(r) {
 			bad++
 			continue
 		}
