@@ -45,6 +45,11 @@ func (c *counting) PutBytes(ctx context.Context, key string, b []byte) error {
 	return c.Store.PutBytes(ctx, key, b)
 }
 
+func (c *counting) Create(ctx context.Context, key string, b []byte) error {
+	c.puts.Add(1)
+	return c.Store.Create(ctx, key, b)
+}
+
 func (c *counting) reset() { c.lists.Store(0); c.gets.Store(0); c.puts.Store(0); c.looks.Store(0) }
 
 // TestJobCommitWaitRequests: the store requests of a job's commit while
