@@ -279,9 +279,10 @@ type view struct {
 const readers = 16
 
 // look lists checkpoint name's prefix once and reads the parts of the
-// job's live nodes that read says to (nil: all of them; each read again
-// only when its object changed), readers at a time.
-func (c *Committer) look(ctx context.Context, name string, read func(node string, v view) bool) (view, error) {
+// job's live nodes that the filter which makes of the listing says to
+// (nil: all of them; each read again only when its object changed),
+// readers at a time.
+func (c *Committer) look(ctx context.Context, name string, which func(v view) func(node string) bool) (view, error) {
 	v := view{objs: map[string]storage.Object{}, listed: map[string]bool{}, parts: map[string]Manifest{}, bad: map[string]error{}}
 	objs, err := c.Store.List(ctx, runKey(c.Run, name))
 	c.asked.Add(int64(max(1, (len(objs)+999)/1000))) // a page per 1,000 keys
@@ -307,12 +308,16 @@ func (c *Committer) look(ctx context.Context, name string, read func(node string
 		v.listed[node] = true
 		toRead = append(toRead, o)
 	}
+	var read func(string) bool
+	if which != nil {
+		read = which(v)
+	}
 	var mu sync.Mutex
 	sem := make(chan struct{}, readers)
 	var wg sync.WaitGroup
 	for _, o := range toRead {
 		node := strings.TrimSuffix(strings.TrimPrefix(o.Key, prefix), ".json")
-		if read != nil && !read(node, v) {
+		if read != nil && !read(node) {
 			continue
 		}
 		sem <- struct{}{}
@@ -525,7 +530,7 @@ func (c *Committer) complete(ctx context.Context, mine Manifest, t *turn) (done 
 	name := mine.Name
 	first := t.first
 	t.first = false
-	v, err := c.look(ctx, name, func(node string, _ view) bool { return node == c.Node })
+	v, err := c.look(ctx, name, func(view) func(string) bool { return func(node string) bool { return node == c.Node } })
 	if err != nil {
 		return done, nil, err
 	}
@@ -940,7 +945,7 @@ func (c *Committer) waitPair(ctx context.Context, ck Checkpoint, m Manifest) (*P
 // of nodes whose upload holds one of the layout's markers (ck's own folder
 // lacks them) — one part, not every node's; every part when the layout
 // names no marker.
-func (c *Committer) mayCoordinate(ck Checkpoint) func(string, view) bool {
+func (c *Committer) mayCoordinate(ck Checkpoint) func(view) func(string) bool {
 	markers := ck.Markers
 	if ck.Part && len(markers) == 0 {
 		markers = []string{ck.Name + "/.metadata"} // a DCP rank's part: the coordinator's marker
@@ -949,21 +954,20 @@ func (c *Committer) mayCoordinate(ck Checkpoint) func(string, view) bool {
 		return nil
 	}
 	prefix := runKey(c.Run, ck.Name) + "/" + PartsDir + "/"
-	return func(node string, v view) bool {
-		if node == c.Node {
-			return false
-		}
+	return func(v view) func(string) bool {
+		coords := map[string]bool{} // one pass over the listing, not one a node
 		for key := range v.objs {
-			rest, ok := strings.CutPrefix(key, prefix+node+"/")
+			rest, ok := strings.CutPrefix(key, prefix)
 			if !ok {
 				continue
 			}
+			node, rest, _ := strings.Cut(rest, "/")
 			_, path, _ := strings.Cut(rest, "/") // past the attempt
 			if slices.ContainsFunc(markers, func(mk string) bool { return objectName(ck.Name, mk) == path }) {
-				return true
+				coords[node] = true
 			}
 		}
-		return false
+		return func(node string) bool { return node != c.Node && coords[node] }
 	}
 }
 
