@@ -1,7 +1,8 @@
 // Package job makes the daemons of one multi-node job act as one. Each node
-// registers itself in the store (<run>/_job/nodes/<node>.json, refreshed);
-// a fatal notice on any node is published as
-// <run>/_job/notices/<id>.json (a conditional create) and, when job.listen
+// registers itself in the store (<run>/_job/nodes/<node>/<incarnation>.json,
+// refreshed); a fatal notice on any node is published as
+// <run>/_job/notices/<id>.json (a conditional create, then the notices'
+// change stamp rewritten) and, when job.listen
 // is set, pushed to the peers the registry names (signed with job.token);
 // every node watches both and turns what it finds into one fatal "job"
 // notice for its agent, with the earliest deadline. The checkpoint
@@ -36,7 +37,8 @@ type Config struct {
 	Node, Instance, Host string
 	// Nodes is how many nodes the job has.
 	Nodes int
-	// Poll is how often the store's notices are listed (one LIST each).
+	// Poll is how often the notices' change stamp is read (one GET each;
+	// the notices are listed when it changed, and every 20 polls).
 	Poll time.Duration
 	// Refresh is how often this node's registration is rewritten; a node
 	// unrefreshed for three of them is no longer live.

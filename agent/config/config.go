@@ -103,7 +103,8 @@ type Job struct {
 	// Node names this node in the job; default the cloud's instance id,
 	// else the hostname.
 	Node string `yaml:"node"`
-	// Poll is how often each node lists the job's notices in the store.
+	// Poll is how often each node reads the job notices' change stamp in
+	// the store (listing the notices when it changed, and every 20 polls).
 	Poll Duration `yaml:"poll"`
 	// Listen (host:port, e.g. ":9478") takes notices pushed by the other
 	// nodes, the fast path; empty: the store path only.
