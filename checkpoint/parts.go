@@ -337,11 +337,15 @@ func (c *Committer) look(ctx context.Context, name string, which func(v view) fu
 	return v, nil
 }
 
+// only is look's filter for node's part alone.
+func only(node string) func(view) func(string) bool {
+	return func(view) func(string) bool { return func(n string) bool { return n == node } }
+}
+
 // turn is where one node's wait for a job checkpoint's commit stands.
 type turn struct {
-	first    bool      // the next look is the first since this node's part was written
-	whole    time.Time // when this node first saw every part in the store
-	snapshot string    // the listing of the parts then
+	first bool      // the next look is the first since this node's part was written
+	whole time.Time // when this node first saw every part in the store
 }
 
 // commitTurn says whether this node reads every part and commits them
@@ -352,13 +356,13 @@ type turn struct {
 // committed, more nodes join at every 2 polls, doubling each time (the
 // 2nd and 3rd by name, then the 4th to 7th, ...), so that a node dead after
 // its part was written delays the commit by a few polls at most.
-func (c *Committer) commitTurn(v view, t *turn) (now bool, waitFor string) {
+func (c *Committer) commitTurn(v view, t *turn, first bool) (now bool, waitFor string) {
 	nodes := slices.Sorted(maps.Keys(v.listed))
 	if v.members != nil {
 		nodes = slices.Sorted(maps.Keys(v.members))
 	}
 	i := slices.Index(nodes, c.Node)
-	if t.first || i <= 0 {
+	if first || i <= 0 {
 		return true, ""
 	}
 	if t.whole.IsZero() {
@@ -530,7 +534,7 @@ func (c *Committer) complete(ctx context.Context, mine Manifest, t *turn) (done 
 	name := mine.Name
 	first := t.first
 	t.first = false
-	v, err := c.look(ctx, name, func(view) func(string) bool { return func(node string) bool { return node == c.Node } })
+	v, err := c.look(ctx, name, only(c.Node))
 	if err != nil {
 		return done, nil, err
 	}
@@ -559,9 +563,7 @@ func (c *Committer) complete(ctx context.Context, mine Manifest, t *turn) (done 
 		}
 		return committedJob{m: m, v: v}, nil, nil
 	}
-	t.first = first
-	now, waitFor := c.commitTurn(v, t)
-	t.first = false
+	now, waitFor := c.commitTurn(v, t, first)
 	if !now {
 		have := slices.Sorted(maps.Keys(v.listed))
 		return done, &PartsError{Name: name, Nodes: c.Nodes, Have: have, Committer: waitFor}, nil
@@ -613,19 +615,9 @@ func (c *Committer) unlisted(name string, v view) *PartsError {
 
 // committedWith finds, among the job manifests v lists for mine's name,
 // one that verifies and holds mine (its node and attempt): every part of
-// this node's save committed by another node. Each manifest is read once
-// while its object is unchanged.
+// this node's save committed by another node.
 func (c *Committer) committedWith(ctx context.Context, v view, mine Manifest) (Manifest, bool) {
-	prefix := runKey(c.Run, mine.Name) + "/" + CommitsDir + "/"
-	for key, o := range v.objs {
-		cid, ok := strings.CutSuffix(strings.TrimPrefix(key, prefix), ".json")
-		if !ok || !strings.HasPrefix(key, prefix) || strings.Contains(cid, "/") {
-			continue
-		}
-		m, err := c.readCommitCached(ctx, mine.Name, cid, o, v.objs[commitSigKey(c.Run, mine.Name, cid)])
-		if err != nil {
-			continue
-		}
+	for _, m := range c.commits(ctx, v, mine.Name) {
 		if slices.ContainsFunc(m.Parts, func(p Part) bool { return p.Node == c.Node && p.Attempt == mine.Attempt }) {
 			return m, true
 		}
@@ -642,12 +634,9 @@ func (c *Committer) readCommitCached(ctx context.Context, name, cid string, obj,
 		return m, nil
 	}
 	c.asked.Add(1)
-	m, err := c.readManifest(ctx, key, commitSigKey(c.Run, name, cid))
+	m, err := c.readCommit(ctx, name, cid)
 	if err != nil {
 		return m, err
-	}
-	if m.Commit != cid || m.Name != name || m.Run != c.Run {
-		return m, fmt.Errorf("job manifest %s names commit %q of %q, run %q", key, m.Commit, m.Name, m.Run)
 	}
 	c.remember(key, obj, sig, m)
 	return m, nil
@@ -769,16 +758,16 @@ func (c *Committer) collect(ctx context.Context, v view, committed Manifest) {
 }
 
 // commits reads the job manifests of name in v that verify.
+// Each is read once while its object, and its signature's, are unchanged.
 func (c *Committer) commits(ctx context.Context, v view, name string) []Manifest {
 	prefix := runKey(c.Run, name) + "/" + CommitsDir + "/"
 	var out []Manifest
-	for key := range v.objs {
+	for key, o := range v.objs {
 		cid, ok := strings.CutSuffix(strings.TrimPrefix(key, prefix), ".json")
-		if !ok || !strings.HasPrefix(key, prefix) {
+		if !ok || !strings.HasPrefix(key, prefix) || strings.Contains(cid, "/") {
 			continue
 		}
-		m, err := c.readManifest(ctx, key, commitSigKey(c.Run, name, cid))
-		if err == nil && m.Commit == cid && m.Name == name {
+		if m, err := c.readCommitCached(ctx, name, cid, o, v.objs[commitSigKey(c.Run, name, cid)]); err == nil {
 			out = append(out, m)
 		}
 	}
