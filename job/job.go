@@ -182,8 +182,10 @@ func (j *Job) Register(ctx context.Context) error {
 	if j.started.IsZero() {
 		j.started = j.now().UTC()
 	}
+	// The same body at every refresh: the listing's time says when it was
+	// rewritten (RefreshedAt here is only for a store listing no times).
 	m := Member{Run: j.cfg.Run, Node: j.cfg.Node, Incarnation: j.incarnation, Instance: j.cfg.Instance, Host: j.cfg.Host,
-		Push: j.cfg.Advertise, Version: j.cfg.Version, StartedAt: j.started, RefreshedAt: j.now().UTC()}
+		Push: j.cfg.Advertise, Version: j.cfg.Version, StartedAt: j.started, RefreshedAt: j.started}
 	j.mu.Unlock()
 	b, _ := json.Marshal(m)
 	if err := j.store.PutBytes(ctx, j.memberKey(), b); err != nil {
@@ -253,10 +255,7 @@ func (j *Job) Run(ctx context.Context) error {
 			j.log.Warn("job registration not refreshed; retrying", "err", err)
 		}
 		sinceRead += next
-		j.mu.Lock()
-		pages := max(1, (j.listed+999)/1000)
-		j.mu.Unlock()
-		if !complete || sinceRead >= time.Duration(pages)*j.cfg.Refresh {
+		if !complete || sinceRead >= time.Duration(j.pages())*j.cfg.Refresh {
 			ms, err := j.refreshMembers(ctx)
 			if err != nil && ctx.Err() == nil {
 				j.log.Warn("job members not read; retrying", "err", err)
@@ -337,6 +336,14 @@ func ReadMembersCached(ctx context.Context, st storage.Store, run string, cache 
 	return out, next, nil
 }
 
+// pages is how many listing pages (1,000 keys each) the registry took
+// when last read.
+func (j *Job) pages() int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return max(1, (j.listed+999)/1000)
+}
+
 func (j *Job) refreshMembers(ctx context.Context) ([]Member, error) {
 	j.mu.Lock()
 	cache := j.registrations
@@ -385,11 +392,11 @@ func (j *Job) live(m Member) bool { return j.now().Sub(m.RefreshedAt) <= j.ttl()
 // when the list is more than a few seconds old.
 func (j *Job) Members(ctx context.Context) (map[string]bool, error) {
 	j.mu.Lock()
-	ms, at, pages := j.members, j.membersAt, max(1, (j.listed+999)/1000)
+	ms, at := j.members, j.membersAt
 	j.mu.Unlock()
 	// Read again when a few seconds old: a listing (a page per 1,000
 	// nodes, each every 5 s at most) and no GET of a registration already read.
-	if j.now().Sub(at) > time.Duration(pages)*5*time.Second {
+	if j.now().Sub(at) > time.Duration(j.pages())*5*time.Second {
 		var err error
 		if ms, err = j.refreshMembers(ctx); err != nil {
 			return nil, err

@@ -427,6 +427,16 @@ func TestRegistryReadsEachLifeOnce(t *testing.T) {
 		}
 		nodes = append(nodes, j)
 	}
+	var before, after bytes.Buffer // a refresh rewrites the same body
+	st.Store.Get(ctx, nodes[1].memberKey(), &before)
+	time.Sleep(10 * time.Millisecond)
+	if err := nodes[1].Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st.Store.Get(ctx, nodes[1].memberKey(), &after)
+	if before.Len() == 0 || !bytes.Equal(before.Bytes(), after.Bytes()) {
+		t.Fatalf("a refresh changed the registration's body:\n%s\n%s", before.Bytes(), after.Bytes())
+	}
 	if _, err := nodes[0].refreshMembers(ctx); err != nil {
 		t.Fatal(err)
 	}
