@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/preemptd/preemptd/advice"
@@ -205,16 +204,11 @@ func (f *Feed) rate(ctx context.Context) {
 
 // readRollup reads day's rollup (no records when there is none).
 func readRollup(ctx context.Context, st storage.Store, day string) ([]Record, error) {
-	var buf jsonBuf
-	buf.limit = 1 << 30
-	if err := st.Get(ctx, RollupKey(day), &buf); err != nil {
-		if errors.Is(err, storage.ErrNotFound) {
-			return nil, nil
-		}
-		return nil, err
+	recs, _, err := getRollup(ctx, st, RollupKey(day))
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, nil
 	}
-	recs, _ := parseRollup(buf.b)
-	return recs, nil
+	return recs, err
 }
 
 // compactLate compacts the days from LateDays ago to the day before
@@ -232,20 +226,11 @@ func (f *Feed) compactLate(ctx context.Context, now time.Time) {
 		if len(objs) == 0 {
 			continue
 		}
-		var mu sync.Mutex
-		var singles []Record
-		parallel(ctx, objs, func(o storage.Object) error {
-			var buf jsonBuf
-			var r Record
-			if f.Store.Get(ctx, o.Key, &buf) != nil || json.Unmarshal(buf.b, &r) != nil || !known(r) {
-				return nil // unreadable: left where it is, for the report to count
-			}
-			r.Key = o.Key
-			mu.Lock()
-			singles = append(singles, r)
-			mu.Unlock()
-			return nil
-		})
+		singles, _, err := readRecords(ctx, f.Store, objs) // the unreadable stay, for the report to count
+		if err != nil {
+			f.Log.Debug("event records not read for compaction", "day", day, "err", err)
+			return
+		}
 		n, deleted, err := CompactDay(ctx, f.Store, day, singles)
 		if err != nil {
 			f.Log.Warn("event records not compacted", "day", day, "err", err)

@@ -106,12 +106,7 @@ func Key(r Record) string {
 		storage.SafeElement(inst), storage.SafeElement(r.Provider), storage.SafeElement(r.NoticeID))
 }
 
-func orUnknownKey(s string) string {
-	if s == "" {
-		return "unknown"
-	}
-	return storage.SafeElement(s)
-}
+func orUnknownKey(s string) string { return storage.SafeElement(orUnknown(s)) }
 
 // RunTag names a run in record keys: a short hash ("none" without one).
 func RunTag(run string) string {

@@ -131,7 +131,7 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 	type acc struct {
 		obs                []advice.Obs // the type's interruptions, drills left out
 		n                  int
-		typ, provider      string
+		provider           string
 		lost, save, upload float64
 		saves              int
 	}
@@ -177,7 +177,7 @@ func Build(records []Record, since time.Time, prices map[string]Price, withSimul
 		}
 		t := perType[orUnknown(r.Instance.Type)]
 		if t == nil {
-			t = &acc{typ: r.Instance.Type, provider: r.Instance.Provider}
+			t = &acc{provider: r.Instance.Provider}
 			perType[orUnknown(r.Instance.Type)] = t
 		}
 		t.n++

@@ -101,12 +101,10 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 	perDay := map[string][]Record{} // each day's records, the rollup's first
 	var mu sync.Mutex
 	err = parallel(ctx, slices.Collect(maps.Values(rollups)), func(o storage.Object) error {
-		var buf jsonBuf
-		buf.limit = 1 << 30
-		if err := st.Get(ctx, o.Key, &buf); err != nil {
+		recs, bad, err := getRollup(ctx, st, o.Key)
+		if err != nil {
 			return fmt.Errorf("rollup %s: %w", o.Key, err)
 		}
-		recs, bad := parseRollup(buf.b)
 		day, _, _ := dayOf(o.Key)
 		mu.Lock()
 		defer mu.Unlock()
@@ -141,32 +139,20 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 		}
 		read = append(read, o)
 	}
-	err = parallel(ctx, read, func(o storage.Object) error {
-		var buf jsonBuf
-		err := st.Get(ctx, o.Key, &buf)
-		var r Record
-		if err == nil {
-			err = json.Unmarshal(buf.b, &r)
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		if err != nil || !known(r) {
-			out.Bad++
-			return nil
-		}
-		r.Key = o.Key
-		day, _, _ := dayOf(o.Key)
-		if i, ok := keysOf(day)[o.Key]; ok {
+	recs, bad, err := readRecords(ctx, st, read)
+	if err != nil {
+		return out, err
+	}
+	out.Bad += bad
+	for _, r := range recs {
+		day, _, _ := dayOf(r.Key)
+		if i, ok := keysOf(day)[r.Key]; ok {
 			perDay[day][i] = r
 		} else {
 			perDay[day] = append(perDay[day], r)
-			inRollup[day][o.Key] = len(perDay[day]) - 1
+			inRollup[day][r.Key] = len(perDay[day]) - 1
 		}
 		out.Singly[day] = append(out.Singly[day], r)
-		return nil
-	})
-	if err != nil {
-		return out, err
 	}
 	n := 0
 	for _, recs := range perDay {
@@ -179,6 +165,42 @@ func Read(ctx context.Context, st storage.Store, since time.Time) (Loaded, error
 		out.Records = append(out.Records, recs...)
 	}
 	return out, nil
+}
+
+// getRollup reads and parses the rollup at key; bad counts its unreadable
+// lines.
+func getRollup(ctx context.Context, st storage.Store, key string) (recs []Record, bad int, err error) {
+	var buf jsonBuf
+	buf.limit = 1 << 30
+	if err := st.Get(ctx, key, &buf); err != nil {
+		return nil, 0, err
+	}
+	recs, bad = parseRollup(buf.b)
+	return recs, bad, nil
+}
+
+// readRecords reads the per-notice records objs, getters at a time, each
+// with its Key; bad counts those unreadable (left where they are).
+func readRecords(ctx context.Context, st storage.Store, objs []storage.Object) (recs []Record, bad int, err error) {
+	var mu sync.Mutex
+	err = parallel(ctx, objs, func(o storage.Object) error {
+		var buf jsonBuf
+		err := st.Get(ctx, o.Key, &buf)
+		var r Record
+		if err == nil {
+			err = json.Unmarshal(buf.b, &r)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil || !known(r) {
+			bad++
+			return nil
+		}
+		r.Key = o.Key
+		recs = append(recs, r)
+		return nil
+	})
+	return recs, bad, err
 }
 
 // Load reads every record in the store, skipping (and counting) bad ones.
