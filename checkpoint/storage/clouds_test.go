@@ -611,7 +611,7 @@ func (x *xmlMultipart) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if x.flip.CompareAndSwap(true, false) {
 			b[len(b)/2] ^= 1
 		}
-		sum := md5sum(b)
+		sum := md5.Sum(b)
 		if r.Header.Get("Content-MD5") != base64.StdEncoding.EncodeToString(sum[:]) {
 			w.WriteHeader(http.StatusBadRequest)
 			fmt.Fprint(w, "<Error><Code>BadDigest</Code><Message>The Content-MD5 you specified did not match what we received.</Message></Error>")
@@ -684,8 +684,6 @@ func (x *xmlMultipart) open() int {
 	defer x.mu.Unlock()
 	return len(x.uploads)
 }
-
-func md5sum(b []byte) [16]byte { return md5.Sum(b) }
 
 // TestGCSXMLMultipartNoTemporaries: where GCS has its XML API multipart
 // upload (Cloud Storage does), a file of several parts goes up as one:

@@ -49,7 +49,7 @@ type GCS struct {
 	meta     *gceMeta           // the metadata server, when the token comes from it
 	partSize int64
 	threads  uint
-	xmlMPU   atomic.Int32 // xmlUnknown, xmlYes or xmlNo (see gcsxml.go)
+	noXML    atomic.Bool // the server has no XML API multipart upload (see gcsxml.go)
 }
 
 // gcsScope is what preemptd asks for: read and write objects, nothing else.
@@ -258,16 +258,15 @@ func (g *GCS) PutFile(ctx context.Context, key string, f *os.File, size int64) e
 		}
 		return nil
 	}
-	if g.xmlMPU.Load() != xmlNo {
+	if !g.noXML.Load() {
 		err := g.putXML(ctx, k, f, size, max(g.partSize, (size+maxXMLParts-1)/maxXMLParts))
 		if !errors.Is(err, errNoXMLMultipart) {
 			if err != nil {
 				return fmt.Errorf("storage: put %s: %w", key, err)
 			}
-			g.xmlMPU.Store(xmlYes)
 			return nil
 		}
-		g.xmlMPU.Store(xmlNo) // an emulator: composite, below
+		g.noXML.Store(true) // an emulator: composite, below
 	}
 	var id [8]byte
 	rand.Read(id[:])

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -26,14 +27,6 @@ import (
 // XML API multipart uploads for these reasons. A server that answers the
 // upload's start with anything but an upload id (an emulator without the
 // XML API's multipart upload) gets the parallel composite upload instead.
-
-// xmlMultipart says what the server did with an XML multipart upload's
-// start: not tried yet, took it, or has none.
-const (
-	xmlUnknown int32 = iota
-	xmlYes
-	xmlNo
-)
 
 // maxXMLParts is the most parts one XML API multipart upload takes.
 const maxXMLParts = 10000
@@ -102,9 +95,7 @@ func (g *GCS) startXML(ctx context.Context, name string) (string, error) {
 	resp, err := g.send(ctx, http.MethodPost, g.xmlURL(name, "uploads"), http.Header{"Content-Type": {"application/octet-stream"}},
 		func() io.Reader { return http.NoBody }, 0)
 	if err != nil {
-		var ge *gcsError
-		if errors.As(err, &ge) && (ge.Status == http.StatusBadRequest || ge.Status == http.StatusMethodNotAllowed || ge.Status == http.StatusNotImplemented) ||
-			errors.Is(err, ErrNotFound) {
+		if lacksXML(err) {
 			return "", fmt.Errorf("%w: %w", errNoXMLMultipart, err)
 		}
 		return "", err
@@ -156,44 +147,51 @@ func (g *GCS) abortXML(ctx context.Context, name, id string) error {
 	return g.do(ctx, http.MethodDelete, g.xmlURL(name, url.Values{"uploadId": {id}}.Encode()), nil, nil, 0, nil)
 }
 
+// lacksXML says whether err is a server's answer that it has no XML API
+// multipart upload (an emulator): 400, 404, 405 or 501.
+func lacksXML(err error) bool {
+	var ge *gcsError
+	return errors.Is(err, ErrNotFound) ||
+		errors.As(err, &ge) && (ge.Status == http.StatusBadRequest || ge.Status == http.StatusMethodNotAllowed || ge.Status == http.StatusNotImplemented)
+}
+
 // abortXMLUnder aborts the XML API multipart uploads in flight to the
-// objects named (one listing of the uploads below each), and returns how
-// many it aborted; none on a server without them.
+// objects named, found with one listing of the uploads below the store's
+// prefix, and returns how many it aborted; none on a server without them.
 func (g *GCS) abortXMLUnder(ctx context.Context, names []string) (int, error) {
-	if g.xmlMPU.Load() == xmlNo {
+	if g.noXML.Load() || len(names) == 0 {
+		return 0, nil
+	}
+	q := url.Values{"uploads": {""}, "prefix": {g.prefix + "/"}}
+	resp, err := g.send(ctx, http.MethodGet, g.base+"/"+url.PathEscape(g.bucket)+"?"+q.Encode(), nil, nil, 0)
+	if err != nil {
+		if lacksXML(err) {
+			g.noXML.Store(true)
+			return 0, nil
+		}
+		return 0, err
+	}
+	var doc struct {
+		Uploads []struct {
+			Key      string
+			UploadID string `xml:"UploadId"`
+		} `xml:"Upload"`
+	}
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	resp.Body.Close()
+	if xml.Unmarshal(b, &doc) != nil {
+		g.noXML.Store(true) // not the XML API's answer
 		return 0, nil
 	}
 	n := 0
-	for _, name := range names {
-		q := url.Values{"uploads": {""}, "prefix": {name}}
-		resp, err := g.send(ctx, http.MethodGet, g.base+"/"+url.PathEscape(g.bucket)+"?"+q.Encode(), nil, nil, 0)
-		if err != nil {
-			var ge *gcsError
-			if errors.Is(err, ErrNotFound) || errors.As(err, &ge) && ge.Status/100 == 4 && ge.Status != http.StatusUnauthorized && ge.Status != http.StatusForbidden {
-				return n, nil // a server without them (an emulator)
-			}
+	for _, u := range doc.Uploads {
+		if !slices.Contains(names, u.Key) {
+			continue
+		}
+		if err := g.abortXML(ctx, u.Key, u.UploadID); err != nil && !errors.Is(err, ErrNotFound) {
 			return n, err
 		}
-		var doc struct {
-			Uploads []struct {
-				Key      string
-				UploadID string `xml:"UploadId"`
-			} `xml:"Upload"`
-		}
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
-		resp.Body.Close()
-		if xml.Unmarshal(b, &doc) != nil {
-			return n, nil
-		}
-		for _, u := range doc.Uploads {
-			if u.Key != name {
-				continue
-			}
-			if err := g.abortXML(ctx, u.Key, u.UploadID); err != nil && !errors.Is(err, ErrNotFound) {
-				return n, err
-			}
-			n++
-		}
+		n++
 	}
 	return n, nil
 }
